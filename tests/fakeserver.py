@@ -1,0 +1,46 @@
+"A scripted OpenAI-compatible chat server on loopback, for fault injection."
+import json, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+def completion(text, model="fake"):
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+
+class FakeServer:
+    """`script` is a list of actions consumed one per request: an int status (429, 500, ...), 'stall' (sleep past the
+    client timeout), or a string answer; when it runs out, `default` is used (a callable of the request body, or an action)."""
+    def __init__(self, script=(), default=lambda body: "echo: " + body["messages"][-1]["content"], stall=3.0, delay=0.0):
+        self.script, self.default, self.stall, self.delay = list(script), default, stall, delay
+        self.requests, self.auth, self.in_flight, self.max_in_flight = [], [], 0, 0
+        self.lock = threading.Lock()
+        srv = self
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a): pass
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with srv.lock:
+                    srv.requests.append(body); srv.auth.append(self.headers.get("Authorization"))
+                    action = srv.script.pop(0) if srv.script else srv.default
+                    srv.in_flight += 1; srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+                try:
+                    if callable(action): action = action(body)
+                    if srv.delay: time.sleep(srv.delay)
+                    if action == "stall": time.sleep(srv.stall); action = "late"
+                    if isinstance(action, int):
+                        self._send(action, {"error": {"message": f"injected {action}", "type": "injected"}})
+                    else: self._send(200, completion(action, body.get("model", "fake")))
+                finally:
+                    with srv.lock: srv.in_flight -= 1
+            def _send(self, code, obj):
+                data = json.dumps(obj).encode()
+                try:
+                    self.send_response(code); self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data))); self.end_headers(); self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError): pass
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.httpd.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+    def __enter__(self):
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start(); return self
+    def __exit__(self, *a): self.httpd.shutdown(); self.httpd.server_close()

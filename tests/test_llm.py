@@ -1,0 +1,78 @@
+import os, subprocess
+from pathlib import Path
+import pytest
+from fakeserver import FakeServer
+from knowtuning.config import LLMCfg
+from knowtuning.llm import LLMClient, LLMError, Request, user, complete_parsed, parse_json, serve_local
+
+def client(tmp_path, base_url, **kw):
+    cfg = LLMCfg(backend="llm", base_url=base_url, model=kw.pop("model", "fake"), cache=str(tmp_path / "cache.sqlite"),
+                 **{"timeout": 1.0, "backoff": 0.01, "max_retries": 4, **kw})
+    return LLMClient(cfg, stage="test", progress=False)
+
+def test_real_transformers_serve_in_order_and_warm_cache(tmp_path):
+    with serve_local("smollm2", log=tmp_path / "serve.log") as srv:
+        prompts = [user(f"Complete the sentence: My favourite number is {i} because", name=f"q{i}", max_tokens=12) for i in range(8)]
+        # reference: one request at a time, own cache
+        ref = client(tmp_path / "ref", srv.base_url, model=srv.model, concurrency=1, timeout=120)
+        expected = [ref.complete(p) for p in prompts]
+        c = client(tmp_path, srv.base_url, model=srv.model, concurrency=8, timeout=120)
+        got = c.complete_many(prompts)
+        assert len(got) == 8 and got == expected            # 8 answers, each in its request's place
+        served, http = srv.requests_served(), c.http_requests
+        assert served == 16 and http == 8 and c.ledger.calls == 8 and c.ledger.completion_tokens > 0
+        again = c.complete_many(prompts)                     # warm cache: no HTTP at all
+        assert again == got and c.http_requests == http and srv.requests_served() == served
+        assert c.ledger.cache_hits == 8
+
+def test_retries_429_500_timeout_then_success(tmp_path):
+    with FakeServer([429, 500, "stall", "finally"], stall=3.0) as s:
+        c = client(tmp_path, s.base_url, timeout=0.5)
+        assert c.complete(user("hello", name="greet")) == "finally"
+        assert [r["error"] for r in c.retry_log] == ["RateLimitError", "InternalServerError", "APITimeoutError"]
+        assert c.ledger.retries == 3 and c.ledger.calls == 1 and len(s.requests) == 4
+
+def test_always_failing_server_names_request_and_keeps_cache(tmp_path):
+    with FakeServer() as s:
+        c = client(tmp_path, s.base_url)
+        assert c.complete(user("first", name="keep-me")) == "echo: first"
+    with FakeServer(default=503) as s:
+        c = client(tmp_path, s.base_url, max_retries=2)
+        with pytest.raises(LLMError, match=r"request doomed failed after 3 tries.*InternalServerError"):
+            c.complete_many([user("first", name="keep-me"), user("second", name="doomed")])
+        assert len(s.requests) == 3                          # only 'doomed' went out, three times
+        assert c.complete(user("first", name="keep-me")) == "echo: first"   # still cached
+    assert c.cache.get is not None and len(c.cache) == 1
+
+def test_non_retryable_error_is_not_retried(tmp_path):
+    with FakeServer([400]) as s:
+        c = client(tmp_path, s.base_url)
+        with pytest.raises(LLMError, match="bad-one failed after 1 tries"): c.complete(user("x", name="bad-one"))
+        assert len(s.requests) == 1
+
+def test_bounded_concurrency_and_order(tmp_path):
+    with FakeServer(delay=0.05) as s:
+        c = client(tmp_path, s.base_url, concurrency=3)
+        out = c.complete_many([f"q{i}" for i in range(12)])
+        assert out == [f"echo: q{i}" for i in range(12)]
+        assert s.max_in_flight == 3
+
+def test_repair_then_record_failure(tmp_path):
+    with FakeServer(["not json", "still not", '{"ok": 1}', "nope"]) as s:
+        c = client(tmp_path, s.base_url, concurrency=1)
+        out = complete_parsed(c, [user("give json", name="a"), user("give json too", name="b")], parse_json)
+        # a: 'not json' then repaired to {"ok": 1}; b: 'still not' then 'nope' -> recorded failure
+        assert out[0] == {"ok": 1} and out[1] is None
+        assert c.failures == [{"name": "b", "error": "no JSON object or array found", "raw": "nope", "first_raw": "still not"}]
+
+def test_cost_ledger(tmp_path):
+    with FakeServer() as s:
+        c = client(tmp_path, s.base_url, prices={"fake": [1.0, 2.0]})
+        c.complete_many(["a", "b"])
+        assert c.ledger.prompt_tokens == 20 and c.ledger.completion_tokens == 10
+        assert c.ledger.cost_usd == pytest.approx((20 * 1.0 + 10 * 2.0) / 1e6)
+
+def test_missing_key_for_remote_endpoint_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("MY_TEACHER_KEY", raising=False)
+    c = client(tmp_path, "https://api.example.invalid/v1", api_key_env="MY_TEACHER_KEY")
+    with pytest.raises(LLMError, match="MY_TEACHER_KEY is not set"): c.complete("x")
