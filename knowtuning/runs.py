@@ -10,7 +10,8 @@ from pathlib import Path
 from .config import Config, to_dict, to_yaml, project_root
 
 # %% auto #0
-__all__ = ['atomic_write', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'fingerprint', 'file_hash', 'versions', 'Run']
+__all__ = ['atomic_write', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'fingerprint', 'file_hash', 'runs_root',
+           'versions', 'Run']
 
 # %% ../nbs/03_runs.ipynb #03-runs-006
 def atomic_write(path, data: str | bytes) -> Path:
@@ -48,6 +49,10 @@ def file_hash(path) -> str:
     return h.hexdigest()[:16]
 
 # %% ../nbs/03_runs.ipynb #03-runs-012
+def runs_root() -> Path:
+    return Path(os.environ.get("KNOWTUNING_RUNS") or project_root() / "runs")
+
+# %% ../nbs/03_runs.ipynb #03-runs-013
 def _git_commit() -> str | None:
     try: return subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True, timeout=5).stdout.strip() or None
     except Exception: return None
