@@ -59,6 +59,7 @@ class KACfg:
 @dataclass
 class KCCfg:
     beta: float = 0.5                 # fraction of atoms deleted for the completeness set
+    revise: float = 0.5               # fraction of (perturbable) atoms revised for the factuality set
     aspects: list = field(default_factory=lambda: ["completeness", "factuality", "logicality"])
 
 @dataclass

@@ -108,7 +108,7 @@ class Run:
         tmp.mkdir(parents=True, exist_ok=True)   # kept across a crash: stages may resume from what is in it
         t0 = time.time()
         yield tmp
-        write_json(tmp / "_done.json", {"fingerprint": fp, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        write_json(tmp / "_done.json", {"fingerprint": fp})   # no timestamp: reruns are byte-identical (times go in the manifest)
         final = self.path(stage)
         if final.exists(): shutil.rmtree(final)
         tmp.rename(final)

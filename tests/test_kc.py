@@ -1,0 +1,68 @@
+import filecmp, json
+from collections import Counter
+import pytest
+from knowtuning.config import load_config
+from knowtuning.data import load_dataset, question
+from knowtuning.ka import ka_stage
+from knowtuning.kc import build_pairs, kc_stage
+from knowtuning.runs import Run, read_json, read_jsonl
+from knowtuning.teacher import HeuristicTeacher
+
+def test_constructions_on_200_dolly_answers(release):
+    ds = load_dataset("dolly_train", n=200)
+    t = HeuristicTeacher()
+    atoms = t.decompose([r["output"] for r in ds])
+    items = [{"index": i, "question": question(r), "answer": r["output"], "atoms": a} for i, (r, a) in enumerate(zip(ds, atoms)) if a]
+    revs = t.revise([it["atoms"] for it in items])
+    rows, stats = build_pairs(items, t.rephrase([i["answer"] for i in items], [i["atoms"] for i in items]), revs, 0.5, 0.5, seed=0)
+    by = Counter(r["aspect"] for r in rows)
+    assert by["completeness"] >= 150 and by["factuality"] >= 150 and by["logicality"] >= 150
+    for r in rows:
+        A, R = r["atoms"], r["rejected_atoms"]
+        assert r["rejected"] == " ".join(R) and r["rejected"] != r["chosen"]
+        if r["aspect"] == "completeness":      # strict, order-preserving subset
+            assert 0 < len(R) < len(A)
+            assert [a for i, a in enumerate(A) if i not in r["deleted"]] == R
+        elif r["aspect"] == "logicality":      # same multiset, another order
+            assert Counter(R) == Counter(A) and R != A and sorted(r["permutation"]) == list(range(len(A)))
+        else:                                   # exactly the tagged atoms changed
+            changed = [i for i, (a, b) in enumerate(zip(A, R)) if a != b]
+            assert len(R) == len(A) and changed == r["revised"] and len(r["ops"]) == len(changed)
+            assert set(r["ops"]) <= {"number", "entity", "antonym", "negation"}
+    for aspect in ("completeness", "factuality", "logicality"):
+        assert stats[aspect]["pairs"] + stats[aspect]["dropped"] == len(items)
+    assert stats["logicality"]["reasons"].get("fewer than 2 atoms", 0) == sum(len(i["atoms"]) < 2 for i in items)
+
+def make_run(tmp_path, name):
+    cfg = load_config("smoke", overrides=["data.n_train=8"])
+    run = Run(cfg, tmp_path, name)
+    ka_stage(cfg, run)
+    return run, kc_stage(cfg, run)
+
+def test_kc_stage_formats_manifest_and_determinism(tmp_path):
+    import datasets
+    run, out = make_run(tmp_path, "a")
+    kc = json.loads((out / "kc.json").read_text())
+    assert all(isinstance(r["output"], list) and len(r["output"]) == 2 for r in kc)
+    assert json.loads((out / "dataset_info.json").read_text())["knowtuning_kc"]["ranking"] is True
+    d = datasets.load_dataset("json", data_files=str(out / "kc_trl.jsonl"), split="train")
+    assert set(d.column_names) == {"prompt", "chosen", "rejected", "aspect"} and len(d) == len(kc)
+    st = run.manifest["stages"]["kc"]["stats"]
+    for a in ("completeness", "factuality", "logicality"): assert {"pairs", "dropped", "reasons"} <= set(st[a])
+    assert st["pairs"] == len(kc)
+    _, out2 = make_run(tmp_path, "b")        # same seed, another run folder: byte-identical outputs
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(p.name for p in out2.iterdir())
+    match, mismatch, errors = filecmp.cmpfiles(out, out2, files, shallow=False)
+    assert mismatch == [] and errors == []
+    for f in ("ka.json", "atoms.jsonl", "ka_trl.jsonl"):
+        assert filecmp.cmp(run.path("ka") / f, tmp_path / "b" / "ka" / f, shallow=False)
+
+def test_kc_needs_ka(tmp_path):
+    cfg = load_config("smoke")
+    with pytest.raises(RuntimeError, match="needs stage ka"): kc_stage(cfg, Run(cfg, tmp_path))
+
+def test_aspect_ablation(tmp_path):
+    cfg = load_config("smoke", overrides=["data.n_train=4", "kc.aspects=[completeness, logicality]"])
+    run = Run(cfg, tmp_path); ka_stage(cfg, run); out = kc_stage(cfg, run)
+    assert {r["aspect"] for r in json.loads((out / "kc.json").read_text())} == {"completeness", "logicality"}
