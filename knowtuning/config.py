@@ -86,7 +86,10 @@ class TrainCfg:
     ftx: float = 0.2                  # weight of the SFT term in the KC loss (release: --dpo_ftx 0.2)
     reference: str = "base"           # base | ka: the DPO reference model
     lora: LoraCfg = field(default_factory=LoraCfg)
-    report_to: str = "none"
+    report_to: str = "none"           # none | tensorboard | wandb | mlflow (passed to transformers)
+    group_by_length: bool = True      # batch similar lengths together (less padding than trl's random order)
+    precompute_ref: bool = True       # DPO: reference log-probs computed once before training, not every step
+    k_samples: int = 4                # RLAIF / FactTune: answers sampled per question from the SFT model
     save_steps: int = 50
     logging_steps: int = 1
 
