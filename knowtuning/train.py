@@ -56,55 +56,37 @@ def knowtuning_loss(pol_c, pol_r, ref_c, ref_r, chosen_token_logps, chosen_mask,
     return dpo + ftx * sft, dpo, sft
 
 # %% ../nbs/08_train.ipynb #08-train-012
-def _trl_dpo():
-    from trl import DPOTrainer
-    return DPOTrainer
+from trl import DPOTrainer, SFTTrainer
+from trl.trainer.utils import use_adapter
+from peft import PeftModel
 
-class _Lazy(type):
-    "Build `KCTrainer` on first use so importing knowtuning does not import trl."
-    _cls = None
-    def __call__(cls, *a, **kw):
-        if _Lazy._cls is None: _Lazy._cls = _make_kc_trainer()
-        return _Lazy._cls(*a, **kw)
-
-def _make_kc_trainer():
-    from trl.trainer.utils import use_adapter
-    from peft import PeftModel
-    DPOTrainer = _trl_dpo()
-    class _KCTrainer(DPOTrainer):
-        def __init__(self, *a, reference: str = "base", ftx: float = 0.2, **kw):
-            self.reference, self.ftx = reference, ftx
-            super().__init__(*a, **kw)
-        def _prepare_peft_model_for_reference(self): pass
-        def _compute_loss(self, model, inputs, return_outputs=False):
-            mode = "train" if self.model.training else "eval"
-            kw = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
-            kw["use_cache"] = False
-            cmask = inputs["completion_mask"]; smask = cmask[..., 1:]
-            labels = inputs["input_ids"].masked_fill(cmask == 0, -100)
-            tok_lp = model(**kw, labels=labels, fused_lm_head=True).log_probs[:, -smask.size(1):] * smask
-            pol_c, pol_r = tok_lp.sum(1).chunk(2, dim=0)
-            if "ref_chosen_logps" in inputs: ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-            else: ref_c, ref_r = self.compute_ref_log_probs(model, inputs)
-            loss, dpo, sft = knowtuning_loss(pol_c, pol_r, ref_c, ref_r, tok_lp.chunk(2, dim=0)[0], smask.chunk(2, dim=0)[0], self.beta, self.ftx)
-            m = self._metrics[mode]
-            margin = self.beta * ((pol_c - ref_c) - (pol_r - ref_r)).detach()
-            m["loss/dpo"].append(dpo.item()); m["loss/sft"].append(sft.item())
-            m["rewards/margins"].append(margin.mean().item()); m["rewards/accuracies"].append((margin > 0).float().mean().item())
-            return (loss, {}) if return_outputs else loss
-    orig_init = _KCTrainer.__init__
-    def __init__(self, *a, reference="base", ftx=0.2, **kw):
-        orig_init(self, *a, reference=reference, ftx=ftx, **kw)
+class KCTrainer(DPOTrainer):
+    "trl's DPOTrainer with the release's loss (DPO + ftx * per-sequence mean NLL of the chosen answer) and reference = base | ka."
+    def __init__(self, *a, reference: str = "base", ftx: float = 0.2, **kw):
+        super().__init__(*a, **kw)
+        self.reference, self.ftx = reference, ftx
         m = self.accelerator.unwrap_model(self.model)
-        if isinstance(m, PeftModel) and reference == "base" and "ref" in m.peft_config:
-            m.delete_adapter("ref"); m.set_adapter("default")
-        elif reference == "ka" and not (isinstance(m, PeftModel) and "ref" in m.peft_config):
+        has_ref = isinstance(m, PeftModel) and "ref" in m.peft_config
+        if reference == "base" and has_ref: m.delete_adapter("ref"); m.set_adapter("default")
+        elif reference == "ka" and not has_ref:
             raise ValueError("config key 'train.reference': 'ka' needs a policy that starts from a trained adapter")
-    _KCTrainer.__init__ = __init__
-    return _KCTrainer
+        elif reference not in ("base", "ka"): raise ValueError(f"config key 'train.reference': {reference!r} is not base | ka")
 
-class KCTrainer(metaclass=_Lazy):
-    "trl DPOTrainer with the release's loss (DPO + ftx * per-sequence mean NLL of the chosen answer) and reference = base | ka."
+    def _compute_loss(self, model, inputs, return_outputs=False):
+        mode = "train" if self.model.training else "eval"
+        kw = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+        kw["use_cache"] = False
+        cmask = inputs["completion_mask"]; smask = cmask[..., 1:]
+        labels = inputs["input_ids"].masked_fill(cmask == 0, -100)
+        tok_lp = model(**kw, labels=labels, fused_lm_head=True).log_probs[:, -smask.size(1):] * smask
+        pol_c, pol_r = tok_lp.sum(1).chunk(2, dim=0)                     # batch is [chosen..., rejected...]
+        if "ref_chosen_logps" in inputs: ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else: ref_c, ref_r = self.compute_ref_log_probs(model, inputs)   # adapters disabled (base) or the 'ref' copy (ka)
+        loss, dpo, sft = knowtuning_loss(pol_c, pol_r, ref_c, ref_r, tok_lp.chunk(2, dim=0)[0], smask.chunk(2, dim=0)[0], self.beta, self.ftx)
+        m, margin = self._metrics[mode], self.beta * ((pol_c - ref_c) - (pol_r - ref_r)).detach()
+        m["loss/dpo"].append(dpo.item()); m["loss/sft"].append(sft.item())
+        m["rewards/margins"].append(margin.mean().item()); m["rewards/accuracies"].append((margin > 0).float().mean().item())
+        return (loss, {}) if return_outputs else loss
 
 # %% ../nbs/08_train.ipynb #08-train-014
 class GradGuard(TrainerCallback):
@@ -158,7 +140,6 @@ def _resume(ckdir: Path):
 def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=()) -> Path:
     "LoRA SFT on prompt/completion rows (loss on completions only); returns the adapter folder."
     from datasets import Dataset
-    from trl import SFTTrainer
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     train, ev = _split([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows], cfg.train.eval_holdout, cfg.seed)
     model, tok = load_model(cfg.student, adapter=init_adapter, trainable=True)

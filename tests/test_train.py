@@ -1,0 +1,144 @@
+import json, math
+from pathlib import Path
+import pytest, torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+from knowtuning.config import load_config
+from knowtuning.assets import load_model
+from knowtuning.train import KCTrainer, GradGuard, trl_config, train_sft, train_dpo, train_stage
+
+TINY = ["student.model=tiny-random", "train.per_device_batch=4", "train.batch_size=4", "train.kc_batch_size=4",
+        "train.save_steps=100", "train.lr=3e-3", "train.kc_lr=1e-3", "train.eval_holdout=0", "train.precompute_ref=false"]
+
+def rows(n=8):
+    return [{"prompt": f"Question {i}: name the colour of object {i}.\nAnswer:", "completion": f" The object {i} is {['red', 'green', 'blue'][i % 3]}." + " Indeed it is." * (i % 3)} for i in range(n)]
+
+def prefs(n=8):
+    return [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": " I am not sure, maybe it is a colour" + " really" * (i % 4) + "."}
+            for i, r in enumerate(rows(n))]
+
+@pytest.fixture(scope="module")
+def sft_adapter(tmp_path_factory):
+    cfg = load_config("smoke", overrides=TINY + ["train.max_steps=20", "train.lr=5e-3", "train.scheduler=constant",
+                                                "train.per_device_batch=8", "train.batch_size=8",
+                                                "train.lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"])
+    out = tmp_path_factory.mktemp("sft")
+    train_sft(cfg, rows(), out)
+    return cfg, out
+
+def test_sft_loss_falls_over_20_steps(sft_adapter):
+    cfg, out = sft_adapter
+    losses = [h["loss"] for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    assert len(losses) == 20
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    # a random 2-layer model starts at ~ln(vocab) = 10.8; the full batch every step makes the curve smooth
+    assert last < first - 0.5, losses
+    assert all(b <= a + 0.02 for a, b in zip(losses, losses[1:])), losses
+    assert (out / "loss.png").stat().st_size > 3000
+
+def kc_trainer(cfg, adapter, reference, tmp_path):
+    from datasets import Dataset
+    model, tok = load_model(cfg.student, adapter=adapter / "adapter", trainable=True)
+    args = trl_config(cfg, "dpo", tmp_path / f"ck-{reference}")
+    return KCTrainer(model=model, args=args, train_dataset=Dataset.from_list(prefs()), processing_class=tok, reference=reference, ftx=0.2)
+
+def hand_logps(model, batch):
+    ids, cm = batch["input_ids"], batch["completion_mask"]
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    lp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0] * cm[:, 1:]
+    return lp, cm[:, 1:]
+
+def test_kc_loss_equals_hand_computation(sft_adapter, tmp_path):
+    cfg, adapter = sft_adapter
+    tr = kc_trainer(cfg, adapter, "base", tmp_path)
+    batch = next(iter(tr.get_train_dataloader()))
+    model = tr.model
+    model.eval()
+    with torch.no_grad():
+        loss = tr.compute_loss(model, batch).item()
+        lp, m = hand_logps(model, batch)
+        with model.disable_adapter(): ref_lp, _ = hand_logps(model, batch)
+    n = lp.size(0) // 2
+    pol, ref = lp.sum(1), ref_lp.sum(1)
+    z = 0.1 * ((pol[:n] - ref[:n]) - (pol[n:] - ref[n:]))
+    dpo = sum(math.log1p(math.exp(-x)) for x in z.tolist()) / n          # -log sigmoid(x)
+    per_seq_nll = [(-(lp[i] * m[i]).sum() / m[i].sum()).item() for i in range(n)]
+    release = dpo + 0.2 * sum(per_seq_nll) / n
+    assert abs(loss - release) < 1e-5, (loss, release)
+    # trl's built-in "sft" term (mean over all chosen tokens of the batch) is a different number when lengths differ
+    trl_term = dpo + 0.2 * (-(lp[:n] * m[:n]).sum() / m[:n].sum()).item()
+    assert len(set(m[:n].sum(1).tolist())) > 1 and abs(trl_term - release) > 1e-4
+
+def test_reference_base_vs_ka_differ(sft_adapter, tmp_path):
+    cfg, adapter = sft_adapter
+    t_base = kc_trainer(cfg, adapter, "base", tmp_path)
+    batch = next(iter(t_base.get_train_dataloader()))
+    with torch.no_grad(): base_c, base_r = t_base.compute_ref_log_probs(t_base.model, batch)
+    t_ka = kc_trainer(cfg, adapter, "ka", tmp_path)
+    assert "ref" in t_ka.model.peft_config and "ref" not in t_base.model.peft_config
+    with torch.no_grad():
+        ka_c, ka_r = t_ka.compute_ref_log_probs(t_ka.model, batch)
+        pol_lp, _ = hand_logps(t_ka.model.eval(), batch)
+    assert (base_c - ka_c).abs().max() > 1e-3
+    torch.testing.assert_close(ka_c, pol_lp.sum(1)[: ka_c.numel()], atol=1e-4, rtol=1e-4)  # ka reference = the KA adapter itself
+
+class KillAt(TrainerCallback):
+    def __init__(self, step): self.step = step
+    def on_save(self, args, state, control, **kw):
+        if state.global_step == self.step: raise KeyboardInterrupt(f"killed after checkpoint {self.step}")
+
+class CountSteps(TrainerCallback):
+    def __init__(self): self.n = 0
+    def on_step_end(self, *a, **k): self.n += 1
+
+def test_killed_run_resumes_from_checkpoint(tmp_path):
+    cfg = load_config("smoke", overrides=TINY + ["train.max_steps=6", "train.save_steps=2"])
+    with pytest.raises(KeyboardInterrupt): train_sft(cfg, rows(), tmp_path, callbacks=[KillAt(4)])
+    assert (tmp_path / "checkpoints" / "checkpoint-4").exists() and not (tmp_path / "adapter").exists()
+    c = CountSteps()
+    train_sft(cfg, rows(), tmp_path, callbacks=[c])
+    assert c.n == 2                                       # steps 5 and 6 only
+    assert json.loads((tmp_path / "train_stats.json").read_text())["steps"] == 6
+
+def test_grad_guard_catches_zero_lora_grads():
+    lin = torch.nn.Linear(2, 2)
+    class M(torch.nn.Module):
+        def __init__(self): super().__init__(); self.lora_A = torch.nn.Parameter(torch.ones(2))
+    m = M(); m.lora_A.grad = torch.zeros(2)
+    with pytest.raises(RuntimeError, match="LoRA gradients are all zero"): GradGuard().on_pre_optimizer_step(None, None, None, model=m)
+    m.lora_A.grad = torch.ones(2); GradGuard().on_pre_optimizer_step(None, None, None, model=m)
+
+def test_smollm2_smoke_sft_ka_kc_and_adapters_generate(tmp_path):
+    from knowtuning.runs import Run
+    from knowtuning.ka import ka_stage
+    from knowtuning.kc import kc_stage
+    from knowtuning.data import prompt
+    cfg = load_config("smoke", overrides=["data.n_train=4"])
+    run = Run(cfg, tmp_path)
+    ka_stage(cfg, run); kc_stage(cfg, run)
+    for system in ("sft", "ka", "knowtuning"):
+        adapter = train_stage(cfg, run, system)
+        assert (adapter / "adapter_model.safetensors").exists()
+    model, tok = load_model(cfg.student, adapter=adapter)
+    ids = tok(prompt("What is DNA?"), return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    assert run.manifest["stages"]["train_knowtuning"]["steps"] == 2
+
+RELEASE = {  # DESIGN section 1: the release's hyperparameters
+    "train.lora.r": 8, "train.lora.alpha": 16, "train.lora.dropout": 0.0, "train.lora.targets": ["q_proj", "v_proj"],
+    "train.scheduler": "cosine", "train.cutoff": 1024, "train.lr": 1e-4, "train.batch_size": 32, "train.epochs": 3.0,
+    "train.eval_holdout": 100, "train.kc_lr": 1e-5, "train.kc_batch_size": 16, "train.kc_epochs": 1.0,
+    "train.dpo_beta": 0.1, "train.ftx": 0.2, "train.reference": "base", "student.model": "meta-llama/Llama-2-7b-hf",
+    "student.dtype": "bfloat16", "generate.max_new_tokens": 512, "data.n_test": 200,
+}
+
+def test_paper_preset_matches_release():
+    cfg = load_config("paper")
+    def get(key):
+        o = cfg
+        for k in key.split("."): o = getattr(o, k)
+        return o
+    diff = {k: (get(k), v) for k, v in RELEASE.items() if get(k) != v}
+    assert diff == {}, diff
+    assert set(cfg.systems) >= {"sft", "rlaif", "facttune", "knowtuning", "wo_ka", "wo_completeness", "wo_factuality", "wo_logicality"}
