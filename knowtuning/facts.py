@@ -33,9 +33,16 @@ def keys(s: str) -> tuple[set[str], set[str]]:
     "Numbers and capitalised names (not sentence-initial) in `s`."
     return {n.replace(",", "") for n in _NUMS.findall(s)}, {m.group(1).lower() for m in _ENT.finditer(s) if m.group(1) not in _STOP_ENT}
 
+@lru_cache(maxsize=1)
+def _wordnet():
+    from knowtuning.assets import ensure_wordnet
+    ensure_wordnet()
+    from nltk.corpus import wordnet
+    return wordnet
+
 @lru_cache(maxsize=50000)
 def _antonyms(word: str) -> frozenset:
-    from nltk.corpus import wordnet as wn
+    wn = _wordnet()
     out = set()
     for s in wn.synsets(word):
         for l in s.lemmas():

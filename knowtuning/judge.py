@@ -9,7 +9,7 @@ from .facts import supported, content
 from .teacher import split_atoms
 
 # %% auto #0
-__all__ = ['ASPECTS', 'JUDGE', 'combine', 'judge_both_orders', 'proxy_scores', 'ProxyJudge', 'LLMJudge', 'make_judge']
+__all__ = ['ASPECTS', 'JUDGE', 'RATE', 'combine', 'judge_both_orders', 'proxy_scores', 'ProxyJudge', 'LLMJudge', 'make_judge']
 
 # %% ../nbs/12_judge.ipynb #12-judge-005
 ASPECTS = ("completeness", "factuality", "logicality", "overall")
@@ -49,6 +49,9 @@ class ProxyJudge:
     "Offline reference-based proxy judge (labelled 'proxy')."
     label = "proxy: reference-fact recall / precision / order agreement"
     def __init__(self, margin: float = 0.05): self.margin = margin
+    def score(self, items: list[dict]) -> list[float]:
+        "Pointwise quality of `a` (for ranking sampled answers, RLAIF): the proxy's overall score."
+        return [proxy_scores(it["a"], it["reference"])["overall"] for it in items]
     def compare(self, items: list[dict]) -> list[dict]:
         out = []
         for it in items:
@@ -74,6 +77,16 @@ Judge each aspect:
 - overall: which answer is better overall.
 Reply with JSON only, each value "A", "B" or "tie": {{"completeness": ..., "factuality": ..., "logicality": ..., "overall": ...}}"""
 
+RATE = """Rate the answer to the question below for completeness, factuality and logicality together, on a scale from 1 (poor) to 10 (excellent). A reference answer is given for context.
+
+Question: {question}
+
+Reference answer: {reference}
+
+Answer: {a}
+
+Reply with the number only."""
+
 class LLMJudge:
     "Pairwise judge through the LLM client (prompt above)."
     def __init__(self, cfg, client=None):
@@ -89,6 +102,16 @@ class LLMJudge:
             return v
         got = complete_parsed(self.client, [user(JUDGE.format(**it), name=f"judge {i}") for i, it in enumerate(items)], parse, "judge")
         return [g or {a: "tie" for a in ASPECTS} for g in got]   # unparseable twice: a recorded failure, counted as a tie
+    def score(self, items: list[dict]) -> list[float]:
+        "Pointwise 1-10 rating of `a` (RLAIF ranking); unparseable ratings count as 0 and are recorded."
+        from knowtuning.llm import user, complete_parsed, ParseError
+        import re
+        def parse(s):
+            m = re.search(r"\b(10|[1-9])\b", s)
+            if not m: raise ParseError("expected a number from 1 to 10")
+            return float(m.group(1))
+        got = complete_parsed(self.client, [user(RATE.format(**it), name=f"rate {i}") for i, it in enumerate(items)], parse, "rate")
+        return [g if g is not None else 0.0 for g in got]
 
 def make_judge(cfg):
     return LLMJudge(cfg) if cfg.backend == "llm" else ProxyJudge()
