@@ -8,7 +8,8 @@ import argparse, json, sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['COMMANDS', 'cmd_setup', 'cmd_doctor', 'cmd_config', 'cmd_data', 'cmd_readme', 'parser', 'main']
+__all__ = ['COMMANDS', 'cmd_setup', 'cmd_doctor', 'cmd_config', 'cmd_data', 'cmd_reproduce', 'cmd_serve', 'cmd_docs',
+           'cmd_readme', 'parser', 'main']
 
 # %% ../nbs/99_cli.ipynb #99-cli-005
 def _cfg_args(p):
@@ -16,7 +17,7 @@ def _cfg_args(p):
     p.add_argument("--config", default=None, help="a YAML file merged over the preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
     p.add_argument("--run", default=None, help="run name (default: the preset name)")
-    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--runs-dir", default=None, help="folder of runs (default: $KNOWTUNING_RUNS or runs/ in the checkout)")
 
 def _load_cfg(a):
     from knowtuning.config import load_config
@@ -47,6 +48,31 @@ def cmd_data(a):
     if ds.duplicates: print(f"  {len(ds.duplicates)} duplicate questions kept (first: record {ds.duplicates[0][0]})")
     return 0
 
+def cmd_reproduce(a):
+    from knowtuning.pipeline import reproduce
+    run = reproduce(a.preset, a.config, a.overrides, a.run, a.runs_dir, only=getattr(a, "only", None))
+    rep = run.path("report") / "report.md"
+    if rep.exists(): print(f"report: {rep}")
+    return 0
+
+def _step_cmd(step):
+    def cmd(a):
+        from knowtuning.pipeline import reproduce
+        reproduce(a.preset, a.config, a.overrides, a.run, a.runs_dir, only=[step]); return 0
+    return cmd
+
+def cmd_serve(a):
+    from knowtuning.llm import serve_local
+    with serve_local(a.model, port=a.port) as srv:
+        print(f"serving {srv.model} at {srv.base_url}  (model name for requests: {srv.model}); Ctrl-C stops", flush=True)
+        try: srv.proc.wait()
+        except KeyboardInterrupt: pass
+    return 0
+
+def cmd_docs(a):
+    from knowtuning.docs import build_site
+    print(build_site(execute_tutorial=not a.no_tutorial)); return 0
+
 def cmd_readme(a):
     from knowtuning.docs import write_readme
     print(write_readme()); return 0
@@ -59,6 +85,17 @@ COMMANDS = {
     "data": (cmd_data, "load and validate a QA set by name or path (no name: list names)",
              lambda p: (p.add_argument("name", nargs="?"), p.add_argument("--lenient", action="store_true"))),
     "readme": (cmd_readme, "render README.md from nbs/index.ipynb", None),
+    "reproduce": (cmd_reproduce, "run every stage notebook with papermill: data, KA, KC, training, evaluation, report", _cfg_args),
+    "ka": (_step_cmd("ka"), "stage KA: decompose, perplexity filter, rewrite (06_ka.ipynb)", _cfg_args),
+    "kc": (_step_cmd("kc"), "stage KC: delete / revise / shuffle preference pairs (07_kc.ipynb)", _cfg_args),
+    "baselines": (_step_cmd("baselines"), "RLAIF / FactTune preference data (13_baselines.ipynb)", _cfg_args),
+    "train": (_step_cmd("train"), "train every system of the config (08_train.ipynb)", _cfg_args),
+    "evaluate": (_step_cmd("evaluate"), "generate and evaluate every system (14_evaluate.ipynb)", _cfg_args),
+    "report": (_step_cmd("report"), "paper-shaped tables and figures (15_report.ipynb)", _cfg_args),
+    "serve": (cmd_serve, "serve the embedded SmolLM2 (or a local model) with `transformers serve` on 127.0.0.1",
+              lambda p: (p.add_argument("--model", default="smollm2"), p.add_argument("--port", type=int, default=None))),
+    "docs": (cmd_docs, "build the docs site into _docs/ (quarto if installed, else nbconvert HTML)",
+             lambda p: p.add_argument("--no-tutorial", action="store_true", help="do not execute the tutorial notebook")),
 }
 
 def parser() -> argparse.ArgumentParser:

@@ -102,8 +102,7 @@ class Run:
     def stage(self, stage: str, fp: str):
         """Build `stage` in a temporary folder, yielded as a Path (or None when the stage is already done with `fp`).
         On success the folder replaces the old one and the manifest records the time taken."""
-        if self.done(stage, fp):
-            self.update_stage(stage, skipped=True); yield None; return
+        if self.done(stage, fp): yield None; return
         tmp = self.dir / f".{stage}.partial"
         tmp.mkdir(parents=True, exist_ok=True)   # kept across a crash: stages may resume from what is in it
         t0 = time.time()
@@ -112,4 +111,5 @@ class Run:
         final = self.path(stage)
         if final.exists(): shutil.rmtree(final)
         tmp.rename(final)
-        self.update_stage(stage, fingerprint=fp, seconds=round(time.time() - t0, 2), skipped=False)
+        self.update_stage(stage, fingerprint=fp, seconds=round(time.time() - t0, 2), built=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                          builds=self.manifest.get("stages", {}).get(stage, {}).get("builds", 0) + 1)

@@ -62,7 +62,8 @@ def test_ka_stage_outputs_load_with_datasets(tmp_path):
     assert run.manifest["stages"]["ka"]["stats"]["teacher"] == "heuristic"
     assert (out / "ka_stats.png").stat().st_size > 5000
     # unchanged config: the stage is skipped
-    ka_stage(cfg, run); assert run.manifest["stages"]["ka"]["skipped"] is True
+    built = run.manifest["stages"]["ka"]["built"]
+    ka_stage(cfg, run); assert run.manifest["stages"]["ka"]["built"] == built and run.manifest["stages"]["ka"]["builds"] == 1
 
 def test_ka_ppl_resumes_after_interruption(tmp_path, monkeypatch):
     import knowtuning.ka as ka
