@@ -11,7 +11,7 @@ from .config import project_root
 from .runs import atomic_write
 
 # %% auto #0
-__all__ = ['readme_text', 'write_readme', 'readme_in_sync']
+__all__ = ['readme_text', 'write_readme', 'readme_in_sync', 'build_site']
 
 # %% ../nbs/98_docs.ipynb #98-docs-005
 def _strip_directives(src: str) -> str:
@@ -31,3 +31,38 @@ def readme_text(nb_path=None) -> str:
 def write_readme() -> Path: return atomic_write(project_root() / "README.md", readme_text())
 
 def readme_in_sync() -> bool: return (project_root() / "README.md").read_text() == readme_text()
+
+# %% ../nbs/98_docs.ipynb #98-docs-008
+_CHECK = """<script>window.addEventListener('load', () => { const im = [...document.images];
+document.body.dataset.imagesOk = String(im.length > 0 && im.every(i => i.complete && i.naturalWidth > 0));
+document.body.dataset.images = String(im.length); });</script>"""
+
+def _pages(nbs: Path) -> list[Path]:
+    return sorted(p for p in nbs.glob("*.ipynb") if not p.name.startswith("_"))
+
+def _nav(pages: list[Path]) -> str:
+    links = " · ".join(f'<a href="{p.stem}.html">{p.stem}</a>' for p in pages)
+    return f'<nav style="padding:8px 16px;background:#f4f4f4;font-family:sans-serif;font-size:14px">{links}</nav>'
+
+def build_site(out=None, execute_tutorial: bool = True) -> Path:
+    "Build the docs site into `_docs/` (quarto + nbdev when available, else nbconvert HTML)."
+    root = project_root(); out = Path(out or root / "_docs"); out.mkdir(parents=True, exist_ok=True)
+    if shutil.which("quarto"):
+        subprocess.run(["nbdev_docs"], cwd=root, check=True); return out
+    import os, papermill as pm
+    from nbconvert import HTMLExporter
+    nbs = root / "nbs"; pages = _pages(nbs)
+    srcs = {p.stem: p for p in pages}
+    if execute_tutorial and "tutorial" in srcs:
+        os.environ["IN_TEST"] = "1"; os.environ["KNOWTUNING_RUNS"] = str(out / "_runs")
+        (out / "_exec").mkdir(exist_ok=True)
+        pm.execute_notebook(str(srcs["tutorial"]), str(out / "_exec" / "tutorial.ipynb"), kernel_name="python3",
+                            cwd=str(out), progress_bar=False)
+        srcs["tutorial"] = out / "_exec" / "tutorial.ipynb"
+    exp, nav = HTMLExporter(template_name="lab"), _nav(pages)
+    for stem, src in srcs.items():
+        body, _ = exp.from_notebook_node(nbformat.read(src, as_version=4))
+        body = body.replace("<body", "<body", 1)
+        body = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + nav, body, count=1).replace("</body>", _CHECK + "</body>")
+        atomic_write(out / f"{stem}.html", body)
+    return out
