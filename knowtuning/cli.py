@@ -8,8 +8,8 @@ import argparse, json, sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['COMMANDS', 'cmd_setup', 'cmd_doctor', 'cmd_config', 'cmd_data', 'cmd_reproduce', 'cmd_serve', 'cmd_docs',
-           'cmd_readme', 'parser', 'main']
+__all__ = ['COMMANDS', 'cmd_setup', 'cmd_doctor', 'cmd_config', 'cmd_data', 'cmd_reproduce', 'cmd_train_system', 'cmd_serve',
+           'cmd_docs', 'cmd_readme', 'parser', 'main']
 
 # %% ../nbs/99_cli.ipynb #99-cli-005
 def _cfg_args(p):
@@ -61,6 +61,13 @@ def _step_cmd(step):
         reproduce(a.preset, a.config, a.overrides, a.run, a.runs_dir, only=[step]); return 0
     return cmd
 
+def cmd_train_system(a):
+    "Train one system in this process (no papermill): the entry point for `accelerate launch` on several GPUs."
+    from knowtuning.runs import Run, runs_root
+    from knowtuning.train import train_stage
+    cfg = _load_cfg(a)
+    print(train_stage(cfg, Run(cfg, a.runs_dir or runs_root(), a.run), a.system)); return 0
+
 def cmd_serve(a):
     from knowtuning.llm import serve_local
     with serve_local(a.model, port=a.port) as srv:
@@ -92,6 +99,8 @@ COMMANDS = {
     "train": (_step_cmd("train"), "train every system of the config (08_train.ipynb)", _cfg_args),
     "evaluate": (_step_cmd("evaluate"), "generate and evaluate every system (14_evaluate.ipynb)", _cfg_args),
     "report": (_step_cmd("report"), "paper-shaped tables and figures (15_report.ipynb)", _cfg_args),
+    "train-system": (cmd_train_system, "train one system in-process (for accelerate launch / DeepSpeed)",
+                     lambda p: (_cfg_args(p), p.add_argument("--system", required=True))),
     "serve": (cmd_serve, "serve the embedded SmolLM2 (or a local model) with `transformers serve` on 127.0.0.1",
               lambda p: (p.add_argument("--model", default="smollm2"), p.add_argument("--port", type=int, default=None))),
     "docs": (cmd_docs, "build the docs site into _docs/ (quarto if installed, else nbconvert HTML)",
@@ -114,3 +123,5 @@ def main(argv=None) -> int:
     try: return a.fn(a) or 0
     except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr); return 2
+
+if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # python -m knowtuning.cli (accelerate launch)
