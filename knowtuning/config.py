@@ -101,6 +101,9 @@ class GenerateCfg:
     top_p: float = 0.7
     top_k: int = 50
     batch_size: int = 8
+    backend: str = "hf"               # hf (local transformers) | api (an OpenAI-compatible /v1/completions server, e.g. vLLM)
+    api: LLMCfg = field(default_factory=lambda: LLMCfg(backend="llm", model="{system}", concurrency=32, cache=""))
+                                      # api.model may contain {system}: e.g. vLLM's --lora-modules name per system
 
 @dataclass
 class EvalCfg:
@@ -138,19 +141,18 @@ def _check(key, value, ann):
         raise ConfigError(f"config key '{key}': expected {ann}, got {type(value).__name__} ({value!r})")
     return float(value) if ann == "float" else value
 
-def from_dict(cls, d: dict, prefix: str = ""):
-    "Build dataclass `cls` from nested dict `d`, validating every key and type."
+def from_dict(cls, d: dict, prefix: str = "", base=None):
+    "Build dataclass `cls` from nested dict `d` over `base` (default: `cls()`), validating every key and type."
     if not isinstance(d, dict): raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {d!r}")
-    by_name = {f.name: f for f in fields(cls)}
+    hints = typing.get_type_hints(cls)
     for k in d:
-        if k not in by_name: raise ConfigError(f"unknown config key '{prefix}{k}' (known: {', '.join(by_name)})")
+        if k not in hints: raise ConfigError(f"unknown config key '{prefix}{k}' (known: {', '.join(hints)})")
+    base = cls() if base is None else base
     kw = {}
     for k, v in d.items():
-        f = by_name[k]
-        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        if sub is not None and is_dataclass(sub): kw[k] = from_dict(sub, v, f"{prefix}{k}.")
-        else: kw[k] = _check(prefix + k, v, f.type)
-    return cls(**kw)
+        t = hints[k]
+        kw[k] = from_dict(t, v, f"{prefix}{k}.", getattr(base, k)) if is_dataclass(t) else _check(prefix + k, v, t)
+    return dataclasses.replace(base, **kw)
 
 # %% ../nbs/00_config.ipynb #00-config-011
 class _Loader(yaml.SafeLoader): pass

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from .runs import read_jsonl
 
 # %% auto #0
-__all__ = ['gen_kwargs', 'generate', 'generate_stage']
+__all__ = ['gen_kwargs', 'generate', 'generate_api', 'generate_stage']
 
 # %% ../nbs/09_generate.ipynb #09-generate-005
 def gen_kwargs(g, tok) -> dict:
@@ -44,6 +44,16 @@ def generate(model, tok, prompts: list[str], g, batch_size: int | None = None, o
     return out
 
 # %% ../nbs/09_generate.ipynb #09-generate-008
+def generate_api(api_cfg, system: str, prompts: list[str], g) -> list[str]:
+    "Completions for `prompts` from an OpenAI-compatible server, model name `api_cfg.model` formatted with the system."
+    import dataclasses
+    from knowtuning.llm import LLMClient, Request
+    cl = LLMClient(dataclasses.replace(api_cfg, model=api_cfg.model.format(system=system)), f"gen_{system}")
+    reqs = [Request([], name=f"gen {system} #{i}", prompt=p, max_tokens=g.max_new_tokens, temperature=g.temperature if g.do_sample else 0.0,
+                    top_p=g.top_p if g.do_sample else None) for i, p in enumerate(prompts)]
+    return [t.strip() for t in cl.complete_many(reqs, f"generate {system}")]
+
+# %% ../nbs/09_generate.ipynb #09-generate-010
 def generate_stage(cfg, run, system: str) -> Path:
     "Predictions of `system` on every test set of `cfg`."
     from knowtuning.assets import load_model
@@ -55,8 +65,10 @@ def generate_stage(cfg, run, system: str) -> Path:
     with run.stage(f"gen_{system}", fp) as out:
         if out is None: return run.path(f"gen_{system}")
         torch.manual_seed(cfg.seed)
-        model, tok = load_model(cfg.student, adapter=None if system == "base" else run.path(f"train_{system}") / "adapter")
-        model.eval()
+        api = cfg.generate.backend == "api"
+        if not api:
+            model, tok = load_model(cfg.student, adapter=None if system == "base" else run.path(f"train_{system}") / "adapter")
+            model.eval()
         t0, n_new = time.time(), 0
         for name in cfg.data.test:
             ds = load_dataset(name, lenient=cfg.data.lenient, n=cfg.data.n_test)
@@ -68,7 +80,9 @@ def generate_stage(cfg, run, system: str) -> Path:
                     for j, t in zip(idx, texts):
                         i = todo[j]
                         f.write(json.dumps({"index": i, "question": question(ds[i]), "reference": ds[i]["output"], "prediction": t}) + "\n")
-            generate(model, tok, [prompt(ds[i], cfg.student.template) for i in todo], cfg.generate, on_batch=save)
+            ps = [prompt(ds[i], cfg.student.template) for i in todo]
+            if api: save(list(range(len(todo))), generate_api(cfg.generate.api, system, ps, cfg.generate))
+            else: generate(model, tok, ps, cfg.generate, on_batch=save)
             n_new += len(todo)
             rows = sorted(read_jsonl(path), key=lambda r: r["index"])
             (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -46,6 +46,8 @@ class Request:
     name: str = ""
     temperature: float | None = None
     max_tokens: int | None = None
+    prompt: str | None = None          # set: a raw text completion (`/v1/completions`) instead of a chat
+    top_p: float | None = None
 
 def user(text: str, system: str | None = None, name: str = "", **kw) -> Request:
     "A single-turn request."
@@ -106,8 +108,10 @@ class LLMClient:
                        "export it, or set api_key_env to the variable that holds your key")
 
     def params(self, r: Request) -> dict:
-        return {"temperature": self.cfg.temperature if r.temperature is None else r.temperature,
-                "max_tokens": self.cfg.max_tokens if r.max_tokens is None else r.max_tokens}
+        p = {"temperature": self.cfg.temperature if r.temperature is None else r.temperature,
+             "max_tokens": self.cfg.max_tokens if r.max_tokens is None else r.max_tokens}
+        if r.top_p is not None: p["top_p"] = r.top_p
+        return p
 
     def _cost(self, p: int, c: int) -> float:
         price = self.cfg.prices.get(self.cfg.model)
@@ -115,13 +119,14 @@ class LLMClient:
 
     async def _one(self, api, r: Request, sem) -> str:
         params = self.params(r)
-        key = cache_key(self.cfg.model, r.messages, params)
+        key = cache_key(self.cfg.model, r.messages if r.prompt is None else {"prompt": r.prompt}, params)
         if (hit := self.cache.get(key)) is not None:
             self.ledger.cache_hits += 1; return hit["text"]
         async with sem:
             for attempt in range(self.cfg.max_retries + 1):
                 try:
-                    resp = await api.chat.completions.create(model=self.cfg.model, messages=r.messages, **params)
+                    if r.prompt is None: resp = await api.chat.completions.create(model=self.cfg.model, messages=r.messages, **params)
+                    else: resp = await api.completions.create(model=self.cfg.model, prompt=r.prompt, **params)
                     break
                 except Exception as e:
                     if not _retryable(e) or attempt == self.cfg.max_retries:
@@ -129,7 +134,7 @@ class LLMClient:
                     self.ledger.retries += 1
                     self.retry_log.append({"name": r.name, "attempt": attempt + 1, "error": type(e).__name__})
                     await asyncio.sleep(self.cfg.backoff * 2 ** attempt * random.uniform(0.5, 1.5))
-        text = resp.choices[0].message.content or ""
+        text = (resp.choices[0].message.content if r.prompt is None else resp.choices[0].text) or ""
         u = resp.usage
         p, c = (u.prompt_tokens or 0, u.completion_tokens or 0) if u else (0, 0)
         self.cache.put(key, self.cfg.model, text, p, c)

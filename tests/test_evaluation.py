@@ -1,0 +1,59 @@
+import json, math
+import pytest
+from fakeserver import FakeServer
+from knowtuning.config import load_config
+from knowtuning.metrics import meteor, rouge_l, bertscore
+from knowtuning.judge import ProxyJudge, judge_both_orders, ASPECTS
+from knowtuning.facts import verify, fact_scores, aggregate_facts
+from knowtuning.teacher import HeuristicTeacher
+from knowtuning.runs import Run, read_jsonl
+
+P = ["It is a guide to action which ensures that the military always obeys the commands of the party",
+     "The cat sat on the mat.", "Vaccines train the immune system."]
+R = ["It is a guide to action that ensures that the military will forever heed Party commands",
+     "A cat was sitting on the mat.", "Vaccines teach the body's immune system to fight germs."]
+
+def test_metrics_equal_direct_library_calls():
+    assert round(meteor(P[:1], R[:1])[0], 4) == 0.6944
+    from rouge_score import rouge_scorer
+    sc = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    assert rouge_l(P, R) == [sc.score(r, p)["rougeL"].fmeasure for p, r in zip(P, R)]
+    import bert_score
+    from knowtuning.assets import minilm_dir
+    _, _, f = bert_score.score(P, R, model_type=str(minilm_dir()), num_layers=6)
+    assert bertscore(P, R) == pytest.approx(f.tolist(), abs=1e-6)
+
+def test_judge_self_ties_and_position_bias_cancels(release):
+    from knowtuning.data import load_dataset, question
+    ds = load_dataset("dolly_test", n=20)
+    items = [{"question": question(r), "reference": r["output"], "x": r["output"], "y": r["output"]} for r in ds]
+    assert all(v == {a: "tie" for a in ASPECTS} for v in judge_both_orders(ProxyJudge().compare, items))
+    first = lambda its: [{a: "A" for a in ASPECTS} for _ in its]
+    other = [{**i, "y": "Something else entirely."} for i in items]
+    assert all(v == {a: "tie" for a in ASPECTS} for v in judge_both_orders(first, other))
+
+def test_facts_error_rate_rises_with_changed_numbers_and_entities(release):
+    from knowtuning.data import load_dataset
+    from knowtuning.teacher import perturb
+    import random
+    ds = load_dataset("dolly_train", n=60)
+    t = HeuristicTeacher()
+    refs = [r["output"] for r in ds]
+    facts = t.decompose(refs)
+    same = aggregate_facts(fact_scores(facts, verify(facts, refs)[0]))
+    assert same["error_rate"] == 0.0
+    pool = ["Germany", "Tokyo", "Napoleon", "Microsoft"]
+    changed = [[(p[0] if (p := perturb(f, random.Random(0), pool)) and p[1] in ("number", "entity") else f) for f in fs] for fs in facts]
+    worse = aggregate_facts(fact_scores(changed, verify(changed, refs)[0]))
+    n_changed = sum(a != b for fs, cs in zip(facts, changed) for a, b in zip(fs, cs))
+    assert n_changed > 20 and worse["error_rate"] > 0.1 and worse["facts_per_answer"] == same["facts_per_answer"]
+
+def test_generation_through_openai_compatible_server(tmp_path):
+    from knowtuning.generate import generate_stage
+    with FakeServer() as s:
+        cfg = load_config("smoke", overrides=["generate.backend=api", f"generate.api.base_url={s.base_url}", f"generate.api.cache={tmp_path}/c.sqlite"])
+        run = Run(cfg, tmp_path)
+        out = generate_stage(cfg, run, "base")
+        rows = read_jsonl(out / "demo_test.jsonl")
+        assert len(rows) == 3 and all(r["prediction"].startswith("echo: Below is an instruction") for r in rows)
+        assert {b["model"] for b in s.requests} == {"base"} and all("prompt" in b for b in s.requests)
