@@ -62,7 +62,6 @@ def build_site(out=None, execute_tutorial: bool = True) -> Path:
     exp, nav = HTMLExporter(template_name="lab"), _nav(pages)
     for stem, src in srcs.items():
         body, _ = exp.from_notebook_node(nbformat.read(src, as_version=4))
-        body = body.replace("<body", "<body", 1)
         body = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + nav, body, count=1).replace("</body>", _CHECK + "</body>")
         atomic_write(out / f"{stem}.html", body)
     return out

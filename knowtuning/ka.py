@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_ka.ipynb #06-ka-003
 from __future__ import annotations
-import math, time
+import json, math, time
 from pathlib import Path
 import torch
 from tqdm.auto import tqdm
@@ -130,7 +130,7 @@ def score_resumable(model, tok, questions, atom_lists, path: Path, template="alp
         chunk = todo[b:b + batch_questions * 4]
         res = ppl_packed(model, tok, [questions[i] for i in chunk], [atom_lists[i] for i in chunk], template, batch_questions, bar)
         with open(path, "a") as f:
-            for i, r in zip(chunk, res): f.write(__import__("json").dumps({"i": i, "ppl": r}) + "\n")
+            for i, r in zip(chunk, res): f.write(json.dumps({"i": i, "ppl": r}) + "\n")
         done.update(zip(chunk, res))
         bar.set_postfix(atoms_s=f"{bar.n / max(time.time() - t0, 1e-9):.1f}")
     bar.close()
