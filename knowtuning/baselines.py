@@ -9,7 +9,7 @@ from pathlib import Path
 from .runs import write_json, write_jsonl
 
 # %% auto #0
-__all__ = ['best_worst_pairs', 'prefs_stage']
+__all__ = ['best_worst_pairs', 'samples_stage', 'prefs_stage']
 
 # %% ../nbs/13_baselines.ipynb #13-baselines-005
 def best_worst_pairs(prompts: list[str], samples: list[list[str]], scores: list[list[float]]) -> tuple[list[dict], int]:
@@ -21,48 +21,62 @@ def best_worst_pairs(prompts: list[str], samples: list[list[str]], scores: list[
         pairs.append({"prompt": p, "chosen": ss[hi], "rejected": ss[lo], "score_chosen": sc[hi], "score_rejected": sc[lo]})
     return pairs, ties
 
-# %% ../nbs/13_baselines.ipynb #13-baselines-007
-def prefs_stage(cfg, run, kind: str) -> Path:
-    "Preference pairs for the `rlaif` or `facttune` baseline in `run` (needs train_sft)."
+# %% ../nbs/13_baselines.ipynb #13-baselines-008
+def samples_stage(cfg, run) -> Path:
+    "`train.k_samples` sampled answers per training question from the SFT model (release sampling settings)."
     from knowtuning.assets import load_model
-    from knowtuning.data import load_dataset, prompt, question
+    from knowtuning.data import load_dataset, prompt
     from knowtuning.generate import generate
-    from knowtuning.judge import make_judge
-    from knowtuning.facts import verify, fact_scores
-    from knowtuning.teacher import make_teacher
     from knowtuning.runs import fingerprint
     import torch
-    if kind not in ("rlaif", "facttune"): raise ValueError(f"unknown baseline {kind!r}")
     sft_fp = run.fingerprint_of("train_sft")
-    if sft_fp is None: raise RuntimeError(f"stage prefs_{kind} needs train_sft in {run.dir} first")
-    fp = fingerprint("prefs", kind, sft_fp, cfg.train.k_samples, cfg.generate, cfg.judge if cfg.judge.backend == "llm" else "proxy",
-                     cfg.teacher if cfg.teacher.backend == "llm" else "heuristic", cfg.seed)
-    with run.stage(f"prefs_{kind}", fp) as out:
-        if out is None: return run.path(f"prefs_{kind}")
+    if sft_fp is None: raise RuntimeError(f"stage samples_sft needs train_sft in {run.dir} first")
+    fp = fingerprint("samples", sft_fp, cfg.train.k_samples, cfg.generate, cfg.data.train, cfg.data.n_train, cfg.seed)
+    with run.stage("samples_sft", fp) as out:
+        if out is None: return run.path("samples_sft")
         ds = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
         k = cfg.train.k_samples
         torch.manual_seed(cfg.seed)
         model, tok = load_model(cfg.student, adapter=run.path("train_sft") / "adapter"); model.eval()
-        g = dataclasses.replace(cfg.generate, do_sample=True)          # the release's sampling settings
         prompts = [prompt(r, cfg.student.template) for r in ds]
-        flat = generate(model, tok, [p for p in prompts for _ in range(k)], g)
-        del model
-        samples = [flat[i * k:(i + 1) * k] for i in range(len(ds))]
-        refs = [r["output"] for r in ds]
+        flat = generate(model, tok, [p for p in prompts for _ in range(k)], dataclasses.replace(cfg.generate, do_sample=True))
+        write_jsonl(out / "samples.jsonl", [{"index": i, "prompt": p, "samples": flat[i * k:(i + 1) * k]} for i, p in enumerate(prompts)])
+    return run.path("samples_sft")
+
+def prefs_stage(cfg, run, kind: str) -> Path:
+    "Preference pairs for the `rlaif` or `facttune` baseline in `run` (needs samples_sft)."
+    from knowtuning.data import load_dataset, question
+    from knowtuning.judge import make_judge
+    from knowtuning.facts import verify, fact_scores
+    from knowtuning.teacher import make_teacher
+    from knowtuning.runs import fingerprint, read_jsonl
+    if kind not in ("rlaif", "facttune"): raise ValueError(f"unknown baseline {kind!r}")
+    s_fp = run.fingerprint_of("samples_sft")
+    if s_fp is None: raise RuntimeError(f"stage prefs_{kind} needs samples_sft in {run.dir} first")
+    fp = fingerprint("prefs", kind, s_fp, cfg.judge if cfg.judge.backend == "llm" else "proxy",
+                     cfg.teacher if cfg.teacher.backend == "llm" else "heuristic", cfg.seed)
+    with run.stage(f"prefs_{kind}", fp) as out:
+        if out is None: return run.path(f"prefs_{kind}")
+        ds = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
+        rows = read_jsonl(run.path("samples_sft") / "samples.jsonl")
+        samples, prompts = [r["samples"] for r in rows], [r["prompt"] for r in rows]
+        flat = [s for ss in samples for s in ss]
+        refs = [r["output"] for r in ds for _ in samples[0]]
         if kind == "rlaif":
             judge = make_judge(cfg.judge)
             sc = judge.score([{"question": question(r), "reference": r["output"], "a": s} for r, ss in zip(ds, samples) for s in ss])
             scorer = judge.label
         else:
             teacher = make_teacher(cfg.teacher, f"prefs_{kind}", cfg.seed)
-            facts = teacher.decompose(flat)
-            verdicts, scorer = verify([f or [] for f in facts], [ref for ref in refs for _ in range(k)], cfg.judge)
-            sc = [r["precision"] if r["facts"] else 0.0 for r in fact_scores([f or [] for f in facts], verdicts)]
-        scores = [sc[i * k:(i + 1) * k] for i in range(len(ds))]
+            facts = [f or [] for f in teacher.decompose(flat)]
+            verdicts, scorer = verify(facts, refs, cfg.judge)
+            sc = [r["precision"] if r["facts"] else 0.0 for r in fact_scores(facts, verdicts)]
+        k = len(samples[0]) if samples else 0
+        scores = [sc[i * k:(i + 1) * k] for i in range(len(samples))]
         pairs, ties = best_worst_pairs(prompts, samples, scores)
-        write_jsonl(out / "samples.jsonl", [{"index": i, "samples": s, "scores": c} for i, (s, c) in enumerate(zip(samples, scores))])
+        write_jsonl(out / "scores.jsonl", [{"index": i, "scores": c} for i, c in enumerate(scores)])
         write_jsonl(out / "pairs.jsonl", pairs)
-        stats = {"questions": len(ds), "k": k, "pairs": len(pairs), "no_pair_ties": ties, "scorer": scorer}
+        stats = {"questions": len(samples), "k": k, "pairs": len(pairs), "no_pair_ties": ties, "scorer": scorer}
         write_json(out / "stats.json", stats)
         run.update_stage(f"prefs_{kind}", stats=stats)
     return run.path(f"prefs_{kind}")

@@ -38,7 +38,7 @@ def test_smoke_end_to_end_kill_resume_and_rerun(tmp_path):
     text = (run_dir / "report" / "table_judge.md").read_text()
     assert "PROXY" in text and "preset smoke" in text and "student smollm2" in text
     assert {"train_sft", "train_ka", "train_knowtuning", "train_rlaif", "train_facttune", "train_wo_factuality",
-            "prefs_rlaif", "prefs_facttune", "gen_knowtuning", "eval", "report"} <= set(after)
+            "samples_sft", "prefs_rlaif", "prefs_facttune", "gen_knowtuning", "eval", "report"} <= set(after)
     # 3. rerun: every stage skipped
     t1 = time.time()
     r = subprocess.run([str(BIN / "knowtuning"), "reproduce", "--preset", "smoke"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
