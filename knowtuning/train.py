@@ -40,7 +40,7 @@ def trl_config(cfg, kind: str, output_dir, has_eval: bool = False):
         load_best_model_at_end=has_eval, metric_for_best_model="eval_loss" if has_eval else None, greater_is_better=False if has_eval else None,
         report_to=[] if t.report_to == "none" else [t.report_to],
         use_cpu=not cuda, bf16=cuda and cfg.student.dtype in ("auto", "bfloat16"), fp16=False,
-        max_length=t.cutoff, dataloader_num_workers=0,
+        max_length=t.cutoff, dataloader_num_workers=0, gradient_checkpointing=t.gradient_checkpointing,
         # length grouping needs `input_ids` lengths, which trl's DPO datasets do not expose: SFT only
         train_sampling_strategy="group_by_length" if t.group_by_length and not dpo else "random",
     )
