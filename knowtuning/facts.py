@@ -6,7 +6,7 @@
 from __future__ import annotations
 import math, re
 from functools import lru_cache
-from .teacher import split_atoms, _ENT, _STOP_ENT
+from .teacher import split_atoms, wordnet, _ENT, _STOP_ENT
 
 # %% auto #0
 __all__ = ['VERIFY', 'content', 'keys', 'supported', 'fact_scores', 'aggregate_facts', 'verify']
@@ -33,16 +33,9 @@ def keys(s: str) -> tuple[set[str], set[str]]:
     "Numbers and capitalised names (not sentence-initial) in `s`."
     return {n.replace(",", "") for n in _NUMS.findall(s)}, {m.group(1).lower() for m in _ENT.finditer(s) if m.group(1) not in _STOP_ENT}
 
-@lru_cache(maxsize=1)
-def _wordnet():
-    from knowtuning.assets import ensure_wordnet
-    ensure_wordnet()
-    from nltk.corpus import wordnet
-    return wordnet
-
 @lru_cache(maxsize=50000)
 def _antonyms(word: str) -> frozenset:
-    wn = _wordnet()
+    wn = wordnet()
     out = set()
     for s in wn.synsets(word):
         for l in s.lemmas():

@@ -4,12 +4,12 @@
 
 # %% ../nbs/05_teacher.ipynb #05-teacher-003
 from __future__ import annotations
-import random, re
+import functools, random, re
 from .config import LLMCfg
 from .llm import LLMClient, Request, user, complete_parsed, parse_list, parse_json, ParseError
 
 # %% auto #0
-__all__ = ['PROMPTS', 'split_atoms', 'entities', 'perturb', 'HeuristicTeacher', 'LLMTeacher', 'make_teacher']
+__all__ = ['PROMPTS', 'split_atoms', 'wordnet', 'entities', 'perturb', 'HeuristicTeacher', 'LLMTeacher', 'make_teacher']
 
 # %% ../nbs/05_teacher.ipynb #05-teacher-006
 _ABBR = {"e.g", "i.e", "etc", "vs", "dr", "mr", "mrs", "ms", "prof", "st", "jr", "sr", "no", "fig", "approx", "u.s", "u.k", "a.m", "p.m", "inc", "ltd", "co", "mt", "ft", "lb", "oz", "jan", "feb", "aug", "sept", "oct", "nov", "dec"}
@@ -81,14 +81,16 @@ def _swap_entity(t, rng, pool):
     cands = sorted({e for e in pool if e != m.group(1) and e not in t})
     return t[:m.start(1)] + rng.choice(cands) + t[m.end(1):] if cands else None
 
-_WN = None
+@functools.lru_cache(maxsize=1)
+def wordnet():
+    "nltk's WordNet reader over our materialized WordNet 3.0."
+    from knowtuning.assets import ensure_wordnet
+    ensure_wordnet()
+    from nltk.corpus import wordnet as wn
+    return wn
+
 def _antonym(word):
-    global _WN
-    if _WN is None:
-        from knowtuning.assets import ensure_wordnet
-        ensure_wordnet()
-        from nltk.corpus import wordnet; _WN = wordnet
-    for s in _WN.synsets(word):
+    for s in wordnet().synsets(word):
         if s.pos() not in ("a", "s", "r"): continue   # adjectives and adverbs: verb antonyms are rarely grammatical
         for l in s.lemmas():
             if l.name().lower() == word.lower() and l.antonyms(): return l.antonyms()[0].name().replace("_", " ")
