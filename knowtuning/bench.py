@@ -9,7 +9,7 @@ from pathlib import Path
 from .config import load_config, project_root, LLMCfg
 
 # %% auto #0
-__all__ = ['BENCHES', 'bench_ppl', 'bench_generate', 'bench_sft', 'bench_dpo', 'bench_llm', 'main']
+__all__ = ['VARIANTS', 'BENCHES', 'bench_ppl', 'bench_generate', 'bench_sft', 'bench_dpo', 'bench_llm', 'main']
 
 # %% ../nbs/97_bench.ipynb #97-bench-004
 def _timed(f):
@@ -51,52 +51,81 @@ def bench_generate(n: int = 16, new_tokens: int = 32) -> dict:
     return {"prompts": n, "batched_tok_s": ntok(outb) / tb, "one_by_one_tok_s": ntok(out1) / t1, "ratio": (ntok(outb) / tb) / (ntok(out1) / t1),
             "same_outputs": sum(a == b for a, b in zip(outb, out1)), "target": 2.0}
 
-def _train_rows():
-    from knowtuning.data import load_dataset, prompt
+def _qa(n: int):
+    "n question/answer records: the release's dolly_train where ../shared/data is present (real length spread), else the demo set."
+    from knowtuning.data import load_dataset, release_dir
+    name = "dolly_train" if release_dir() else "demo_train"
+    return name, [r for r in load_dataset(name).records if r["output"].strip()][:n]
+
+def _train_rows(n: int = 32):
+    "A KA-like SFT mix: full answers and single-atom fine-grained answers, shuffled (lengths vary as in a real KA set)."
+    from knowtuning.data import prompt
     from knowtuning.teacher import split_atoms
-    recs = load_dataset("demo_train").records
-    # a KA-like mix: full answers and short single-atom answers, so lengths vary as in a real KA set
+    name, recs = _qa(n // 2)
     rows = [{"prompt": prompt(r), "completion": r["output"]} for r in recs]
     rows += [{"prompt": prompt(r), "completion": split_atoms(r["output"])[0]["text"]} for r in recs]
     random.Random(0).shuffle(rows)
-    return rows
+    return name, rows
 
-def bench_sft(steps: int = 8) -> dict:
-    "SFT training steps/s: ours (length-grouped batches, no gradient checkpointing) vs trl's defaults (random order, checkpointing)."
-    from knowtuning.train import train_sft
-    res = {}
-    for name, ours in (("ours", True), ("trl_default", False)):
-        flag = str(ours).lower()
-        cfg = load_config("smoke", overrides=[f"train.max_steps={steps}", "train.per_device_batch=4", "train.batch_size=4",
-                                              f"train.group_by_length={flag}", f"train.gradient_checkpointing={str(not ours).lower()}",
-                                              "train.save_steps=1000", "train.eval_holdout=0"])
-        d = Path(tempfile.mkdtemp())
-        _, t = _timed(lambda: train_sft(cfg, _train_rows(), d))
-        hist = json.loads((d / "log_history.json").read_text())
-        toks = max(h.get("num_tokens", 0) for h in hist)
-        res[name] = {"seconds": t, "train_tokens": toks, "tokens_s": toks / t if toks else None, "steps_s": steps / t}
-    res["ratio_steps_s"] = res["ours"]["steps_s"] / res["trl_default"]["steps_s"]
+def _pairs(n: int = 24):
+    "KC-like pairs: gold answer preferred over its atoms with some deleted (completeness) or shuffled (logicality)."
+    from knowtuning.data import prompt
+    from knowtuning.teacher import split_atoms
+    from knowtuning.kc import delete_atoms, shuffle_atoms
+    name, recs = _qa(4 * n)
+    rng, out = random.Random(0), []
+    for i, r in enumerate(recs):
+        atoms = [a["text"] for a in split_atoms(r["output"])]
+        worse, _ = delete_atoms(atoms, 0.5, rng) if i % 2 else shuffle_atoms(atoms, rng)
+        if worse: out.append({"prompt": prompt(r), "chosen": r["output"], "rejected": " ".join(worse)})
+    return name, out[:n]
+
+def _train_time(log_history: list) -> float:
+    return next(h["train_runtime"] for h in log_history if "train_runtime" in h)
+
+# the three settings compared: ours, ours with padding (isolates padding-free), trl's defaults
+VARIANTS = {"ours": ["train.padding_free=true", "train.gradient_checkpointing=false"],
+            "padded": ["train.padding_free=false", "train.gradient_checkpointing=false"],
+            "trl_default": ["train.padding_free=false", "train.gradient_checkpointing=true"]}
+
+def _ratios(res: dict, key: str) -> dict:
+    res["ratio"] = res["ours"][key] / res["trl_default"][key]
+    res["ratio_padding_free"] = res["ours"][key] / res["padded"][key]
     res["target"] = 1.3
     return res
 
-def bench_dpo(pairs: int = 16, epochs: int = 2) -> dict:
-    "DPO pairs/s: ours (reference log-probs precomputed, no checkpointing) vs trl's defaults (reference forward every step, checkpointing)."
+def bench_sft(n: int = 32, batch: int = 4) -> dict:
+    "SFT training tokens/s over one epoch: ours (padding-free, no checkpointing) vs padded vs trl's defaults (padded, checkpointing)."
+    from knowtuning.train import train_sft
+    data, rows = _train_rows(n)
+    res = {"data": data, "examples": len(rows), "batch": batch}
+    for name, ov in VARIANTS.items():
+        cfg = load_config("smoke", overrides=ov + ["train.max_steps=-1", "train.epochs=1", f"train.per_device_batch={batch}", f"train.batch_size={batch}",
+                                                   "train.cutoff=1024", "train.save_steps=1000", "train.eval_holdout=0", "train.logging_steps=1000"])
+        d = Path(tempfile.mkdtemp())
+        _, wall = _timed(lambda: train_sft(cfg, rows, d))
+        hist = json.loads((d / "log_history.json").read_text())
+        toks, t = max(h.get("num_tokens", 0) for h in hist), _train_time(hist)   # trl counts real (non-pad) tokens
+        res[name] = {"train_seconds": t, "wall_seconds": wall, "real_tokens": toks, "tokens_s": toks / t}
+    return _ratios(res, "tokens_s")
+
+def bench_dpo(pairs: int = 24, batch: int = 4) -> dict:
+    "KC (DPO + SFT term) pairs/s over one epoch (the release's kc_epochs): ours (padding-free, precomputed reference, no checkpointing) vs padded vs trl's defaults."
     from knowtuning.train import train_dpo, train_sft
-    from knowtuning.data import load_dataset, prompt
-    recs = load_dataset("demo_train").records[:pairs]
-    rows = [{"prompt": prompt(r), "chosen": r["output"], "rejected": " ".join(r["output"].split(". ")[::-1])} for r in recs]
+    data, rows = _pairs(pairs)
     base = load_config("smoke", overrides=["train.max_steps=1", "train.save_steps=1000", "train.eval_holdout=0"])
     d0 = Path(tempfile.mkdtemp()); train_sft(base, [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows], d0)
-    res = {}
-    for name, ours in (("ours", True), ("trl_default", False)):
-        cfg = load_config("smoke", overrides=["train.max_steps=-1", f"train.kc_epochs={epochs}", "train.per_device_batch=2", "train.kc_batch_size=2",
-                                              f"train.precompute_ref={str(ours).lower()}", f"train.gradient_checkpointing={str(not ours).lower()}",
-                                              "train.save_steps=1000", "train.eval_holdout=0"])
+    res = {"data": data, "pairs": len(rows), "batch": batch}
+    for name, ov in VARIANTS.items():
+        pre = str(name != "trl_default").lower()
+        cfg = load_config("smoke", overrides=ov + [f"train.precompute_ref={pre}", "train.max_steps=-1", "train.kc_epochs=1",
+                                                   f"train.per_device_batch={batch}", f"train.kc_batch_size={batch}", "train.cutoff=1024",
+                                                   "train.save_steps=1000", "train.eval_holdout=0", "train.logging_steps=1000"])
         d = Path(tempfile.mkdtemp())
-        _, t = _timed(lambda: train_dpo(cfg, rows, d, d0 / "adapter"))
-        res[name] = {"seconds": t, "pairs_s": pairs * epochs / t}
-    res["ratio"] = res["ours"]["pairs_s"] / res["trl_default"]["pairs_s"]; res["target"] = 1.3; res["epochs"] = epochs
-    return res
+        _, wall = _timed(lambda: train_dpo(cfg, rows, d, d0 / "adapter"))   # wall includes the reference precompute
+        res[name] = {"train_seconds": _train_time(json.loads((d / "log_history.json").read_text())), "wall_seconds": wall,
+                     "pairs_s": len(rows) / wall}
+    return _ratios(res, "pairs_s")
 
 def bench_llm(n: int = 64, max_tokens: int = 8) -> dict:
     "64 chat requests to a local `transformers serve`: concurrency 1 vs 8, and a warm-cache rerun."
@@ -131,8 +160,8 @@ def main(argv=None):
         (out / "results.json").write_text(json.dumps(res, indent=1))
     lines = ["| benchmark | ratio | target |", "|---|---|---|"]
     for name in a.only:
-        r = res[name]; ratio = r.get("ratio", r.get("ratio_steps_s"))
-        lines.append(f"| {name} | {ratio:.2f}x | {r.get('target', '-')} |")
+        r = res[name]
+        lines.append(f"| {name} | {r['ratio']:.2f}x | {r.get('target', '-')} |")
     (out / "results.md").write_text("\n".join(lines) + "\n"); print("\n".join(lines))
     return res
 

@@ -87,7 +87,7 @@ class TrainCfg:
     reference: str = "base"           # base | ka: the DPO reference model
     lora: LoraCfg = field(default_factory=LoraCfg)
     report_to: str = "none"           # none | tensorboard | wandb | mlflow (passed to transformers)
-    group_by_length: bool = True      # batch similar lengths together (less padding than trl's random order)
+    padding_free: bool = True         # batches as one row of concatenated sequences (no pad tokens computed), same examples and loss
     gradient_checkpointing: bool = False  # trl turns it on by default: saves memory on big models, costs ~1/3 more compute
     precompute_ref: bool = True       # DPO: reference log-probs computed once before training, not every step
     k_samples: int = 4                # RLAIF / FactTune: answers sampled per question from the SFT model

@@ -14,8 +14,9 @@ from .assets import load_model, pick_device
 from .runs import write_json
 
 # %% auto #0
-__all__ = ['SYSTEMS', 'lora_config', 'trl_config', 'knowtuning_loss', 'KCTrainer', 'GradGuard', 'mark_inference',
-           'assert_trainable_4bit', 'plot_losses', 'train_sft', 'train_dpo', 'system_deps', 'train_stage']
+__all__ = ['SYSTEMS', 'lora_config', 'trl_config', 'knowtuning_loss', 'sequence_logps', 'KCTrainer', 'GradGuard',
+           'mark_inference', 'assert_trainable_4bit', 'plot_losses', 'train_sft', 'train_dpo', 'system_deps',
+           'train_stage']
 
 # %% ../nbs/08_train.ipynb #08-train-006
 def lora_config(lc):
@@ -41,54 +42,88 @@ def trl_config(cfg, kind: str, output_dir, has_eval: bool = False):
         report_to=[] if t.report_to == "none" else [t.report_to],
         use_cpu=not cuda, bf16=cuda and cfg.student.dtype in ("auto", "bfloat16"), fp16=False,
         max_length=t.cutoff, dataloader_num_workers=0, gradient_checkpointing=t.gradient_checkpointing,
-        # length grouping needs `input_ids` lengths, which trl's DPO datasets do not expose: SFT only
-        train_sampling_strategy="group_by_length" if t.group_by_length and not dpo else "random",
     )
     if dpo: return DPOConfig(**common, beta=t.dpo_beta, loss_type=["sigmoid"], precompute_ref_log_probs=t.precompute_ref)
     return SFTConfig(**common, completion_only_loss=True)
 
 # %% ../nbs/08_train.ipynb #08-train-009
-def knowtuning_loss(pol_c, pol_r, ref_c, ref_r, chosen_token_logps, chosen_mask, beta: float = 0.1, ftx: float = 0.2):
+def knowtuning_loss(pol_c, pol_r, ref_c, ref_r, chosen_len, beta: float = 0.1, ftx: float = 0.2):
     "DPO (sigmoid) + ftx * batch mean of each chosen answer's mean token NLL. Returns (loss, dpo, sft)."
     dpo = -F.logsigmoid(beta * ((pol_c - ref_c) - (pol_r - ref_r))).mean()
-    m = chosen_mask.to(chosen_token_logps.dtype)
-    sft = (-(chosen_token_logps * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+    sft = (-pol_c / chosen_len.to(pol_c.dtype).clamp(min=1)).mean()
     return dpo + ftx * sft, dpo, sft
 
 # %% ../nbs/08_train.ipynb #08-train-012
+def sequence_logps(model, batch: dict, padding_free: bool = True):
+    "(summed log-prob of the answer tokens, number of answer tokens) for each row of a right-padded trl preference batch."
+    ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    labels = ids.masked_fill(cm == 0, -100)
+    if not padding_free:
+        lp = model(input_ids=ids, attention_mask=am, labels=labels, use_cache=False, fused_lm_head=True).log_probs
+        smask = cm[:, 1:]
+        lp = lp[:, -smask.size(1):] * smask          # (prompt-learning adapters prepend virtual tokens: keep the real ones)
+        return lp.sum(1), smask.sum(1)
+    keep = am.bool(); lens = keep.sum(1)
+    pos = torch.cat([torch.arange(n, device=ids.device) for n in lens.tolist()])[None]
+    flat_labels = labels[keep][None].masked_fill(pos == 0, -100)          # a row's first token has no left context
+    lp = model(input_ids=ids[keep][None], position_ids=pos, labels=flat_labels, use_cache=False, fused_lm_head=True).log_probs[0]
+    seq = torch.repeat_interleave(torch.arange(len(lens), device=ids.device), lens)[1:]   # which row each target token is in
+    tgt = (flat_labels[0, 1:] != -100).to(lp.dtype)
+    zeros = torch.zeros(len(lens), dtype=lp.dtype, device=lp.device)
+    return zeros.index_add(0, seq, lp * tgt), zeros.index_add(0, seq, tgt).long()
+
+# %% ../nbs/08_train.ipynb #08-train-015
 from trl import DPOTrainer, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import use_adapter
 from peft import PeftModel
 
+from trl.models.utils import disable_gradient_checkpointing
+from datasets.fingerprint import Hasher
+
 class KCTrainer(DPOTrainer):
     "trl's DPOTrainer with the release's loss (DPO + ftx * per-sequence mean NLL of the chosen answer) and reference = base | ka."
-    def __init__(self, *a, reference: str = "base", ftx: float = 0.2, **kw):
+    def __init__(self, *a, reference: str = "base", ftx: float = 0.2, padding_free: bool = True, **kw):
+        if reference not in ("base", "ka"): raise ValueError(f"config key 'train.reference': {reference!r} is not base | ka")
+        self.reference, self.ftx, self.kc_padding_free = reference, ftx, padding_free   # before trl's __init__ precomputes
         super().__init__(*a, **kw)
-        self.reference, self.ftx = reference, ftx
         m = self.accelerator.unwrap_model(self.model)
-        has_ref = isinstance(m, PeftModel) and "ref" in m.peft_config
-        if reference == "base" and has_ref: m.delete_adapter("ref"); m.set_adapter("default")
-        elif reference == "ka" and not has_ref:
+        if reference == "base" and isinstance(m, PeftModel) and "ref" in m.peft_config: m.delete_adapter("ref"); m.set_adapter("default")
+
+    def _reference(self):
+        "Context in which the policy model computes reference log-probs."
+        m = self.accelerator.unwrap_model(self.model)
+        if not isinstance(m, PeftModel): raise ValueError("KCTrainer trains a LoRA adapter: pass a PeftModel")
+        if self.reference == "base": return use_adapter(m, None)                # adapters disabled
+        if "ref" not in m.peft_config:
             raise ValueError("config key 'train.reference': 'ka' needs a policy that starts from a trained adapter")
-        elif reference not in ("base", "ka"): raise ValueError(f"config key 'train.reference': {reference!r} is not base | ka")
+        return use_adapter(m, "ref")
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # trl caches precomputed log-probs on disk keyed by (data, weights); base and ka share the weights: key the choice too
+        h = self._precompute_model_hash
+        self._precompute_model_hash = Hasher.hash((h, self.reference))
+        try: return super()._precompute_ref_logps(dataset, name, batch_size)
+        finally: self._precompute_model_hash = h
+
+    def compute_ref_log_probs(self, model, inputs):
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), self._reference():
+            s, _ = sequence_logps(model, inputs, self.kc_padding_free)
+        return s.chunk(2, dim=0)
 
     def _compute_loss(self, model, inputs, return_outputs=False):
         mode = "train" if self.model.training else "eval"
-        kw = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
-        kw["use_cache"] = False
-        cmask = inputs["completion_mask"]; smask = cmask[..., 1:]
-        labels = inputs["input_ids"].masked_fill(cmask == 0, -100)
-        tok_lp = model(**kw, labels=labels, fused_lm_head=True).log_probs[:, -smask.size(1):] * smask
-        pol_c, pol_r = tok_lp.sum(1).chunk(2, dim=0)                     # batch is [chosen..., rejected...]
+        s, n = sequence_logps(model, inputs, self.kc_padding_free)
+        (pol_c, pol_r), n_c = s.chunk(2, dim=0), n.chunk(2, dim=0)[0]      # batch is [chosen..., rejected...]
         if "ref_chosen_logps" in inputs: ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        else: ref_c, ref_r = self.compute_ref_log_probs(model, inputs)   # adapters disabled (base) or the 'ref' copy (ka)
-        loss, dpo, sft = knowtuning_loss(pol_c, pol_r, ref_c, ref_r, tok_lp.chunk(2, dim=0)[0], smask.chunk(2, dim=0)[0], self.beta, self.ftx)
+        else: ref_c, ref_r = self.compute_ref_log_probs(model, inputs)
+        loss, dpo, sft = knowtuning_loss(pol_c, pol_r, ref_c.to(s.device), ref_r.to(s.device), n_c, self.beta, self.ftx)
         m, margin = self._metrics[mode], self.beta * ((pol_c - ref_c) - (pol_r - ref_r)).detach()
         m["loss/dpo"].append(dpo.item()); m["loss/sft"].append(sft.item())
         m["rewards/margins"].append(margin.mean().item()); m["rewards/accuracies"].append((margin > 0).float().mean().item())
         return (loss, {}) if return_outputs else loss
 
-# %% ../nbs/08_train.ipynb #08-train-014
+# %% ../nbs/08_train.ipynb #08-train-017
 class GradGuard(TrainerCallback):
     "Fail fast if the LoRA parameters get no gradient in the first optimizer step."
     def __init__(self): self.checked = False
@@ -108,7 +143,7 @@ def assert_trainable_4bit(model):
     if id(model) in _USED_4BIT:
         raise RuntimeError("this 4-bit model already ran a no-grad forward in this process; load a fresh copy to train it")
 
-# %% ../nbs/08_train.ipynb #08-train-016
+# %% ../nbs/08_train.ipynb #08-train-019
 def plot_losses(log_history: list, path: Path, title: str = ""):
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -119,7 +154,7 @@ def plot_losses(log_history: list, path: Path, title: str = ""):
     if ev: ax.plot(*zip(*ev), label="eval", marker="o")
     ax.set(xlabel="step", ylabel="loss", title=title); ax.legend(); fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
 
-# %% ../nbs/08_train.ipynb #08-train-018
+# %% ../nbs/08_train.ipynb #08-train-021
 def _split(rows, holdout: int, seed: int):
     if holdout <= 0 or len(rows) < 2 * holdout: return rows, None
     idx = list(range(len(rows))); random.Random(seed).shuffle(idx)
@@ -145,9 +180,12 @@ def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=()) -> Pa
     model, tok = load_model(cfg.student, adapter=init_adapter, trainable=True)
     assert_trainable_4bit(model)
     args = trl_config(cfg, "sft", out / "checkpoints", has_eval=ev is not None)
+    # trl's padding-free collator, passed directly: trl's `padding_free` flag refuses `max_length`, although the dataset
+    # is truncated to it during preparation all the same (tested)
+    collator = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True) if cfg.train.padding_free else None
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(ev) if ev else None,
                          processing_class=tok, peft_config=None if init_adapter else lora_config(cfg.train.lora),
-                         callbacks=[GradGuard(), *callbacks])
+                         data_collator=collator, callbacks=[GradGuard(), *callbacks])
     t0 = time.time()
     trainer.train(resume_from_checkpoint=_resume(out / "checkpoints"))
     return _finish(trainer, out, t0, "SFT")
@@ -162,12 +200,13 @@ def train_dpo(cfg, rows: list[dict], out, init_adapter, reference: str | None = 
     assert_trainable_4bit(model)
     args = trl_config(cfg, "dpo", out / "checkpoints", has_eval=ev is not None)
     trainer = KCTrainer(model=model, args=args, train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(ev) if ev else None,
-                        processing_class=tok, reference=reference or cfg.train.reference, ftx=cfg.train.ftx, callbacks=[GradGuard(), *callbacks])
+                        processing_class=tok, reference=reference or cfg.train.reference, ftx=cfg.train.ftx,
+                        padding_free=cfg.train.padding_free, callbacks=[GradGuard(), *callbacks])
     t0 = time.time()
     trainer.train(resume_from_checkpoint=_resume(out / "checkpoints"))
     return _finish(trainer, out, t0, "KC (DPO + SFT term)")
 
-# %% ../nbs/08_train.ipynb #08-train-022
+# %% ../nbs/08_train.ipynb #08-train-025
 SYSTEMS = {
     "sft": ("sft", None, None), "ka": ("sft", None, "ka"),
     "knowtuning": ("dpo", "ka", "kc"), "wo_ka": ("dpo", "sft", "kc"),

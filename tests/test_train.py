@@ -36,11 +36,12 @@ def test_sft_loss_falls_over_20_steps(sft_adapter):
     assert all(b <= a + 0.02 for a, b in zip(losses, losses[1:])), losses
     assert (out / "loss.png").stat().st_size > 3000
 
-def kc_trainer(cfg, adapter, reference, tmp_path):
+def kc_trainer(cfg, adapter, reference, tmp_path, padding_free=True):
     from datasets import Dataset
     model, tok = load_model(cfg.student, adapter=adapter / "adapter", trainable=True)
-    args = trl_config(cfg, "dpo", tmp_path / f"ck-{reference}")
-    return KCTrainer(model=model, args=args, train_dataset=Dataset.from_list(prefs()), processing_class=tok, reference=reference, ftx=0.2)
+    args = trl_config(cfg, "dpo", tmp_path / f"ck-{reference}-{cfg.train.precompute_ref}")
+    return KCTrainer(model=model, args=args, train_dataset=Dataset.from_list(prefs()), processing_class=tok, reference=reference, ftx=0.2,
+                     padding_free=padding_free)
 
 def hand_logps(model, batch):
     ids, cm = batch["input_ids"], batch["completion_mask"]
@@ -48,9 +49,10 @@ def hand_logps(model, batch):
     lp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0] * cm[:, 1:]
     return lp, cm[:, 1:]
 
-def test_kc_loss_equals_hand_computation(sft_adapter, tmp_path):
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_kc_loss_equals_hand_computation(sft_adapter, tmp_path, padding_free):
     cfg, adapter = sft_adapter
-    tr = kc_trainer(cfg, adapter, "base", tmp_path)
+    tr = kc_trainer(cfg, adapter, "base", tmp_path, padding_free)
     batch = next(iter(tr.get_train_dataloader()))
     model = tr.model
     model.eval()
@@ -81,6 +83,40 @@ def test_reference_base_vs_ka_differ(sft_adapter, tmp_path):
         pol_lp, _ = hand_logps(t_ka.model.eval(), batch)
     assert (base_c - ka_c).abs().max() > 1e-3
     torch.testing.assert_close(ka_c, pol_lp.sum(1)[: ka_c.numel()], atol=1e-4, rtol=1e-4)  # ka reference = the KA adapter itself
+
+@pytest.mark.parametrize("reference", ["base", "ka"])
+def test_precomputed_reference_is_the_configured_one(sft_adapter, tmp_path, reference):
+    # trl precomputes reference log-probs inside its constructor, while its own "ref" adapter copy (= ka) is active
+    cfg, adapter = sft_adapter
+    cfg = load_config("smoke", overrides=TINY[:-1] + ["train.precompute_ref=true"])
+    tr = kc_trainer(cfg, adapter, reference, tmp_path)
+    ds = tr.train_dataset
+    batch = tr.data_collator([ds[i] for i in range(len(ds))])
+    model = tr.model.eval()
+    with torch.no_grad():
+        if reference == "base":
+            with model.disable_adapter(): lp, _ = hand_logps(model, batch)
+        else: lp, _ = hand_logps(model, batch)        # before training the policy is the KA adapter itself
+    n = len(ds)
+    torch.testing.assert_close(torch.tensor(ds["ref_chosen_logps"]), lp.sum(1)[:n], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(ds["ref_rejected_logps"]), lp.sum(1)[n:], atol=1e-4, rtol=1e-4)
+
+def test_sft_padding_free_same_loss_and_truncation(tmp_path):
+    from datasets import Dataset
+    from trl import SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    cfg = load_config("smoke", overrides=TINY + ["train.cutoff=24"])
+    model, tok = load_model(cfg.student, trainable=True)
+    losses = {}
+    for free in (True, False):
+        coll = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True) if free else None
+        tr = SFTTrainer(model=model, args=trl_config(cfg, "sft", tmp_path / str(free)), train_dataset=Dataset.from_list(rows()),
+                        processing_class=tok, data_collator=coll)
+        assert max(len(x) for x in tr.train_dataset["input_ids"]) == 24      # truncated to the cutoff either way
+        batch = next(iter(tr.get_train_dataloader()))
+        assert ("attention_mask" not in batch and batch["input_ids"].shape[0] == 1) if free else batch["input_ids"].shape[0] == 4
+        with torch.no_grad(): losses[free] = tr.compute_loss(tr.model.eval(), batch).item()
+    assert abs(losses[True] - losses[False]) < 1e-5, losses
 
 class KillAt(TrainerCallback):
     def __init__(self, step): self.step = step
