@@ -156,7 +156,14 @@ def from_dict(cls, d: dict, prefix: str = "", base=None):
     return dataclasses.replace(base, **kw)
 
 # %% ../nbs/00_config.ipynb #00-config-011
-class _Loader(yaml.SafeLoader): pass
+class _Loader(yaml.SafeLoader):
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for k, _ in node.value:
+            key = self.construct_object(k, deep=deep)
+            if key in seen: raise yaml.constructor.ConstructorError("while reading a mapping", node.start_mark, f"duplicate key {key!r}", k.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 def yaml_load(s): return yaml.load(s, Loader=_Loader)
 
