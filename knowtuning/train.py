@@ -14,9 +14,9 @@ from .assets import load_model, pick_device
 from .runs import write_json
 
 # %% auto #0
-__all__ = ['SYSTEMS', 'lora_config', 'trl_config', 'knowtuning_loss', 'sequence_logps', 'KCTrainer', 'GradGuard',
-           'mark_inference', 'assert_trainable_4bit', 'plot_losses', 'train_sft', 'train_dpo', 'system_deps',
-           'train_stage']
+__all__ = ['SYSTEMS', 'lora_config', 'trl_config', 'knowtuning_loss', 'sequence_logps', 'check_padding_free', 'KCTrainer',
+           'GradGuard', 'mark_inference', 'assert_trainable_4bit', 'plot_losses', 'train_sft', 'train_dpo',
+           'system_deps', 'train_stage']
 
 # %% ../nbs/08_train.ipynb #08-train-006
 def lora_config(lc):
@@ -73,6 +73,26 @@ def sequence_logps(model, batch: dict, padding_free: bool = True):
     return zeros.index_add(0, seq, lp * tgt), zeros.index_add(0, seq, tgt).long()
 
 # %% ../nbs/08_train.ipynb #08-train-015
+def check_padding_free(model, tok, tol: float = 0.1) -> float:
+    "Mean |difference| of per-token log-probs of a sequence scored alone vs packed after another; raises if above `tol`."
+    a, b = (tok(t)["input_ids"] for t in ("The capital of France is Paris, a city on the river Seine.",
+                                           "Water boils at 100 degrees Celsius at sea level."))
+    dev = next(model.parameters()).device
+    def token_lp(ids, pos=None):
+        ids = torch.tensor([ids], device=dev)
+        kw = {} if pos is None else {"position_ids": torch.tensor([pos], device=dev)}
+        with torch.autocast(dev.type, enabled=False) if dev.type == "cpu" else contextlib.nullcontext():
+            logits = model(input_ids=ids, use_cache=False, **kw).logits[0, :-1].float()
+        return logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0].detach()
+    alone = token_lp(b)
+    packed = token_lp(a + b, list(range(len(a))) + list(range(len(b))))[len(a):]
+    diff = (alone - packed).abs().mean().item()
+    if diff > tol:
+        raise RuntimeError(f"this model's attention lets packed sequences see each other (mean |log-prob difference| {diff:.3f} > {tol}): "
+                           "padding-free batches would train on the wrong context; set config key 'train.padding_free: false'")
+    return diff
+
+# %% ../nbs/08_train.ipynb #08-train-018
 from trl import DPOTrainer, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import use_adapter
@@ -123,7 +143,7 @@ class KCTrainer(DPOTrainer):
         m["rewards/margins"].append(margin.mean().item()); m["rewards/accuracies"].append((margin > 0).float().mean().item())
         return (loss, {}) if return_outputs else loss
 
-# %% ../nbs/08_train.ipynb #08-train-017
+# %% ../nbs/08_train.ipynb #08-train-020
 class GradGuard(TrainerCallback):
     "Fail fast if the LoRA parameters get no gradient in the first optimizer step."
     def __init__(self): self.checked = False
@@ -143,7 +163,7 @@ def assert_trainable_4bit(model):
     if id(model) in _USED_4BIT:
         raise RuntimeError("this 4-bit model already ran a no-grad forward in this process; load a fresh copy to train it")
 
-# %% ../nbs/08_train.ipynb #08-train-019
+# %% ../nbs/08_train.ipynb #08-train-022
 def plot_losses(log_history: list, path: Path, title: str = ""):
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -154,7 +174,7 @@ def plot_losses(log_history: list, path: Path, title: str = ""):
     if ev: ax.plot(*zip(*ev), label="eval", marker="o")
     ax.set(xlabel="step", ylabel="loss", title=title); ax.legend(); fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
 
-# %% ../nbs/08_train.ipynb #08-train-021
+# %% ../nbs/08_train.ipynb #08-train-024
 def _split(rows, holdout: int, seed: int):
     if holdout <= 0 or len(rows) < 2 * holdout: return rows, None
     idx = list(range(len(rows))); random.Random(seed).shuffle(idx)
@@ -179,6 +199,7 @@ def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=()) -> Pa
     train, ev = _split([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows], cfg.train.eval_holdout, cfg.seed)
     model, tok = load_model(cfg.student, adapter=init_adapter, trainable=True)
     assert_trainable_4bit(model)
+    if cfg.train.padding_free: check_padding_free(model, tok)
     args = trl_config(cfg, "sft", out / "checkpoints", has_eval=ev is not None)
     # trl's padding-free collator, passed directly: trl's `padding_free` flag refuses `max_length`, although the dataset
     # is truncated to it during preparation all the same (tested)
@@ -198,6 +219,7 @@ def train_dpo(cfg, rows: list[dict], out, init_adapter, reference: str | None = 
                        min(cfg.train.eval_holdout, len(rows) // 10), cfg.seed)
     model, tok = load_model(cfg.student, adapter=init_adapter, trainable=True)
     assert_trainable_4bit(model)
+    if cfg.train.padding_free: check_padding_free(model, tok)
     args = trl_config(cfg, "dpo", out / "checkpoints", has_eval=ev is not None)
     trainer = KCTrainer(model=model, args=args, train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(ev) if ev else None,
                         processing_class=tok, reference=reference or cfg.train.reference, ftx=cfg.train.ftx,
@@ -206,7 +228,7 @@ def train_dpo(cfg, rows: list[dict], out, init_adapter, reference: str | None = 
     trainer.train(resume_from_checkpoint=_resume(out / "checkpoints"))
     return _finish(trainer, out, t0, "KC (DPO + SFT term)")
 
-# %% ../nbs/08_train.ipynb #08-train-025
+# %% ../nbs/08_train.ipynb #08-train-028
 SYSTEMS = {
     "sft": ("sft", None, None), "ka": ("sft", None, "ka"),
     "knowtuning": ("dpo", "ka", "kc"), "wo_ka": ("dpo", "sft", "kc"),

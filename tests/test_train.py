@@ -118,6 +118,14 @@ def test_sft_padding_free_same_loss_and_truncation(tmp_path):
         with torch.no_grad(): losses[free] = tr.compute_loss(tr.model.eval(), batch).item()
     assert abs(losses[True] - losses[False]) < 1e-5, losses
 
+def test_padding_free_check_catches_attention_that_ignores_positions(monkeypatch):
+    import transformers.masking_utils as mu
+    from knowtuning.train import check_padding_free
+    model, tok = load_model(load_config("smoke").student)
+    assert check_padding_free(model, tok) < 1e-3                         # SmolLM2 keeps packed sequences apart
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)   # an attention blind to restarts
+    with pytest.raises(RuntimeError, match="train.padding_free: false"): check_padding_free(model, tok)
+
 class KillAt(TrainerCallback):
     def __init__(self, step): self.step = step
     def on_save(self, args, state, control, **kw):
