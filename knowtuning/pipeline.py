@@ -4,7 +4,7 @@
 
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-003
 from __future__ import annotations
-import os, time
+import contextlib, os, sys, time
 from pathlib import Path
 from .config import load_config, project_root
 from .runs import Run, runs_root
@@ -34,8 +34,18 @@ def steps(cfg) -> list[tuple[str, str, dict]]:
 def _hms(s: float) -> str:
     s = int(s); return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    "Send this process's (and so the kernel's) stderr file descriptor to `path` for the duration."
+    sys.stderr.flush(); saved = os.dup(2)
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 2)
+        try: yield
+        finally: sys.stderr.flush(); os.dup2(saved, 2); os.close(saved)
+
 def run_step(run: Run, step: str, notebook: str, extra: dict | None = None) -> Path:
-    "Execute one stage notebook with papermill for `run`; the executed copy is kept in `run/notebooks/`."
+    """Execute one stage notebook with papermill for `run`. The executed copy is kept in `run/notebooks/`, and the
+    kernel's own stderr (jupyter's start-up chatter, native-library warnings, a crash's last words) in `<notebook>.log` beside it."""
     import papermill as pm
     os.environ["IN_TEST"] = "1"                # notebooks must not re-export the package during runs
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -43,8 +53,9 @@ def run_step(run: Run, step: str, notebook: str, extra: dict | None = None) -> P
     out = run.dir / "notebooks" / notebook
     params = {"preset": None, "config_file": str((run.dir / "config.yaml").resolve()), "overrides": [],
               "run_name": run.dir.name, "runs_dir": str(run.dir.parent.resolve()), **(extra or {})}
-    pm.execute_notebook(str(project_root() / "nbs" / notebook), str(out), parameters=params, kernel_name="python3",
-                        cwd=str(run.dir), progress_bar=False, log_output=False)
+    with _stderr_to(out.with_suffix(".log")):
+        pm.execute_notebook(str(project_root() / "nbs" / notebook), str(out), parameters=params, kernel_name="python3",
+                            cwd=str(run.dir), progress_bar=False, log_output=False)
     return out
 
 def reproduce(preset: str | None = "tiny", config=None, overrides=(), run_name: str | None = None, runs_dir=None,

@@ -28,6 +28,8 @@ def test_smoke_end_to_end_kill_resume_and_rerun(tmp_path):
     # 2. restart: completes without redoing finished stages
     r = subprocess.run([str(BIN / "knowtuning"), "reproduce", "--preset", "smoke"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "IPKernelApp" not in r.stdout + r.stderr                          # kernel chatter goes to the step logs
+    assert (run_dir / "notebooks" / "08_train.log").exists()
     after = builds(run_dir)
     for s, b in before.items(): assert after[s] == b, (s, b, after[s])       # not rebuilt
     for t in TABLES:
