@@ -81,8 +81,7 @@ def check_padding_free(model, tok, tol: float = 0.1) -> float:
     def token_lp(ids, pos=None):
         ids = torch.tensor([ids], device=dev)
         kw = {} if pos is None else {"position_ids": torch.tensor([pos], device=dev)}
-        with torch.autocast(dev.type, enabled=False) if dev.type == "cpu" else contextlib.nullcontext():
-            logits = model(input_ids=ids, use_cache=False, **kw).logits[0, :-1].float()
+        logits = model(input_ids=ids, use_cache=False, **kw).logits[0, :-1].float()   # with grad on: no 4-bit no-grad trap
         return logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0].detach()
     alone = token_lp(b)
     packed = token_lp(a + b, list(range(len(a))) + list(range(len(b))))[len(a):]
@@ -96,9 +95,8 @@ def check_padding_free(model, tok, tol: float = 0.1) -> float:
 from trl import DPOTrainer, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import use_adapter
-from peft import PeftModel
-
 from trl.models.utils import disable_gradient_checkpointing
+from peft import PeftModel
 from datasets.fingerprint import Hasher
 
 class KCTrainer(DPOTrainer):
