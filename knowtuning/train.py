@@ -135,7 +135,7 @@ class KCTrainer(DPOTrainer):
         (pol_c, pol_r), n_c = s.chunk(2, dim=0), n.chunk(2, dim=0)[0]      # batch is [chosen..., rejected...]
         if "ref_chosen_logps" in inputs: ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else: ref_c, ref_r = self.compute_ref_log_probs(model, inputs)
-        loss, dpo, sft = knowtuning_loss(pol_c, pol_r, ref_c.to(s.device), ref_r.to(s.device), n_c, self.beta, self.ftx)
+        loss, dpo, sft = knowtuning_loss(pol_c, pol_r, ref_c, ref_r, n_c, self.beta, self.ftx)   # (Trainer put inputs on the device)
         m, margin = self._metrics[mode], self.beta * ((pol_c - ref_c) - (pol_r - ref_r)).detach()
         m["loss/dpo"].append(dpo.item()); m["loss/sft"].append(sft.item())
         m["rewards/margins"].append(margin.mean().item()); m["rewards/accuracies"].append((margin > 0).float().mean().item())
