@@ -38,7 +38,11 @@ def cmd_config(a):
     print(to_yaml(_load_cfg(a)), end=""); return 0
 
 def cmd_data(a):
-    from knowtuning.data import load_dataset, available
+    from knowtuning.data import load_dataset, available, fetch_release
+    if a.name == "fetch-release":
+        only = a.only.split(",") if a.only else None
+        print(f"release files in {fetch_release(a.src, a.dest, a.url, only)}")
+        return 0
     if not a.name:
         for k, v in available().items(): print(f"{k:22s} {v}")
         return 0
@@ -47,6 +51,14 @@ def cmd_data(a):
     for i, why in ds.skipped: print(f"  skipped record {i}: {why}")
     if ds.duplicates: print(f"  {len(ds.duplicates)} duplicate questions kept (first: record {ds.duplicates[0][0]})")
     return 0
+
+def _data_args(p):
+    p.add_argument("name", nargs="?", help="a dataset name or path, or 'fetch-release'")
+    p.add_argument("--lenient", action="store_true", help="skip bad records (and list them) instead of failing")
+    p.add_argument("--from", dest="src", default=None, help="fetch-release: copy from a local clone or folder")
+    p.add_argument("--url", default=None, help="fetch-release: base URL (default: GitHub raw files of the release)")
+    p.add_argument("--dest", default=None, help="fetch-release: target folder (default: $KNOWTUNING_HOME/release)")
+    p.add_argument("--only", default=None, metavar="NAME,...", help="fetch-release: only these files (default: all)")
 
 def cmd_reproduce(a):
     from knowtuning.pipeline import reproduce
@@ -89,8 +101,8 @@ COMMANDS = {
     "setup": (cmd_setup, "materialize embedded assets (idempotent)", lambda p: p.add_argument("--quiet", action="store_true")),
     "doctor": (cmd_doctor, "check embedded assets; non-zero exit when one is missing", None),
     "config": (cmd_config, "print the fully resolved config", _cfg_args),
-    "data": (cmd_data, "load and validate a QA set by name or path (no name: list names)",
-             lambda p: (p.add_argument("name", nargs="?"), p.add_argument("--lenient", action="store_true"))),
+    "data": (cmd_data, "load and validate a QA set by name or path (no name: list names); "
+             "`data fetch-release` installs the release splits", _data_args),
     "readme": (cmd_readme, "render README.md from nbs/index.ipynb", None),
     "reproduce": (cmd_reproduce, "run every stage notebook with papermill: data, KA, KC, training, evaluation, report", _cfg_args),
     "ka": (_step_cmd("ka"), "stage KA: decompose, perplexity filter, rewrite (06_ka.ipynb)", _cfg_args),

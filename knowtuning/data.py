@@ -4,31 +4,69 @@
 
 # %% ../nbs/01_data.ipynb #01-data-003
 from __future__ import annotations
-import json, os
+import hashlib, json, os, urllib.error, urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from .config import project_root
+from .runs import atomic_write
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'HF_MAPS', 'question', 'prompt', 'DataError', 'Dataset', 'validate', 'read_records', 'load_file',
-           'load_dataset_info', 'from_hf', 'load_hf', 'data_dir', 'release_dir', 'available', 'load_dataset']
+__all__ = ['TEMPLATES', 'HF_MAPS', 'RELEASE_REPO', 'RELEASE_COMMIT', 'RELEASE_FILES', 'Template', 'template_of', 'question',
+           'prompt', 'encode_prompt', 'encode_response', 'infer_max_len', 'encode_example', 'DataError', 'Dataset',
+           'validate', 'read_records', 'load_file', 'load_dataset_info', 'from_hf', 'load_hf', 'release_home',
+           'fetch_release', 'data_dir', 'release_dir', 'available', 'load_dataset']
 
 # %% ../nbs/01_data.ipynb #01-data-006
+@dataclass(frozen=True)
+class Template:
+    "A prompt as llmtuner encodes it: `system` and the `user` slot (holding `{q}`) are tokenized separately."
+    system: str
+    user: str
+    def render(self, q: str) -> str: return self.system + self.user.format(q=q)
+
+_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 TEMPLATES = {
-    "alpaca": ("Below is an instruction that describes a task. Write a response that appropriately completes the request."
-               "\n\n### Instruction:\n{q}\n\n### Response:\n"),
-    "plain": "Question: {q}\nAnswer: ",
+    "alpaca": Template(_SYSTEM, "### Instruction:\n{q}\n\n### Response:\n"),              # llmtuner 0.5.3: the release
+    "alpaca_lf09": Template(_SYSTEM + "\n\n", "### Instruction:\n{q}\n\n### Response:\n"),  # LLaMA-Factory 0.6 to 0.9
+    "plain": Template("", "Question: {q}\nAnswer: "),
 }
+
+def template_of(name: str) -> Template:
+    if name not in TEMPLATES: raise KeyError(f"unknown template {name!r} (have: {', '.join(TEMPLATES)})")
+    return TEMPLATES[name]
 
 def question(rec: dict) -> str:
     "The query text of a record: instruction, plus input on a new line when present (LLaMA-Factory's rule)."
     return rec["instruction"] + ("\n" + rec["input"] if rec.get("input") else "")
 
 def prompt(rec_or_q, template: str = "alpaca") -> str:
-    "The student prompt for a record (or a question string)."
-    if template not in TEMPLATES: raise KeyError(f"unknown template {template!r} (have: {', '.join(TEMPLATES)})")
-    q = rec_or_q if isinstance(rec_or_q, str) else question(rec_or_q)
-    return TEMPLATES[template].format(q=q)
+    "The student prompt text for a record (or a question string)."
+    return template_of(template).render(rec_or_q if isinstance(rec_or_q, str) else question(rec_or_q))
+
+# %% ../nbs/01_data.ipynb #01-data-007b
+def _ids(tok, text: str) -> list[int]: return tok.encode(text, add_special_tokens=False) if text else []
+
+def encode_prompt(tok, prompt_text: str, template: str = "alpaca") -> list[int]:
+    "Prompt ids as llmtuner 0.5.3 encodes them: system text and user slot tokenized separately, no BOS."
+    system = template_of(template).system
+    if system and prompt_text.startswith(system): return _ids(tok, system) + _ids(tok, prompt_text[len(system):])
+    return _ids(tok, prompt_text)
+
+def encode_response(tok, text: str, eos: bool = True) -> list[int]:
+    "Response ids: the text on its own, then EOS (the KA scorer uses `eos=False` for an atom)."
+    return _ids(tok, text) + ([tok.eos_token_id] if eos else [])
+
+def infer_max_len(source_len: int, target_len: int, max_len: int, reserved_label_len: int = 1) -> tuple[int, int]:
+    "llmtuner 0.5.3's split of the cutoff between prompt and response, in proportion to their lengths."
+    max_target_len = int(max_len * (target_len / (source_len + target_len)))
+    max_target_len = max(max_target_len, reserved_label_len)
+    return max_len - max_target_len, max_target_len
+
+def encode_example(tok, prompt_text: str, response: str, template: str = "alpaca", cutoff: int = 1024):
+    "(prompt ids, response ids + EOS), truncated as llmtuner 0.5.3 truncates to `cutoff` tokens."
+    p, r = encode_prompt(tok, prompt_text, template), encode_response(tok, response)
+    max_p, max_r = infer_max_len(len(p), len(r), cutoff)
+    return p[:max_p], r[:max_r]
 
 # %% ../nbs/01_data.ipynb #01-data-009
 class DataError(ValueError):
@@ -128,33 +166,105 @@ def load_hf(hf_name: str, split: str = "train", lenient: bool = False) -> Datase
     except Exception as e: raise DataError(f"hf:{hf_name}: could not load split {split!r} ({type(e).__name__}: {e}); is the hub reachable?") from None
     return from_hf(rows, hf_name, lenient)
 
+# %% ../nbs/01_data.ipynb #01-data-019a
+RELEASE_REPO = "https://raw.githubusercontent.com/youganglyu/KnowTuning"
+RELEASE_COMMIT = "146391dbafa6523cd34d721b6838e29e73b3ecbe"
+_EARLIER = "5848758dd3adcf010ce6fb578c1ba3a9a4fc87b9"
+RELEASE_FILES = {   # name: (commit, path in the repository, rows, sha256)
+    "dolly_train": (RELEASE_COMMIT, "data/dolly/dolly_train.json", 4000,
+                    "dd4d2fb0793ffd920fbc21e45f0ef0deceb30c9588967d0973c877515292aa2f"),
+    "dolly_valid": (RELEASE_COMMIT, "data/dolly/dolly_valid.json", 200,
+                    "3ef3cd843ede0efdc145ce093b4aaadf98b31c37b148394588c5ca2d9a2ad25d"),
+    "dolly_test": (RELEASE_COMMIT, "data/dolly/dolly_test.json", 200,
+                   "d2265e6b9ff1f3d621bfe1d73e49e7ccffeb2f12c661b3431233c71cb319ece4"),
+    "nq_test": (RELEASE_COMMIT, "data/nq_test.json", 200,
+                "27920ed03a17290a09eaefc4fd57619c58d843624c2b8ce6b4957717bb5a0d5e"),
+    "eli5_test": (RELEASE_COMMIT, "data/eli5_test.json", 200,
+                  "eb939a6afdc954a89b9c69eec4a5cc399e956f0d5dd88e8fe4091dfc7e39abfe"),
+    "medquad_train": (_EARLIER, "data/medquad/medquad_train.json", 1000,
+                      "0f5d7e8326059e54dfd7a9cc9c6613ff13db62d6cbdde1932edbe6cc3663fa14"),
+    "medquad_valid": (RELEASE_COMMIT, "data/meduqad/medquad_valid.json", 200,
+                      "dfbebf1e3fed6c414090a567aa16d86c8b208936f9f96d72b32c7e1f2ce8a270"),
+    "medquad_test": (RELEASE_COMMIT, "data/meduqad/medquad_test.json", 200,
+                     "3db4a13dd6b173c3c0c0b58a5120f7f2e443ccc1c6ea18d1dfa85624a73e6d62"),
+    "lima_test": (_EARLIER, "data/lima/lima_test.json", 300,
+                  "e43a473ddaa6587c9a71c8a7cfa256138f8f01ece8d1e6b26e58bc681eb94fc9"),
+}
+
+def release_home() -> Path:
+    "Where `fetch_release` installs the release files: `$KNOWTUNING_HOME/release`."
+    from knowtuning.assets import home
+    return home() / "release"
+
+def _sha256(b: bytes) -> str: return hashlib.sha256(b).hexdigest()
+
+def _release_bytes(name: str, src: Path | None, base_url: str) -> bytes:
+    "The bytes of one release file, from a local clone / flat folder `src`, or downloaded from `base_url`."
+    commit, path, _, _ = RELEASE_FILES[name]
+    if src is not None:
+        for cand in (src / path, src / Path(path).name, src / Path(path).relative_to("data")):
+            if cand.is_file(): return cand.read_bytes()
+        raise DataError(f"{src}: no file for {name!r} (looked for {path} and {Path(path).name})")
+    url = f"{base_url.rstrip('/')}/{commit}/{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r: return r.read()
+    except (urllib.error.URLError, OSError) as e: raise DataError(f"{name}: could not download {url} ({e})") from None
+
+def fetch_release(src=None, dest=None, base_url: str | None = None, names=None, log=print) -> Path:
+    "Install the release files into `dest` (default `release_home()`), each checked against its sha256."
+    dest = Path(dest) if dest else release_home()
+    dest.mkdir(parents=True, exist_ok=True)
+    base_url = base_url or os.environ.get("KNOWTUNING_RELEASE_URL") or RELEASE_REPO
+    src = Path(src).expanduser().resolve() if src else None
+    refused = []
+    for name in names or RELEASE_FILES:
+        if name not in RELEASE_FILES: raise DataError(f"no release file {name!r} (have: {', '.join(RELEASE_FILES)})")
+        want, target = RELEASE_FILES[name][3], dest / f"{name}.json"
+        if target.is_file() and _sha256(target.read_bytes()) == want:
+            log(f"ok        {name:14s} already installed")
+            continue
+        try: data = _release_bytes(name, src, base_url)
+        except DataError as e:
+            refused.append(str(e))
+            log(f"missing   {name:14s} {e}")
+            continue
+        if (got := _sha256(data)) != want:
+            refused.append(f"{name}: sha256 {got[:16]}... does not match the release's {want[:16]}...")
+            log(f"REFUSED   {name:14s} sha256 mismatch: nothing written")
+            continue
+        atomic_write(target, data)
+        log(f"installed {name:14s} {len(json.loads(data)):5d} rows  {target}")
+    if refused: raise DataError("release files not installed: " + "; ".join(refused))
+    return dest
+
 # %% ../nbs/01_data.ipynb #01-data-020
 def data_dir() -> Path: return project_root() / "data"
 
 def release_dir() -> Path | None:
-    "The KnowTuning release data folder, if present."
-    cands = [os.environ.get("KNOWTUNING_RELEASE_DATA")] + [str(p / "shared/data/knowtuning-release")
-             for p in [project_root().parent, Path.cwd().parent, Path.cwd()]]
-    for c in cands:
-        if c and Path(c).is_dir(): return Path(c)
+    "The folder holding the release splits: `$KNOWTUNING_RELEASE_DATA`, else `release_home()` once fetched."
+    for c in (os.environ.get("KNOWTUNING_RELEASE_DATA"), release_home()):
+        if c and Path(c).is_dir() and any(Path(c).glob("*.json")): return Path(c)
     return None
 
 def available() -> dict:
     "Names that `load_dataset` resolves without a path: {name: file}."
     out = {p.stem: p for p in sorted(data_dir().glob("*.json")) if p.name != "dataset_info.json"}
-    if (rd := release_dir()) is not None: out.update({p.stem: p for p in sorted(rd.glob("*.json")) if "dataset_info" not in p.name})
+    if (rd := release_dir()) is not None:
+        out.update({p.stem: p for p in sorted(rd.glob("*.json")) if "dataset_info" not in p.name})
     return out
 
 def load_dataset(name: str, lenient: bool = False, n: int = 0) -> Dataset:
     "Load a QA set by name or path (see above); `n` > 0 keeps the first n records."
     if (p := Path(name)).suffix in (".json", ".jsonl") and p.exists(): ds = load_file(p, lenient)
     elif ".json:" in name:
-        f, entry = name.rsplit(":", 1); ds = load_dataset_info(f, entry, lenient)
+        f, entry = name.rsplit(":", 1)
+        ds = load_dataset_info(f, entry, lenient)
     elif name.startswith("hf:"):
-        hf, _, split = name[3:].partition(":"); ds = load_hf(hf, split or "train", lenient)
+        hf, _, split = name[3:].partition(":")
+        ds = load_hf(hf, split or "train", lenient)
     elif name in (av := available()): ds = load_file(av[name], lenient, name)
     else:
-        hint = "" if release_dir() else " (the release splits need ../shared/data/knowtuning-release or $KNOWTUNING_RELEASE_DATA)"
-        raise DataError(f"unknown dataset {name!r}; known names: {', '.join(av)}{hint}")
+        hint = " (the release splits: run `knowtuning data fetch-release`)" if name in RELEASE_FILES else ""
+        raise DataError(f"unknown dataset {name!r}{hint}; known names: {', '.join(av)}")
     if n: ds.records = ds.records[:n]
     return ds
