@@ -39,7 +39,8 @@ def samples_stage(cfg, run) -> Path:
         torch.manual_seed(cfg.seed)
         model, tok = load_model(cfg.student, adapter=run.path("train_sft") / "adapter"); model.eval()
         prompts = [prompt(r, cfg.student.template) for r in ds]
-        flat = generate(model, tok, [p for p in prompts for _ in range(k)], dataclasses.replace(cfg.generate, do_sample=True))
+        flat = generate(model, tok, [p for p in prompts for _ in range(k)], dataclasses.replace(cfg.generate, do_sample=True),
+                        template=cfg.student.template)
         write_jsonl(out / "samples.jsonl", [{"index": i, "prompt": p, "samples": flat[i * k:(i + 1) * k]} for i, p in enumerate(prompts)])
     return run.path("samples_sft")
 

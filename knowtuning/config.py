@@ -76,7 +76,8 @@ class TrainCfg:
     per_device_batch: int = 4
     epochs: float = 3.0
     max_steps: int = -1
-    eval_holdout: int = 100
+    eval_holdout: int = 100           # SFT/KA: examples held out for eval (release --val_size 100)
+    kc_eval_holdout: int = 0          # KC/RLAIF/FactTune: the release holds nothing out, keeps the final weights
     cutoff: int = 1024
     scheduler: str = "cosine"
     kc_lr: float = 1e-5
@@ -91,13 +92,13 @@ class TrainCfg:
     gradient_checkpointing: bool = False  # trl turns it on by default: saves memory on big models, costs ~1/3 more compute
     precompute_ref: bool = True       # DPO: reference log-probs computed once before training, not every step
     k_samples: int = 4                # RLAIF / FactTune: answers sampled per question from the SFT model
-    save_steps: int = 50
+    save_steps: float = 0.1           # < 1: a fraction of the total steps (release: save and eval every 10%)
     logging_steps: int = 1
 
 @dataclass
 class GenerateCfg:
     max_new_tokens: int = 512
-    do_sample: bool = False           # greedy is the reproducible default; the release sampled
+    do_sample: bool = False           # greedy on the CPU presets; the paper presets sample as the release did (seeded)
     temperature: float = 0.95
     top_p: float = 0.7
     top_k: int = 50

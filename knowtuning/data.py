@@ -13,8 +13,8 @@ from .runs import atomic_write
 # %% auto #0
 __all__ = ['TEMPLATES', 'HF_MAPS', 'RELEASE_REPO', 'RELEASE_COMMIT', 'RELEASE_FILES', 'Template', 'template_of', 'question',
            'prompt', 'encode_prompt', 'encode_response', 'infer_max_len', 'encode_example', 'DataError', 'Dataset',
-           'validate', 'read_records', 'load_file', 'load_dataset_info', 'from_hf', 'load_hf', 'release_home',
-           'fetch_release', 'data_dir', 'release_dir', 'available', 'load_dataset']
+           'validate', 'read_records', 'load_file', 'llama_factory_entry', 'load_dataset_info', 'from_hf', 'load_hf',
+           'release_home', 'fetch_release', 'data_dir', 'release_dir', 'available', 'load_dataset']
 
 # %% ../nbs/01_data.ipynb #01-data-006
 @dataclass(frozen=True)
@@ -132,6 +132,14 @@ def load_file(path, lenient: bool = False, name: str = "") -> Dataset:
     return validate(read_records(path), str(path), lenient, name)
 
 # %% ../nbs/01_data.ipynb #01-data-015
+def llama_factory_entry(file_name: str, ranking: bool = False) -> dict:
+    "A `dataset_info.json` entry for an alpaca file (ranking: preference rows readable by LLaMA-Factory 0.5 and 0.9)."
+    e = {"file_name": file_name, "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
+    if ranking:
+        e["ranking"] = True
+        e["columns"].update(chosen="chosen", rejected="rejected")
+    return e
+
 def load_dataset_info(info_path, name: str, lenient: bool = False) -> Dataset:
     "Load entry `name` of a LLaMA-Factory `dataset_info.json`, mapping its columns to alpaca fields."
     info_path = Path(info_path)

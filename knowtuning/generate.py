@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from .runs import read_jsonl
+from .data import encode_prompt
 
 # %% auto #0
-__all__ = ['gen_kwargs', 'generate', 'generate_api', 'generate_stage']
+__all__ = ['gen_kwargs', 'left_pad', 'generate', 'generate_api', 'generate_stage']
 
 # %% ../nbs/09_generate.ipynb #09-generate-005
 def gen_kwargs(g, tok) -> dict:
@@ -21,17 +22,25 @@ def gen_kwargs(g, tok) -> dict:
     else: kw.update(temperature=None, top_p=None, top_k=None)
     return kw
 
+def left_pad(seqs: list[list[int]], pad_id: int) -> dict:
+    "input_ids and attention_mask tensors of token-id lists, left-padded to the longest."
+    L = max(map(len, seqs))
+    ids = torch.tensor([[pad_id] * (L - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs])
+    return {"input_ids": ids, "attention_mask": mask}
+
 @torch.no_grad()
-def generate(model, tok, prompts: list[str], g, batch_size: int | None = None, on_batch=None, progress: bool = True) -> list[str]:
-    "Completions for `prompts` (in input order), batched by length with left padding."
+def generate(model, tok, prompts: list[str], g, batch_size: int | None = None, on_batch=None, progress: bool = True,
+             template: str = "alpaca") -> list[str]:
+    "Completions for `prompts` (in input order), encoded by the template's encoder, batched by length, left-padded."
     bs = batch_size or g.batch_size
-    tok.padding_side = "left"
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    enc_all = [encode_prompt(tok, p, template) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(enc_all[i]))
     out, kw, ntok, t0 = [None] * len(prompts), gen_kwargs(g, tok), 0, time.time()
     bar = tqdm(total=len(prompts), desc="generate", unit="ans", disable=not progress)
     for b in range(0, len(order), bs):
         idx = order[b:b + bs]
-        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=True).to(model.device)
+        enc = {k: v.to(model.device) for k, v in left_pad([enc_all[i] for i in idx], tok.pad_token_id).items()}
         seqs = model.generate(**enc, **kw)[:, enc["input_ids"].shape[1]:]
         texts = []
         for i, s in zip(idx, seqs):
@@ -49,8 +58,9 @@ def generate_api(api_cfg, system: str, prompts: list[str], g) -> list[str]:
     import dataclasses
     from knowtuning.llm import LLMClient, Request
     cl = LLMClient(dataclasses.replace(api_cfg, model=api_cfg.model.format(system=system)), f"gen_{system}")
-    reqs = [Request([], name=f"gen {system} #{i}", prompt=p, max_tokens=g.max_new_tokens, temperature=g.temperature if g.do_sample else 0.0,
-                    top_p=g.top_p if g.do_sample else None) for i, p in enumerate(prompts)]
+    sampling = dict(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k) if g.do_sample else dict(temperature=0.0)
+    reqs = [Request([], name=f"gen {system} #{i}", prompt=p, max_tokens=g.max_new_tokens, **sampling)
+            for i, p in enumerate(prompts)]
     return [t.strip() for t in cl.complete_many(reqs, f"generate {system}")]
 
 # %% ../nbs/09_generate.ipynb #09-generate-010
@@ -82,7 +92,7 @@ def generate_stage(cfg, run, system: str) -> Path:
                         f.write(json.dumps({"index": i, "question": question(ds[i]), "reference": ds[i]["output"], "prediction": t}) + "\n")
             ps = [prompt(ds[i], cfg.student.template) for i in todo]
             if api: save(list(range(len(todo))), generate_api(cfg.generate.api, system, ps, cfg.generate))
-            else: generate(model, tok, ps, cfg.generate, on_batch=save)
+            else: generate(model, tok, ps, cfg.generate, on_batch=save, template=cfg.student.template)
             n_new += len(todo)
             rows = sorted(read_jsonl(path), key=lambda r: r["index"])
             (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

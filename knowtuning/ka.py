@@ -8,18 +8,18 @@ import json, math, time
 from pathlib import Path
 import torch
 from tqdm.auto import tqdm
-from .data import prompt, question
+from .data import prompt, question, encode_prompt, encode_response, llama_factory_entry
 from .runs import read_jsonl, write_json, write_jsonl, atomic_write
 
 # %% auto #0
-__all__ = ['encode', 'ppl_reference', 'pack', 'ppl_packed', 'n_keep', 'select_difficult', 'ka_rows', 'llama_factory_entry',
-           'write_ka_set', 'score_resumable', 'ka_stage', 'plot_ka']
+__all__ = ['encode', 'ppl_reference', 'pack', 'ppl_packed', 'n_keep', 'select_difficult', 'ka_rows', 'write_ka_set',
+           'score_resumable', 'ka_stage', 'plot_ka']
 
 # %% ../nbs/06_ka.ipynb #06-ka-006
 def encode(tok, q: str, atoms: list[str], template: str = "alpaca"):
-    "Token ids of prompt(q) and of each atom."
-    p = tok(prompt(q, template))["input_ids"]
-    return p, [tok(" " + a.strip(), add_special_tokens=False)["input_ids"] or [tok.eos_token_id] for a in atoms]
+    "Token ids of prompt(q) and of each atom, as the atom would continue the prompt in a training example."
+    p = encode_prompt(tok, prompt(q, template), template)
+    return p, [encode_response(tok, a.strip(), eos=False) or [tok.eos_token_id] for a in atoms]
 
 # %% ../nbs/06_ka.ipynb #06-ka-008
 @torch.no_grad()
@@ -107,11 +107,6 @@ def ka_rows(records, atoms_rows, rewrites, teacher_label: str) -> list[dict]:
         if rw: rows.append({"instruction": rw["question"], "input": "", "output": rw["answer"], "kind": "rewritten",
                             "source": a["index"], "teacher": teacher_label})
     return rows
-
-def llama_factory_entry(file_name: str, ranking: bool = False) -> dict:
-    e = {"file_name": file_name, "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
-    if ranking: e["ranking"] = True
-    return e
 
 def write_ka_set(out: Path, rows: list[dict], template: str = "alpaca", name: str = "knowtuning_ka"):
     write_json(out / "ka.json", rows)

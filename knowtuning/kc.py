@@ -6,7 +6,7 @@
 from __future__ import annotations
 import random
 from pathlib import Path
-from .data import prompt
+from .data import prompt, llama_factory_entry
 from .runs import read_jsonl, write_json, write_jsonl
 
 # %% auto #0
@@ -66,12 +66,13 @@ def build_pairs(items: list[dict], rephrased: list, revisions: list, beta: float
 
 # %% ../nbs/07_kc.ipynb #07-kc-011
 def write_kc_set(out: Path, rows: list[dict], template: str = "alpaca", name: str = "knowtuning_kc"):
-    from knowtuning.ka import llama_factory_entry
+    # both LLaMA-Factory generations read these rows: 0.5.x the `output` list, 0.9.x the `chosen`/`rejected` columns
     write_json(out / "kc.json", [{"instruction": r["question"], "input": "", "output": [r["chosen"], r["rejected"]],
+                                  "chosen": r["chosen"], "rejected": r["rejected"],
                                   "aspect": r["aspect"], "source": r["index"]} for r in rows])
     write_json(out / "dataset_info.json", {name: llama_factory_entry("kc.json", ranking=True)})
-    write_jsonl(out / "kc_trl.jsonl", [{"prompt": prompt(r["question"], template), "chosen": r["chosen"], "rejected": r["rejected"],
-                                        "aspect": r["aspect"]} for r in rows])
+    write_jsonl(out / "kc_trl.jsonl", [{"prompt": prompt(r["question"], template), "chosen": r["chosen"],
+                                        "rejected": r["rejected"], "aspect": r["aspect"]} for r in rows])
     write_jsonl(out / "examples.jsonl", rows)
 
 # %% ../nbs/07_kc.ipynb #07-kc-013

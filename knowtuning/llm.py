@@ -48,6 +48,7 @@ class Request:
     max_tokens: int | None = None
     prompt: str | None = None          # set: a raw text completion (`/v1/completions`) instead of a chat
     top_p: float | None = None
+    top_k: int | None = None          # not in the OpenAI API: sent in the body for vLLM / llama.cpp
 
 def user(text: str, system: str | None = None, name: str = "", **kw) -> Request:
     "A single-turn request."
@@ -111,6 +112,7 @@ class LLMClient:
         p = {"temperature": self.cfg.temperature if r.temperature is None else r.temperature,
              "max_tokens": self.cfg.max_tokens if r.max_tokens is None else r.max_tokens}
         if r.top_p is not None: p["top_p"] = r.top_p
+        if r.top_k is not None: p["extra_body"] = {"top_k": r.top_k}
         return p
 
     def _cost(self, p: int, c: int) -> float:

@@ -11,40 +11,59 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from .assets import load_model, pick_device
+from .data import encode_example
 from .runs import write_json
 
 # %% auto #0
-__all__ = ['SYSTEMS', 'lora_config', 'trl_config', 'knowtuning_loss', 'sequence_logps', 'check_padding_free', 'KCTrainer',
-           'GradGuard', 'mark_inference', 'assert_trainable_4bit', 'plot_losses', 'train_sft', 'train_dpo',
-           'system_deps', 'train_stage']
+__all__ = ['SYSTEMS', 'lora_config', 'processes', 'accumulation', 'trl_config', 'knowtuning_loss', 'sequence_logps',
+           'check_padding_free', 'KCTrainer', 'GradGuard', 'mark_inference', 'assert_trainable_4bit', 'plot_losses',
+           'sft_features', 'dpo_features', 'train_sft', 'train_dpo', 'system_deps', 'train_stage']
 
 # %% ../nbs/08_train.ipynb #08-train-006
 def lora_config(lc):
     from peft import LoraConfig
-    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.targets), task_type="CAUSAL_LM", bias="none")
+    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.targets),
+                      task_type="CAUSAL_LM", bias="none")
 
-def trl_config(cfg, kind: str, output_dir, has_eval: bool = False):
+def processes() -> int:
+    "Number of training processes (`accelerate launch` / torchrun set WORLD_SIZE)."
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+def accumulation(batch: int, per_device: int, n_proc: int, key: str = "train.batch_size") -> int:
+    "Gradient accumulation steps so that per_device x accumulation x processes == batch."
+    if batch % (per_device * n_proc):
+        raise ValueError(f"config key '{key}' ({batch}) is not divisible by train.per_device_batch ({per_device}) x "
+                         f"{n_proc} processes: the effective batch would differ from the recipe's")
+    return batch // (per_device * n_proc)
+
+def trl_config(cfg, kind: str, output_dir, has_eval: bool = False, n_proc: int | None = None):
     "SFTConfig (kind 'sft') or DPOConfig (kind 'dpo') from our config: the only place trl arguments are set."
     from trl import SFTConfig, DPOConfig
     t = cfg.train
     cuda = pick_device(cfg.student.device) == "cuda"
     dpo = kind == "dpo"
     bs = t.kc_batch_size if dpo else t.batch_size
+    per = min(t.per_device_batch, bs)
+    accum = accumulation(bs, per, n_proc or processes(), "train.kc_batch_size" if dpo else "train.batch_size")
+    best = dict(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
     common = dict(
         output_dir=str(output_dir), seed=cfg.seed, data_seed=cfg.seed,
-        learning_rate=t.kc_lr if dpo else t.lr, num_train_epochs=t.kc_epochs if dpo else t.epochs, max_steps=t.max_steps,
-        per_device_train_batch_size=min(t.per_device_batch, bs), per_device_eval_batch_size=min(t.per_device_batch, bs),
-        gradient_accumulation_steps=max(1, bs // min(t.per_device_batch, bs)),
-        lr_scheduler_type=t.scheduler, warmup_steps=0, logging_steps=t.logging_steps,
-        save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
+        learning_rate=t.kc_lr if dpo else t.lr, num_train_epochs=t.kc_epochs if dpo else t.epochs,
+        max_steps=t.max_steps, per_device_train_batch_size=per, per_device_eval_batch_size=per,
+        gradient_accumulation_steps=accum, lr_scheduler_type=t.scheduler, warmup_steps=0,
+        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
         eval_strategy="steps" if has_eval else "no", eval_steps=t.save_steps if has_eval else None,
-        load_best_model_at_end=has_eval, metric_for_best_model="eval_loss" if has_eval else None, greater_is_better=False if has_eval else None,
+        **(best if has_eval else {}),
         report_to=[] if t.report_to == "none" else [t.report_to],
         use_cpu=not cuda, bf16=cuda and cfg.student.dtype in ("auto", "bfloat16"), fp16=False,
-        max_length=t.cutoff, dataloader_num_workers=0, gradient_checkpointing=t.gradient_checkpointing,
+        dataloader_num_workers=0, gradient_checkpointing=t.gradient_checkpointing,
     )
-    if dpo: return DPOConfig(**common, beta=t.dpo_beta, loss_type=["sigmoid"], precompute_ref_log_probs=t.precompute_ref)
-    return SFTConfig(**common, completion_only_loss=True)
+    # our template encoder truncates every example to `train.cutoff` the way llmtuner 0.5.3 did (prompt and answer
+    # in proportion); trl must not cut again (DPO: prompt + rejected may exceed the cutoff by the prompt's share)
+    if dpo:
+        return DPOConfig(**common, beta=t.dpo_beta, loss_type=["sigmoid"], precompute_ref_log_probs=t.precompute_ref,
+                         max_length=None)
+    return SFTConfig(**common, completion_only_loss=True, max_length=t.cutoff)
 
 # %% ../nbs/08_train.ipynb #08-train-009
 def knowtuning_loss(pol_c, pol_r, ref_c, ref_r, chosen_len, beta: float = 0.1, ftx: float = 0.2):
@@ -107,6 +126,11 @@ class KCTrainer(DPOTrainer):
         super().__init__(*a, **kw)
         m = self.accelerator.unwrap_model(self.model)
         if reference == "base" and isinstance(m, PeftModel) and "ref" in m.peft_config: m.delete_adapter("ref"); m.set_adapter("default")
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        # rows already encoded by the template encoder (`dpo_features`) are trained as they are
+        if "prompt_ids" in dataset.column_names: return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _reference(self):
         "Context in which the policy model computes reference log-probs."
@@ -173,10 +197,30 @@ def plot_losses(log_history: list, path: Path, title: str = ""):
     ax.set(xlabel="step", ylabel="loss", title=title); ax.legend(); fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
 
 # %% ../nbs/08_train.ipynb #08-train-024
-def _split(rows, holdout: int, seed: int):
-    if holdout <= 0 or len(rows) < 2 * holdout: return rows, None
-    idx = list(range(len(rows))); random.Random(seed).shuffle(idx)
-    return [rows[i] for i in idx[holdout:]], [rows[i] for i in idx[:holdout]]
+def _split(rows: list[dict], holdout: int, seed: int):
+    "(train, eval) Datasets: `holdout` rows held out as llmtuner 0.5.3 did (`train_test_split`, seeded); eval None if 0."
+    from datasets import Dataset
+    ds = Dataset.from_list(rows)
+    if holdout <= 0 or len(rows) < 2 * holdout: return ds, None
+    sp = ds.train_test_split(test_size=holdout, seed=seed)
+    return sp["train"], sp["test"]
+
+def sft_features(tok, rows: list[dict], template: str, cutoff: int) -> list[dict]:
+    "input_ids and completion_mask of prompt/completion rows, encoded as the template's encoder does."
+    out = []
+    for r in rows:
+        p, a = encode_example(tok, r["prompt"], r["completion"], template, cutoff)
+        out.append({"input_ids": p + a, "completion_mask": [0] * len(p) + [1] * len(a)})
+    return out
+
+def dpo_features(tok, rows: list[dict], template: str, cutoff: int) -> list[dict]:
+    "prompt_ids, chosen_ids, rejected_ids of preference rows (llmtuner 0.5.3: the prompt as encoded with the chosen)."
+    out = []
+    for r in rows:
+        p, c = encode_example(tok, r["prompt"], r["chosen"], template, cutoff)
+        rej = encode_example(tok, r["prompt"], r["rejected"], template, cutoff)[1]
+        out.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": rej})
+    return out
 
 def _finish(trainer, out: Path, t0: float, title: str) -> Path:
     trainer.save_model(str(out / "adapter"))
@@ -192,18 +236,19 @@ def _resume(ckdir: Path):
 
 def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=()) -> Path:
     "LoRA SFT on prompt/completion rows (loss on completions only); returns the adapter folder."
-    from datasets import Dataset
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    train, ev = _split([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows], cfg.train.eval_holdout, cfg.seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(cfg.student, adapter=init_adapter, trainable=True)
     assert_trainable_4bit(model)
+    feats = sft_features(tok, rows, cfg.student.template, cfg.train.cutoff)
+    train, ev = _split(feats, cfg.train.eval_holdout, cfg.seed)
     if cfg.train.padding_free: check_padding_free(model, tok)
     args = trl_config(cfg, "sft", out / "checkpoints", has_eval=ev is not None)
-    # trl's padding-free collator, passed directly: trl's `padding_free` flag refuses `max_length`, although the dataset
-    # is truncated to it during preparation all the same (tested)
-    collator = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True) if cfg.train.padding_free else None
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(ev) if ev else None,
-                         processing_class=tok, peft_config=None if init_adapter else lora_config(cfg.train.lora),
+    # trl's padding-free collator, passed directly: trl's `padding_free` flag refuses `max_length`
+    collator = (DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)
+                if cfg.train.padding_free else None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=ev, processing_class=tok,
+                         peft_config=None if init_adapter else lora_config(cfg.train.lora),
                          data_collator=collator, callbacks=[GradGuard(), *callbacks])
     t0 = time.time()
     trainer.train(resume_from_checkpoint=_resume(out / "checkpoints"))
@@ -211,16 +256,16 @@ def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=()) -> Pa
 
 def train_dpo(cfg, rows: list[dict], out, init_adapter, reference: str | None = None, callbacks=()) -> Path:
     "KC training: DPO + SFT term from `init_adapter`; returns the adapter folder."
-    from datasets import Dataset
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    train, ev = _split([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows],
-                       min(cfg.train.eval_holdout, len(rows) // 10), cfg.seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(cfg.student, adapter=init_adapter, trainable=True)
     assert_trainable_4bit(model)
+    feats = dpo_features(tok, rows, cfg.student.template, cfg.train.cutoff)
+    train, ev = _split(feats, cfg.train.kc_eval_holdout, cfg.seed)
     if cfg.train.padding_free: check_padding_free(model, tok)
     args = trl_config(cfg, "dpo", out / "checkpoints", has_eval=ev is not None)
-    trainer = KCTrainer(model=model, args=args, train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(ev) if ev else None,
-                        processing_class=tok, reference=reference or cfg.train.reference, ftx=cfg.train.ftx,
+    trainer = KCTrainer(model=model, args=args, train_dataset=train, eval_dataset=ev, processing_class=tok,
+                        reference=reference or cfg.train.reference, ftx=cfg.train.ftx,
                         padding_free=cfg.train.padding_free, callbacks=[GradGuard(), *callbacks])
     t0 = time.time()
     trainer.train(resume_from_checkpoint=_resume(out / "checkpoints"))

@@ -19,7 +19,16 @@ def kt(*args, env=None, cwd=None, timeout=900, check=False):
 
 @pytest.fixture
 def release():
-    from knowtuning.data import release_dir
-    d = release_dir()
-    if d is None: pytest.skip("../shared/data/knowtuning-release is absent")
-    return d
+    if not RELEASE_DATA.is_dir(): pytest.skip("../shared/data/knowtuning-release is absent")
+    return RELEASE_DATA
+
+# ../shared (beside the checkout) holds the release's data, scripts and a token-id fixture for the tests only: the
+# product never looks there. Tests that need it skip cleanly when it is absent.
+SHARED = ROOT.parent / "shared"
+RELEASE_DATA = SHARED / "data" / "knowtuning-release"
+if RELEASE_DATA.is_dir(): os.environ.setdefault("KNOWTUNING_RELEASE_DATA", str(RELEASE_DATA))
+
+@pytest.fixture
+def shared():
+    if not SHARED.is_dir(): pytest.skip("../shared is absent")
+    return SHARED

@@ -66,3 +66,34 @@ def test_aspect_ablation(tmp_path):
     cfg = load_config("smoke", overrides=["data.n_train=4", "kc.aspects=[completeness, logicality]"])
     run = Run(cfg, tmp_path); ka_stage(cfg, run); out = kc_stage(cfg, run)
     assert {r["aspect"] for r in json.loads((out / "kc.json").read_text())} == {"completeness", "logicality"}
+
+# How the two LLaMA-Factory generations read a ranking entry in alpaca format (their converters, reduced to the
+# lines that touch our columns). llmtuner 0.5.3 `convert_alpaca`: the response column holds a list -> one assistant
+# message per element, chosen first. llamafactory 0.9.x `AlpacaDatasetConverter`: with `ranking`, the `chosen` and
+# `rejected` columns named in the entry (a missing name is `None`, hence the `KeyError: None` seen with old files).
+def read_lf05(entry, row):
+    cols = entry["columns"]
+    prompt = row[cols["prompt"]] + ("\n" + row[cols["query"]] if row.get(cols["query"]) else "")
+    resp = row[cols["response"]]
+    assert entry.get("ranking") and isinstance(resp, list) and len(resp) == 2
+    return prompt, resp[0], resp[1]
+
+def read_lf09(entry, row):
+    cols = entry["columns"]
+    prompt = row[cols["prompt"]] + ("\n" + row[cols["query"]] if row.get(cols["query"]) else "")
+    chosen, rejected = row[cols.get("chosen")], row[cols.get("rejected")]
+    assert entry.get("ranking") and isinstance(chosen, str) and isinstance(rejected, str)
+    return prompt, chosen, rejected
+
+def test_kc_file_loads_in_both_llama_factory_generations(tmp_path):
+    run, out = make_run(tmp_path, "lf")
+    entry = json.loads((out / "dataset_info.json").read_text())["knowtuning_kc"]
+    rows = json.loads((out / entry["file_name"]).read_text())
+    trl = read_jsonl(out / "kc_trl.jsonl")
+    assert rows and len(rows) == len(trl)
+    for row, t in zip(rows, trl):
+        a, b = read_lf05(entry, row), read_lf09(entry, row)
+        assert a == b and t["prompt"].endswith(a[0] + "\n\n### Response:\n") and a[1:] == (t["chosen"], t["rejected"])
+    old = {**entry, "columns": {k: v for k, v in entry["columns"].items() if k not in ("chosen", "rejected")}}
+    with pytest.raises(KeyError):   # the entry this project wrote before: 0.9.x cannot read it
+        read_lf09(old, {k: v for k, v in rows[0].items() if k not in ("chosen", "rejected")})

@@ -169,16 +169,17 @@ def test_smollm2_smoke_sft_ka_kc_and_adapters_generate(tmp_path):
     assert out.shape[1] > ids["input_ids"].shape[1]
     assert run.manifest["stages"]["train_knowtuning"]["steps"] == 2
 
-RELEASE = {  # DESIGN section 1: the release's hyperparameters
+RELEASE = {  # the release's hyperparameters (scripts/*/*.sh; flag by flag in tests/test_release.py)
     "train.lora.r": 8, "train.lora.alpha": 16, "train.lora.dropout": 0.0, "train.lora.targets": ["q_proj", "v_proj"],
     "train.scheduler": "cosine", "train.cutoff": 1024, "train.lr": 1e-4, "train.batch_size": 32, "train.epochs": 3.0,
-    "train.eval_holdout": 100, "train.kc_lr": 1e-5, "train.kc_batch_size": 16, "train.kc_epochs": 1.0,
+    "train.eval_holdout": 100, "train.kc_eval_holdout": 0, "train.save_steps": 0.1, "train.kc_lr": 1e-5, "train.kc_batch_size": 16, "train.kc_epochs": 1.0,
     "train.dpo_beta": 0.1, "train.ftx": 0.2, "train.reference": "base", "student.model": "meta-llama/Llama-2-7b-hf",
     "student.dtype": "bfloat16", "generate.max_new_tokens": 512, "data.n_test": 200,
 }
 
-def test_paper_preset_matches_release():
-    cfg = load_config("paper")
+@pytest.mark.parametrize("preset", ["paper-dolly", "paper-medquad"])
+def test_paper_preset_matches_release(preset):
+    cfg = load_config(preset)
     def get(key):
         o = cfg
         for k in key.split("."): o = getattr(o, k)
