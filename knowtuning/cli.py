@@ -8,8 +8,8 @@ import argparse, json, sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['COMMANDS', 'cmd_setup', 'cmd_doctor', 'cmd_config', 'cmd_data', 'cmd_reproduce', 'cmd_train_system', 'cmd_serve',
-           'cmd_docs', 'cmd_readme', 'parser', 'main']
+__all__ = ['COMMANDS', 'cmd_setup', 'cmd_doctor', 'cmd_config', 'cmd_data', 'cmd_reproduce', 'cmd_report', 'cmd_train_system',
+           'cmd_serve', 'cmd_docs', 'cmd_readme', 'parser', 'main']
 
 # %% ../nbs/99_cli.ipynb #99-cli-005
 def _cfg_args(p):
@@ -67,6 +67,20 @@ def cmd_reproduce(a):
     if rep.exists(): print(f"report: {rep}")
     return 0
 
+def cmd_report(a):
+    "The report of one run, or with --combine the runs' tables side by side (e.g. both paper domains)."
+    if not a.combine: return _step_cmd("report")(a)
+    from knowtuning.report import combine_reports
+    from knowtuning.runs import runs_root
+    out = Path(a.out) if a.out else Path(a.runs_dir or runs_root()) / ("combined-" + "+".join(Path(d).name for d in a.combine))
+    print(f"report: {combine_reports(a.combine, out) / 'report.md'}")
+    return 0
+
+def _report_args(p):
+    _cfg_args(p)
+    p.add_argument("--combine", nargs="+", metavar="RUN_DIR", help="combine these runs' tables (e.g. both domains)")
+    p.add_argument("--out", default=None, help="--combine: output folder (default: <runs>/combined-<names>)")
+
 def _step_cmd(step):
     def cmd(a):
         from knowtuning.pipeline import reproduce
@@ -110,7 +124,8 @@ COMMANDS = {
     "baselines": (_step_cmd("baselines"), "RLAIF / FactTune preference data (13_baselines.ipynb)", _cfg_args),
     "train": (_step_cmd("train"), "train every system of the config (08_train.ipynb)", _cfg_args),
     "evaluate": (_step_cmd("evaluate"), "generate and evaluate every system (14_evaluate.ipynb)", _cfg_args),
-    "report": (_step_cmd("report"), "paper-shaped tables and figures (15_report.ipynb)", _cfg_args),
+    "report": (cmd_report, "paper-shaped tables and figures (15_report.ipynb); --combine RUN_DIR ... joins runs",
+               _report_args),
     "train-system": (cmd_train_system, "train one system in-process (for accelerate launch / DeepSpeed)",
                      lambda p: (_cfg_args(p), p.add_argument("--system", required=True))),
     "serve": (cmd_serve, "serve the embedded SmolLM2 (or a local model) with `transformers serve` on 127.0.0.1",

@@ -9,7 +9,8 @@ from pathlib import Path
 from .runs import read_json, atomic_write, write_json
 
 # %% auto #0
-__all__ = ['to_markdown', 'to_csv', 'to_latex', 'write_table', 'build_tables', 'plot_judge', 'plot_metrics', 'report_stage']
+__all__ = ['to_markdown', 'to_csv', 'to_latex', 'write_table', 'build_tables', 'plot_judge', 'plot_metrics', 'report_stage',
+           'combine_tables', 'combine_reports']
 
 # %% ../nbs/15_report.ipynb #15-report-006
 def _fmt(x, digits=4):
@@ -129,3 +130,35 @@ def report_stage(cfg, run) -> Path:
         md += ["![judge](judge.png)", "", "![metrics](metrics.png)", ""]
         atomic_write(out / "report.md", "\n".join(md))
     return run.path("report")
+
+# %% ../nbs/15_report.ipynb #15-report-013b
+def combine_tables(named_summaries: list[tuple[str, dict]]) -> dict:
+    "{name: (header, rows, caption)}: METEOR / BERTScore / factual error rate, a column per (run, test set)."
+    cols = [(run, d, x) for run, s in named_summaries for d, x in s["datasets"].items()]
+    systems = list(dict.fromkeys(sy for _, _, x in cols for sy in x["systems"]))
+    measures = {"meteor": lambda v: v["meteor"][0] if "meteor" in v else float("nan"),
+                "bertscore": lambda v: v["bertscore"][0] if "bertscore" in v else float("nan"),
+                "error_rate": lambda v: v.get("facts", {}).get("error_rate", float("nan"))}
+    header = ["system"] + [f"{run}: {d}" for run, d, _ in cols]
+    runs = ", ".join(f"{run} (judge {s.get('judge', '?')}, verifier {s.get('verifier', '?')})"
+                     for run, s in named_summaries)
+    out = {}
+    for m, get in measures.items():
+        rows = [[sy] + [get(x["systems"][sy]) if sy in x["systems"] else float("nan") for _, _, x in cols]
+                for sy in systems]
+        out[f"combined_{m}"] = (header, rows, f"{m} per system and test set, both domains. Runs: {runs}")
+    return out
+
+def combine_reports(run_dirs, out) -> Path:
+    "Write the combined tables of the runs in `run_dirs` (each with `eval/summary.json`) into `out`."
+    named = []
+    for d in map(Path, run_dirs):
+        if not (d / "eval" / "summary.json").exists():
+            raise RuntimeError(f"{d}: no eval/summary.json; run `knowtuning evaluate` for that run first")
+        named.append((d.name, read_json(d / "eval" / "summary.json")))
+    out = Path(out)
+    tables = combine_tables(named)
+    for name, (h, r, cap) in tables.items(): write_table(out, name, h, r, cap)
+    md = [f"# KnowTuning: {' + '.join(n for n, _ in named)}", ""] + [(out / f"{n}.md").read_text() for n in tables]
+    atomic_write(out / "report.md", "\n".join(md))
+    return out

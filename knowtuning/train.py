@@ -174,7 +174,7 @@ class GradGuard(TrainerCallback):
         self.checked = True
         g = [p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
         if not g or all(x is None or x.abs().sum().item() == 0 for x in g):
-            raise RuntimeError("LoRA gradients are all zero after the first step (bitsandbytes 4-bit trap? see DESIGN section 6)")
+            raise RuntimeError("LoRA gradients are all zero after the first step (bitsandbytes 4-bit trap? see nbs/08_train.ipynb, Guards)")
 
 _USED_4BIT = set()
 def mark_inference(model):
