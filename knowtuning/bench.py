@@ -52,7 +52,7 @@ def bench_generate(n: int = 16, new_tokens: int = 32) -> dict:
             "same_outputs": sum(a == b for a, b in zip(outb, out1)), "target": 2.0}
 
 def _qa(n: int):
-    "n question/answer records: the release's dolly_train where ../shared/data is present (real length spread), else the demo set."
+    "n question/answer records: the release's dolly_train once fetched (real length spread), else the demo set."
     from knowtuning.data import load_dataset, release_dir
     name = "dolly_train" if release_dir() else "demo_train"
     return name, [r for r in load_dataset(name).records if r["output"].strip()][:n]

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #01-data-003
 from __future__ import annotations
-import hashlib, json, os, urllib.error, urllib.request
+import hashlib, json, os, re, urllib.error, urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from .config import project_root
@@ -14,7 +14,7 @@ from .runs import atomic_write
 __all__ = ['TEMPLATES', 'HF_MAPS', 'RELEASE_REPO', 'RELEASE_COMMIT', 'RELEASE_FILES', 'Template', 'template_of', 'question',
            'prompt', 'encode_prompt', 'encode_response', 'infer_max_len', 'encode_example', 'DataError', 'Dataset',
            'validate', 'read_records', 'load_file', 'llama_factory_entry', 'load_dataset_info', 'from_hf', 'load_hf',
-           'release_home', 'fetch_release', 'data_dir', 'release_dir', 'available', 'load_dataset']
+           'release_home', 'fetch_release', 'data_dir', 'release_dir', 'available', 'load_dataset', 'dataset_key']
 
 # %% ../nbs/01_data.ipynb #01-data-006
 @dataclass(frozen=True)
@@ -276,3 +276,12 @@ def load_dataset(name: str, lenient: bool = False, n: int = 0) -> Dataset:
         raise DataError(f"unknown dataset {name!r}{hint}; known names: {', '.join(av)}")
     if n: ds.records = ds.records[:n]
     return ds
+
+# %% ../nbs/01_data.ipynb #01-data-021b
+def dataset_key(name: str) -> str:
+    "File-name-safe key of a dataset name or path: a plain name as it is, else `<stem>-<8 hex of the resolved name>`."
+    if re.fullmatch(r"[A-Za-z0-9_-]+", name): return name
+    path_part = name.split(".json:")[0] + ".json" if ".json:" in name else name
+    resolved = name if name.startswith("hf:") else str(Path(path_part).expanduser().resolve()) + name[len(path_part):]
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(name.split(":")[-1] if name.startswith("hf:") else path_part).stem)
+    return f"{stem.strip('_')[:40] or 'data'}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"

@@ -5,32 +5,56 @@
 # %% ../nbs/14_evaluate.ipynb #14-evaluate-003
 from __future__ import annotations
 import csv, io, math
+import numpy as np
 from pathlib import Path
 from .runs import read_jsonl, write_json, write_jsonl, atomic_write
+from .metrics import paired_bootstrap
 
 # %% auto #0
-__all__ = ['summarize_judge', 'evaluate_stage']
+__all__ = ['summarize_judge', 'identical_share', 'paired_diffs', 'evaluate_stage']
 
 # %% ../nbs/14_evaluate.ipynb #14-evaluate-005
 def _csv(rows: list[dict]) -> str:
     if not rows: return ""
-    buf = io.StringIO(); w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n"); w.writeheader(); w.writerows(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
     return buf.getvalue()
 
 def summarize_judge(verdicts: list[dict]) -> dict:
     "Win / tie / lose percentages per aspect."
     from knowtuning.judge import ASPECTS
     n = len(verdicts)
-    return {a: {k: round(100 * sum(v[a] == k for v in verdicts) / n, 1) if n else float("nan") for k in ("win", "tie", "lose")} for a in ASPECTS}
+    return {a: {k: round(100 * sum(v[a] == k for v in verdicts) / n, 1) if n else float("nan")
+                for k in ("win", "tie", "lose")} for a in ASPECTS}
+
+# %% ../nbs/14_evaluate.ipynb #14-evaluate-006b
+def identical_share(a: list[str], b: list[str]) -> float:
+    "Share of questions on which two systems gave the same answer (whitespace-normalised)."
+    same = [" ".join(x.split()) == " ".join(y.split()) for x, y in zip(a, b)]
+    return sum(same) / len(same) if same else float("nan")
+
+def paired_diffs(scores: dict, main: str, n: int = 1000, seed: int = 0) -> dict:
+    "{baseline: {measure: [mean diff, low, high, questions]}}: `main` minus every other system, paired per question."
+    out = {}
+    for b in (s for s in scores if s != main):
+        out[b] = {}
+        for k in scores[main]:
+            x, y = np.asarray(scores[main][k], dtype=float), np.asarray(scores[b][k], dtype=float)
+            ok = ~(np.isnan(x) | np.isnan(y))
+            out[b][k] = [*paired_bootstrap(x[ok], y[ok], n, seed), int(ok.sum())]
+    return out
 
 # %% ../nbs/14_evaluate.ipynb #14-evaluate-007
 def evaluate_stage(cfg, run, main: str = "knowtuning") -> Path:
     "Metrics, facts and judge verdicts for every system's predictions (needs gen_<system> stages)."
-    from knowtuning.metrics import all_metrics, bootstrap_ci
+    from knowtuning.metrics import all_metrics, bootstrap_ci, rate_cis
     from knowtuning.facts import verify, fact_scores, aggregate_facts
-    from knowtuning.judge import make_judge, judge_both_orders
+    from knowtuning.judge import make_judge, judge_both_orders, ASPECTS
     from knowtuning.teacher import make_teacher
     from knowtuning.runs import fingerprint
+    from knowtuning.data import dataset_key
     systems = list(cfg.systems)
     deps = [run.fingerprint_of(f"gen_{s}") for s in systems]
     if None in deps: raise RuntimeError(f"stage eval needs gen_<system> for {systems} in {run.dir} first")
@@ -40,10 +64,13 @@ def evaluate_stage(cfg, run, main: str = "knowtuning") -> Path:
         if out is None: return run.path("eval")
         teacher, judge = make_teacher(cfg.teacher, "eval", cfg.seed), make_judge(cfg.judge)
         per_ex, verdict_rows, summary = [], [], {"judge": judge.label, "teacher": teacher.label, "datasets": {}}
-        for name in cfg.data.test:
+        for source in cfg.data.test:
+            name = dataset_key(source)
             preds = {s: read_jsonl(run.path(f"gen_{s}") / f"{name}.jsonl") for s in systems}
+            scores = {}
             has_ref = all(r["reference"].strip() for r in preds[systems[0]])
-            ds_sum = summary["datasets"][name] = {"n": len(preds[systems[0]]), "has_references": has_ref, "systems": {}, "judge": {}}
+            ds_sum = summary["datasets"][name] = {"source": source, "n": len(preds[systems[0]]), "has_references": has_ref,
+                                                 "systems": {}, "judge": {}}
             for s in systems:
                 P, R = [r["prediction"] for r in preds[s]], [r["reference"] for r in preds[s]]
                 m = all_metrics(P, R, cfg.eval.bertscore_model) if has_ref else {}
@@ -53,9 +80,15 @@ def evaluate_stage(cfg, run, main: str = "knowtuning") -> Path:
                 for i, r in enumerate(preds[s]):
                     per_ex.append({"dataset": name, "system": s, "index": r["index"], **{k: round(m[k][i], 6) for k in m},
                                    **{k: fs[i][k] for k in ("facts", "correct", "precision", "error_rate", "factscore")}})
+                scores[s] = {**m, "fact_precision": [r["precision"] for r in fs]} if has_ref else {}
                 ds_sum["systems"][s] = {k: bootstrap_ci(m[k], cfg.eval.bootstrap, cfg.seed) for k in m}
                 ds_sum["systems"][s]["facts"] = aggregate_facts(fs) if has_ref else {"facts_per_answer": sum(len(f) for f in facts) / max(len(facts), 1)}
                 summary["verifier"] = verifier
+            answers = {s: [r["prediction"] for r in preds[s]] for s in systems}
+            ds_sum["identical"] = {f"{a} = {b}": identical_share(answers[a], answers[b])
+                                   for i, a in enumerate(systems) for b in systems[i + 1:]}
+            if main in systems and has_ref:
+                ds_sum["diffs"] = paired_diffs(scores, main, cfg.eval.bootstrap, cfg.seed)
             if main in systems and (has_ref or cfg.judge.backend == "llm"):
                 for b in [s for s in systems if s != main]:
                     items = [{"question": x["question"], "reference": x["reference"], "x": x["prediction"], "y": y["prediction"]}
@@ -63,6 +96,8 @@ def evaluate_stage(cfg, run, main: str = "knowtuning") -> Path:
                     vs = judge_both_orders(judge.compare, items)
                     verdict_rows += [{"dataset": name, "system": main, "baseline": b, "index": x["index"], **v} for x, v in zip(preds[main], vs)]
                     ds_sum["judge"][b] = summarize_judge(vs)
+                    ds_sum.setdefault("judge_ci", {})[b] = {a: rate_cis([v[a] for v in vs], cfg.eval.bootstrap, cfg.seed)
+                                                            for a in ASPECTS}
         atomic_write(out / "per_example.csv", _csv(per_ex))
         write_jsonl(out / "verdicts.jsonl", verdict_rows)
         write_json(out / "summary.json", summary)

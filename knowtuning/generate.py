@@ -67,7 +67,7 @@ def generate_api(api_cfg, system: str, prompts: list[str], g) -> list[str]:
 def generate_stage(cfg, run, system: str) -> Path:
     "Predictions of `system` on every test set of `cfg`."
     from knowtuning.assets import load_model
-    from knowtuning.data import load_dataset, prompt, question
+    from knowtuning.data import load_dataset, prompt, question, dataset_key
     from knowtuning.runs import fingerprint
     deps = [] if system == "base" else [run.fingerprint_of(f"train_{system}")]
     if None in deps: raise RuntimeError(f"stage gen_{system} needs train_{system} in {run.dir} first")
@@ -82,7 +82,8 @@ def generate_stage(cfg, run, system: str) -> Path:
         t0, n_new = time.time(), 0
         for name in cfg.data.test:
             ds = load_dataset(name, lenient=cfg.data.lenient, n=cfg.data.n_test)
-            path = out / f"{name}.partial.jsonl"
+            key = dataset_key(name)                  # a user's /abs/path.json stays inside the run
+            path = out / f"{key}.partial.jsonl"
             done = {r["index"] for r in read_jsonl(path)}
             todo = [i for i in range(len(ds)) if i not in done]
             def save(idx, texts, todo=todo, ds=ds, path=path):
@@ -95,7 +96,7 @@ def generate_stage(cfg, run, system: str) -> Path:
             else: generate(model, tok, ps, cfg.generate, on_batch=save, template=cfg.student.template)
             n_new += len(todo)
             rows = sorted(read_jsonl(path), key=lambda r: r["index"])
-            (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            (out / f"{key}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             path.unlink()
         run.update_stage(f"gen_{system}", generated=n_new, seconds_generating=round(time.time() - t0, 2))
     return run.path(f"gen_{system}")

@@ -8,7 +8,8 @@ import re
 import numpy as np
 
 # %% auto #0
-__all__ = ['tokenize', 'meteor', 'rouge_l', 'bertscore', 'bootstrap_ci', 'all_metrics']
+__all__ = ['tokenize', 'meteor', 'rouge_l', 'bertscore', 'bootstrap_ci', 'all_metrics', 'paired_bootstrap', 'excludes_zero',
+           'rate_cis']
 
 # %% ../nbs/10_metrics.ipynb #10-metrics-005
 def tokenize(s: str) -> list[str]: return re.findall(r"\w+|[^\w\s]", s)
@@ -47,3 +48,18 @@ def all_metrics(predictions, references, bert_model: str = "minilm") -> dict[str
     "Per-example METEOR, ROUGE-L and BERTScore-F1."
     return {"meteor": meteor(predictions, references), "rougeL": rouge_l(predictions, references),
             "bertscore": bertscore(predictions, references, bert_model)}
+
+# %% ../nbs/10_metrics.ipynb #10-metrics-010b
+def paired_bootstrap(a, b, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    "(mean of a - b, low, high): percentile bootstrap over examples, each example's pair resampled together."
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape: raise ValueError(f"paired scores need equal lengths, got {len(a)} and {len(b)}")
+    return bootstrap_ci(a - b, n, seed, level)
+
+def excludes_zero(ci) -> bool:
+    "True when a (mean, low, high) interval lies entirely on one side of 0."
+    return bool(ci[1] > 0 or ci[2] < 0)
+
+def rate_cis(labels: list[str], n: int = 1000, seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    "{label: (percent, low, high)} for win / tie / lose, bootstrap over examples."
+    return {k: tuple(100 * x for x in bootstrap_ci([l == k for l in labels], n, seed)) for k in ("win", "tie", "lose")}

@@ -7,9 +7,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from .runs import read_json, atomic_write, write_json
+from .metrics import excludes_zero
+from .judge import ASPECTS
 
 # %% auto #0
-__all__ = ['to_markdown', 'to_csv', 'to_latex', 'write_table', 'build_tables', 'plot_judge', 'plot_metrics', 'report_stage',
+__all__ = ['PROXY_NOTE', 'to_markdown', 'to_csv', 'to_latex', 'write_table', 'metrics_table', 'diffs_table', 'judge_table',
+           'facts_table', 'ablation_table', 'build_tables', 'reading_notes', 'plot_judge', 'report_stage',
            'combine_tables', 'combine_reports']
 
 # %% ../nbs/15_report.ipynb #15-report-006
@@ -41,77 +44,130 @@ def write_table(out: Path, name: str, header, rows, caption: str):
 # %% ../nbs/15_report.ipynb #15-report-009
 def _ci(v): return f"{v[0]:.4f} ± {(v[2] - v[1]) / 2:.4f}" if v and not math.isnan(v[0]) else "–"
 
-def build_tables(cfg, summary: dict) -> dict:
-    "{name: (header, rows, caption)} for the four paper tables (ablation only when the run has wo_* systems)."
+def _diff(v) -> str:
+    "'+0.0123 (-0.0040, +0.0290) *' for [mean, low, high, n]; the star when the interval excludes 0."
+    if not v or math.isnan(v[0]): return "–"
+    return f"{v[0]:+.4f} ({v[1]:+.4f}, {v[2]:+.4f})" + (" *" if excludes_zero(v) else "")
+
+def _wtl(asp: dict, ci: dict | None) -> str:
+    if ci is None: return f"{asp['win']:.1f} / {asp['tie']:.1f} / {asp['lose']:.1f}"
+    hw = {k: (ci[k][2] - ci[k][1]) / 2 for k in ("win", "lose")}
+    return f"{asp['win']:.1f}±{hw['win']:.0f} / {asp['tie']:.1f} / {asp['lose']:.1f}±{hw['lose']:.0f}"
+
+PROXY_NOTE = ("The offline proxies share the heuristic teacher's rules (numbers, names, antonyms, negation, order): "
+              "KC-trained systems are partly graded on what their training pairs taught, and offline RLAIF's reward is "
+              "the proxy judge itself.")
+
+def _context(cfg, summary: dict) -> tuple[str, bool]:
     judge, teacher = summary.get("judge", ""), summary.get("teacher", "")
     proxy = "proxy" in judge
-    ctx = (f"preset {cfg.name}; student {cfg.student.model}; teacher {teacher}{' (rule-based, offline)' if teacher == 'heuristic' else ''}; "
+    offline = " (rule-based, offline)" if teacher == "heuristic" else ""
+    ctx = (f"preset {cfg.name}; student {cfg.student.model}; teacher {teacher}{offline}; "
            f"judge {judge}{' [PROXY]' if proxy else ''}")
-    tables = {}
+    return ctx, proxy
+
+def metrics_table(cfg, summary: dict, ctx: str):
+    rows = [[d, x["n"], s, _ci(v["meteor"]), _ci(v["bertscore"]), _ci(v["rougeL"])]
+            for d, x in summary["datasets"].items() for s, v in x["systems"].items() if "meteor" in v]
+    bs = ("BERTScore (MiniLM, not rescaled)" if cfg.eval.bertscore_model == "minilm"
+          else f"BERTScore ({cfg.eval.bertscore_model})")
+    return ["dataset", "n", "system", "METEOR", bs, "ROUGE-L"], rows, f"Automatic metrics (mean ± half 95% CI). {ctx}"
+
+def diffs_table(summary: dict, ctx: str, main: str = "knowtuning"):
     rows = []
     for d, x in summary["datasets"].items():
-        for s, v in x["systems"].items():
-            if "meteor" in v: rows.append([d, s, _ci(v["meteor"]), _ci(v["bertscore"]), _ci(v["rougeL"])])
-    bs = "BERTScore (MiniLM, not rescaled)" if cfg.eval.bertscore_model == "minilm" else f"BERTScore ({cfg.eval.bertscore_model})"
-    tables["table_metrics"] = (["dataset", "system", "METEOR", bs, "ROUGE-L"], rows, f"Automatic metrics (mean ± half 95% CI). {ctx}")
+        for b, v in x.get("diffs", {}).items():
+            rows.append([d, v["meteor"][3], f"{main} − {b}"] + [_diff(v.get(k)) for k in
+                                                              ("meteor", "bertscore", "rougeL", "fact_precision")])
+    return (["dataset", "n", "comparison", "Δ METEOR", "Δ BERTScore", "Δ ROUGE-L", "Δ fact precision"], rows,
+            "Paired differences with bootstrap 95% intervals over questions; * marks an interval that excludes 0 "
+            f"(a difference these questions support, not a general claim). {ctx}")
+
+def judge_table(summary: dict, ctx: str, proxy: bool):
     rows = []
     for d, x in summary["datasets"].items():
         for b, asp in x.get("judge", {}).items():
-            rows.append([d, f"KnowTuning vs {b}"] + [f"{asp[a]['win']:.1f} / {asp[a]['tie']:.1f} / {asp[a]['lose']:.1f}"
-                                                     for a in ("completeness", "factuality", "logicality", "overall")])
-    tables["table_judge"] = (["dataset", "comparison", "completeness", "factuality", "logicality", "overall"], rows,
-                             f"Pairwise judge, win / tie / lose (%) judged in both orders{' — PROXY judge, not an LLM' if proxy else ''}. {ctx}")
-    rows = []
-    for d, x in summary["datasets"].items():
-        for s, v in x["systems"].items():
-            f = v["facts"]
-            rows.append([d, s, f.get("facts_per_answer", float("nan")), f.get("correct_per_answer", float("nan")),
-                         f.get("error_rate", float("nan")), f.get("factscore", float("nan"))])
+            ci = x.get("judge_ci", {}).get(b, {})
+            rows.append([d, x["n"], f"KnowTuning vs {b}"] + [_wtl(asp[a], ci.get(a)) for a in ASPECTS])
+    cap = (f"Pairwise judge, win / tie / lose (%, ± half 95% CI), judged in both orders"
+           f"{' — PROXY judge, not an LLM. ' + PROXY_NOTE if proxy else '.'} {ctx}")
+    return ["dataset", "n", "comparison", *ASPECTS], rows, cap
+
+def facts_table(summary: dict, ctx: str):
+    nan = float("nan")
+    rows = [[d, x["n"], s, v["facts"].get("facts_per_answer", nan), v["facts"].get("correct_per_answer", nan),
+             v["facts"].get("error_rate", nan), v["facts"].get("factscore", nan)]
+            for d, x in summary["datasets"].items() for s, v in x["systems"].items()]
     ver = summary.get("verifier", "")
-    tables["table_facts"] = (["dataset", "system", "facts / answer", "correct facts / answer", "factual error rate", "FActScore"], rows,
-                             f"Fine-grained facts (verifier: {ver}{' [PROXY]' if 'proxy' in ver else ''}). {ctx}")
+    note = f" [PROXY] {PROXY_NOTE}" if "proxy" in ver else ""
+    return (["dataset", "n", "system", "facts / answer", "correct facts / answer", "factual error rate", "FActScore"],
+            rows, f"Fine-grained facts (verifier: {ver}{note}). {ctx}")
+
+def ablation_table(cfg, summary: dict, ctx: str):
     abl = [s for s in cfg.systems if s.startswith("wo_")]
-    if abl:
-        rows = []
-        for d, x in summary["datasets"].items():
-            for s in ["knowtuning"] + abl:
-                v = x["systems"].get(s)
-                if v and "meteor" in v:
-                    rows.append([d, s, v["meteor"][0], v["bertscore"][0], v["facts"].get("error_rate", float("nan"))])
-        tables["table_ablation"] = (["dataset", "system", "METEOR", "BERTScore", "factual error rate"], rows, f"Ablation. {ctx}")
+    rows = [[d, s, v["meteor"][0], v["bertscore"][0], v["facts"].get("error_rate", float("nan"))]
+            for d, x in summary["datasets"].items() for s in ["knowtuning"] + abl
+            if (v := x["systems"].get(s)) and "meteor" in v]
+    return ["dataset", "system", "METEOR", "BERTScore", "factual error rate"], rows, f"Ablation. {ctx}"
+
+def build_tables(cfg, summary: dict) -> dict:
+    "{name: (header, rows, caption)}: metrics, paired differences, judge, facts, ablation (when the run has wo_*)."
+    ctx, proxy = _context(cfg, summary)
+    tables = {"table_metrics": metrics_table(cfg, summary, ctx), "table_diffs": diffs_table(summary, ctx),
+              "table_judge": judge_table(summary, ctx, proxy), "table_facts": facts_table(summary, ctx)}
+    if any(s.startswith("wo_") for s in cfg.systems): tables["table_ablation"] = ablation_table(cfg, summary, ctx)
     return tables
+
+# %% ../nbs/15_report.ipynb #15-report-009b
+def reading_notes(cfg, summary: dict, main: str = "knowtuning") -> list[str]:
+    "The report's first lines: what the run can and cannot support."
+    ns = {d: x["n"] for d, x in summary["datasets"].items()}
+    offline = summary.get("teacher") == "heuristic" or "proxy" in summary.get("judge", "")
+    out = [f"**How to read this report.** Test questions per set: {', '.join(f'{d} {n}' for d, n in ns.items())}."]
+    if offline:
+        out.append("Teacher and judge are the offline heuristics, with a small student: this run shows that every stage "
+                   "works and how the systems differ *under the proxies*; it is not a reproduction of the paper's "
+                   "results (run `paper-dolly` / `paper-medquad` with an LLM teacher and judge for that). " + PROXY_NOTE)
+    sig = [f"{b} ({d}: {', '.join(k for k, v in m.items() if excludes_zero(v))})"
+           for d, x in summary["datasets"].items() for b, m in x.get("diffs", {}).items()
+           if any(excludes_zero(v) for v in m.values())]
+    out.append(f"Paired differences {main} − baseline whose 95% interval excludes 0: " + ("; ".join(sig) if sig else
+               "none — with this many questions no difference between the systems is distinguishable from noise."))
+    same = [f"{pair} on {share:.0%} of {d}" for d, x in summary["datasets"].items()
+            for pair, share in x.get("identical", {}).items() if share >= 0.5]
+    if same: out.append("Identical answers (differences between these are 0 by construction): " + "; ".join(same) + ".")
+    return out
 
 # %% ../nbs/15_report.ipynb #15-report-011
 def plot_judge(summary: dict, path: Path):
-    "Stacked win / tie / lose bars per baseline and aspect (first dataset with verdicts)."
-    import matplotlib; matplotlib.use("Agg")
+    "Stacked win / tie / lose bars per baseline and aspect: one panel per dataset with verdicts."
+    import matplotlib
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    d = next(((n, x) for n, x in summary["datasets"].items() if x.get("judge")), None)
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    if d:
-        name, x = d
+    ds = [(n, x) for n, x in summary["datasets"].items() if x.get("judge")]
+    rows = max([len(x["judge"]) * 3 for _, x in ds] + [3])
+    fig, axes = plt.subplots(1, max(len(ds), 1), figsize=(5.2 * max(len(ds), 1), 0.8 + 0.32 * rows), squeeze=False)
+    for ax, (name, x) in zip(axes[0], ds):
         labels, W, T, L = [], [], [], []
         for b, asp in x["judge"].items():
             for a in ("completeness", "factuality", "logicality"):
-                labels.append(f"{b}\n{a[:5]}."); W.append(asp[a]["win"]); T.append(asp[a]["tie"]); L.append(asp[a]["lose"])
-        ax.barh(labels, W, color="#55a868", label="win"); ax.barh(labels, T, left=W, color="#cccccc", label="tie")
-        ax.barh(labels, L, left=[w + t for w, t in zip(W, T)], color="#c44e52", label="lose")
-        ax.set(xlabel="%", title=f"KnowTuning vs baselines ({name}; judge: {'proxy' if 'proxy' in summary.get('judge', '') else 'LLM'})")
-        ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
-
-def plot_metrics(summary: dict, path: Path):
-    import matplotlib; matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ds = [(n, x) for n, x in summary["datasets"].items() if any("meteor" in v for v in x["systems"].values())]
-    width = 0.8 / max(1, len(ds[0][1]["systems"]) if ds else 1)
-    for j, (n, x) in enumerate(ds):
-        for k, (s, v) in enumerate(x["systems"].items()):
-            m, lo, hi = v["meteor"]
-            ax.bar(j + k * width, m, width, yerr=[[m - lo], [hi - m]], label=s if j == 0 else None, color=f"C{k}")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ds))], [n for n, _ in ds]); ax.set(ylabel="METEOR", title="METEOR with 95% CI")
-    ax.legend(fontsize=8); fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+                labels.append(f"vs {b}: {a}")
+                W.append(asp[a]["win"])
+                T.append(asp[a]["tie"])
+                L.append(asp[a]["lose"])
+        y = list(range(len(labels)))[::-1]
+        ax.barh(y, W, color="#55a868", label="win")
+        ax.barh(y, T, left=W, color="#cccccc", label="tie")
+        ax.barh(y, L, left=[w + t for w, t in zip(W, T)], color="#c44e52", label="lose")
+        ax.set_yticks(y, labels, fontsize=8)
+        ax.set(xlabel="%", xlim=(0, 100), title=f"{name} (n={x['n']})")
+    if not ds: axes[0][0].set_axis_off()
+    kind = "proxy" if "proxy" in summary.get("judge", "") else "LLM"
+    fig.suptitle(f"KnowTuning vs baselines, judge: {kind}", fontsize=10)
+    if ds: axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 # %% ../nbs/15_report.ipynb #15-report-013
 def report_stage(cfg, run) -> Path:
@@ -124,9 +180,11 @@ def report_stage(cfg, run) -> Path:
         summary = read_json(run.path("eval") / "summary.json")
         tables = build_tables(cfg, summary)
         for name, (h, r, cap) in tables.items(): write_table(out, name, h, r, cap)
-        plot_judge(summary, out / "judge.png"); plot_judge(summary, out / "judge.svg")
+        plot_judge(summary, out / "judge.png")
+        plot_judge(summary, out / "judge.svg")
         plot_metrics(summary, out / "metrics.png")
-        md = [f"# KnowTuning report: run `{run.dir.name}`", ""] + [(out / f"{n}.md").read_text() for n in tables]
+        md = [f"# KnowTuning report: run `{run.dir.name}`", ""] + reading_notes(cfg, summary) + [""]
+        md += [(out / f"{n}.md").read_text() for n in tables]
         md += ["![judge](judge.png)", "", "![metrics](metrics.png)", ""]
         atomic_write(out / "report.md", "\n".join(md))
     return run.path("report")
