@@ -12,8 +12,8 @@ from .judge import ASPECTS
 
 # %% auto #0
 __all__ = ['PROXY_NOTE', 'to_markdown', 'to_csv', 'to_latex', 'write_table', 'metrics_table', 'diffs_table', 'judge_table',
-           'facts_table', 'ablation_table', 'build_tables', 'reading_notes', 'plot_judge', 'report_stage',
-           'combine_tables', 'combine_reports']
+           'facts_table', 'ablation_table', 'build_tables', 'reading_notes', 'plot_judge', 'plot_metrics',
+           'report_stage', 'combine_tables', 'combine_reports']
 
 # %% ../nbs/15_report.ipynb #15-report-006
 def _fmt(x, digits=4):
@@ -165,6 +165,25 @@ def plot_judge(summary: dict, path: Path):
     kind = "proxy" if "proxy" in summary.get("judge", "") else "LLM"
     fig.suptitle(f"KnowTuning vs baselines, judge: {kind}", fontsize=10)
     if ds: axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+def plot_metrics(summary: dict, path: Path):
+    "METEOR with its 95% interval, per test set and system."
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ds = [(n, x) for n, x in summary["datasets"].items() if any("meteor" in v for v in x["systems"].values())]
+    width = 0.8 / max(1, len(ds[0][1]["systems"]) if ds else 1)
+    for j, (n, x) in enumerate(ds):
+        for k, (s, v) in enumerate(x["systems"].items()):
+            m, lo, hi = v["meteor"]
+            ax.bar(j + k * width, m, width, yerr=[[m - lo], [hi - m]], label=s if j == 0 else None, color=f"C{k}")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ds))], [n for n, _ in ds])
+    ax.set(ylabel="METEOR", title="METEOR with 95% CI")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

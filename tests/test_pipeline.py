@@ -4,15 +4,24 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, BIN, kt
 
-TABLES = ["table_metrics", "table_judge", "table_facts", "table_ablation"]
+TABLES = ["table_metrics", "table_diffs", "table_judge", "table_facts", "table_ablation"]
 
 def builds(run_dir: Path) -> dict:
     m = json.loads((run_dir / "manifest.json").read_text())["stages"]
     return {k: (v.get("builds"), v.get("built")) for k, v in m.items() if "builds" in v}
 
+def outside_files(tmp_path, run_dir) -> set:
+    "Every file a run could wrongly write to: the checkout (minus its environment), the asset cache, the cwd."
+    from knowtuning.assets import home
+    skip = {".venv", ".git", "_docs", "runs", "__pycache__", ".pytest_cache", ".ipynb_checkpoints"}
+    files = {p for p in ROOT.rglob("*") if p.is_file() and not skip & set(p.relative_to(ROOT).parts)}
+    files |= {p for p in home().rglob("*") if p.is_file()}
+    return files | {p for p in tmp_path.rglob("*") if p.is_file() and run_dir not in p.parents}
+
 def test_smoke_end_to_end_kill_resume_and_rerun(tmp_path):
     env = {**os.environ, "KNOWTUNING_RUNS": str(tmp_path)}
     run_dir = tmp_path / "smoke"
+    outside = outside_files(tmp_path, run_dir)
     # 1. start, and kill the whole process group once training has written its first checkpoint
     p = subprocess.Popen([str(BIN / "knowtuning"), "reproduce", "--preset", "smoke"], env=env, cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -41,6 +50,8 @@ def test_smoke_end_to_end_kill_resume_and_rerun(tmp_path):
     assert "PROXY" in text and "preset smoke" in text and "student smollm2" in text
     assert {"train_sft", "train_ka", "train_knowtuning", "train_rlaif", "train_facttune", "train_wo_factuality",
             "samples_sft", "prefs_rlaif", "prefs_facttune", "gen_knowtuning", "eval", "report"} <= set(after)
+    new = outside_files(tmp_path, run_dir) - outside
+    assert not new, f"files written outside the run folder: {sorted(map(str, new))[:10]}"
     # 3. rerun: every stage skipped
     t1 = time.time()
     r = subprocess.run([str(BIN / "knowtuning"), "reproduce", "--preset", "smoke"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
