@@ -25,7 +25,7 @@ test-slow: install
 bench: install      ## benchmarks, reported as ratios measured in one run
 	$(BIN)/python -m knowtuning.bench
 
-docs: install       ## docs site: nbdev + quarto where quarto exists, else nbconvert HTML
+docs: install       ## docs site in _docs/: nbdev + quarto where quarto exists, else Sphinx (offline)
 	$(BIN)/knowtuning docs
 
 export:             ## notebooks -> package and README

@@ -130,7 +130,7 @@ COMMANDS = {
                      lambda p: (_cfg_args(p), p.add_argument("--system", required=True))),
     "serve": (cmd_serve, "serve the embedded SmolLM2 (or a local model) with `transformers serve` on 127.0.0.1",
               lambda p: (p.add_argument("--model", default="smollm2"), p.add_argument("--port", type=int, default=None))),
-    "docs": (cmd_docs, "build the docs site into _docs/ (quarto if installed, else nbconvert HTML)",
+    "docs": (cmd_docs, "build the docs site into _docs/ (quarto if installed, else Sphinx, offline)",
              lambda p: p.add_argument("--no-tutorial", action="store_true", help="do not execute the tutorial notebook")),
 }
 

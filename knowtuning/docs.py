@@ -4,14 +4,14 @@
 
 # %% ../nbs/98_docs.ipynb #98-docs-003
 from __future__ import annotations
-import shutil, subprocess, re
+import importlib.util, re, shutil, subprocess
 from pathlib import Path
 import nbformat
 from .config import project_root
 from .runs import atomic_write
 
 # %% auto #0
-__all__ = ['readme_text', 'write_readme', 'readme_in_sync', 'build_site']
+__all__ = ['SECTIONS', 'CONF', 'readme_text', 'write_readme', 'readme_in_sync', 'clean_notebook', 'stage_site', 'build_site']
 
 # %% ../nbs/98_docs.ipynb #98-docs-005
 def _strip_directives(src: str) -> str:
@@ -33,35 +33,96 @@ def write_readme() -> Path: return atomic_write(project_root() / "README.md", re
 def readme_in_sync() -> bool: return (project_root() / "README.md").read_text() == readme_text()
 
 # %% ../nbs/98_docs.ipynb #98-docs-008
-_CHECK = """<script>window.addEventListener('load', () => { const im = [...document.images];
+_CHECK = """window.addEventListener('load', () => { const im = [...document.images].filter(i => !i.closest('.sidebar-logo'));
 document.body.dataset.imagesOk = String(im.length > 0 && im.every(i => i.complete && i.naturalWidth > 0));
-document.body.dataset.images = String(im.length); });</script>"""
+document.body.dataset.images = String(im.length); });"""
 
-def _pages(nbs: Path) -> list[Path]:
-    return sorted(p for p in nbs.glob("*.ipynb") if not p.name.startswith("_"))
+SECTIONS = [("Start here", ["index", "tutorial"]),
+            ("Foundations", ["00_config", "01_data", "02_assets", "03_runs", "04_llm", "05_teacher"]),
+            ("The method", ["06_ka", "07_kc", "13_baselines", "08_train", "09_generate", "10_metrics", "11_facts",
+                            "12_judge", "14_evaluate", "15_report"]),
+            ("Running and tooling", ["16_pipeline", "97_bench", "98_docs", "99_cli"])]
 
-def _nav(pages: list[Path]) -> str:
-    links = " · ".join(f'<a href="{p.stem}.html">{p.stem}</a>' for p in pages)
-    return f'<nav style="padding:8px 16px;background:#f4f4f4;font-family:sans-serif;font-size:14px">{links}</nav>'
+CONF = """project = "knowtuning"
+extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.mathjax"]
+nb_execution_mode = "off"
+myst_enable_extensions = ["dollarmath", "amsmath"]
+myst_heading_anchors = 3
+html_theme = "furo"
+html_title = "knowtuning"
+html_static_path = ["_static"]
+html_js_files = ["check-images.js"]
+mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"   # MathJax 2.7, served by the site itself
+mathjax2_config = {"tex2jax": {"processClass": "tex2jax_process|mathjax_process|math|output_area",
+                               "ignoreClass": "tex2jax_ignore|mathjax_ignore"}}
+autodoc_member_order = "bysource"
+suppress_warnings = ["myst.header", "mystnb.unknown_mime_type", "misc.highlighting_failure"]
+exclude_patterns = ["_build"]
+"""
+
+def clean_notebook(nb):
+    "The notebook as a reader sees it: `#| hide` / `#| default_exp` cells dropped, `#|` lines removed."
+    cells = []
+    for c in nb.cells:
+        if c.cell_type == "code":
+            if re.search(r"^#\|\s*(hide|default_exp)\b", c.source, re.M): continue
+            c.source = _strip_directives(c.source).strip()
+            if not c.source: continue
+        cells.append(c)
+    nb.cells = cells
+    return nb
+
+# %% ../nbs/98_docs.ipynb #98-docs-008b
+def _api_page(pkg: Path) -> str:
+    mods = sorted(p.stem for p in pkg.glob("*.py") if not p.stem.startswith("_"))
+    body = "".join(f"\n## `knowtuning.{m}`\n\n```{{eval-rst}}\n.. automodule:: knowtuning.{m}\n   :members:\n```\n"
+                   for m in mods)
+    return "# API reference\n\nEvery exported function and class, with its docstring, module by module.\n" + body
+
+def _toctree(pages: list[str]) -> str:
+    out = []
+    for title, names in SECTIONS:
+        have = [n for n in names if n in pages and n != "index"]
+        if title == "Running and tooling": have.append("api")
+        if have: out.append(f"```{{toctree}}\n:caption: {title}\n:maxdepth: 1\n\n" + "\n".join(have) + "\n```")
+    return "\n\n".join(out)
+
+def stage_site(src: Path, notebooks: dict[str, Path]) -> Path:
+    "Write the Sphinx source folder: cleaned notebooks, the API page, conf.py and the offline MathJax."
+    import jupyter_server_mathjax
+    src.mkdir(parents=True, exist_ok=True)
+    for stem, path in notebooks.items():
+        nb = clean_notebook(nbformat.read(path, as_version=4))
+        if stem == "index": nb.cells.append(nbformat.v4.new_markdown_cell(_toctree(list(notebooks))))
+        nbformat.write(nb, src / f"{stem}.ipynb")
+    (src / "api.md").write_text(_api_page(Path(importlib.util.find_spec("knowtuning").origin).parent))
+    (src / "conf.py").write_text(CONF)
+    static = src / "_static"
+    shutil.copytree(Path(jupyter_server_mathjax.__file__).parent / "static", static / "mathjax", dirs_exist_ok=True)
+    (static / "check-images.js").write_text(_CHECK)
+    return src
 
 def build_site(out=None, execute_tutorial: bool = True) -> Path:
-    "Build the docs site into `_docs/` (quarto + nbdev when available, else nbconvert HTML)."
-    root = project_root(); out = Path(out or root / "_docs"); out.mkdir(parents=True, exist_ok=True)
+    "Build the docs site into `_docs/`: quarto + nbdev when quarto is installed, else Sphinx (offline)."
+    import os, sys, tempfile
+    root = project_root()
+    out = Path(out or root / "_docs")
     if shutil.which("quarto"):
-        subprocess.run(["nbdev_docs"], cwd=root, check=True); return out
-    import os, papermill as pm
-    from nbconvert import HTMLExporter
-    nbs = root / "nbs"; pages = _pages(nbs)
-    srcs = {p.stem: p for p in pages}
-    if execute_tutorial and "tutorial" in srcs:
-        os.environ["IN_TEST"] = "1"; os.environ["KNOWTUNING_RUNS"] = str(out / "_runs")
-        (out / "_exec").mkdir(exist_ok=True)
-        pm.execute_notebook(str(srcs["tutorial"]), str(out / "_exec" / "tutorial.ipynb"), kernel_name="python3",
-                            cwd=str(out), progress_bar=False)
-        srcs["tutorial"] = out / "_exec" / "tutorial.ipynb"
-    exp, nav = HTMLExporter(template_name="lab"), _nav(pages)
-    for stem, src in srcs.items():
-        body, _ = exp.from_notebook_node(nbformat.read(src, as_version=4))
-        body = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + nav, body, count=1).replace("</body>", _CHECK + "</body>")
-        atomic_write(out / f"{stem}.html", body)
+        subprocess.run(["nbdev_docs"], cwd=root, check=True)
+        return out
+    notebooks = {p.stem: p for p in sorted((root / "nbs").glob("*.ipynb")) if not p.name.startswith("_")}
+    with tempfile.TemporaryDirectory(prefix="knowtuning-docs-") as tmp:
+        tmp = Path(tmp)
+        if execute_tutorial and "tutorial" in notebooks:
+            import papermill as pm
+            os.environ["IN_TEST"] = "1"
+            os.environ["KNOWTUNING_RUNS"] = str(tmp / "runs")
+            pm.execute_notebook(str(notebooks["tutorial"]), str(tmp / "tutorial.ipynb"), kernel_name="python3",
+                                cwd=str(tmp), progress_bar=False)
+            notebooks["tutorial"] = tmp / "tutorial.ipynb"
+        src = stage_site(tmp / "src", notebooks)
+        if out.exists(): shutil.rmtree(out)
+        r = subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", str(src), str(out)],
+                           capture_output=True, text=True)
+        if r.returncode: raise RuntimeError(f"sphinx-build failed:\n{r.stderr[-3000:]}")
     return out

@@ -80,28 +80,43 @@ def test_api_key_never_written(tmp_path):
     assert "KT_TEST_KEY" in (tmp_path / "runs" / "smoke" / "config.yaml").read_text()   # only the variable's name
 
 def test_docs_site_in_headless_chromium(tmp_path):
+    "The Sphinx site, served on loopback: math typeset offline, search finds a term, no nbdev directives, a real page."
     import shutil, socket
+    import matplotlib.image as mpimg
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium: pytest.skip("chromium is not installed (tools/install.sh installs Debian's chromium)")
     r = kt("docs", env={"KNOWTUNING_RUNS": str(tmp_path)}, timeout=1500)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     site = ROOT / "_docs"
-    with socket.socket() as so: so.bind(("127.0.0.1", 0)); port = so.getsockname()[1]
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        port = so.getsockname()[1]
     srv = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(site)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
+    def dom(page):
+        return subprocess.run([chromium, *flags, "--dump-dom", f"http://127.0.0.1:{port}/{page}"], capture_output=True,
+                              text=True, timeout=120).stdout
     try:
         time.sleep(1)
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
-        for page in ("index", "tutorial"):
-            dom = subprocess.run([chromium, *flags, "--dump-dom", f"http://127.0.0.1:{port}/{page}.html"], capture_output=True, text=True, timeout=120).stdout
-            assert "knowtuning" in dom.lower()
-            if page == "tutorial":
-                assert 'data-images-ok="true"' in dom, dom[-500:]
-                assert int(dom.split('data-images="')[1].split('"')[0]) >= 3
-        shot = site / "tutorial.png"
-        subprocess.run([chromium, *flags, "--window-size=1280,2400", f"--screenshot={shot}", f"http://127.0.0.1:{port}/tutorial.html"],
-                       capture_output=True, timeout=120)
-        assert shot.stat().st_size > 20000
+        assert "knowtuning" in dom("index.html").lower()
+        tut = dom("tutorial.html")                          # the executed tutorial, with its figures
+        assert 'data-images-ok="true"' in tut, tut[-500:]
+        assert int(tut.split('data-images="')[1].split('"')[0]) >= 3
+        ka = dom("06_ka.html")                              # math typeset by the site's own MathJax
+        assert ka.count('class="MathJax"') >= 5 and 'class="MathJax_Display"' in ka
+        assert "#| export" not in ka and "default_exp" not in ka
+        found = dom("search.html?q=perplexity")             # Sphinx's offline search
+        assert "Search finished" in found and 'href="06_ka.html' in found, found[-1500:]
+        api = dom("api.html")                               # the API reference from the docstrings
+        assert "ppl_packed" in api and "one forward pass per question" in api
+        shot = site / "06_ka.png"
+        subprocess.run([chromium, *flags, "--window-size=1280,1400", f"--screenshot={shot}",
+                        f"http://127.0.0.1:{port}/06_ka.html"], capture_output=True, timeout=120)
+        img = mpimg.imread(shot)
+        assert img.shape[0] >= 1000 and img[..., :3].std() > 0.1     # a rendered page, not a blank one
     finally:
-        srv.terminate(); srv.wait()
+        srv.terminate()
+        srv.wait()
