@@ -8,8 +8,8 @@ import argparse, json, sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['COMMANDS', 'cmd_setup', 'cmd_doctor', 'cmd_config', 'cmd_data', 'cmd_reproduce', 'cmd_report', 'cmd_train_system',
-           'cmd_serve', 'cmd_docs', 'cmd_readme', 'parser', 'main']
+__all__ = ['COMMANDS', 'cmd_setup', 'cmd_doctor', 'cmd_config', 'cmd_data', 'cmd_plan', 'cmd_reproduce', 'cmd_report',
+           'cmd_train_system', 'cmd_serve', 'cmd_docs', 'cmd_readme', 'parser', 'main']
 
 # %% ../nbs/99_cli.ipynb #99-cli-005
 def _cfg_args(p):
@@ -52,6 +52,11 @@ def cmd_data(a):
     if ds.duplicates: print(f"  {len(ds.duplicates)} duplicate questions kept (first: record {ds.duplicates[0][0]})")
     return 0
 
+def _reproduce_args(p):
+    _cfg_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the estimated LLM calls and cost, run nothing")
+    p.add_argument("--yes", action="store_true", help="do not ask before a run estimated above confirm_above_usd")
+
 def _data_args(p):
     p.add_argument("name", nargs="?", help="a dataset name or path, or 'fetch-release'")
     p.add_argument("--lenient", action="store_true", help="skip bad records (and list them) instead of failing")
@@ -60,8 +65,32 @@ def _data_args(p):
     p.add_argument("--dest", default=None, help="fetch-release: target folder (default: $KNOWTUNING_HOME/release)")
     p.add_argument("--only", default=None, metavar="NAME,...", help="fetch-release: only these files (default: all)")
 
+def cmd_plan(a):
+    "The estimated LLM calls, tokens and cost of a config, per stage and role."
+    from knowtuning.pipeline import plan, format_plan
+    print(format_plan(plan(_load_cfg(a))))
+    return 0
+
+def _confirm_spend(cfg, yes: bool) -> bool:
+    "True when the run may start: nothing remote, an estimate under `confirm_above_usd`, --yes, or the user says so."
+    from knowtuning.llm import is_loopback
+    from knowtuning.pipeline import plan, format_plan
+    roles = [c for c in (cfg.teacher, cfg.judge) if c.backend == "llm" and not is_loopback(c.base_url)]
+    if yes or not roles: return True
+    rows = plan(cfg)
+    cost = sum(r["cost_usd"] for r in rows)
+    if cost <= cfg.confirm_above_usd: return True
+    print(format_plan(rows))
+    msg = f"estimated cost ${cost:.2f} > confirm_above_usd ${cfg.confirm_above_usd:.2f}"
+    if not sys.stdin.isatty():
+        print(f"error: {msg}; pass --yes to run anyway", file=sys.stderr)
+        return False
+    return input(f"{msg}. Start the run? [y/N] ").strip().lower() in ("y", "yes")
+
 def cmd_reproduce(a):
     from knowtuning.pipeline import reproduce
+    if a.dry_run: return cmd_plan(a)
+    if not _confirm_spend(_load_cfg(a), a.yes): return 3
     run = reproduce(a.preset, a.config, a.overrides, a.run, a.runs_dir, only=getattr(a, "only", None))
     rep = run.path("report") / "report.md"
     if rep.exists(): print(f"report: {rep}")
@@ -118,7 +147,9 @@ COMMANDS = {
     "data": (cmd_data, "load and validate a QA set by name or path (no name: list names); "
              "`data fetch-release` installs the release splits", _data_args),
     "readme": (cmd_readme, "render README.md from nbs/index.ipynb", None),
-    "reproduce": (cmd_reproduce, "run every stage notebook with papermill: data, KA, KC, training, evaluation, report", _cfg_args),
+    "reproduce": (cmd_reproduce, "run every stage notebook with papermill: data, KA, KC, training, evaluation, report",
+                  _reproduce_args),
+    "plan": (cmd_plan, "estimated LLM calls, tokens and cost per stage and role, before running", _cfg_args),
     "ka": (_step_cmd("ka"), "stage KA: decompose, perplexity filter, rewrite (06_ka.ipynb)", _cfg_args),
     "kc": (_step_cmd("kc"), "stage KC: delete / revise / shuffle preference pairs (07_kc.ipynb)", _cfg_args),
     "baselines": (_step_cmd("baselines"), "RLAIF / FactTune preference data (13_baselines.ipynb)", _cfg_args),

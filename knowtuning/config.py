@@ -127,6 +127,8 @@ class Config:
     generate: GenerateCfg = field(default_factory=GenerateCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     systems: list = field(default_factory=lambda: ["sft", "knowtuning"])
+    min_yield: float = 0.2            # a stage that turns fewer of its inputs into training data stops the run
+    confirm_above_usd: float = 5.0    # `reproduce` asks before an estimated spend above this on a remote endpoint
 
 # %% ../nbs/00_config.ipynb #00-config-008
 class ConfigError(ValueError):

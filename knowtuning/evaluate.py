@@ -11,7 +11,7 @@ from .runs import read_jsonl, write_json, write_jsonl, atomic_write
 from .metrics import paired_bootstrap
 
 # %% auto #0
-__all__ = ['summarize_judge', 'identical_share', 'paired_diffs', 'evaluate_stage']
+__all__ = ['summarize_judge', 'identical_share', 'paired_diffs', 'score_system', 'judge_against', 'evaluate_stage']
 
 # %% ../nbs/14_evaluate.ipynb #14-evaluate-005
 def _csv(rows: list[dict]) -> str:
@@ -47,60 +47,91 @@ def paired_diffs(scores: dict, main: str, n: int = 1000, seed: int = 0) -> dict:
     return out
 
 # %% ../nbs/14_evaluate.ipynb #14-evaluate-007
+def _failed(client_user, before: int) -> int:
+    "Failures recorded by a teacher / judge / verifier client since `before` (offline backends never fail)."
+    return len(getattr(client_user, "failures", None) or []) - before
+
+def score_system(preds: list[dict], has_ref: bool, teacher, verifier, cfg) -> tuple[list[dict], dict, dict]:
+    "Per-example rows, per-question scores and the summary (metrics with CIs, facts, verification failures)."
+    from knowtuning.metrics import all_metrics, bootstrap_ci
+    from knowtuning.facts import verify, fact_scores, aggregate_facts
+    P, R = [r["prediction"] for r in preds], [r["reference"] for r in preds]
+    m = all_metrics(P, R, cfg.eval.bertscore_model) if has_ref else {}
+    facts = [f or [] for f in teacher.decompose(P)]
+    n0 = len(verifier.failures) if verifier else 0
+    if has_ref: v, _ = verify(facts, R, cfg.judge, verifier)
+    else: v = [[False] * len(f) for f in facts]
+    fs = fact_scores(facts, v, cfg.eval.gamma)
+    rows = [{"index": r["index"], **{k: round(m[k][i], 6) for k in m},
+             **{k: fs[i][k] for k in ("facts", "correct", "precision", "error_rate", "factscore")}}
+            for i, r in enumerate(preds)]
+    summary = {k: bootstrap_ci(m[k], cfg.eval.bootstrap, cfg.seed) for k in m}
+    summary["facts"] = (aggregate_facts(fs) if has_ref else
+                        {"facts_per_answer": sum(len(f) for f in facts) / max(len(facts), 1)})
+    summary["facts"].update(verified=sum(map(len, facts)) if has_ref else 0, verify_failed=_failed(verifier, n0))
+    scores = {**m, "fact_precision": [r["precision"] for r in fs]} if has_ref else {}
+    return rows, scores, summary
+
+def judge_against(main: list[dict], base: list[dict], judge, cfg) -> tuple[list[dict], dict]:
+    "Verdicts of `main` against `base` in both orders, and their summary: rates, CIs, judged and failed calls."
+    from knowtuning.judge import judge_both_orders, ASPECTS
+    from knowtuning.metrics import rate_cis
+    items = [{"question": x["question"], "reference": x["reference"], "x": x["prediction"], "y": y["prediction"]}
+             for x, y in zip(main, base)]
+    n0 = len(judge.failures)
+    vs = judge_both_orders(judge.compare, items)
+    ci = {a: rate_cis([v[a] for v in vs], cfg.eval.bootstrap, cfg.seed) for a in ASPECTS}
+    return vs, {"rates": summarize_judge(vs), "ci": ci, "judged": 2 * len(items), "failed": _failed(judge, n0)}
+
+# %% ../nbs/14_evaluate.ipynb #14-evaluate-007b
 def evaluate_stage(cfg, run, main: str = "knowtuning") -> Path:
     "Metrics, facts and judge verdicts for every system's predictions (needs gen_<system> stages)."
-    from knowtuning.metrics import all_metrics, bootstrap_ci, rate_cis
-    from knowtuning.facts import verify, fact_scores, aggregate_facts
-    from knowtuning.judge import make_judge, judge_both_orders, ASPECTS
+    from knowtuning.facts import make_verifier, verifier_label
+    from knowtuning.judge import make_judge
     from knowtuning.teacher import make_teacher
+    from knowtuning.llm import ledgers
     from knowtuning.runs import fingerprint
     from knowtuning.data import dataset_key
     systems = list(cfg.systems)
     deps = [run.fingerprint_of(f"gen_{s}") for s in systems]
-    if None in deps: raise RuntimeError(f"stage eval needs gen_<system> for {systems} in {run.dir} first")
+    if None in deps: raise RuntimeError(f"stage eval needs gen_<system> for {systems} in {run.dir}: run `knowtuning evaluate`")
     fp = fingerprint("eval", deps, cfg.eval, cfg.judge if cfg.judge.backend == "llm" else "proxy",
                      cfg.teacher if cfg.teacher.backend == "llm" else "heuristic", main)
     with run.stage("eval", fp) as out:
         if out is None: return run.path("eval")
-        teacher, judge = make_teacher(cfg.teacher, "eval", cfg.seed), make_judge(cfg.judge)
-        per_ex, verdict_rows, summary = [], [], {"judge": judge.label, "teacher": teacher.label, "datasets": {}}
+        teacher, judge = make_teacher(cfg.teacher, "eval", cfg.seed), make_judge(cfg.judge, "eval")
+        verifier = make_verifier(cfg.judge, "eval")
+        summary = {"judge": judge.label, "teacher": teacher.label, "verifier": verifier_label(cfg.judge),
+                   "datasets": {}}
+        per_ex, verdict_rows = [], []
         for source in cfg.data.test:
             name = dataset_key(source)
             preds = {s: read_jsonl(run.path(f"gen_{s}") / f"{name}.jsonl") for s in systems}
-            scores = {}
             has_ref = all(r["reference"].strip() for r in preds[systems[0]])
-            ds_sum = summary["datasets"][name] = {"source": source, "n": len(preds[systems[0]]), "has_references": has_ref,
-                                                 "systems": {}, "judge": {}}
+            ds = summary["datasets"][name] = {"source": source, "n": len(preds[systems[0]]), "has_references": has_ref,
+                                              "systems": {}, "judge": {}, "judge_ci": {}, "judge_calls": {}}
+            scores = {}
             for s in systems:
-                P, R = [r["prediction"] for r in preds[s]], [r["reference"] for r in preds[s]]
-                m = all_metrics(P, R, cfg.eval.bertscore_model) if has_ref else {}
-                facts = [f or [] for f in teacher.decompose(P)]
-                v, verifier = verify(facts, R, cfg.judge) if has_ref else ([[False] * len(f) for f in facts], "none")
-                fs = fact_scores(facts, v, cfg.eval.gamma)
-                for i, r in enumerate(preds[s]):
-                    per_ex.append({"dataset": name, "system": s, "index": r["index"], **{k: round(m[k][i], 6) for k in m},
-                                   **{k: fs[i][k] for k in ("facts", "correct", "precision", "error_rate", "factscore")}})
-                scores[s] = {**m, "fact_precision": [r["precision"] for r in fs]} if has_ref else {}
-                ds_sum["systems"][s] = {k: bootstrap_ci(m[k], cfg.eval.bootstrap, cfg.seed) for k in m}
-                ds_sum["systems"][s]["facts"] = aggregate_facts(fs) if has_ref else {"facts_per_answer": sum(len(f) for f in facts) / max(len(facts), 1)}
-                summary["verifier"] = verifier
+                rows, scores[s], ds["systems"][s] = score_system(preds[s], has_ref, teacher, verifier, cfg)
+                per_ex += [{"dataset": name, "system": s, **r} for r in rows]
             answers = {s: [r["prediction"] for r in preds[s]] for s in systems}
-            ds_sum["identical"] = {f"{a} = {b}": identical_share(answers[a], answers[b])
-                                   for i, a in enumerate(systems) for b in systems[i + 1:]}
-            if main in systems and has_ref:
-                ds_sum["diffs"] = paired_diffs(scores, main, cfg.eval.bootstrap, cfg.seed)
-            if main in systems and (has_ref or cfg.judge.backend == "llm"):
-                for b in [s for s in systems if s != main]:
-                    items = [{"question": x["question"], "reference": x["reference"], "x": x["prediction"], "y": y["prediction"]}
-                             for x, y in zip(preds[main], preds[b])]
-                    vs = judge_both_orders(judge.compare, items)
-                    verdict_rows += [{"dataset": name, "system": main, "baseline": b, "index": x["index"], **v} for x, v in zip(preds[main], vs)]
-                    ds_sum["judge"][b] = summarize_judge(vs)
-                    ds_sum.setdefault("judge_ci", {})[b] = {a: rate_cis([v[a] for v in vs], cfg.eval.bootstrap, cfg.seed)
-                                                            for a in ASPECTS}
+            ds["identical"] = {f"{a} = {b}": identical_share(answers[a], answers[b])
+                               for i, a in enumerate(systems) for b in systems[i + 1:]}
+            if main not in systems: continue
+            if has_ref: ds["diffs"] = paired_diffs(scores, main, cfg.eval.bootstrap, cfg.seed)
+            if not (has_ref or cfg.judge.backend == "llm"): continue
+            for b in (s for s in systems if s != main):
+                vs, js = judge_against(preds[main], preds[b], judge, cfg)
+                verdict_rows += [{"dataset": name, "system": main, "baseline": b, "index": x["index"], **v}
+                                 for x, v in zip(preds[main], vs)]
+                ds["judge"][b], ds["judge_ci"][b] = js["rates"], js["ci"]
+                ds["judge_calls"][b] = {"judged": js["judged"], "failed": js["failed"]}
         atomic_write(out / "per_example.csv", _csv(per_ex))
         write_jsonl(out / "verdicts.jsonl", verdict_rows)
+        failures = [{"role": k, **f} for k, u in (("teacher", teacher), ("judge", judge), ("verifier", verifier))
+                    for f in (getattr(u, "failures", None) or [])]
+        write_jsonl(out / "failures.jsonl", failures)
         write_json(out / "summary.json", summary)
-        led = {k: c.ledger.as_dict() for k, c in (("teacher", getattr(teacher, "client", None)), ("judge", getattr(judge, "client", None))) if c}
-        run.update_stage("eval", llm=led or None, judge=judge.label)
+        run.update_stage("eval", llm=ledgers(teacher=teacher, judge=judge, verifier=verifier), judge=judge.label,
+                         failures=len(failures))
     return run.path("eval")

@@ -9,7 +9,8 @@ from functools import lru_cache
 from .teacher import split_atoms, wordnet, _ENT, _STOP_ENT
 
 # %% auto #0
-__all__ = ['VERIFY', 'content', 'keys', 'supported', 'fact_scores', 'aggregate_facts', 'verify']
+__all__ = ['VERIFY', 'content', 'keys', 'supported', 'fact_scores', 'aggregate_facts', 'make_verifier', 'verifier_label',
+           'verify']
 
 # %% ../nbs/11_facts.ipynb #11-facts-005
 _STOP = set("a an the of to in on at for by with from and or but is are was were be been being it its this that these those as "
@@ -82,18 +83,31 @@ Statement: {fact}
 
 Is the statement supported by the reference answer? Reply with exactly one word: True or False."""
 
+def make_verifier(judge_cfg, stage: str = "verifier"):
+    "The LLM client that verifies facts (the judge's endpoint), or None for the offline proxy verifier."
+    if judge_cfg is None or judge_cfg.backend != "llm": return None
+    from knowtuning.llm import LLMClient
+    return LLMClient(judge_cfg, stage)
+
+def verifier_label(judge_cfg) -> str:
+    "What verifies facts under `judge_cfg`: the LLM's name, or the offline proxy."
+    if judge_cfg is None or judge_cfg.backend != "llm": return "proxy: lexical/number/entity/antonym support"
+    return f"llm:{judge_cfg.model}"
+
 def verify(facts: list[list[str]], references: list[str], judge_cfg=None, client=None) -> tuple[list[list[bool]], str]:
-    "Support verdicts for each answer's facts: the LLM verifier when `judge_cfg.backend == 'llm'`, else the offline proxy."
+    """Support verdicts for each answer's facts: the LLM verifier when `judge_cfg.backend == 'llm'` (through `client`,
+    from `make_verifier`, so its calls reach the caller's ledger), else the offline proxy."""
     if judge_cfg is None or judge_cfg.backend != "llm":
-        return [[supported(f, r) for f in fs] for fs, r in zip(facts, references)], "proxy: lexical/number/entity/antonym support"
-    from knowtuning.llm import LLMClient, user, complete_parsed, ParseError
-    client = client or LLMClient(judge_cfg, "facts")
+        return [[supported(f, r) for f in fs] for fs, r in zip(facts, references)], verifier_label(judge_cfg)
+    from knowtuning.llm import user, complete_parsed, ParseError
+    client = client or make_verifier(judge_cfg)
     def parse(s):
         w = s.strip().strip(".").split()[:1]
         if not w or w[0].lower() not in ("true", "false"): raise ParseError("expected True or False")
         return w[0].lower() == "true"
     flat = [(i, f) for i, fs in enumerate(facts) for f in fs]
-    got = complete_parsed(client, [user(VERIFY.format(reference=references[i], fact=f), name=f"verify answer {i}") for i, f in flat], parse, "verify")
+    reqs = [user(VERIFY.format(reference=references[i], fact=f), name=f"verify answer {i}") for i, f in flat]
+    got = complete_parsed(client, reqs, parse, "verify")
     out = [[] for _ in facts]
     for (i, _), g in zip(flat, got): out[i].append(bool(g))   # an unparseable verdict counts as unsupported (and is recorded)
-    return out, f"llm:{judge_cfg.model}"
+    return out, verifier_label(judge_cfg)

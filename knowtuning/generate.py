@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_generate.ipynb #09-generate-003
 from __future__ import annotations
-import json, time
+import hashlib, json, time
 from pathlib import Path
 import torch
 from tqdm.auto import tqdm
@@ -12,7 +12,7 @@ from .runs import read_jsonl
 from .data import encode_prompt
 
 # %% auto #0
-__all__ = ['gen_kwargs', 'left_pad', 'generate', 'generate_api', 'generate_stage']
+__all__ = ['gen_kwargs', 'left_pad', 'generate', 'api_client', 'adapter_fingerprint', 'generate_api', 'generate_stage']
 
 # %% ../nbs/09_generate.ipynb #09-generate-005
 def gen_kwargs(g, tok) -> dict:
@@ -53,15 +53,29 @@ def generate(model, tok, prompts: list[str], g, batch_size: int | None = None, o
     return out
 
 # %% ../nbs/09_generate.ipynb #09-generate-008
-def generate_api(api_cfg, system: str, prompts: list[str], g) -> list[str]:
-    "Completions for `prompts` from an OpenAI-compatible server, model name `api_cfg.model` formatted with the system."
+def api_client(api_cfg, system: str):
+    "The LLM client for `system` on an OpenAI-compatible server (`api_cfg.model` may hold `{system}`)."
     import dataclasses
-    from knowtuning.llm import LLMClient, Request
-    cl = LLMClient(dataclasses.replace(api_cfg, model=api_cfg.model.format(system=system)), f"gen_{system}")
+    from knowtuning.llm import LLMClient
+    return LLMClient(dataclasses.replace(api_cfg, model=api_cfg.model.format(system=system)), f"gen_{system}")
+
+def adapter_fingerprint(adapter_dir) -> str:
+    "SHA-256 of an adapter's files (what a server serves under the system's name); 'base' for no adapter."
+    if adapter_dir is None: return "base"
+    h = hashlib.sha256()
+    for p in sorted(Path(adapter_dir).glob("*")):
+        if p.is_file():
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+def generate_api(client, system: str, prompts: list[str], g, salt: str = "") -> list[str]:
+    "Completions for `prompts` through `client`; `salt` (the served adapter's fingerprint) keys the cache."
+    from knowtuning.llm import Request
     sampling = dict(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k) if g.do_sample else dict(temperature=0.0)
-    reqs = [Request([], name=f"gen {system} #{i}", prompt=p, max_tokens=g.max_new_tokens, **sampling)
+    reqs = [Request([], name=f"gen {system} #{i}", prompt=p, max_tokens=g.max_new_tokens, salt=salt, **sampling)
             for i, p in enumerate(prompts)]
-    return [t.strip() for t in cl.complete_many(reqs, f"generate {system}")]
+    return [t.strip() for t in client.complete_many(reqs, f"generate {system}")]
 
 # %% ../nbs/09_generate.ipynb #09-generate-010
 def generate_stage(cfg, run, system: str) -> Path:
@@ -69,6 +83,7 @@ def generate_stage(cfg, run, system: str) -> Path:
     from knowtuning.assets import load_model
     from knowtuning.data import load_dataset, prompt, question, dataset_key
     from knowtuning.runs import fingerprint
+    from knowtuning.llm import ledgers
     deps = [] if system == "base" else [run.fingerprint_of(f"train_{system}")]
     if None in deps: raise RuntimeError(f"stage gen_{system} needs train_{system} in {run.dir} first")
     fp = fingerprint("gen", system, cfg.student, cfg.generate, cfg.data.test, cfg.data.n_test, cfg.seed, deps)
@@ -76,8 +91,11 @@ def generate_stage(cfg, run, system: str) -> Path:
         if out is None: return run.path(f"gen_{system}")
         torch.manual_seed(cfg.seed)
         api = cfg.generate.backend == "api"
+        client = api_client(cfg.generate.api, system) if api else None
+        adapter = None if system == "base" else run.path(f"train_{system}") / "adapter"
+        salt = adapter_fingerprint(adapter) if api else ""
         if not api:
-            model, tok = load_model(cfg.student, adapter=None if system == "base" else run.path(f"train_{system}") / "adapter")
+            model, tok = load_model(cfg.student, adapter=adapter)
             model.eval()
         t0, n_new = time.time(), 0
         for name in cfg.data.test:
@@ -92,11 +110,12 @@ def generate_stage(cfg, run, system: str) -> Path:
                         i = todo[j]
                         f.write(json.dumps({"index": i, "question": question(ds[i]), "reference": ds[i]["output"], "prediction": t}) + "\n")
             ps = [prompt(ds[i], cfg.student.template) for i in todo]
-            if api: save(list(range(len(todo))), generate_api(cfg.generate.api, system, ps, cfg.generate))
+            if api: save(list(range(len(todo))), generate_api(client, system, ps, cfg.generate, salt=salt))
             else: generate(model, tok, ps, cfg.generate, on_batch=save, template=cfg.student.template)
             n_new += len(todo)
             rows = sorted(read_jsonl(path), key=lambda r: r["index"])
             (out / f"{key}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             path.unlink()
-        run.update_stage(f"gen_{system}", generated=n_new, seconds_generating=round(time.time() - t0, 2))
+        run.update_stage(f"gen_{system}", generated=n_new, seconds_generating=round(time.time() - t0, 2),
+                         llm=ledgers(generator=client) if api else None)
     return run.path(f"gen_{system}")

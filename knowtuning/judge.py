@@ -9,7 +9,7 @@ from .facts import supported, content
 from .teacher import split_atoms
 
 # %% auto #0
-__all__ = ['ASPECTS', 'JUDGE', 'RATE', 'combine', 'judge_both_orders', 'proxy_scores', 'ProxyJudge', 'LLMJudge', 'make_judge']
+__all__ = ['ASPECTS', 'JUDGE', 'combine', 'judge_both_orders', 'proxy_scores', 'ProxyJudge', 'LLMJudge', 'make_judge']
 
 # %% ../nbs/12_judge.ipynb #12-judge-005
 ASPECTS = ("completeness", "factuality", "logicality", "overall")
@@ -39,7 +39,8 @@ def proxy_scores(answer: str, reference: str) -> dict:
     fact = sum(supported(a, reference) for a in ans) / len(ans) if ans else 0.0
     pos = []
     for a in ans:   # the reference sentence each answer fact matches best (if it shares content)
-        ca = content(a); ov = [len(ca & content(r)) for r in ref]
+        ca = content(a)
+        ov = [len(ca & content(r)) for r in ref]
         if ca and max(ov) / len(ca) >= 0.5: pos.append(ov.index(max(ov)))
     pairs = [(i, j) for i, j in itertools.combinations(pos, 2) if i != j]
     logic = sum(i < j for i, j in pairs) / len(pairs) if pairs else (1.0 if ans else 0.0)
@@ -48,15 +49,14 @@ def proxy_scores(answer: str, reference: str) -> dict:
 class ProxyJudge:
     "Offline reference-based proxy judge (labelled 'proxy')."
     label = "proxy: reference-fact recall / precision / order agreement"
+    failures: list = []                # an offline judge never fails to answer
     def __init__(self, margin: float = 0.05): self.margin = margin
-    def score(self, items: list[dict]) -> list[float]:
-        "Pointwise quality of `a` (for ranking sampled answers, RLAIF): the proxy's overall score."
-        return [proxy_scores(it["a"], it["reference"])["overall"] for it in items]
     def compare(self, items: list[dict]) -> list[dict]:
         out = []
         for it in items:
             sa, sb = proxy_scores(it["a"], it["reference"]), proxy_scores(it["b"], it["reference"])
-            out.append({k: "A" if sa[k] - sb[k] > self.margin else "B" if sb[k] - sa[k] > self.margin else "tie" for k in ASPECTS})
+            out.append({k: "A" if sa[k] - sb[k] > self.margin else "B" if sb[k] - sa[k] > self.margin else "tie"
+                        for k in ASPECTS})
         return out
 
 # %% ../nbs/12_judge.ipynb #12-judge-012
@@ -77,41 +77,28 @@ Judge each aspect:
 - overall: which answer is better overall.
 Reply with JSON only, each value "A", "B" or "tie": {{"completeness": ..., "factuality": ..., "logicality": ..., "overall": ...}}"""
 
-RATE = """Rate the answer to the question below for completeness, factuality and logicality together, on a scale from 1 (poor) to 10 (excellent). A reference answer is given for context.
-
-Question: {question}
-
-Reference answer: {reference}
-
-Answer: {a}
-
-Reply with the number only."""
-
 class LLMJudge:
-    "Pairwise judge through the LLM client (prompt above)."
-    def __init__(self, cfg, client=None):
+    "Pairwise judge through the LLM client (prompt above). A verdict that stays unparseable after the repair round is a "
+    "recorded failure (`failures`) and counts as a tie; the report says how many there were."
+    def __init__(self, cfg, stage: str = "judge", client=None):
         from knowtuning.llm import LLMClient
-        self.client = client or LLMClient(cfg, "judge"); self.label = f"llm:{cfg.model}"
+        self.client = client or LLMClient(cfg, stage)
+        self.label = f"llm:{cfg.model}"
+    @property
+    def failures(self) -> list: return self.client.failures
     def compare(self, items: list[dict]) -> list[dict]:
         from knowtuning.llm import user, complete_parsed, parse_json, ParseError
         def parse(s):
             d = parse_json(s)
             if not isinstance(d, dict): raise ParseError("expected a JSON object")
             v = {a: str(d.get(a, "")).strip().upper().replace("TIE", "tie") for a in ASPECTS}
-            if any(x not in ("A", "B", "tie") for x in v.values()): raise ParseError('each aspect must be "A", "B" or "tie"')
+            if any(x not in ("A", "B", "tie") for x in v.values()):
+                raise ParseError('each aspect must be "A", "B" or "tie"')
             return v
-        got = complete_parsed(self.client, [user(JUDGE.format(**it), name=f"judge {i}") for i, it in enumerate(items)], parse, "judge")
-        return [g or {a: "tie" for a in ASPECTS} for g in got]   # unparseable twice: a recorded failure, counted as a tie
-    def score(self, items: list[dict]) -> list[float]:
-        "Pointwise 1-10 rating of `a` (RLAIF ranking); unparseable ratings count as 0 and are recorded."
-        from knowtuning.llm import user, complete_parsed, ParseError
-        import re
-        def parse(s):
-            m = re.search(r"\b(10|[1-9])\b", s)
-            if not m: raise ParseError("expected a number from 1 to 10")
-            return float(m.group(1))
-        got = complete_parsed(self.client, [user(RATE.format(**it), name=f"rate {i}") for i, it in enumerate(items)], parse, "rate")
-        return [g if g is not None else 0.0 for g in got]
+        reqs = [user(JUDGE.format(**it), name=f"judge {i}") for i, it in enumerate(items)]
+        got = complete_parsed(self.client, reqs, parse, "judge")
+        return [g or {a: "tie" for a in ASPECTS} for g in got]
 
-def make_judge(cfg):
-    return LLMJudge(cfg) if cfg.backend == "llm" else ProxyJudge()
+def make_judge(cfg, stage: str = "judge"):
+    "The LLM judge when `cfg.backend == 'llm'`, else the offline proxy."
+    return LLMJudge(cfg, stage) if cfg.backend == "llm" else ProxyJudge()

@@ -13,7 +13,7 @@ from .runs import read_jsonl, write_json, write_jsonl, atomic_write
 
 # %% auto #0
 __all__ = ['encode', 'ppl_reference', 'pack', 'ppl_packed', 'n_keep', 'select_difficult', 'ka_rows', 'write_ka_set',
-           'score_resumable', 'ka_stage', 'plot_ka']
+           'score_resumable', 'failure_rows', 'ka_stage', 'plot_ka']
 
 # %% ../nbs/06_ka.ipynb #06-ka-006
 def encode(tok, q: str, atoms: list[str], template: str = "alpaca"):
@@ -131,13 +131,25 @@ def score_resumable(model, tok, questions, atom_lists, path: Path, template="alp
     bar.close()
     return [done[i] for i in range(len(questions))]
 
+def failure_rows(task: str, names: list[str], results: list, teacher, why: str) -> list[dict]:
+    "One row per input whose teacher result is missing: what failed, for which record, and why (the teacher's error)."
+    errs = {f["name"]: f for f in teacher.failures}
+    rows = []
+    for n, r in zip(names, results):
+        if r: continue
+        f = errs.get(f"{task} {n}", {})
+        rows.append({"task": task, "record": n, "error": f.get("error") or why, "raw": f.get("raw", "")})
+    return rows
+
 def ka_stage(cfg, run) -> Path:
     "Build the KA set for `cfg` in `run` (a `knowtuning.runs.Run`); returns the stage folder."
     from knowtuning.data import load_dataset
     from knowtuning.teacher import make_teacher
     from knowtuning.assets import load_model
-    from knowtuning.runs import fingerprint
-    fp = fingerprint("ka", cfg.data.train, cfg.data.n_train, cfg.student, cfg.teacher if cfg.teacher.backend == "llm" else "heuristic", cfg.ka, cfg.seed)
+    from knowtuning.llm import ledgers
+    from knowtuning.runs import fingerprint, require_yield
+    fp = fingerprint("ka", cfg.data.train, cfg.data.n_train, cfg.student,
+                     cfg.teacher if cfg.teacher.backend == "llm" else "heuristic", cfg.ka, cfg.seed)
     with run.stage("ka", fp) as out:
         if out is None: return run.path("ka")
         ds = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
@@ -145,7 +157,7 @@ def ka_stage(cfg, run) -> Path:
         qs, answers = [question(r) for r in ds], [r["output"] for r in ds]
         names = [f"{ds.name}#{i}" for i in range(len(ds))]
         atoms = teacher.decompose(answers, names)
-        failures = [{"task": "decompose", "record": names[i], "field": "output"} for i, a in enumerate(atoms) if a is None]
+        failures = failure_rows("decompose", names, atoms, teacher, "no atomic fact found in the answer")
         atoms = [a or [] for a in atoms]
         model, tok = load_model(cfg.student)
         model.eval()
@@ -156,24 +168,30 @@ def ka_stage(cfg, run) -> Path:
         rows = []
         for i, (a, p) in enumerate(zip(atoms, ppls)):
             keep = set(select_difficult(p, cfg.ka.alpha))
-            rows.append({"index": i, "question": qs[i], "teacher": teacher.label,
+            rows.append({"index": i, "record": names[i], "question": qs[i], "answer": answers[i], "teacher": teacher.label,
                          "atoms": [{"text": t, "ppl": round(x, 4), "kept": j in keep} for j, (t, x) in enumerate(zip(a, p))]})
         has = [r for r in rows if r["atoms"]]
+        has_names = [names[r["index"]] for r in has]
         rw = teacher.rewrite([r["question"] for r in has], [[a["text"] for a in r["atoms"] if a["kept"]] for r in has],
-                             [names[r["index"]] for r in has])
-        failures += [{"task": "rewrite", "record": names[r["index"]], "field": "output"} for r, w in zip(has, rw) if w is None]
-        failures += [{"task": f["name"].split()[0], "record": f["name"], "error": f["error"], "raw": f["raw"]} for f in teacher.failures]
+                             has_names)
+        failures += failure_rows("rewrite", has_names, rw, teacher, "the teacher returned no rewrite")
         write_jsonl(out / "atoms.jsonl", rows)
         write_jsonl(out / "failures.jsonl", failures)
         write_ka_set(out, ka_rows(ds.records, has, rw, teacher.label), cfg.student.template)
         n_atoms = sum(len(r["atoms"]) for r in rows)
-        stats = {"records": len(ds), "teacher": teacher.label, "atoms": n_atoms, "kept": sum(a["kept"] for r in rows for a in r["atoms"]),
-                 "answers_with_2plus_atoms": sum(len(r["atoms"]) >= 2 for r in rows), "rewritten": sum(w is not None for w in rw),
+        n_rw = sum(w is not None for w in rw)
+        stats = {"records": len(ds), "teacher": teacher.label, "atoms": n_atoms,
+                 "kept": sum(a["kept"] for r in rows for a in r["atoms"]),
+                 "answers_with_2plus_atoms": sum(len(r["atoms"]) >= 2 for r in rows), "rewritten": n_rw,
                  "failures": len(failures), "alpha": cfg.ka.alpha, "score_seconds": round(score_s, 2),
                  "atoms_per_s": round(n_atoms / max(score_s, 1e-9), 2)}
         write_json(out / "stats.json", stats)
         plot_ka(rows, out)
-        run.update_stage("ka", stats=stats, llm=getattr(getattr(teacher, "client", None), "ledger", None) and teacher.client.ledger.as_dict())
+        run.update_stage("ka", stats=stats, llm=ledgers(teacher=teacher))
+        reasons = {"answers without atoms (decomposition failed)": len(ds) - len(has),
+                   "rewrites failed": len(has) - n_rw}
+        require_yield("ka", n_rw, len(ds), "rewritten pairs", cfg.min_yield, reasons,
+                      [out / "stats.json", out / "failures.jsonl"])
     return run.path("ka")
 
 # %% ../nbs/06_ka.ipynb #06-ka-021

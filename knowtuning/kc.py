@@ -77,27 +77,34 @@ def write_kc_set(out: Path, rows: list[dict], template: str = "alpaca", name: st
 
 # %% ../nbs/07_kc.ipynb #07-kc-013
 def kc_stage(cfg, run) -> Path:
-    "Build the KC preference set for `cfg` in `run`; needs the KA stage's atoms."
-    from knowtuning.data import load_dataset
+    "Build the KC preference set for `cfg` in `run` from the KA stage's atoms (`ka/atoms.jsonl`)."
     from knowtuning.teacher import make_teacher
-    from knowtuning.runs import fingerprint
+    from knowtuning.ka import failure_rows
+    from knowtuning.llm import ledgers
+    from knowtuning.runs import fingerprint, require_yield
     ka_fp = run.fingerprint_of("ka")
     if ka_fp is None: raise RuntimeError(f"stage kc needs stage ka in {run.dir}: run `knowtuning ka` first")
     fp = fingerprint("kc", ka_fp, cfg.kc, cfg.seed, cfg.teacher if cfg.teacher.backend == "llm" else "heuristic")
     with run.stage("kc", fp) as out:
         if out is None: return run.path("kc")
-        ds = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
         arows = read_jsonl(run.path("ka") / "atoms.jsonl")
-        items = [{"index": r["index"], "question": r["question"], "answer": ds[r["index"]]["output"],
+        items = [{"index": r["index"], "question": r["question"], "answer": r["answer"],
                   "atoms": [a["text"] for a in r["atoms"]]} for r in arows if r["atoms"]]
         teacher = make_teacher(cfg.teacher, "kc", cfg.seed)
-        names = [f"{ds.name}#{it['index']}" for it in items]
+        names = [r["record"] for r in arows if r["atoms"]]
         reph = teacher.rephrase([it["answer"] for it in items], [it["atoms"] for it in items], names)
-        revs = teacher.revise([it["atoms"] for it in items], names) if "factuality" in cfg.kc.aspects else [None] * len(items)
+        revise = "factuality" in cfg.kc.aspects
+        revs = teacher.revise([it["atoms"] for it in items], names) if revise else [None] * len(items)
         rows, stats = build_pairs(items, reph, revs, cfg.kc.beta, cfg.kc.revise, cfg.seed, tuple(cfg.kc.aspects))
         stats.update(questions=len(items), teacher=teacher.label, pairs=len(rows))
         write_kc_set(out, rows, cfg.student.template)
         write_json(out / "stats.json", stats)
-        write_jsonl(out / "failures.jsonl", [{"task": f["name"].split()[0], "record": f["name"], "error": f["error"], "raw": f["raw"]} for f in teacher.failures])
-        run.update_stage("kc", stats=stats, llm=teacher.client.ledger.as_dict() if hasattr(teacher, "client") else None)
+        failures = failure_rows("rephrase", names, reph, teacher, "the teacher returned no rephrased answer")
+        if revise: failures += failure_rows("revise", names, revs, teacher, "the teacher returned no revision")
+        write_jsonl(out / "failures.jsonl", failures)
+        run.update_stage("kc", stats=stats, llm=ledgers(teacher=teacher))
+        reasons = {f"{a}: {r}": n for a in cfg.kc.aspects for r, n in stats[a]["reasons"].items()}
+        reasons["answers without atoms in KA"] = len(arows) - len(items)
+        require_yield("kc", len(rows), len(arows) * len(cfg.kc.aspects), "pairs", cfg.min_yield, reasons,
+                      [out / "stats.json", out / "failures.jsonl", run.path("ka") / "failures.jsonl"])
     return run.path("kc")

@@ -14,12 +14,15 @@ from .config import LLMCfg
 from .assets import home
 
 # %% auto #0
-__all__ = ['RETRYABLE', 'REPAIR', 'cache_key', 'Cache', 'Request', 'user', 'LLMError', 'Ledger', 'LLMClient', 'ParseError',
-           'parse_list', 'parse_json', 'complete_parsed', 'free_port', 'LocalServer', 'serve_local']
+__all__ = ['RETRYABLE', 'REPAIR', 'cache_key', 'Cache', 'Request', 'user', 'LLMError', 'Ledger', 'is_loopback', 'LLMClient',
+           'ledgers', 'ParseError', 'parse_list', 'parse_json', 'complete_parsed', 'free_port', 'LocalServer',
+           'serve_local']
 
 # %% ../nbs/04_llm.ipynb #04-llm-006
-def cache_key(model: str, messages: list, params: dict) -> str:
-    return hashlib.sha256(json.dumps({"model": model, "messages": messages, "params": params}, sort_keys=True).encode()).hexdigest()
+def cache_key(model: str, messages: list, params: dict, endpoint: str = "", salt: str = "") -> str:
+    "SHA-256 of what determines an answer: endpoint, model, messages, sampling parameters (and a caller's salt)."
+    d = {"endpoint": endpoint.rstrip("/"), "model": model, "messages": messages, "params": params, "salt": salt}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 class Cache:
     "Persistent {key: response} store shared safely by threads and processes."
@@ -49,6 +52,7 @@ class Request:
     prompt: str | None = None          # set: a raw text completion (`/v1/completions`) instead of a chat
     top_p: float | None = None
     top_k: int | None = None          # not in the OpenAI API: sent in the body for vLLM / llama.cpp
+    salt: str = ""                    # part of the cache key only (e.g. the fingerprint of the adapter being served)
 
 def user(text: str, system: str | None = None, name: str = "", **kw) -> Request:
     "A single-turn request."
@@ -78,7 +82,7 @@ class Ledger:
     def as_dict(self): return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 # %% ../nbs/04_llm.ipynb #04-llm-011
-def _is_loopback(url: str) -> bool:
+def is_loopback(url: str) -> bool:
     host = httpx.URL(url).host
     return host in ("localhost", "::1") or host.startswith("127.")
 
@@ -104,7 +108,7 @@ class LLMClient:
     def _api_key(self) -> str:
         key = os.environ.get(self.cfg.api_key_env)
         if key: return key
-        if _is_loopback(self.cfg.base_url): return "EMPTY"   # local servers take any key
+        if is_loopback(self.cfg.base_url): return "EMPTY"   # local servers take any key
         raise LLMError(f"environment variable {self.cfg.api_key_env} is not set (needed for {self.cfg.base_url}); "
                        "export it, or set api_key_env to the variable that holds your key")
 
@@ -121,7 +125,8 @@ class LLMClient:
 
     async def _one(self, api, r: Request, sem) -> str:
         params = self.params(r)
-        key = cache_key(self.cfg.model, r.messages if r.prompt is None else {"prompt": r.prompt}, params)
+        key = cache_key(self.cfg.model, r.messages if r.prompt is None else {"prompt": r.prompt}, params,
+                        self.cfg.base_url, r.salt)
         if (hit := self.cache.get(key)) is not None:
             self.ledger.cache_hits += 1; return hit["text"]
         async with sem:
@@ -179,6 +184,15 @@ class LLMClient:
         return out
 
     def complete(self, req) -> str: return self.complete_many([req])[0]
+
+# %% ../nbs/04_llm.ipynb #04-llm-011b
+def ledgers(**users) -> dict | None:
+    "{name: calls, cache hits, retries, failures, tokens, cost and model} of each LLM client behind `users`."
+    out = {}
+    for name, u in users.items():
+        c = u if isinstance(u, LLMClient) else getattr(u, "client", None)
+        if c is not None: out[name] = {"model": c.cfg.model, **c.ledger.as_dict()}
+    return out or None
 
 # %% ../nbs/04_llm.ipynb #04-llm-013
 class ParseError(ValueError): pass

@@ -10,7 +10,7 @@ from .config import load_config, project_root
 from .runs import Run, runs_root
 
 # %% auto #0
-__all__ = ['training_order', 'steps', 'run_step', 'reproduce']
+__all__ = ['training_order', 'steps', 'run_step', 'reproduce', 'plan', 'merge_plan', 'format_plan']
 
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-005
 def training_order(systems) -> list[str]:
@@ -76,3 +76,88 @@ def reproduce(preset: str | None = "tiny", config=None, overrides=(), run_name: 
         log(f"{done_t[-1]:7.1f} s   elapsed {_hms(el)}   remaining ~{_hms(eta)}")
     run.update_stage("pipeline", seconds=round(time.time() - t0, 2), steps=[s for s, _, _ in todo])
     return run
+
+# %% ../nbs/16_pipeline.ipynb #16-pipeline-007b
+def _tok(s: str) -> int: return max(1, len(s) // 4)      # about 4 characters per token of English text
+
+def _row(stage: str, role: str, cfg_llm, calls: int, pt: int, ct: int) -> dict:
+    price = cfg_llm.prices.get(cfg_llm.model)
+    cost = (pt * price[0] + ct * price[1]) / 1e6 if price else 0.0
+    return {"stage": stage, "role": role, "model": cfg_llm.model, "calls": calls, "prompt_tokens": pt,
+            "completion_tokens": ct, "cost_usd": round(cost, 4)}
+
+def plan(cfg) -> list[dict]:
+    "Estimated LLM calls, tokens and cost per stage and role for `cfg`; [] when every role is offline."
+    from math import ceil, comb
+    from knowtuning.data import load_dataset, question
+    from knowtuning.teacher import PROMPTS, split_atoms
+    from knowtuning.judge import JUDGE
+    from knowtuning.facts import VERIFY
+    t_llm, j_llm = cfg.teacher.backend == "llm", cfg.judge.backend == "llm"
+    train = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train).records
+    tests = [load_dataset(n, lenient=cfg.data.lenient, n=cfg.data.n_test).records for n in cfg.data.test]
+    cap = 4 * cfg.generate.max_new_tokens
+    gen = lambda r: r["output"][:cap]                        # an answer of the student, by its length
+    n_atoms = lambda a: max(1, len(split_atoms(a)))
+    rows = []
+    def add(stage, role, prompts, completion_tokens):
+        cfg_llm = cfg.teacher if role == "teacher" else cfg.judge
+        if prompts: rows.append(_row(stage, role, cfg_llm, len(prompts), sum(map(_tok, prompts)), completion_tokens))
+    if t_llm:
+        add("ka", "teacher", [PROMPTS["decompose"].format(answer=r["output"]) for r in train],
+            sum(_tok(r["output"]) for r in train))
+        kept = [" ".join(a["text"] for a in split_atoms(r["output"])[:ceil(cfg.ka.alpha * n_atoms(r["output"]))])
+                for r in train]
+        add("ka", "teacher", [PROMPTS["rewrite"].format(question=question(r), atoms=k) for r, k in zip(train, kept)],
+            sum(_tok(question(r)) + _tok(k) + 10 for r, k in zip(train, kept)))
+        add("kc", "teacher", [PROMPTS["rephrase"].format(answer=r["output"]) for r in train],
+            sum(_tok(r["output"]) for r in train))
+        if "factuality" in cfg.kc.aspects:
+            add("kc", "teacher", [PROMPTS["revise"].format(atoms=r["output"]) for r in train],
+                sum(_tok(r["output"]) + 3 * n_atoms(r["output"]) for r in train))
+    k = cfg.train.k_samples
+    if "rlaif" in cfg.systems and j_llm:
+        add("prefs_rlaif", "judge", [JUDGE.format(question=question(r), reference=r["output"], a=gen(r), b=gen(r))
+                                     for r in train for _ in range(2 * comb(k, 2))], 30 * len(train) * 2 * comb(k, 2))
+    if "facttune" in cfg.systems:
+        if t_llm: add("prefs_facttune", "teacher", [PROMPTS["decompose"].format(answer=gen(r)) for r in train
+                                                    for _ in range(k)], k * sum(_tok(gen(r)) for r in train))
+        if j_llm:
+            facts = [(r, a["text"]) for r in train for a in split_atoms(gen(r))]
+            add("prefs_facttune", "verifier", [VERIFY.format(reference=r["output"], fact=f) for r, f in facts for _ in range(k)],
+                2 * k * len(facts))
+    systems = [s for s in cfg.systems]
+    for recs in tests:
+        if t_llm: add("eval", "teacher", [PROMPTS["decompose"].format(answer=gen(r)) for r in recs for _ in systems],
+                      len(systems) * sum(_tok(gen(r)) for r in recs))
+        if j_llm:
+            facts = [(r, a["text"]) for r in recs for a in split_atoms(gen(r))]
+            add("eval", "verifier", [VERIFY.format(reference=r["output"], fact=f) for r, f in facts for _ in systems],
+                2 * len(systems) * len(facts))
+            if "knowtuning" in systems:
+                n_cmp = 2 * (len(systems) - 1)
+                add("eval", "judge", [JUDGE.format(question=question(r), reference=r["output"], a=gen(r), b=gen(r))
+                                      for r in recs for _ in range(n_cmp)], 30 * n_cmp * len(recs))
+    return rows
+
+def merge_plan(rows: list[dict]) -> list[dict]:
+    "One row per (stage, role): the estimate as the manifest's ledgers report it."
+    out = {}
+    for r in rows:
+        o = out.setdefault((r["stage"], r["role"]), {**r, "calls": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                                     "cost_usd": 0.0})
+        for k in ("calls", "prompt_tokens", "completion_tokens", "cost_usd"): o[k] += r[k]
+    return list(out.values())
+
+def format_plan(rows: list[dict]) -> str:
+    "The plan as a table with a total line."
+    rows = merge_plan(rows)
+    if not rows: return "no LLM calls: teacher and judge are the offline heuristics"
+    lines = [f"{'stage':16s} {'role':9s} {'model':18s} {'calls':>8s} {'in tokens':>11s} {'out tokens':>11s} {'USD':>9s}"]
+    for r in rows:
+        lines.append(f"{r['stage']:16s} {r['role']:9s} {r['model'][:18]:18s} {r['calls']:8d} {r['prompt_tokens']:11d} "
+                     f"{r['completion_tokens']:11d} {r['cost_usd']:9.2f}")
+    tot = {k: sum(r[k] for r in rows) for k in ("calls", "prompt_tokens", "completion_tokens", "cost_usd")}
+    lines.append(f"{'total':45s} {tot['calls']:8d} {tot['prompt_tokens']:11d} {tot['completion_tokens']:11d} "
+                 f"{tot['cost_usd']:9.2f}   (+ one repair call per malformed answer)")
+    return "\n".join(lines)

@@ -88,20 +88,25 @@ def judge_table(summary: dict, ctx: str, proxy: bool):
     for d, x in summary["datasets"].items():
         for b, asp in x.get("judge", {}).items():
             ci = x.get("judge_ci", {}).get(b, {})
-            rows.append([d, x["n"], f"KnowTuning vs {b}"] + [_wtl(asp[a], ci.get(a)) for a in ASPECTS])
-    cap = (f"Pairwise judge, win / tie / lose (%, ± half 95% CI), judged in both orders"
-           f"{' — PROXY judge, not an LLM. ' + PROXY_NOTE if proxy else '.'} {ctx}")
-    return ["dataset", "n", "comparison", *ASPECTS], rows, cap
+            calls = x.get("judge_calls", {}).get(b, {})
+            rows.append([d, x["n"], f"KnowTuning vs {b}"] + [_wtl(asp[a], ci.get(a)) for a in ASPECTS]
+                        + [f"{calls.get('judged', '?')} / {calls.get('failed', '?')}"])
+    cap = (f"Pairwise judge ({summary.get('judge', '?')}), win / tie / lose (%, ± half 95% CI), judged in both orders; "
+           "an answer the judge could not give in the requested form (after one repair round) counts as a tie and "
+           f"is counted under 'judged / failed'{' — PROXY judge, not an LLM. ' + PROXY_NOTE if proxy else '.'} {ctx}")
+    return ["dataset", "n", "comparison", *ASPECTS, "judged / failed"], rows, cap
 
 def facts_table(summary: dict, ctx: str):
     nan = float("nan")
     rows = [[d, x["n"], s, v["facts"].get("facts_per_answer", nan), v["facts"].get("correct_per_answer", nan),
-             v["facts"].get("error_rate", nan), v["facts"].get("factscore", nan)]
+             v["facts"].get("error_rate", nan), v["facts"].get("factscore", nan),
+             f"{v['facts'].get('verified', '?')} / {v['facts'].get('verify_failed', '?')}"]
             for d, x in summary["datasets"].items() for s, v in x["systems"].items()]
     ver = summary.get("verifier", "")
     note = f" [PROXY] {PROXY_NOTE}" if "proxy" in ver else ""
-    return (["dataset", "n", "system", "facts / answer", "correct facts / answer", "factual error rate", "FActScore"],
-            rows, f"Fine-grained facts (verifier: {ver}{note}). {ctx}")
+    return (["dataset", "n", "system", "facts / answer", "correct facts / answer", "factual error rate", "FActScore",
+             "verified / failed"], rows,
+            f"Fine-grained facts (verifier: {ver}{note}; an unparseable verdict counts as unsupported). {ctx}")
 
 def ablation_table(cfg, summary: dict, ctx: str):
     abl = [s for s in cfg.systems if s.startswith("wo_")]
@@ -164,8 +169,10 @@ def plot_judge(summary: dict, path: Path):
     if not ds: axes[0][0].set_axis_off()
     kind = "proxy" if "proxy" in summary.get("judge", "") else "LLM"
     fig.suptitle(f"KnowTuning vs baselines, judge: {kind}", fontsize=10)
-    if ds: axes[0][-1].legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+    if ds:
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

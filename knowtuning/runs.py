@@ -11,7 +11,7 @@ from .config import Config, to_dict, to_yaml, project_root
 
 # %% auto #0
 __all__ = ['atomic_write', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'fingerprint', 'file_hash', 'runs_root',
-           'versions', 'Run']
+           'versions', 'Run', 'YieldError', 'require_yield']
 
 # %% ../nbs/03_runs.ipynb #03-runs-006
 def atomic_write(path, data: str | bytes) -> Path:
@@ -113,3 +113,16 @@ class Run:
         tmp.rename(final)
         self.update_stage(stage, fingerprint=fp, seconds=round(time.time() - t0, 2), built=time.strftime("%Y-%m-%dT%H:%M:%S"),
                           builds=self.manifest.get("stages", {}).get(stage, {}).get("builds", 0) + 1)
+
+# %% ../nbs/03_runs.ipynb #03-runs-014b
+class YieldError(RuntimeError):
+    "A stage turned too few of its inputs into training data."
+
+def require_yield(stage: str, got: int, of: int, what: str, min_yield: float, reasons: dict | None = None,
+                  files=(), hint: str = "the teacher may be too weak for these tasks") -> None:
+    "Raise `YieldError` when `got / of < min_yield`, with the counts, the reasons and where to look."
+    if of and got / of >= min_yield: return
+    why = "; ".join(f"{n} {r}" for r, n in sorted((reasons or {}).items(), key=lambda x: -x[1]) if n)
+    see = ", ".join(map(str, files))
+    raise YieldError(f"{stage} wrote {got} {what} from {of} inputs (below min_yield={min_yield})"
+                     + (f": {why}" if why else "") + (f"; see {see}" if see else "") + f"; {hint}")

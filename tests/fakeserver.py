@@ -2,21 +2,24 @@
 import json, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-def completion(text, model="fake"):
+def _usage(p=10, c=5): return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+def completion(text, model="fake", usage=(10, 5)):
     return {"id": "x", "object": "chat.completion", "created": 0, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+            "usage": _usage(*usage)}
 
-def text_completion(text, model="fake"):
+def text_completion(text, model="fake", usage=(10, 5)):
     return {"id": "x", "object": "text_completion", "created": 0, "model": model,
             "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+            "usage": _usage(*usage)}
 
 class FakeServer:
     """`script` is a list of actions consumed one per request: an int status (429, 500, ...), 'stall' (sleep past the
     client timeout), or a string answer; when it runs out, `default` is used (a callable of the request body, or an action)."""
-    def __init__(self, script=(), default=lambda body: "echo: " + (body["prompt"] if "prompt" in body else body["messages"][-1]["content"]), stall=3.0, delay=0.0):
-        self.script, self.default, self.stall, self.delay = list(script), default, stall, delay
+    def __init__(self, script=(), default=lambda body: "echo: " + (body["prompt"] if "prompt" in body else body["messages"][-1]["content"]), stall=3.0, delay=0.0,
+                 usage=lambda body, text: (10, 5)):
+        self.script, self.default, self.stall, self.delay, self.usage = list(script), default, stall, delay, usage
         self.requests, self.auth, self.in_flight, self.max_in_flight = [], [], 0, 0
         self.lock = threading.Lock()
         srv = self
@@ -34,8 +37,8 @@ class FakeServer:
                     if action == "stall": time.sleep(srv.stall); action = "late"
                     if isinstance(action, int):
                         self._send(action, {"error": {"message": f"injected {action}", "type": "injected"}})
-                    elif "prompt" in body: self._send(200, text_completion(action, body.get("model", "fake")))
-                    else: self._send(200, completion(action, body.get("model", "fake")))
+                    elif "prompt" in body: self._send(200, text_completion(action, body.get("model", "fake"), srv.usage(body, action)))
+                    else: self._send(200, completion(action, body.get("model", "fake"), srv.usage(body, action)))
                 finally:
                     with srv.lock: srv.in_flight -= 1
             def _send(self, code, obj):

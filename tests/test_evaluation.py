@@ -57,3 +57,29 @@ def test_generation_through_openai_compatible_server(tmp_path):
         rows = read_jsonl(out / "demo_test.jsonl")
         assert len(rows) == 3 and all(r["prediction"].startswith("echo: Below is an instruction") for r in rows)
         assert {b["model"] for b in s.requests} == {"base"} and all("prompt" in b for b in s.requests)
+
+def test_api_generation_is_never_stale_after_retraining(tmp_path):
+    "Two adapters served under the same name through one server and one cache: each gets its own answers."
+    import itertools, shutil
+    from knowtuning.generate import generate_stage
+    from knowtuning.train import train_stage
+    n = itertools.count()
+    with FakeServer(default=lambda body: f"answer number {next(n)}") as s:
+        base = ["student.model=tiny-random", "generate.backend=api", f"generate.api.base_url={s.base_url}",
+                f"generate.api.cache={tmp_path}/cache.sqlite", "train.max_steps=1", "systems=[sft]"]
+        preds = {}
+        for lr in ("1e-4", "1e-2"):      # "retrain": the same system with another learning rate, a new adapter
+            cfg = load_config("smoke", overrides=base + [f"train.lr={lr}"])
+            run = Run(cfg, tmp_path / "runs", f"lr{lr}")
+            train_stage(cfg, run, "sft")
+            preds[lr] = [r["prediction"] for r in read_jsonl(generate_stage(cfg, run, "sft") / "demo_test.jsonl")]
+        assert len(s.requests) == 6 and {b["model"] for b in s.requests} == {"sft"}
+        assert set(preds["1e-4"]).isdisjoint(preds["1e-2"]), preds      # the second adapter was asked, not the cache
+        assert run.manifest["stages"]["gen_sft"]["llm"]["generator"]["calls"] == 3
+        # the same adapter again (the generation stage deleted and rerun): answered from the cache, no request
+        shutil.rmtree(run.path("gen_sft"))
+        m = run.manifest
+        m["stages"].pop("gen_sft")
+        run._save(m)
+        again = [r["prediction"] for r in read_jsonl(generate_stage(cfg, run, "sft") / "demo_test.jsonl")]
+        assert again == preds["1e-2"] and len(s.requests) == 6
