@@ -178,8 +178,10 @@ def main(argv=None) -> int:
     a = parser().parse_args(argv)
     from knowtuning.data import DataError
     from knowtuning.config import ConfigError
+    from knowtuning.pipeline import StepError
+    from knowtuning.runs import YieldError
     try: return a.fn(a) or 0
-    except (DataError, ConfigError) as e:
+    except (DataError, ConfigError, StepError, YieldError) as e:
         print(f"error: {e}", file=sys.stderr); return 2
 
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # python -m knowtuning.cli (accelerate launch)

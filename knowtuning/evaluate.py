@@ -51,15 +51,15 @@ def _failed(client_user, before: int) -> int:
     "Failures recorded by a teacher / judge / verifier client since `before` (offline backends never fail)."
     return len(getattr(client_user, "failures", None) or []) - before
 
-def score_system(preds: list[dict], has_ref: bool, teacher, verifier, cfg) -> tuple[list[dict], dict, dict]:
-    "Per-example rows, per-question scores and the summary (metrics with CIs, facts, verification failures)."
+def score_system(preds: list[dict], has_ref: bool, teacher, verifier, cfg, label: str = ""):
+    "(per-example rows, per-question scores, summary: metrics with CIs, facts, verification failures)."
     from knowtuning.metrics import all_metrics, bootstrap_ci
     from knowtuning.facts import verify, fact_scores, aggregate_facts
     P, R = [r["prediction"] for r in preds], [r["reference"] for r in preds]
     m = all_metrics(P, R, cfg.eval.bertscore_model) if has_ref else {}
     facts = [f or [] for f in teacher.decompose(P)]
     n0 = len(verifier.failures) if verifier else 0
-    if has_ref: v, _ = verify(facts, R, cfg.judge, verifier)
+    if has_ref: v, _ = verify(facts, R, cfg.judge, verifier, label)
     else: v = [[False] * len(f) for f in facts]
     fs = fact_scores(facts, v, cfg.eval.gamma)
     rows = [{"index": r["index"], **{k: round(m[k][i], 6) for k in m},
@@ -72,12 +72,12 @@ def score_system(preds: list[dict], has_ref: bool, teacher, verifier, cfg) -> tu
     scores = {**m, "fact_precision": [r["precision"] for r in fs]} if has_ref else {}
     return rows, scores, summary
 
-def judge_against(main: list[dict], base: list[dict], judge, cfg) -> tuple[list[dict], dict]:
+def judge_against(main: list[dict], base: list[dict], judge, cfg, label: str = "") -> tuple[list[dict], dict]:
     "Verdicts of `main` against `base` in both orders, and their summary: rates, CIs, judged and failed calls."
     from knowtuning.judge import judge_both_orders, ASPECTS
     from knowtuning.metrics import rate_cis
-    items = [{"question": x["question"], "reference": x["reference"], "x": x["prediction"], "y": y["prediction"]}
-             for x, y in zip(main, base)]
+    items = [{"question": x["question"], "reference": x["reference"], "x": x["prediction"], "y": y["prediction"],
+              "name": f"judge {label} #{x['index']}"} for x, y in zip(main, base)]
     n0 = len(judge.failures)
     vs = judge_both_orders(judge.compare, items)
     ci = {a: rate_cis([v[a] for v in vs], cfg.eval.bootstrap, cfg.seed) for a in ASPECTS}
@@ -94,7 +94,8 @@ def evaluate_stage(cfg, run, main: str = "knowtuning") -> Path:
     from knowtuning.data import dataset_key
     systems = list(cfg.systems)
     deps = [run.fingerprint_of(f"gen_{s}") for s in systems]
-    if None in deps: raise RuntimeError(f"stage eval needs gen_<system> for {systems} in {run.dir}: run `knowtuning evaluate`")
+    if None in deps:
+        raise RuntimeError(f"stage eval needs gen_<system> for {systems} in {run.dir}: run `knowtuning evaluate`")
     fp = fingerprint("eval", deps, cfg.eval, cfg.judge if cfg.judge.backend == "llm" else "proxy",
                      cfg.teacher if cfg.teacher.backend == "llm" else "heuristic", main)
     with run.stage("eval", fp) as out:
@@ -112,7 +113,8 @@ def evaluate_stage(cfg, run, main: str = "knowtuning") -> Path:
                                               "systems": {}, "judge": {}, "judge_ci": {}, "judge_calls": {}}
             scores = {}
             for s in systems:
-                rows, scores[s], ds["systems"][s] = score_system(preds[s], has_ref, teacher, verifier, cfg)
+                rows, scores[s], ds["systems"][s] = score_system(preds[s], has_ref, teacher, verifier, cfg,
+                                                                 f"{name}: {s}")
                 per_ex += [{"dataset": name, "system": s, **r} for r in rows]
             answers = {s: [r["prediction"] for r in preds[s]] for s in systems}
             ds["identical"] = {f"{a} = {b}": identical_share(answers[a], answers[b])
@@ -121,7 +123,7 @@ def evaluate_stage(cfg, run, main: str = "knowtuning") -> Path:
             if has_ref: ds["diffs"] = paired_diffs(scores, main, cfg.eval.bootstrap, cfg.seed)
             if not (has_ref or cfg.judge.backend == "llm"): continue
             for b in (s for s in systems if s != main):
-                vs, js = judge_against(preds[main], preds[b], judge, cfg)
+                vs, js = judge_against(preds[main], preds[b], judge, cfg, f"{name}: {main} vs {b}")
                 verdict_rows += [{"dataset": name, "system": main, "baseline": b, "index": x["index"], **v}
                                  for x, v in zip(preds[main], vs)]
                 ds["judge"][b], ds["judge_ci"][b] = js["rates"], js["ci"]

@@ -94,7 +94,8 @@ def verifier_label(judge_cfg) -> str:
     if judge_cfg is None or judge_cfg.backend != "llm": return "proxy: lexical/number/entity/antonym support"
     return f"llm:{judge_cfg.model}"
 
-def verify(facts: list[list[str]], references: list[str], judge_cfg=None, client=None) -> tuple[list[list[bool]], str]:
+def verify(facts: list[list[str]], references: list[str], judge_cfg=None, client=None,
+           label: str = "") -> tuple[list[list[bool]], str]:
     """Support verdicts for each answer's facts: the LLM verifier when `judge_cfg.backend == 'llm'` (through `client`,
     from `make_verifier`, so its calls reach the caller's ledger), else the offline proxy."""
     if judge_cfg is None or judge_cfg.backend != "llm":
@@ -106,7 +107,7 @@ def verify(facts: list[list[str]], references: list[str], judge_cfg=None, client
         if not w or w[0].lower() not in ("true", "false"): raise ParseError("expected True or False")
         return w[0].lower() == "true"
     flat = [(i, f) for i, fs in enumerate(facts) for f in fs]
-    reqs = [user(VERIFY.format(reference=references[i], fact=f), name=f"verify answer {i}") for i, f in flat]
+    reqs = [user(VERIFY.format(reference=references[i], fact=f), name=f"verify {label} answer {i}".replace("  ", " ")) for i, f in flat]
     got = complete_parsed(client, reqs, parse, "verify")
     out = [[] for _ in facts]
     for (i, _), g in zip(flat, got): out[i].append(bool(g))   # an unparseable verdict counts as unsupported (and is recorded)

@@ -25,9 +25,13 @@ def combine(first: dict, second: dict) -> dict:
     return out
 
 def judge_both_orders(compare, items: list[dict]) -> list[dict]:
-    "items: [{question, reference, x, y}]; `compare(list of {question, reference, a, b})` -> list of aspect verdicts."
-    first = compare([{"question": i["question"], "reference": i["reference"], "a": i["x"], "b": i["y"]} for i in items])
-    second = compare([{"question": i["question"], "reference": i["reference"], "a": i["y"], "b": i["x"]} for i in items])
+    """items: [{question, reference, x, y, name?}]; `compare(list of {question, reference, a, b, name})` -> list of
+    aspect verdicts. `name` (for error messages and failure records) says which comparison and which order."""
+    def order(i, k, a, b, tag):
+        return {"question": i["question"], "reference": i["reference"], "a": i[a], "b": i[b],
+                "name": f"{i.get('name', f'judge {k}')} ({tag})"}
+    first = compare([order(i, k, "x", "y", "x first") for k, i in enumerate(items)])
+    second = compare([order(i, k, "y", "x", "y first") for k, i in enumerate(items)])
     return [combine(f, s) for f, s in zip(first, second)]
 
 # %% ../nbs/12_judge.ipynb #12-judge-009
@@ -95,7 +99,8 @@ class LLMJudge:
             if any(x not in ("A", "B", "tie") for x in v.values()):
                 raise ParseError('each aspect must be "A", "B" or "tie"')
             return v
-        reqs = [user(JUDGE.format(**it), name=f"judge {i}") for i, it in enumerate(items)]
+        reqs = [user(JUDGE.format(**{k: it[k] for k in ("question", "reference", "a", "b")}),
+                     name=it.get("name", f"judge {i}")) for i, it in enumerate(items)]
         got = complete_parsed(self.client, reqs, parse, "judge")
         return [g or {a: "tie" for a in ASPECTS} for g in got]
 

@@ -10,7 +10,7 @@ from .config import load_config, project_root
 from .runs import Run, runs_root
 
 # %% auto #0
-__all__ = ['training_order', 'steps', 'run_step', 'reproduce', 'plan', 'merge_plan', 'format_plan']
+__all__ = ['training_order', 'steps', 'StepError', 'run_step', 'reproduce', 'plan', 'merge_plan', 'format_plan']
 
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-005
 def training_order(systems) -> list[str]:
@@ -32,7 +32,8 @@ def steps(cfg) -> list[tuple[str, str, dict]]:
 
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-007
 def _hms(s: float) -> str:
-    s = int(s); return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 @contextlib.contextmanager
 def _stderr_to(path: Path):
@@ -43,9 +44,13 @@ def _stderr_to(path: Path):
         try: yield
         finally: sys.stderr.flush(); os.dup2(saved, 2); os.close(saved)
 
+class StepError(RuntimeError):
+    "A step's notebook raised: the message is the original error's, with the executed notebook to open."
+
 def run_step(run: Run, step: str, notebook: str, extra: dict | None = None) -> Path:
     """Execute one stage notebook with papermill for `run`. The executed copy is kept in `run/notebooks/`, and the
-    kernel's own stderr (jupyter's start-up chatter, native-library warnings, a crash's last words) in `<notebook>.log` beside it."""
+    kernel's own stderr (jupyter's start-up chatter, native-library warnings, a crash's last words) in
+    `<notebook>.log` beside it. An error in the notebook becomes a `StepError` with the original message."""
     import papermill as pm
     os.environ["IN_TEST"] = "1"                # notebooks must not re-export the package during runs
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -53,9 +58,12 @@ def run_step(run: Run, step: str, notebook: str, extra: dict | None = None) -> P
     out = run.dir / "notebooks" / notebook
     params = {"preset": None, "config_file": str((run.dir / "config.yaml").resolve()), "overrides": [],
               "run_name": run.dir.name, "runs_dir": str(run.dir.parent.resolve()), **(extra or {})}
-    with _stderr_to(out.with_suffix(".log")):
-        pm.execute_notebook(str(project_root() / "nbs" / notebook), str(out), parameters=params, kernel_name="python3",
-                            cwd=str(run.dir), progress_bar=False, log_output=False)
+    try:
+        with _stderr_to(out.with_suffix(".log")):
+            pm.execute_notebook(str(project_root() / "nbs" / notebook), str(out), parameters=params,
+                                kernel_name="python3", cwd=str(run.dir), progress_bar=False, log_output=False)
+    except pm.PapermillExecutionError as e:
+        raise StepError(f"step {step} failed: {e.ename}: {e.evalue}\n(executed notebook: {out})") from None
     return out
 
 def reproduce(preset: str | None = "tiny", config=None, overrides=(), run_name: str | None = None, runs_dir=None,
@@ -65,7 +73,8 @@ def reproduce(preset: str | None = "tiny", config=None, overrides=(), run_name: 
     run = Run(cfg, runs_dir or runs_root(), run_name)
     todo = [s for s in steps(cfg) if only is None or s[0] in only]
     t0, done_t = time.time(), []
-    log(f"run {run.dir}  ({len(todo)} steps; preset {cfg.name}, student {cfg.student.model}, teacher {cfg.teacher.backend}, judge {cfg.judge.backend})")
+    log(f"run {run.dir}  ({len(todo)} steps; preset {cfg.name}, student {cfg.student.model}, "
+        f"teacher {cfg.teacher.backend}, judge {cfg.judge.backend})")
     for i, (step, nb, extra) in enumerate(todo, 1):
         s0 = time.time()
         log(f"[{i}/{len(todo)}] {step:9s} ... ", end="") if log is print else log(f"[{i}/{len(todo)}] {step}")

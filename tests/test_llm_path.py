@@ -16,7 +16,7 @@ def llm_sets(url, cache):
 
 def test_llm_path_end_to_end(tmp_path):
     env = {"KNOWTUNING_RUNS": str(tmp_path / "runs"), "KT_TEST_KEY": SECRET}
-    with TaskServer() as s:
+    with TaskServer(malformed_every=5, broken_every=11) as s:
         sets = llm_sets(s.base_url, tmp_path / "cache.sqlite")
         r = kt("reproduce", "--preset", "smoke", *sets, env=env, cwd=tmp_path, timeout=1500)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -46,6 +46,22 @@ def test_llm_path_end_to_end(tmp_path):
         assert "judged / failed" in table and "llm:judge-m" in table
         for row in table.splitlines()[4:]:
             assert row.rstrip(" |").split("|")[-1].strip().count("/") == 1
+        assert any(f["name"].startswith("judge demo_test: knowtuning vs ") for f in fails)   # which comparison failed
+        # the plan made before the run is within 2x of what the ledgers recorded (calls incl. cache hits, and tokens)
+        from knowtuning.config import load_config
+        from knowtuning.pipeline import plan, merge_plan
+        cfg = load_config("smoke", overrides=[v for v in sets if v != "--set"])
+        est = merge_plan(plan(cfg))
+        assert {(r["stage"], r["role"]) for r in est} == {(st, ro) for st, roles in expect.items() for ro in roles}
+        for r in est:
+            led = m[r["stage"]]["llm"][r["role"]]
+            assert 0.5 <= (led["calls"] + led["cache_hits"]) / r["calls"] <= 2, (r, led)
+        tot = lambda rows, k: sum(x[k] for x in rows)
+        led_all = [x for st in expect for x in m[st]["llm"].values()]
+        assert 0.5 <= tot(led_all, "prompt_tokens") / tot(est, "prompt_tokens") <= 2
+        assert 0.5 <= tot(led_all, "cost_usd") / tot(est, "cost_usd") <= 2
+        out = kt("plan", "--preset", "smoke", *sets, env=env, cwd=tmp_path, check=True).stdout
+        assert "prefs_rlaif" in out and "total" in out and len(s.requests) == n_first      # planning calls nothing
         ka_fail = [json.loads(l) for l in (run / "ka" / "failures.jsonl").read_text().splitlines()]
         assert all(f["error"] for f in ka_fail)                 # every failure row says why
         # a second identical reproduce makes no HTTP request; a new run of the same config is answered by the cache
@@ -58,3 +74,18 @@ def test_llm_path_end_to_end(tmp_path):
         assert all(a == f"Bearer {SECRET}" for a in s.auth)      # the key was really sent ...
     leaks = [str(p) for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaks == []                                          # ... and never written anywhere
+
+def test_a_teacher_that_fails_stops_the_run_where_it_fails(tmp_path):
+    "Every answer malformed, even after the repair: KA stops with the counts, the reasons and the files to read."
+    env = {"KNOWTUNING_RUNS": str(tmp_path / "runs"), "KT_TEST_KEY": SECRET}
+    with TaskServer(broken_every=1) as s:
+        r = kt("reproduce", "--preset", "smoke", *llm_sets(s.base_url, tmp_path / "cache.sqlite"), env=env, cwd=tmp_path)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    err = r.stderr
+    assert "step ka failed: YieldError: ka wrote 0 rewritten pairs from 6 inputs (below min_yield=0.2)" in err, err
+    assert "6 answers without atoms (decomposition failed)" in err and "failures.jsonl" in err
+    assert "the teacher may be too weak" in err and "Traceback" not in err
+    partial = tmp_path / "runs" / "smoke" / ".ka.partial"
+    rows = [json.loads(l) for l in (partial / "failures.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(f["task"] == "decompose" and f["error"] and f["raw"] for f in rows)
+    assert not list((tmp_path / "runs" / "smoke").glob("train_*"))      # stopped before any training
