@@ -6,10 +6,10 @@
 from __future__ import annotations
 import dataclasses, itertools
 from pathlib import Path
-from .runs import write_json, write_jsonl
+from .runs import write_json, write_jsonl, Stage
 
 # %% auto #0
-__all__ = ['best_worst_pairs', 'pairwise_prefs', 'samples_stage', 'prefs_stage']
+__all__ = ['SAMPLES', 'best_worst_pairs', 'pairwise_prefs', 'prefs_spec', 'samples_stage', 'prefs_stage']
 
 # %% ../nbs/13_baselines.ipynb #13-baselines-005
 def best_worst_pairs(prompts: list[str], samples: list[list[str]], scores: list[list[float]]) -> tuple[list[dict], int]:
@@ -49,27 +49,33 @@ def pairwise_prefs(prompts: list[str], questions: list[str], references: list[st
     return pairs, stats
 
 # %% ../nbs/13_baselines.ipynb #13-baselines-008
+SAMPLES = Stage("samples_sft", needs=("train_sft",),
+                fields=("train.k_samples", "generate.max_new_tokens", "generate.temperature", "generate.top_p",
+                        "generate.top_k", "student.template", "data.train", "data.n_train", "data.lenient", "seed"))
+
+def prefs_spec(kind: str) -> Stage:
+    "Stage `prefs_<kind>`: from the SFT samples, with the judge (RLAIF) or the teacher and verifier (FactTune)."
+    if kind not in ("rlaif", "facttune"): raise ValueError(f"unknown baseline {kind!r} (rlaif | facttune)")
+    return Stage(f"prefs_{kind}", ("samples_sft",), ("judge", "teacher", "data.train", "data.n_train", "seed"))
+
 def samples_stage(cfg, run) -> Path:
     "`train.k_samples` sampled answers per training question from the SFT model (release sampling settings)."
     from knowtuning.assets import load_model
     from knowtuning.data import load_dataset, prompt
     from knowtuning.generate import generate
-    from knowtuning.runs import fingerprint
     import torch
-    sft_fp = run.fingerprint_of("train_sft")
-    if sft_fp is None: raise RuntimeError(f"stage samples_sft needs train_sft in {run.dir} first")
-    fp = fingerprint("samples", sft_fp, cfg.train.k_samples, cfg.generate, cfg.data.train, cfg.data.n_train, cfg.seed)
-    with run.stage("samples_sft", fp) as out:
-        if out is None: return run.path("samples_sft")
+    def make(out):
         ds = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
         k = cfg.train.k_samples
         torch.manual_seed(cfg.seed)
-        model, tok = load_model(cfg.student, adapter=run.path("train_sft") / "adapter"); model.eval()
+        model, tok = load_model(cfg.student, adapter=run.path("train_sft") / "adapter")
+        model.eval()
         prompts = [prompt(r, cfg.student.template) for r in ds]
-        flat = generate(model, tok, [p for p in prompts for _ in range(k)], dataclasses.replace(cfg.generate, do_sample=True),
-                        template=cfg.student.template)
-        write_jsonl(out / "samples.jsonl", [{"index": i, "prompt": p, "samples": flat[i * k:(i + 1) * k]} for i, p in enumerate(prompts)])
-    return run.path("samples_sft")
+        sampling = dataclasses.replace(cfg.generate, do_sample=True)
+        flat = generate(model, tok, [p for p in prompts for _ in range(k)], sampling, template=cfg.student.template)
+        write_jsonl(out / "samples.jsonl", [{"index": i, "prompt": p, "samples": flat[i * k:(i + 1) * k]}
+                                            for i, p in enumerate(prompts)])
+    return run.build(SAMPLES, cfg, make)
 
 def prefs_stage(cfg, run, kind: str) -> Path:
     "Preference pairs for the `rlaif` or `facttune` baseline in `run` (needs samples_sft)."
@@ -78,14 +84,9 @@ def prefs_stage(cfg, run, kind: str) -> Path:
     from knowtuning.facts import verify, fact_scores, make_verifier
     from knowtuning.teacher import make_teacher
     from knowtuning.llm import ledgers
-    from knowtuning.runs import fingerprint, read_jsonl, require_yield
-    if kind not in ("rlaif", "facttune"): raise ValueError(f"unknown baseline {kind!r}")
-    s_fp = run.fingerprint_of("samples_sft")
-    if s_fp is None: raise RuntimeError(f"stage prefs_{kind} needs samples_sft in {run.dir} first")
-    fp = fingerprint("prefs", kind, s_fp, cfg.judge if cfg.judge.backend == "llm" else "proxy",
-                     cfg.teacher if cfg.teacher.backend == "llm" else "heuristic", cfg.seed)
-    with run.stage(f"prefs_{kind}", fp) as out:
-        if out is None: return run.path(f"prefs_{kind}")
+    from knowtuning.runs import read_jsonl, require_yield
+    spec = prefs_spec(kind)
+    def make(out):
         ds = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
         rows = read_jsonl(run.path("samples_sft") / "samples.jsonl")
         samples, prompts = [r["samples"] for r in rows], [r["prompt"] for r in rows]
@@ -115,4 +116,4 @@ def prefs_stage(cfg, run, kind: str) -> Path:
         require_yield(f"prefs_{kind}", stats["questions_with_pairs"], len(samples), "questions with a pair",
                       cfg.min_yield, {k: v for k, v in stats.items() if k in ("split_or_tie", "no_pair_ties")},
                       [out / "stats.json"], "the samples may be too alike or the judge too inconsistent")
-    return run.path(f"prefs_{kind}")
+    return run.build(spec, cfg, make)

@@ -11,9 +11,10 @@ import re
 import yaml
 
 # %% auto #0
-__all__ = ['StudentCfg', 'LLMCfg', 'DataCfg', 'KACfg', 'KCCfg', 'LoraCfg', 'TrainCfg', 'GenerateCfg', 'EvalCfg', 'Config',
-           'ConfigError', 'from_dict', 'yaml_load', 'parse_override', 'set_dotted', 'deep_merge', 'project_root',
-           'configs_dir', 'presets', 'load_config', 'to_dict', 'to_yaml']
+__all__ = ['ASPECTS', 'SYSTEMS', 'StudentCfg', 'LLMCfg', 'DataCfg', 'KACfg', 'KCCfg', 'LoraCfg', 'TrainCfg', 'GenerateCfg',
+           'EvalCfg', 'Config', 'ConfigError', 'from_dict', 'yaml_load', 'parse_override', 'set_dotted', 'deep_merge',
+           'project_root', 'configs_dir', 'presets', 'load_config', 'to_dict', 'to_yaml', 'System', 'system_of',
+           'system_deps']
 
 # %% ../nbs/00_config.ipynb #00-config-006
 @dataclass
@@ -232,3 +233,36 @@ def load_config(preset: str | None = None, file=None, overrides=(), **kw) -> Con
 
 def to_dict(cfg) -> dict: return asdict(cfg)
 def to_yaml(cfg) -> str: return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+# %% ../nbs/00_config.ipynb #00-config-021
+ASPECTS = ("completeness", "factuality", "logicality")
+
+@dataclass(frozen=True)
+class System:
+    "A trained system: objective, the system it continues from, the rows it trains on, the KC aspect it drops."
+    name: str
+    objective: str                 # sft | dpo (DPO + the release's SFT term)
+    init: str | None = None        # the system whose adapter it continues from; None: the base model
+    data: str = "train"            # train | ka | kc | rlaif | facttune
+    drops: str | None = None       # ablations: the KC aspect left out
+
+    @property
+    def data_stage(self) -> str | None:
+        "The stage whose output it trains on (None: the raw training set)."
+        return {"train": None, "ka": "ka", "kc": "kc"}.get(self.data, f"prefs_{self.data}")
+
+SYSTEMS = {s.name: s for s in [
+    System("sft", "sft"), System("ka", "sft", data="ka"),
+    System("knowtuning", "dpo", "ka", "kc"), System("wo_ka", "dpo", "sft", "kc"),
+    *[System(f"wo_{a}", "dpo", "ka", "kc", drops=a) for a in ASPECTS],
+    System("rlaif", "dpo", "sft", "rlaif"), System("facttune", "dpo", "sft", "facttune")]}
+
+def system_of(name: str) -> System:
+    "The system called `name`; an error naming the known ones otherwise."
+    if name not in SYSTEMS: raise ConfigError(f"unknown system {name!r} (have: {', '.join(SYSTEMS)})")
+    return SYSTEMS[name]
+
+def system_deps(name: str) -> list[str]:
+    "The systems `name` needs trained first, in order."
+    init = system_of(name).init
+    return (system_deps(init) + [init]) if init else []

@@ -7,11 +7,11 @@ from __future__ import annotations
 import csv, io, math
 import numpy as np
 from pathlib import Path
-from .runs import read_jsonl, write_json, write_jsonl, atomic_write
+from .runs import read_jsonl, write_json, write_jsonl, atomic_write, Stage
 from .metrics import paired_bootstrap
 
 # %% auto #0
-__all__ = ['summarize_judge', 'identical_share', 'paired_diffs', 'score_system', 'judge_against', 'evaluate_stage']
+__all__ = ['summarize_judge', 'identical_share', 'paired_diffs', 'score_system', 'judge_against', 'eval_spec', 'evaluate_stage']
 
 # %% ../nbs/14_evaluate.ipynb #14-evaluate-005
 def _csv(rows: list[dict]) -> str:
@@ -84,22 +84,20 @@ def judge_against(main: list[dict], base: list[dict], judge, cfg, label: str = "
     return vs, {"rates": summarize_judge(vs), "ci": ci, "judged": 2 * len(items), "failed": _failed(judge, n0)}
 
 # %% ../nbs/14_evaluate.ipynb #14-evaluate-007b
+def eval_spec(systems) -> Stage:
+    "Stage `eval`: every system's predictions, scored; `eval.*`, the judge, the teacher and the test sets are fields."
+    return Stage("eval", tuple(f"gen_{s}" for s in systems),
+                 ("eval.bertscore_model", "eval.bootstrap", "eval.gamma", "judge", "teacher", "data.test", "seed"))
+
 def evaluate_stage(cfg, run, main: str = "knowtuning") -> Path:
     "Metrics, facts and judge verdicts for every system's predictions (needs gen_<system> stages)."
     from knowtuning.facts import make_verifier, verifier_label
     from knowtuning.judge import make_judge
     from knowtuning.teacher import make_teacher
     from knowtuning.llm import ledgers
-    from knowtuning.runs import fingerprint
     from knowtuning.data import dataset_key
     systems = list(cfg.systems)
-    deps = [run.fingerprint_of(f"gen_{s}") for s in systems]
-    if None in deps:
-        raise RuntimeError(f"stage eval needs gen_<system> for {systems} in {run.dir}: run `knowtuning evaluate`")
-    fp = fingerprint("eval", deps, cfg.eval, cfg.judge if cfg.judge.backend == "llm" else "proxy",
-                     cfg.teacher if cfg.teacher.backend == "llm" else "heuristic", main)
-    with run.stage("eval", fp) as out:
-        if out is None: return run.path("eval")
+    def make(out):
         teacher, judge = make_teacher(cfg.teacher, "eval", cfg.seed), make_judge(cfg.judge, "eval")
         verifier = make_verifier(cfg.judge, "eval")
         summary = {"judge": judge.label, "teacher": teacher.label, "verifier": verifier_label(cfg.judge),
@@ -136,4 +134,4 @@ def evaluate_stage(cfg, run, main: str = "knowtuning") -> Path:
         write_json(out / "summary.json", summary)
         run.update_stage("eval", llm=ledgers(teacher=teacher, judge=judge, verifier=verifier), judge=judge.label,
                          failures=len(failures))
-    return run.path("eval")
+    return run.build(eval_spec(cfg.systems), cfg, make, [main])

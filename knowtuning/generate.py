@@ -8,11 +8,12 @@ import hashlib, json, time
 from pathlib import Path
 import torch
 from tqdm.auto import tqdm
-from .runs import read_jsonl
+from .runs import read_jsonl, Stage
 from .data import encode_prompt
 
 # %% auto #0
-__all__ = ['gen_kwargs', 'left_pad', 'generate', 'api_client', 'adapter_fingerprint', 'generate_api', 'generate_stage']
+__all__ = ['GEN_FIELDS', 'gen_kwargs', 'left_pad', 'generate', 'api_client', 'adapter_fingerprint', 'generate_api', 'gen_spec',
+           'generate_stage']
 
 # %% ../nbs/09_generate.ipynb #09-generate-005
 def gen_kwargs(g, tok) -> dict:
@@ -78,17 +79,20 @@ def generate_api(client, system: str, prompts: list[str], g, salt: str = "") -> 
     return [t.strip() for t in client.complete_many(reqs, f"generate {system}")]
 
 # %% ../nbs/09_generate.ipynb #09-generate-010
+GEN_FIELDS = ("student.model", "student.template", "student.dtype", "student.quantize", "generate.max_new_tokens",
+              "generate.do_sample", "generate.temperature", "generate.top_p", "generate.top_k", "generate.backend",
+              "generate.api", "data.test", "data.n_test", "data.lenient", "seed")
+
+def gen_spec(system: str) -> Stage:
+    "Stage `gen_<system>`: the system's predictions; `generate.batch_size` and the API's concurrency are not fields."
+    return Stage(f"gen_{system}", () if system == "base" else (f"train_{system}",), GEN_FIELDS)
+
 def generate_stage(cfg, run, system: str) -> Path:
     "Predictions of `system` on every test set of `cfg`."
     from knowtuning.assets import load_model
     from knowtuning.data import load_dataset, prompt, question, dataset_key
-    from knowtuning.runs import fingerprint
     from knowtuning.llm import ledgers
-    deps = [] if system == "base" else [run.fingerprint_of(f"train_{system}")]
-    if None in deps: raise RuntimeError(f"stage gen_{system} needs train_{system} in {run.dir} first")
-    fp = fingerprint("gen", system, cfg.student, cfg.generate, cfg.data.test, cfg.data.n_test, cfg.seed, deps)
-    with run.stage(f"gen_{system}", fp) as out:
-        if out is None: return run.path(f"gen_{system}")
+    def make(out):
         torch.manual_seed(cfg.seed)
         api = cfg.generate.backend == "api"
         client = api_client(cfg.generate.api, system) if api else None
@@ -118,4 +122,4 @@ def generate_stage(cfg, run, system: str) -> Path:
             path.unlink()
         run.update_stage(f"gen_{system}", generated=n_new, seconds_generating=round(time.time() - t0, 2),
                          llm=ledgers(generator=client) if api else None)
-    return run.path(f"gen_{system}")
+    return run.build(gen_spec(system), cfg, make, [system])

@@ -5,6 +5,7 @@
 # %% ../nbs/12_judge.ipynb #12-judge-003
 from __future__ import annotations
 import itertools
+from .config import ASPECTS as KC_ASPECTS
 from .facts import supported, content
 from .teacher import split_atoms
 
@@ -12,7 +13,7 @@ from .teacher import split_atoms
 __all__ = ['ASPECTS', 'JUDGE', 'combine', 'judge_both_orders', 'proxy_scores', 'ProxyJudge', 'LLMJudge', 'make_judge']
 
 # %% ../nbs/12_judge.ipynb #12-judge-005
-ASPECTS = ("completeness", "factuality", "logicality", "overall")
+ASPECTS = (*KC_ASPECTS, "overall")   # the judge adds an overall verdict to the three aspects
 
 def combine(first: dict, second: dict) -> dict:
     """Verdicts for system X from two judgements: `first` with X as A, `second` with X as B.

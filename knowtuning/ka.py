@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from .data import prompt, question, encode_prompt, encode_response, llama_factory_entry
-from .runs import read_jsonl, write_json, write_jsonl, atomic_write
+from .runs import read_jsonl, write_json, write_jsonl, atomic_write, Stage
 
 # %% auto #0
-__all__ = ['encode', 'ppl_reference', 'pack', 'ppl_packed', 'n_keep', 'select_difficult', 'ka_rows', 'write_ka_set',
+__all__ = ['KA', 'encode', 'ppl_reference', 'pack', 'ppl_packed', 'n_keep', 'select_difficult', 'ka_rows', 'write_ka_set',
            'score_resumable', 'failure_rows', 'ka_stage', 'plot_ka']
 
 # %% ../nbs/06_ka.ipynb #06-ka-006
@@ -141,17 +141,17 @@ def failure_rows(task: str, names: list[str], results: list, teacher, why: str) 
         rows.append({"task": task, "record": n, "error": f.get("error") or why, "raw": f.get("raw", "")})
     return rows
 
+KA = Stage("ka", fields=("data.train", "data.n_train", "data.lenient", "student.model", "student.template",
+                         "student.dtype", "student.quantize", "teacher", "ka.alpha", "ka.max_atoms_per_answer", "seed"))
+
 def ka_stage(cfg, run) -> Path:
     "Build the KA set for `cfg` in `run` (a `knowtuning.runs.Run`); returns the stage folder."
     from knowtuning.data import load_dataset
     from knowtuning.teacher import make_teacher
     from knowtuning.assets import load_model
     from knowtuning.llm import ledgers
-    from knowtuning.runs import fingerprint, require_yield
-    fp = fingerprint("ka", cfg.data.train, cfg.data.n_train, cfg.student,
-                     cfg.teacher if cfg.teacher.backend == "llm" else "heuristic", cfg.ka, cfg.seed)
-    with run.stage("ka", fp) as out:
-        if out is None: return run.path("ka")
+    from knowtuning.runs import require_yield
+    def make(out):
         ds = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
         teacher = make_teacher(cfg.teacher, "ka", cfg.seed, cfg.ka.max_atoms_per_answer)
         qs, answers = [question(r) for r in ds], [r["output"] for r in ds]
@@ -192,7 +192,7 @@ def ka_stage(cfg, run) -> Path:
                    "rewrites failed": len(has) - n_rw}
         require_yield("ka", n_rw, len(ds), "rewritten pairs", cfg.min_yield, reasons,
                       [out / "stats.json", out / "failures.jsonl"])
-    return run.path("ka")
+    return run.build(KA, cfg, make)
 
 # %% ../nbs/06_ka.ipynb #06-ka-021
 def plot_ka(rows, out: Path):

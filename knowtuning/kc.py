@@ -7,14 +7,13 @@ from __future__ import annotations
 import random
 from pathlib import Path
 from .data import prompt, llama_factory_entry
-from .runs import read_jsonl, write_json, write_jsonl
+from .runs import read_jsonl, write_json, write_jsonl, Stage
+from .config import ASPECTS
 
 # %% auto #0
-__all__ = ['ASPECTS', 'delete_atoms', 'revise_atoms', 'shuffle_atoms', 'build_pairs', 'write_kc_set', 'kc_stage']
+__all__ = ['KC', 'delete_atoms', 'revise_atoms', 'shuffle_atoms', 'build_pairs', 'write_kc_set', 'kc_stage']
 
 # %% ../nbs/07_kc.ipynb #07-kc-006
-ASPECTS = ("completeness", "factuality", "logicality")
-
 def delete_atoms(atoms: list[str], beta: float, rng: random.Random):
     "Completeness: drop a beta fraction (at least one, keeping at least one); order preserved."
     n = len(atoms)
@@ -76,17 +75,15 @@ def write_kc_set(out: Path, rows: list[dict], template: str = "alpaca", name: st
     write_jsonl(out / "examples.jsonl", rows)
 
 # %% ../nbs/07_kc.ipynb #07-kc-013
+KC = Stage("kc", needs=("ka",), fields=("kc.beta", "kc.revise", "kc.aspects", "student.template", "teacher", "seed"))
+
 def kc_stage(cfg, run) -> Path:
     "Build the KC preference set for `cfg` in `run` from the KA stage's atoms (`ka/atoms.jsonl`)."
     from knowtuning.teacher import make_teacher
     from knowtuning.ka import failure_rows
     from knowtuning.llm import ledgers
-    from knowtuning.runs import fingerprint, require_yield
-    ka_fp = run.fingerprint_of("ka")
-    if ka_fp is None: raise RuntimeError(f"stage kc needs stage ka in {run.dir}: run `knowtuning ka` first")
-    fp = fingerprint("kc", ka_fp, cfg.kc, cfg.seed, cfg.teacher if cfg.teacher.backend == "llm" else "heuristic")
-    with run.stage("kc", fp) as out:
-        if out is None: return run.path("kc")
+    from knowtuning.runs import require_yield
+    def make(out):
         arows = read_jsonl(run.path("ka") / "atoms.jsonl")
         items = [{"index": r["index"], "question": r["question"], "answer": r["answer"],
                   "atoms": [a["text"] for a in r["atoms"]]} for r in arows if r["atoms"]]
@@ -107,4 +104,4 @@ def kc_stage(cfg, run) -> Path:
         reasons["answers without atoms in KA"] = len(arows) - len(items)
         require_yield("kc", len(rows), len(arows) * len(cfg.kc.aspects), "pairs", cfg.min_yield, reasons,
                       [out / "stats.json", out / "failures.jsonl", run.path("ka") / "failures.jsonl"])
-    return run.path("kc")
+    return run.build(KC, cfg, make)

@@ -15,7 +15,7 @@ __all__ = ['training_order', 'steps', 'StepError', 'run_step', 'reproduce', 'pla
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-005
 def training_order(systems) -> list[str]:
     "Every system to train, dependencies first, each once."
-    from knowtuning.train import system_deps
+    from knowtuning.config import system_deps
     out = []
     for s in systems:
         if s == "base": continue

@@ -6,14 +6,14 @@
 from __future__ import annotations
 import math
 from pathlib import Path
-from .runs import read_json, atomic_write, write_json
+from .runs import read_json, atomic_write, write_json, Stage
 from .metrics import excludes_zero
 from .judge import ASPECTS
 
 # %% auto #0
-__all__ = ['PROXY_NOTE', 'to_markdown', 'to_csv', 'to_latex', 'write_table', 'metrics_table', 'diffs_table', 'judge_table',
-           'facts_table', 'ablation_table', 'build_tables', 'reading_notes', 'plot_judge', 'plot_metrics',
-           'report_stage', 'combine_tables', 'combine_reports']
+__all__ = ['PROXY_NOTE', 'REPORT', 'to_markdown', 'to_csv', 'to_latex', 'write_table', 'metrics_table', 'diffs_table',
+           'judge_table', 'facts_table', 'ablation_table', 'build_tables', 'reading_notes', 'plot_judge',
+           'plot_metrics', 'report_stage', 'combine_tables', 'combine_reports']
 
 # %% ../nbs/15_report.ipynb #15-report-006
 def _fmt(x, digits=4):
@@ -196,13 +196,11 @@ def plot_metrics(summary: dict, path: Path):
     plt.close(fig)
 
 # %% ../nbs/15_report.ipynb #15-report-013
+REPORT = Stage("report", ("eval",), ("name", "systems", "eval.bertscore_model", "student.model"))
+
 def report_stage(cfg, run) -> Path:
     "Tables and figures from `eval/summary.json` into `report/`."
-    from knowtuning.runs import fingerprint
-    ev = run.fingerprint_of("eval")
-    if ev is None: raise RuntimeError(f"stage report needs stage eval in {run.dir} first")
-    with run.stage("report", fingerprint("report", ev, cfg.name, cfg.systems)) as out:
-        if out is None: return run.path("report")
+    def make(out):
         summary = read_json(run.path("eval") / "summary.json")
         tables = build_tables(cfg, summary)
         for name, (h, r, cap) in tables.items(): write_table(out, name, h, r, cap)
@@ -213,7 +211,7 @@ def report_stage(cfg, run) -> Path:
         md += [(out / f"{n}.md").read_text() for n in tables]
         md += ["![judge](judge.png)", "", "![metrics](metrics.png)", ""]
         atomic_write(out / "report.md", "\n".join(md))
-    return run.path("report")
+    return run.build(REPORT, cfg, make)
 
 # %% ../nbs/15_report.ipynb #15-report-013b
 def combine_tables(named_summaries: list[tuple[str, dict]]) -> dict:

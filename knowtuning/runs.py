@@ -6,12 +6,14 @@
 from __future__ import annotations
 import hashlib, json, os, platform, shutil, subprocess, tempfile, time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from .config import Config, to_dict, to_yaml, project_root
+from .config import Config, LLMCfg, to_dict, to_yaml, project_root
 
 # %% auto #0
-__all__ = ['atomic_write', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'fingerprint', 'file_hash', 'runs_root',
-           'versions', 'Run', 'YieldError', 'require_yield']
+__all__ = ['LLM_IDENTITY', 'atomic_write', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'fingerprint', 'file_hash',
+           'Stage', 'config_value', 'stage_fingerprint', 'command_for', 'runs_root', 'versions', 'Run', 'YieldError',
+           'require_yield']
 
 # %% ../nbs/03_runs.ipynb #03-runs-006
 def atomic_write(path, data: str | bytes) -> Path:
@@ -48,13 +50,43 @@ def file_hash(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
     return h.hexdigest()[:16]
 
+# %% ../nbs/03_runs.ipynb #03-runs-010b
+@dataclass(frozen=True)
+class Stage:
+    "A stage's contract: `name`, the stages it `needs`, the config `fields` that change its output."
+    name: str
+    needs: tuple = ()
+    fields: tuple = ()
+
+LLM_IDENTITY = ("backend", "base_url", "model", "temperature", "max_tokens")
+
+def config_value(cfg, key: str):
+    "The value of dotted `key` in `cfg`; an LLM role as its identity (what changes its answers)."
+    o = cfg
+    for k in key.split("."): o = getattr(o, k)
+    if isinstance(o, LLMCfg): return "offline" if o.backend != "llm" else {k: getattr(o, k) for k in LLM_IDENTITY}
+    return o
+
+def stage_fingerprint(spec: Stage, cfg, upstream: dict | None = None, extra=()) -> str:
+    "The fingerprint of `spec` under `cfg`: its declared fields, its upstream fingerprints and `extra`."
+    return fingerprint(spec.name, {f: config_value(cfg, f) for f in spec.fields}, upstream or {}, list(extra))
+
+def command_for(stage: str) -> str:
+    "The command that builds `stage`."
+    for prefix, cmd in (("train_", "knowtuning train"), ("samples_", "knowtuning baselines"),
+                        ("prefs_", "knowtuning baselines"), ("gen_", "knowtuning evaluate"), ("eval", "knowtuning evaluate")):
+        if stage.startswith(prefix): return cmd
+    return f"knowtuning {stage}"
+
 # %% ../nbs/03_runs.ipynb #03-runs-012
 def runs_root() -> Path:
     return Path(os.environ.get("KNOWTUNING_RUNS") or project_root() / "runs")
 
 # %% ../nbs/03_runs.ipynb #03-runs-013
 def _git_commit() -> str | None:
-    try: return subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True, timeout=5).stdout.strip() or None
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True, timeout=5)
+        return r.stdout.strip() or None
     except Exception: return None
 
 def versions() -> dict:
@@ -72,7 +104,8 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.dir / "config.yaml", to_yaml(cfg))
         m = self.manifest
-        m.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S")); m.setdefault("stages", {})
+        m.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        m.setdefault("stages", {})
         m.update(versions=versions(), git_commit=_git_commit())
         self._save(m)
 
@@ -85,7 +118,9 @@ class Run:
 
     def update_stage(self, stage: str, **info):
         "Merge `info` into the manifest entry of `stage`."
-        m = self.manifest; m.setdefault("stages", {}).setdefault(stage, {}).update(info); self._save(m)
+        m = self.manifest
+        m.setdefault("stages", {}).setdefault(stage, {}).update(info)
+        self._save(m)
 
     def path(self, stage: str) -> Path: return self.dir / stage
 
@@ -102,17 +137,32 @@ class Run:
     def stage(self, stage: str, fp: str):
         """Build `stage` in a temporary folder, yielded as a Path (or None when the stage is already done with `fp`).
         On success the folder replaces the old one and the manifest records the time taken."""
-        if self.done(stage, fp): yield None; return
+        if self.done(stage, fp):
+            yield None
+            return
         tmp = self.dir / f".{stage}.partial"
         tmp.mkdir(parents=True, exist_ok=True)   # kept across a crash: stages may resume from what is in it
         t0 = time.time()
         yield tmp
-        write_json(tmp / "_done.json", {"fingerprint": fp})   # no timestamp: reruns are byte-identical (times go in the manifest)
+        write_json(tmp / "_done.json", {"fingerprint": fp})   # no timestamp: reruns are byte-identical
         final = self.path(stage)
         if final.exists(): shutil.rmtree(final)
         tmp.rename(final)
-        self.update_stage(stage, fingerprint=fp, seconds=round(time.time() - t0, 2), built=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                          builds=self.manifest.get("stages", {}).get(stage, {}).get("builds", 0) + 1)
+        self.update_stage(stage, fingerprint=fp, seconds=round(time.time() - t0, 2),
+                          built=time.strftime("%Y-%m-%dT%H:%M:%S"), builds=self.manifest.get("stages", {}).get(stage, {}).get("builds", 0) + 1)
+
+    def build(self, spec: "Stage", cfg, make, extra=()) -> Path:
+        """The stage contract: every stage in `spec.needs` must be done (else an error naming the command that builds
+        it); the fingerprint is made of exactly `spec.fields` of `cfg`, the upstream fingerprints and `extra`; `make`
+        is called with the temporary folder only when the stage is not current. Returns the stage folder."""
+        up = {}
+        for n in spec.needs:
+            if (fp := self.fingerprint_of(n)) is None:
+                raise RuntimeError(f"stage {spec.name} needs stage {n} in {self.dir}: run `{command_for(n)}` first")
+            up[n] = fp
+        with self.stage(spec.name, stage_fingerprint(spec, cfg, up, extra)) as out:
+            if out is not None: make(out)
+        return self.path(spec.name)
 
 # %% ../nbs/03_runs.ipynb #03-runs-014b
 class YieldError(RuntimeError):

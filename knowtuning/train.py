@@ -12,12 +12,13 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from .assets import load_model, pick_device
 from .data import encode_example
-from .runs import write_json
+from .runs import write_json, Stage, YieldError
+from .config import SYSTEMS, system_deps, system_of
 
 # %% auto #0
-__all__ = ['SYSTEMS', 'lora_config', 'processes', 'accumulation', 'trl_config', 'knowtuning_loss', 'sequence_logps',
+__all__ = ['TRAIN_FIELDS', 'lora_config', 'processes', 'accumulation', 'trl_config', 'knowtuning_loss', 'sequence_logps',
            'check_padding_free', 'KCTrainer', 'GradGuard', 'mark_inference', 'assert_trainable_4bit', 'plot_losses',
-           'sft_features', 'dpo_features', 'train_sft', 'train_dpo', 'system_deps', 'train_stage']
+           'sft_features', 'dpo_features', 'train_sft', 'train_dpo', 'train_spec', 'train_stage']
 
 # %% ../nbs/08_train.ipynb #08-train-006
 def lora_config(lc):
@@ -272,46 +273,39 @@ def train_dpo(cfg, rows: list[dict], out, init_adapter, reference: str | None = 
     return _finish(trainer, out, t0, "KC (DPO + SFT term)")
 
 # %% ../nbs/08_train.ipynb #08-train-028
-SYSTEMS = {
-    "sft": ("sft", None, None), "ka": ("sft", None, "ka"),
-    "knowtuning": ("dpo", "ka", "kc"), "wo_ka": ("dpo", "sft", "kc"),
-    "wo_completeness": ("dpo", "ka", "kc-completeness"), "wo_factuality": ("dpo", "ka", "kc-factuality"),
-    "wo_logicality": ("dpo", "ka", "kc-logicality"),
-    "rlaif": ("dpo", "sft", "rlaif"), "facttune": ("dpo", "sft", "facttune"),
-}
+TRAIN_FIELDS = ("student.model", "student.template", "student.dtype", "student.quantize", "data.train", "data.n_train",
+                "data.lenient", "seed", "train.lr", "train.batch_size", "train.epochs", "train.max_steps",
+                "train.eval_holdout", "train.kc_eval_holdout", "train.save_steps", "train.cutoff", "train.scheduler",
+                "train.kc_lr", "train.kc_batch_size", "train.kc_epochs", "train.dpo_beta", "train.ftx",
+                "train.reference", "train.lora")
 
-def system_deps(system: str) -> list[str]:
-    "Training systems that `system` needs first."
-    kind, init, _ = SYSTEMS[system]
-    return (system_deps(init) + [init]) if init else []
+def train_spec(system: str) -> Stage:
+    "Stage `train_<system>`: it needs its starting adapter and its data stage; speed-only train keys are not fields."
+    s = system_of(system)
+    needs = ([f"train_{s.init}"] if s.init else []) + ([s.data_stage] if s.data_stage else [])
+    return Stage(f"train_{system}", tuple(needs), TRAIN_FIELDS)
 
-def _rows(cfg, run, data: str | None):
+def _rows(cfg, run, system):
     from knowtuning.data import load_dataset, prompt
     from knowtuning.runs import read_jsonl
-    if data is None:
+    data = system.data
+    if data == "train":
         ds = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
         return [{"prompt": prompt(r, cfg.student.template), "completion": r["output"]} for r in ds]
     if data == "ka": return read_jsonl(run.path("ka") / "ka_trl.jsonl")
-    if data.startswith("kc"):
-        rows = read_jsonl(run.path("kc") / "kc_trl.jsonl")
-        return [r for r in rows if r["aspect"] != data.split("-")[1]] if "-" in data else rows
+    if data == "kc":
+        return [r for r in read_jsonl(run.path("kc") / "kc_trl.jsonl") if r["aspect"] != system.drops]
     return read_jsonl(run.path(f"prefs_{data}") / "pairs.jsonl")
 
 def train_stage(cfg, run, system: str) -> Path:
     "Train `system` (and nothing else) in `run`; its data and starting adapter must exist. Returns the adapter folder."
-    from knowtuning.runs import fingerprint
-    if system not in SYSTEMS: raise ValueError(f"unknown system {system!r} (have: {', '.join(SYSTEMS)})")
-    kind, init, data = SYSTEMS[system]
-    data_stage = {None: None, "ka": "ka"}.get(data, "kc" if data and data.startswith("kc") else f"prefs_{data}")
-    deps = [run.fingerprint_of(s) for s in ([f"train_{init}"] if init else []) + ([data_stage] if data_stage else [])]
-    if None in deps: raise RuntimeError(f"stage train_{system} needs {init and 'train_' + init} / {data_stage} in {run.dir} first")
-    fp = fingerprint("train", system, cfg.student, cfg.train, cfg.seed, cfg.data.train, cfg.data.n_train, deps)
-    with run.stage(f"train_{system}", fp) as out:
-        if out is None: return run.path(f"train_{system}") / "adapter"
-        rows = _rows(cfg, run, data)
-        init_dir = run.path(f"train_{init}") / "adapter" if init else None
-        if kind == "sft": train_sft(cfg, rows, out, init_dir)
+    spec, sys_ = train_spec(system), system_of(system)
+    def make(out):
+        rows = _rows(cfg, run, sys_)
+        if not rows: raise YieldError(f"train_{system}: no training rows in {sys_.data_stage or cfg.data.train}")
+        init_dir = run.path(f"train_{sys_.init}") / "adapter" if sys_.init else None
+        if sys_.objective == "sft": train_sft(cfg, rows, out, init_dir)
         else: train_dpo(cfg, rows, out, init_dir)
         st = json.loads((out / "train_stats.json").read_text())
         run.update_stage(f"train_{system}", examples=len(rows), **st)
-    return run.path(f"train_{system}") / "adapter"
+    return run.build(spec, cfg, make, [system]) / "adapter"

@@ -97,3 +97,30 @@ def test_kc_file_loads_in_both_llama_factory_generations(tmp_path):
     old = {**entry, "columns": {k: v for k, v in entry["columns"].items() if k not in ("chosen", "rejected")}}
     with pytest.raises(KeyError):   # the entry this project wrote before: 0.9.x cannot read it
         read_lf09(old, {k: v for k, v in rows[0].items() if k not in ("chosen", "rejected")})
+
+def test_fingerprints_follow_the_declared_fields():
+    "Speed and logging keys never rebuild a stage; keys that change its output always do."
+    from knowtuning.ka import KA
+    from knowtuning.kc import KC
+    from knowtuning.train import train_spec
+    from knowtuning.generate import gen_spec
+    from knowtuning.evaluate import eval_spec
+    from knowtuning.baselines import SAMPLES, prefs_spec
+    from knowtuning.runs import stage_fingerprint
+    specs = [KA, KC, train_spec("knowtuning"), train_spec("sft"), gen_spec("knowtuning"), eval_spec(["sft", "knowtuning"]),
+             SAMPLES, prefs_spec("rlaif")]
+    fps = lambda *ov: [stage_fingerprint(s, load_config("smoke", overrides=list(ov))) for s in specs]
+    base = fps()
+    for speed in ("train.logging_steps=3", "teacher.concurrency=64", "judge.timeout=5", "generate.batch_size=1",
+                  "train.per_device_batch=1", "train.padding_free=false", "train.gradient_checkpointing=true",
+                  "ka.batch_questions=2", "generate.api.concurrency=2", "teacher.cache=/tmp/x.sqlite", "min_yield=0.5"):
+        assert fps(speed) == base, speed
+    changes = {"ka.alpha=0.3": [KA], "kc.beta=0.3": [KC], "train.lr=3e-4": [train_spec("knowtuning"), train_spec("sft")],
+               "generate.max_new_tokens=8": [gen_spec("knowtuning"), SAMPLES], "judge.backend=llm": [eval_spec(["sft", "knowtuning"]), prefs_spec("rlaif")],
+               "teacher.model=other": [], "teacher.backend=llm": [KA, KC, eval_spec(["sft", "knowtuning"]), prefs_spec("rlaif")]}
+    for key, must in changes.items():
+        got = fps(key)
+        changed = {s.name for s, a, b in zip(specs, base, got) if a != b}
+        assert {s.name for s in must} <= changed, (key, changed)
+    # an offline teacher's model name changes nothing (it is not used)
+    assert fps("teacher.model=other") == base

@@ -79,7 +79,8 @@ NO_EFFECT = {"do_train", "do_predict", "overwrite_cache", "overwrite_output_dir"
 
 def check_train(f: dict, cfg, kind: str) -> dict:
     "Each training flag -> (release value, ours); returns the mismatches."
-    from knowtuning.train import SYSTEMS, trl_config
+    from knowtuning.config import SYSTEMS
+    from knowtuning.train import trl_config
     t = cfg.train
     dpo = kind == "dpo"
     args = trl_config(load_config(cfg.name, overrides=["student.device=cpu"]), kind, tempfile.mkdtemp(),
@@ -103,7 +104,7 @@ def check_train(f: dict, cfg, kind: str) -> dict:
         rel.update(dpo_ftx=float(f["dpo_ftx"]), logging_steps=int(f["logging_steps"]), val_size=int(f.get("val_size", 0)))
         # named deviation: the release saves every 1000 steps (never, in one epoch); we save every 10% to resume
         assert int(f.pop("save_steps")) == 1000 and t.save_steps == 0.1
-        assert not args.load_best_model_at_end and SYSTEMS["knowtuning"][1] == "ka"   # final weights, from KA
+        assert not args.load_best_model_at_end and SYSTEMS["knowtuning"].init == "ka"   # final weights, from KA
         assert f["checkpoint_dir"].endswith("/ka") and f["resume_lora_training"] == "1"
     else:
         ours.update(val_size=t.eval_holdout, eval_steps=t.save_steps, save_steps=t.save_steps,
