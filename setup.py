@@ -20,6 +20,11 @@ statuses = [ '1 - Planning', '2 - Pre-Alpha', '3 - Alpha',
 py_versions = '3.10 3.11 3.12'.split()
 
 requirements = shlex.split(cfg.get('requirements', ''))
+# Presets, demo data and the stage notebooks travel with the package (`pip install .` or a wheel); the package
+# finds them in <prefix>/share/knowtuning when it is not run from a checkout (knowtuning.config.project_root).
+from glob import glob
+shared = [('share/knowtuning/configs', glob('configs/*.yaml')), ('share/knowtuning/configs/accelerate', glob('configs/accelerate/*')),
+          ('share/knowtuning/data', glob('data/*.json')), ('share/knowtuning/nbs', glob('nbs/*.ipynb'))]
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = (cfg.get('dev_requirements') or '').split()
@@ -35,6 +40,7 @@ setuptools.setup(
     url = cfg['git_url'],
     packages = setuptools.find_packages(include=['knowtuning', 'knowtuning.*']),
     include_package_data = True,
+    data_files = shared,
     install_requires = requirements,
     extras_require={ 'dev': dev_requirements },
     dependency_links = cfg.get('dep_links','').split(),

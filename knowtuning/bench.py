@@ -191,7 +191,8 @@ BENCHES = {"ppl": bench_ppl, "generate": bench_generate, "sft": bench_sft, "dpo"
 def main(argv=None):
     import platform, os
     ap = argparse.ArgumentParser(description="knowtuning benchmarks")
-    ap.add_argument("--only", nargs="*", default=list(BENCHES)); ap.add_argument("--out", default=str(project_root() / ".bench"))
+    ap.add_argument("--only", nargs="*", default=list(BENCHES))
+    ap.add_argument("--out", default=".bench", help="results folder (default: ./.bench)")
     a = ap.parse_args(argv)
     out = Path(a.out); out.mkdir(exist_ok=True)
     res = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}

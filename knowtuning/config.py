@@ -53,7 +53,6 @@ class DataCfg:
 @dataclass
 class KACfg:
     alpha: float = 0.5                # keep the top-alpha fraction of atoms by perplexity (ceil, at least 1)
-    scorer: str = "packed"            # packed | reference
     batch_questions: int = 8
     max_atoms_per_answer: int = 32
 
@@ -195,9 +194,16 @@ def deep_merge(a: dict, b: dict) -> dict:
 
 # %% ../nbs/00_config.ipynb #00-config-017
 def project_root() -> Path:
-    "The checkout that holds `configs/` and `data/` (parent folder of the installed `knowtuning` package)."
-    import importlib.util
-    return Path(importlib.util.find_spec("knowtuning").origin).resolve().parent.parent
+    """Where the presets (`configs/`), the demo data (`data/`) and the stage notebooks (`nbs/`) are: the checkout
+    (the package's parent folder, for a clone or an editable install), else the copy installed with the package
+    (`<prefix>/share/knowtuning`, from a wheel or `pip install .`)."""
+    import importlib.util, site, sys
+    pkg = Path(importlib.util.find_spec("knowtuning").origin).resolve().parent
+    if (pkg.parent / "configs").is_dir() and (pkg.parent / "nbs").is_dir(): return pkg.parent
+    for prefix in dict.fromkeys([sys.prefix, sys.base_prefix, site.getuserbase()]):
+        if (p := Path(prefix) / "share" / "knowtuning").is_dir(): return p
+    raise FileNotFoundError(f"knowtuning's presets, data and notebooks were found neither beside {pkg} nor under "
+                            f"{sys.prefix}/share/knowtuning: reinstall the package")
 
 def configs_dir() -> Path:
     "Folder holding the YAML presets."

@@ -77,8 +77,6 @@ class Ledger:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
-    def add(self, other: "Ledger"):
-        for k in self.__dataclass_fields__: setattr(self, k, getattr(self, k) + getattr(other, k))
     def as_dict(self): return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 # %% ../nbs/04_llm.ipynb #04-llm-011

@@ -80,7 +80,8 @@ def command_for(stage: str) -> str:
 
 # %% ../nbs/03_runs.ipynb #03-runs-012
 def runs_root() -> Path:
-    return Path(os.environ.get("KNOWTUNING_RUNS") or project_root() / "runs")
+    "Where runs go: `$KNOWTUNING_RUNS`, else `./runs` of the current directory."
+    return Path(os.environ.get("KNOWTUNING_RUNS") or Path.cwd() / "runs")
 
 # %% ../nbs/03_runs.ipynb #03-runs-013
 def _git_commit() -> str | None:

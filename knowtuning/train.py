@@ -17,8 +17,8 @@ from .config import SYSTEMS, system_deps, system_of
 
 # %% auto #0
 __all__ = ['TRAIN_FIELDS', 'lora_config', 'processes', 'accumulation', 'trl_config', 'knowtuning_loss', 'sequence_logps',
-           'check_padding_free', 'KCTrainer', 'GradGuard', 'mark_inference', 'assert_trainable_4bit', 'plot_losses',
-           'sft_features', 'dpo_features', 'train_sft', 'train_dpo', 'train_spec', 'train_stage']
+           'check_padding_free', 'KCTrainer', 'GradGuard', 'plot_losses', 'sft_features', 'dpo_features', 'train_sft',
+           'train_dpo', 'train_spec', 'train_stage']
 
 # %% ../nbs/08_train.ipynb #08-train-006
 def lora_config(lc):
@@ -177,14 +177,6 @@ class GradGuard(TrainerCallback):
         if not g or all(x is None or x.abs().sum().item() == 0 for x in g):
             raise RuntimeError("LoRA gradients are all zero after the first step (bitsandbytes 4-bit trap? see nbs/08_train.ipynb, Guards)")
 
-_USED_4BIT = set()
-def mark_inference(model):
-    "Record that a 4-bit model ran a no-grad forward (it must not be trained afterwards in this process)."
-    if getattr(model, "is_loaded_in_4bit", False): _USED_4BIT.add(id(model))
-
-def assert_trainable_4bit(model):
-    if id(model) in _USED_4BIT:
-        raise RuntimeError("this 4-bit model already ran a no-grad forward in this process; load a fresh copy to train it")
 
 # %% ../nbs/08_train.ipynb #08-train-022
 def plot_losses(log_history: list, path: Path, title: str = ""):
@@ -240,7 +232,6 @@ def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=()) -> Pa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(cfg.student, adapter=init_adapter, trainable=True)
-    assert_trainable_4bit(model)
     feats = sft_features(tok, rows, cfg.student.template, cfg.train.cutoff)
     train, ev = _split(feats, cfg.train.eval_holdout, cfg.seed)
     if cfg.train.padding_free: check_padding_free(model, tok)
@@ -255,18 +246,17 @@ def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=()) -> Pa
     trainer.train(resume_from_checkpoint=_resume(out / "checkpoints"))
     return _finish(trainer, out, t0, "SFT")
 
-def train_dpo(cfg, rows: list[dict], out, init_adapter, reference: str | None = None, callbacks=()) -> Path:
+def train_dpo(cfg, rows: list[dict], out, init_adapter, callbacks=()) -> Path:
     "KC training: DPO + SFT term from `init_adapter`; returns the adapter folder."
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(cfg.student, adapter=init_adapter, trainable=True)
-    assert_trainable_4bit(model)
     feats = dpo_features(tok, rows, cfg.student.template, cfg.train.cutoff)
     train, ev = _split(feats, cfg.train.kc_eval_holdout, cfg.seed)
     if cfg.train.padding_free: check_padding_free(model, tok)
     args = trl_config(cfg, "dpo", out / "checkpoints", has_eval=ev is not None)
     trainer = KCTrainer(model=model, args=args, train_dataset=train, eval_dataset=ev, processing_class=tok,
-                        reference=reference or cfg.train.reference, ftx=cfg.train.ftx,
+                        reference=cfg.train.reference, ftx=cfg.train.ftx,
                         padding_free=cfg.train.padding_free, callbacks=[GradGuard(), *callbacks])
     t0 = time.time()
     trainer.train(resume_from_checkpoint=_resume(out / "checkpoints"))
