@@ -1,6 +1,7 @@
 import json, random, re
 from pathlib import Path
 import pytest, torch
+from knowtuning.runs import YieldError
 from knowtuning.assets import load_model
 from knowtuning.config import StudentCfg, load_config
 from knowtuning.data import load_dataset, question
@@ -90,13 +91,21 @@ def test_ka_with_llm_teacher_on_local_server(tmp_path):
         cfg = load_config("smoke", overrides=["data.n_train=8", "teacher.backend=llm", f"teacher.base_url={srv.base_url}",
                                                f"teacher.model={srv.model}", "teacher.max_tokens=48", f"teacher.cache={tmp_path}/c.sqlite"])
         run = Run(cfg, tmp_path)
-        out = ka_stage(cfg, run)
+        # the real protocol with a model too weak for the tasks: the stage either yields enough rewrites or stops
+        # with the counts and the files to read (SmolLM2-135M usually cannot produce the rewrite JSON)
+        try:
+            out, stopped = ka_stage(cfg, run), ""
+        except YieldError as e:
+            out, stopped = run.dir / ".ka.partial", str(e)
     stats = read_json(out / "stats.json")
     assert stats["records"] == 8 and stats["teacher"].startswith("llm:")
+    if stopped: assert "rewritten pairs from 8 inputs" in stopped and str(out / "failures.jsonl") in stopped
     fails = read_jsonl(out / "failures.jsonl")
     assert stats["failures"] == len(fails)
-    for f in fails: assert f["record"].startswith("rewrite demo_train#") or f["record"].startswith("decompose demo_train#") or f["task"] in ("decompose", "rewrite")
+    for f in fails:
+        assert f["task"] in ("decompose", "rewrite") and f["record"].startswith("demo_train#") and f["error"]
     rows = json.loads((out / "ka.json").read_text())
-    assert sum(r["kind"] == "original" for r in rows) == 8 and sum(r["kind"] == "rewritten" for r in rows) == stats["rewritten"]
-    led = run.manifest["stages"]["ka"]["llm"]
+    assert sum(r["kind"] == "original" for r in rows) == 8
+    assert sum(r["kind"] == "rewritten" for r in rows) == stats["rewritten"]
+    led = run.manifest["stages"]["ka"]["llm"]["teacher"]
     assert led["calls"] >= 16 and led["prompt_tokens"] > 0

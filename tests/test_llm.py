@@ -33,14 +33,12 @@ def test_retries_429_500_timeout_then_success(tmp_path):
         assert c.ledger.retries == 3 and c.ledger.calls == 1 and len(s.requests) == 4
 
 def test_always_failing_server_names_request_and_keeps_cache(tmp_path):
-    with FakeServer() as s:
-        c = client(tmp_path, s.base_url)
-        assert c.complete(user("first", name="keep-me")) == "echo: first"
-    with FakeServer(default=503) as s:
+    with FakeServer(["echo: first"], default=503) as s:    # answers once, then fails for good
         c = client(tmp_path, s.base_url, max_retries=2)
+        assert c.complete(user("first", name="keep-me")) == "echo: first"
         with pytest.raises(LLMError, match=r"request doomed failed after 3 tries.*InternalServerError"):
             c.complete_many([user("first", name="keep-me"), user("second", name="doomed")])
-        assert len(s.requests) == 3                          # only 'doomed' went out, three times
+        assert len(s.requests) == 1 + 3                      # only 'doomed' went out, three times
         assert c.complete(user("first", name="keep-me")) == "echo: first"   # still cached
     assert c.cache.get is not None and len(c.cache) == 1
 
