@@ -121,8 +121,10 @@ def build_site(out=None, execute_tutorial: bool = True) -> Path:
                                 cwd=str(tmp), progress_bar=False)
             notebooks["tutorial"] = tmp / "tutorial.ipynb"
         src = stage_site(tmp / "src", notebooks)
-        if out.exists(): shutil.rmtree(out)
-        r = subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", str(src), str(out)],
-                           capture_output=True, text=True)
+        # build inside the temporary folder (myst-nb writes `jupyter_execute/` beside the output), then publish
+        r = subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", str(src), str(tmp / "html")],
+                           capture_output=True, text=True, cwd=tmp)
         if r.returncode: raise RuntimeError(f"sphinx-build failed:\n{r.stderr[-3000:]}")
+        if out.exists(): shutil.rmtree(out)
+        shutil.copytree(tmp / "html", out)
     return out

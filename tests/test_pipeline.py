@@ -88,6 +88,7 @@ def test_docs_site_in_headless_chromium(tmp_path):
     r = kt("docs", env={"KNOWTUNING_RUNS": str(tmp_path)}, timeout=1500)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     site = ROOT / "_docs"
+    assert not (ROOT / "jupyter_execute").exists()       # nothing of the build lands in the checkout but _docs/
     with socket.socket() as so:
         so.bind(("127.0.0.1", 0))
         port = so.getsockname()[1]
