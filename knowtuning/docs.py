@@ -17,31 +17,58 @@ __all__ = ['SECTIONS', 'CONF', 'readme_text', 'write_readme', 'readme_in_sync', 
 def _strip_directives(src: str) -> str:
     return "\n".join(l for l in src.splitlines() if not l.startswith("#|"))
 
+
 def readme_text(nb_path=None) -> str:
     "Markdown for README.md from index.ipynb: markdown cells as is, code cells as fenced Python, hidden cells dropped."
     nb = nbformat.read(nb_path or project_root() / "nbs" / "index.ipynb", as_version=4)
     parts = []
     for c in nb.cells:
         src = c.source.strip()
-        if not src or re.search(r"^#\|\s*(hide|export)", src, re.M): continue
-        if c.cell_type == "markdown": parts.append(src)
-        elif c.cell_type == "code": parts.append("```python\n" + _strip_directives(src).strip() + "\n```")
-    return "<!-- generated from nbs/index.ipynb by `knowtuning readme`; edit the notebook, not this file -->\n\n" + "\n\n".join(parts) + "\n"
+        if not src or re.search(r"^#\|\s*(hide|export)", src, re.M):
+            continue
+        if c.cell_type == "markdown":
+            parts.append(src)
+        elif c.cell_type == "code":
+            parts.append("```python\n" + _strip_directives(src).strip() + "\n```")
+    return (
+        "<!-- generated from nbs/index.ipynb by `knowtuning readme`; edit the notebook, not this file -->\n\n"
+        + "\n\n".join(parts)
+        + "\n"
+    )
 
-def write_readme() -> Path: return atomic_write(project_root() / "README.md", readme_text())
 
-def readme_in_sync() -> bool: return (project_root() / "README.md").read_text() == readme_text()
+def write_readme() -> Path:
+    return atomic_write(project_root() / "README.md", readme_text())
+
+
+def readme_in_sync() -> bool:
+    return (project_root() / "README.md").read_text() == readme_text()
 
 # %% ../nbs/98_docs.ipynb #98-docs-008
 _CHECK = """window.addEventListener('load', () => { const im = [...document.images].filter(i => !i.closest('.sidebar-logo'));
 document.body.dataset.imagesOk = String(im.length > 0 && im.every(i => i.complete && i.naturalWidth > 0));
 document.body.dataset.images = String(im.length); });"""
 
-SECTIONS = [("Start here", ["index", "tutorial"]),
-            ("Foundations", ["00_config", "01_data", "02_assets", "03_runs", "04_llm", "05_teacher"]),
-            ("The method", ["06_ka", "07_kc", "13_baselines", "08_train", "09_generate", "10_metrics", "11_facts",
-                            "12_judge", "14_evaluate", "15_report"]),
-            ("Running and tooling", ["16_pipeline", "97_bench", "98_docs", "99_cli"])]
+SECTIONS = [
+    ("Start here", ["index", "tutorial"]),
+    ("Foundations", ["00_config", "01_data", "02_assets", "03_runs", "04_llm", "05_teacher"]),
+    (
+        "The method",
+        [
+            "06_ka",
+            "07_kc",
+            "13_baselines",
+            "08_train",
+            "09_generate",
+            "10_metrics",
+            "11_facts",
+            "12_judge",
+            "14_evaluate",
+            "15_report",
+        ],
+    ),
+    ("Running and tooling", ["16_pipeline", "97_bench", "98_docs", "99_cli"]),
+]
 
 CONF = """project = "knowtuning"
 extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.mathjax"]
@@ -60,14 +87,17 @@ suppress_warnings = ["myst.header", "mystnb.unknown_mime_type", "misc.highlighti
 exclude_patterns = ["_build"]
 """
 
+
 def clean_notebook(nb):
     "The notebook as a reader sees it: `#| hide` / `#| default_exp` cells dropped, `#|` lines removed."
     cells = []
     for c in nb.cells:
         if c.cell_type == "code":
-            if re.search(r"^#\|\s*(hide|default_exp)\b", c.source, re.M): continue
+            if re.search(r"^#\|\s*(hide|default_exp)\b", c.source, re.M):
+                continue
             c.source = _strip_directives(c.source).strip()
-            if not c.source: continue
+            if not c.source:
+                continue
         cells.append(c)
     nb.cells = cells
     return nb
@@ -75,25 +105,32 @@ def clean_notebook(nb):
 # %% ../nbs/98_docs.ipynb #98-docs-008b
 def _api_page(pkg: Path) -> str:
     mods = sorted(p.stem for p in pkg.glob("*.py") if not p.stem.startswith("_"))
-    body = "".join(f"\n## `knowtuning.{m}`\n\n```{{eval-rst}}\n.. automodule:: knowtuning.{m}\n   :members:\n```\n"
-                   for m in mods)
+    body = "".join(
+        f"\n## `knowtuning.{m}`\n\n```{{eval-rst}}\n.. automodule:: knowtuning.{m}\n   :members:\n```\n" for m in mods
+    )
     return "# API reference\n\nEvery exported function and class, with its docstring, module by module.\n" + body
+
 
 def _toctree(pages: list[str]) -> str:
     out = []
     for title, names in SECTIONS:
         have = [n for n in names if n in pages and n != "index"]
-        if title == "Running and tooling": have.append("api")
-        if have: out.append(f"```{{toctree}}\n:caption: {title}\n:maxdepth: 1\n\n" + "\n".join(have) + "\n```")
+        if title == "Running and tooling":
+            have.append("api")
+        if have:
+            out.append(f"```{{toctree}}\n:caption: {title}\n:maxdepth: 1\n\n" + "\n".join(have) + "\n```")
     return "\n\n".join(out)
+
 
 def stage_site(src: Path, notebooks: dict[str, Path]) -> Path:
     "Write the Sphinx source folder: cleaned notebooks, the API page, conf.py and the offline MathJax."
     import jupyter_server_mathjax
+
     src.mkdir(parents=True, exist_ok=True)
     for stem, path in notebooks.items():
         nb = clean_notebook(nbformat.read(path, as_version=4))
-        if stem == "index": nb.cells.append(nbformat.v4.new_markdown_cell(_toctree(list(notebooks))))
+        if stem == "index":
+            nb.cells.append(nbformat.v4.new_markdown_cell(_toctree(list(notebooks))))
         nbformat.write(nb, src / f"{stem}.ipynb")
     (src / "api.md").write_text(_api_page(Path(importlib.util.find_spec("knowtuning").origin).parent))
     (src / "conf.py").write_text(CONF)
@@ -102,9 +139,11 @@ def stage_site(src: Path, notebooks: dict[str, Path]) -> Path:
     (static / "check-images.js").write_text(_CHECK)
     return src
 
+
 def build_site(out=None, execute_tutorial: bool = True) -> Path:
     "Build the docs site into `_docs/`: quarto + nbdev when quarto is installed, else Sphinx (offline)."
     import os, sys, tempfile
+
     root = project_root()
     out = Path(out or root / "_docs")
     if shutil.which("quarto"):
@@ -115,16 +154,28 @@ def build_site(out=None, execute_tutorial: bool = True) -> Path:
         tmp = Path(tmp)
         if execute_tutorial and "tutorial" in notebooks:
             import papermill as pm
+
             os.environ["IN_TEST"] = "1"
             os.environ["KNOWTUNING_RUNS"] = str(tmp / "runs")
-            pm.execute_notebook(str(notebooks["tutorial"]), str(tmp / "tutorial.ipynb"), kernel_name="python3",
-                                cwd=str(tmp), progress_bar=False)
+            pm.execute_notebook(
+                str(notebooks["tutorial"]),
+                str(tmp / "tutorial.ipynb"),
+                kernel_name="python3",
+                cwd=str(tmp),
+                progress_bar=False,
+            )
             notebooks["tutorial"] = tmp / "tutorial.ipynb"
         src = stage_site(tmp / "src", notebooks)
         # build inside the temporary folder (myst-nb writes `jupyter_execute/` beside the output), then publish
-        r = subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", str(src), str(tmp / "html")],
-                           capture_output=True, text=True, cwd=tmp)
-        if r.returncode: raise RuntimeError(f"sphinx-build failed:\n{r.stderr[-3000:]}")
-        if out.exists(): shutil.rmtree(out)
+        r = subprocess.run(
+            [sys.executable, "-m", "sphinx", "-b", "html", "-q", str(src), str(tmp / "html")],
+            capture_output=True,
+            text=True,
+            cwd=tmp,
+        )
+        if r.returncode:
+            raise RuntimeError(f"sphinx-build failed:\n{r.stderr[-3000:]}")
+        if out.exists():
+            shutil.rmtree(out)
         shutil.copytree(tmp / "html", out)
     return out

@@ -15,25 +15,34 @@ __all__ = ['summarize_judge', 'identical_share', 'paired_diffs', 'score_system',
 
 # %% ../nbs/14_evaluate.ipynb #14-evaluate-005
 def _csv(rows: list[dict]) -> str:
-    if not rows: return ""
+    if not rows:
+        return ""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
 
+
 def summarize_judge(verdicts: list[dict]) -> dict:
     "Win / tie / lose percentages per aspect."
     from knowtuning.judge import ASPECTS
+
     n = len(verdicts)
-    return {a: {k: round(100 * sum(v[a] == k for v in verdicts) / n, 1) if n else float("nan")
-                for k in ("win", "tie", "lose")} for a in ASPECTS}
+    return {
+        a: {
+            k: round(100 * sum(v[a] == k for v in verdicts) / n, 1) if n else float("nan")
+            for k in ("win", "tie", "lose")
+        }
+        for a in ASPECTS
+    }
 
 # %% ../nbs/14_evaluate.ipynb #14-evaluate-006b
 def identical_share(a: list[str], b: list[str]) -> float:
     "Share of questions on which two systems gave the same answer (whitespace-normalised)."
     same = [" ".join(x.split()) == " ".join(y.split()) for x, y in zip(a, b)]
     return sum(same) / len(same) if same else float("nan")
+
 
 def paired_diffs(scores: dict, main: str, n: int = 1000, seed: int = 0) -> dict:
     "{baseline: {measure: [mean diff, low, high, questions]}}: `main` minus every other system, paired per question."
@@ -51,33 +60,53 @@ def _failed(client_user, before: int) -> int:
     "Failures recorded by a teacher / judge / verifier client since `before` (offline backends never fail)."
     return len(getattr(client_user, "failures", None) or []) - before
 
+
 def score_system(preds: list[dict], has_ref: bool, teacher, verifier, cfg, label: str = ""):
     "(per-example rows, per-question scores, summary: metrics with CIs, facts, verification failures)."
     from knowtuning.metrics import all_metrics, bootstrap_ci
     from knowtuning.facts import verify, fact_scores, aggregate_facts
+
     P, R = [r["prediction"] for r in preds], [r["reference"] for r in preds]
     m = all_metrics(P, R, cfg.eval.bertscore_model) if has_ref else {}
     facts = [f or [] for f in teacher.decompose(P)]
     n0 = len(verifier.failures) if verifier else 0
-    if has_ref: v, _ = verify(facts, R, cfg.judge, verifier, label)
-    else: v = [[False] * len(f) for f in facts]
+    if has_ref:
+        v, _ = verify(facts, R, cfg.judge, verifier, label)
+    else:
+        v = [[False] * len(f) for f in facts]
     fs = fact_scores(facts, v, cfg.eval.gamma)
-    rows = [{"index": r["index"], **{k: round(m[k][i], 6) for k in m},
-             **{k: fs[i][k] for k in ("facts", "correct", "precision", "error_rate", "factscore")}}
-            for i, r in enumerate(preds)]
+    rows = [
+        {
+            "index": r["index"],
+            **{k: round(m[k][i], 6) for k in m},
+            **{k: fs[i][k] for k in ("facts", "correct", "precision", "error_rate", "factscore")},
+        }
+        for i, r in enumerate(preds)
+    ]
     summary = {k: bootstrap_ci(m[k], cfg.eval.bootstrap, cfg.seed) for k in m}
-    summary["facts"] = (aggregate_facts(fs) if has_ref else
-                        {"facts_per_answer": sum(len(f) for f in facts) / max(len(facts), 1)})
+    summary["facts"] = (
+        aggregate_facts(fs) if has_ref else {"facts_per_answer": sum(len(f) for f in facts) / max(len(facts), 1)}
+    )
     summary["facts"].update(verified=sum(map(len, facts)) if has_ref else 0, verify_failed=_failed(verifier, n0))
     scores = {**m, "fact_precision": [r["precision"] for r in fs]} if has_ref else {}
     return rows, scores, summary
+
 
 def judge_against(main: list[dict], base: list[dict], judge, cfg, label: str = "") -> tuple[list[dict], dict]:
     "Verdicts of `main` against `base` in both orders, and their summary: rates, CIs, judged and failed calls."
     from knowtuning.judge import judge_both_orders, ASPECTS
     from knowtuning.metrics import rate_cis
-    items = [{"question": x["question"], "reference": x["reference"], "x": x["prediction"], "y": y["prediction"],
-              "name": f"judge {label} #{x['index']}"} for x, y in zip(main, base)]
+
+    items = [
+        {
+            "question": x["question"],
+            "reference": x["reference"],
+            "x": x["prediction"],
+            "y": y["prediction"],
+            "name": f"judge {label} #{x['index']}",
+        }
+        for x, y in zip(main, base)
+    ]
     n0 = len(judge.failures)
     vs = judge_both_orders(judge.compare, items)
     ci = {a: rate_cis([v[a] for v in vs], cfg.eval.bootstrap, cfg.seed) for a in ASPECTS}
@@ -86,8 +115,12 @@ def judge_against(main: list[dict], base: list[dict], judge, cfg, label: str = "
 # %% ../nbs/14_evaluate.ipynb #14-evaluate-007b
 def eval_spec(systems) -> Stage:
     "Stage `eval`: every system's predictions, scored; `eval.*`, the judge, the teacher and the test sets are fields."
-    return Stage("eval", tuple(f"gen_{s}" for s in systems),
-                 ("eval.bertscore_model", "eval.bootstrap", "eval.gamma", "judge", "teacher", "data.test", "seed"))
+    return Stage(
+        "eval",
+        tuple(f"gen_{s}" for s in systems),
+        ("eval.bertscore_model", "eval.bootstrap", "eval.gamma", "judge", "teacher", "data.test", "seed"),
+    )
+
 
 def evaluate_stage(cfg, run, main: str = "knowtuning") -> Path:
     "Metrics, facts and judge verdicts for every system's predictions (needs gen_<system> stages)."
@@ -96,42 +129,72 @@ def evaluate_stage(cfg, run, main: str = "knowtuning") -> Path:
     from knowtuning.teacher import make_teacher
     from knowtuning.llm import ledgers
     from knowtuning.data import dataset_key
+
     systems = list(cfg.systems)
+
     def make(out):
         teacher, judge = make_teacher(cfg.teacher, "eval", cfg.seed), make_judge(cfg.judge, "eval")
         verifier = make_verifier(cfg.judge, "eval")
-        summary = {"judge": judge.label, "teacher": teacher.label, "verifier": verifier_label(cfg.judge),
-                   "datasets": {}}
+        summary = {
+            "judge": judge.label,
+            "teacher": teacher.label,
+            "verifier": verifier_label(cfg.judge),
+            "datasets": {},
+        }
         per_ex, verdict_rows = [], []
         for source in cfg.data.test:
             name = dataset_key(source)
             preds = {s: read_jsonl(run.path(f"gen_{s}") / f"{name}.jsonl") for s in systems}
             has_ref = all(r["reference"].strip() for r in preds[systems[0]])
-            ds = summary["datasets"][name] = {"source": source, "n": len(preds[systems[0]]), "has_references": has_ref,
-                                              "systems": {}, "judge": {}, "judge_ci": {}, "judge_calls": {}}
+            ds = summary["datasets"][name] = {
+                "source": source,
+                "n": len(preds[systems[0]]),
+                "has_references": has_ref,
+                "systems": {},
+                "judge": {},
+                "judge_ci": {},
+                "judge_calls": {},
+            }
             scores = {}
             for s in systems:
-                rows, scores[s], ds["systems"][s] = score_system(preds[s], has_ref, teacher, verifier, cfg,
-                                                                 f"{name}: {s}")
+                rows, scores[s], ds["systems"][s] = score_system(
+                    preds[s], has_ref, teacher, verifier, cfg, f"{name}: {s}"
+                )
                 per_ex += [{"dataset": name, "system": s, **r} for r in rows]
             answers = {s: [r["prediction"] for r in preds[s]] for s in systems}
-            ds["identical"] = {f"{a} = {b}": identical_share(answers[a], answers[b])
-                               for i, a in enumerate(systems) for b in systems[i + 1:]}
-            if main not in systems: continue
-            if has_ref: ds["diffs"] = paired_diffs(scores, main, cfg.eval.bootstrap, cfg.seed)
-            if not (has_ref or cfg.judge.backend == "llm"): continue
+            ds["identical"] = {
+                f"{a} = {b}": identical_share(answers[a], answers[b])
+                for i, a in enumerate(systems)
+                for b in systems[i + 1 :]
+            }
+            if main not in systems:
+                continue
+            if has_ref:
+                ds["diffs"] = paired_diffs(scores, main, cfg.eval.bootstrap, cfg.seed)
+            if not (has_ref or cfg.judge.backend == "llm"):
+                continue
             for b in (s for s in systems if s != main):
                 vs, js = judge_against(preds[main], preds[b], judge, cfg, f"{name}: {main} vs {b}")
-                verdict_rows += [{"dataset": name, "system": main, "baseline": b, "index": x["index"], **v}
-                                 for x, v in zip(preds[main], vs)]
+                verdict_rows += [
+                    {"dataset": name, "system": main, "baseline": b, "index": x["index"], **v}
+                    for x, v in zip(preds[main], vs)
+                ]
                 ds["judge"][b], ds["judge_ci"][b] = js["rates"], js["ci"]
                 ds["judge_calls"][b] = {"judged": js["judged"], "failed": js["failed"]}
         atomic_write(out / "per_example.csv", _csv(per_ex))
         write_jsonl(out / "verdicts.jsonl", verdict_rows)
-        failures = [{"role": k, **f} for k, u in (("teacher", teacher), ("judge", judge), ("verifier", verifier))
-                    for f in (getattr(u, "failures", None) or [])]
+        failures = [
+            {"role": k, **f}
+            for k, u in (("teacher", teacher), ("judge", judge), ("verifier", verifier))
+            for f in (getattr(u, "failures", None) or [])
+        ]
         write_jsonl(out / "failures.jsonl", failures)
         write_json(out / "summary.json", summary)
-        run.update_stage("eval", llm=ledgers(teacher=teacher, judge=judge, verifier=verifier), judge=judge.label,
-                         failures=len(failures))
+        run.update_stage(
+            "eval",
+            llm=ledgers(teacher=teacher, judge=judge, verifier=verifier),
+            judge=judge.label,
+            failures=len(failures),
+        )
+
     return run.build(eval_spec(cfg.systems), cfg, make, [main])

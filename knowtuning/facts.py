@@ -13,26 +13,37 @@ __all__ = ['VERIFY', 'content', 'keys', 'supported', 'fact_scores', 'aggregate_f
            'verify']
 
 # %% ../nbs/11_facts.ipynb #11-facts-005
-_STOP = set("a an the of to in on at for by with from and or but is are was were be been being it its this that these those as "
-            "which who whom what when where why how do does did has have had can could will would should may might must "
-            "also very more most such than then there their they them he she his her we our you your i not no".split())
+_STOP = set(
+    "a an the of to in on at for by with from and or but is are was were be been being it its this that these those as "
+    "which who whom what when where why how do does did has have had can could will would should may might must "
+    "also very more most such than then there their they them he she his her we our you your i not no".split()
+)
 _NUMS = re.compile(r"\d+(?:[.,]\d+)*")
 _NEG = re.compile(r"\b(not|no|never|cannot|can't|n't|none)\b", re.I)
+
 
 @lru_cache(maxsize=1)
 def _stemmer():
     from nltk.stem.porter import PorterStemmer
+
     return PorterStemmer()
 
+
 @lru_cache(maxsize=None)
-def _stem(w: str) -> str: return _stemmer().stem(w)
+def _stem(w: str) -> str:
+    return _stemmer().stem(w)
+
 
 def content(s: str) -> set[str]:
     return {_stem(w) for w in re.findall(r"[a-z]+", s.lower()) if w not in _STOP and len(w) > 1}
 
+
 def keys(s: str) -> tuple[set[str], set[str]]:
     "Numbers and capitalised names (not sentence-initial) in `s`."
-    return {n.replace(",", "") for n in _NUMS.findall(s)}, {m.group(1).lower() for m in _ENT.finditer(s) if m.group(1) not in _STOP_ENT}
+    return {n.replace(",", "") for n in _NUMS.findall(s)}, {
+        m.group(1).lower() for m in _ENT.finditer(s) if m.group(1) not in _STOP_ENT
+    }
+
 
 @lru_cache(maxsize=50000)
 def _antonyms(word: str) -> frozenset:
@@ -43,21 +54,26 @@ def _antonyms(word: str) -> frozenset:
             out |= {a.name().lower() for a in l.antonyms()}
     return frozenset(out)
 
+
 def supported(fact: str, reference: str, threshold: float = 0.6) -> bool:
     "Offline proxy: is `fact` supported by the text `reference`? (rules in the introduction above)"
     nums, ents = keys(fact)
     ref_l = reference.lower()
     ref_nums = {n.replace(",", "") for n in _NUMS.findall(reference)}
-    if not nums <= ref_nums or any(e not in ref_l for e in ents): return False
+    if not nums <= ref_nums or any(e not in ref_l for e in ents):
+        return False
     cw = content(fact)
-    if not cw: return True
+    if not cw:
+        return True
     sents = [a["text"] for a in split_atoms(reference)] or [reference]
     best = max(sents, key=lambda s: len(cw & content(s)))
     bc = content(best)
-    if bool(_NEG.search(fact)) != bool(_NEG.search(best)): return False
+    if bool(_NEG.search(fact)) != bool(_NEG.search(best)):
+        return False
     ref_words = set(re.findall(r"[a-z]+", best.lower()))
     for w in re.findall(r"[a-z]+", fact.lower()):
-        if w not in _STOP and _stem(w) not in bc and _antonyms(w) & ref_words: return False
+        if w not in _STOP and _stem(w) not in bc and _antonyms(w) & ref_words:
+            return False
     return len(cw & bc) / len(cw) >= threshold
 
 # %% ../nbs/11_facts.ipynb #11-facts-008
@@ -68,14 +84,30 @@ def fact_scores(facts: list[list[str]], verdicts: list[list[bool]], gamma: int =
         n, s = len(f), sum(v)
         p = s / n if n else float("nan")
         pen = math.exp(1 - gamma / n) if gamma and n and n < gamma else 1.0
-        out.append({"facts": n, "correct": s, "precision": p, "error_rate": 1 - p if n else float("nan"), "factscore": p * pen if n else 0.0})
+        out.append(
+            {
+                "facts": n,
+                "correct": s,
+                "precision": p,
+                "error_rate": 1 - p if n else float("nan"),
+                "factscore": p * pen if n else 0.0,
+            }
+        )
     return out
+
 
 def aggregate_facts(rows: list[dict]) -> dict:
     "Facts per answer, correct facts per answer, factual error rate (wrong facts / all facts) and mean FActScore."
-    n = len(rows); tot = sum(r["facts"] for r in rows); cor = sum(r["correct"] for r in rows)
-    return {"facts_per_answer": tot / n if n else 0.0, "correct_per_answer": cor / n if n else 0.0,
-            "error_rate": (tot - cor) / tot if tot else float("nan"), "factscore": sum(r["factscore"] for r in rows) / n if n else 0.0}
+    n = len(rows)
+    tot = sum(r["facts"] for r in rows)
+    cor = sum(r["correct"] for r in rows)
+    return {
+        "facts_per_answer": tot / n if n else 0.0,
+        "correct_per_answer": cor / n if n else 0.0,
+        "error_rate": (tot - cor) / tot if tot else float("nan"),
+        "factscore": sum(r["factscore"] for r in rows) / n if n else 0.0,
+    }
+
 
 VERIFY = """Reference answer: {reference}
 
@@ -83,32 +115,47 @@ Statement: {fact}
 
 Is the statement supported by the reference answer? Reply with exactly one word: True or False."""
 
+
 def make_verifier(judge_cfg, stage: str = "verifier"):
     "The LLM client that verifies facts (the judge's endpoint), or None for the offline proxy verifier."
-    if judge_cfg is None or judge_cfg.backend != "llm": return None
+    if judge_cfg is None or judge_cfg.backend != "llm":
+        return None
     from knowtuning.llm import LLMClient
+
     return LLMClient(judge_cfg, stage)
+
 
 def verifier_label(judge_cfg) -> str:
     "What verifies facts under `judge_cfg`: the LLM's name, or the offline proxy."
-    if judge_cfg is None or judge_cfg.backend != "llm": return "proxy: lexical/number/entity/antonym support"
+    if judge_cfg is None or judge_cfg.backend != "llm":
+        return "proxy: lexical/number/entity/antonym support"
     return f"llm:{judge_cfg.model}"
 
-def verify(facts: list[list[str]], references: list[str], judge_cfg=None, client=None,
-           label: str = "") -> tuple[list[list[bool]], str]:
+
+def verify(
+    facts: list[list[str]], references: list[str], judge_cfg=None, client=None, label: str = ""
+) -> tuple[list[list[bool]], str]:
     """Support verdicts for each answer's facts: the LLM verifier when `judge_cfg.backend == 'llm'` (through `client`,
     from `make_verifier`, so its calls reach the caller's ledger), else the offline proxy."""
     if judge_cfg is None or judge_cfg.backend != "llm":
         return [[supported(f, r) for f in fs] for fs, r in zip(facts, references)], verifier_label(judge_cfg)
     from knowtuning.llm import user, complete_parsed, ParseError
+
     client = client or make_verifier(judge_cfg)
+
     def parse(s):
         w = s.strip().strip(".").split()[:1]
-        if not w or w[0].lower() not in ("true", "false"): raise ParseError("expected True or False")
+        if not w or w[0].lower() not in ("true", "false"):
+            raise ParseError("expected True or False")
         return w[0].lower() == "true"
+
     flat = [(i, f) for i, fs in enumerate(facts) for f in fs]
-    reqs = [user(VERIFY.format(reference=references[i], fact=f), name=f"verify {label} answer {i}".replace("  ", " ")) for i, f in flat]
+    reqs = [
+        user(VERIFY.format(reference=references[i], fact=f), name=f"verify {label} answer {i}".replace("  ", " "))
+        for i, f in flat
+    ]
     got = complete_parsed(client, reqs, parse, "verify")
     out = [[] for _ in facts]
-    for (i, _), g in zip(flat, got): out[i].append(bool(g))   # an unparseable verdict counts as unsupported (and is recorded)
+    for (i, _), g in zip(flat, got):
+        out[i].append(bool(g))  # an unparseable verdict counts as unsupported (and is recorded)
     return out, verifier_label(judge_cfg)

@@ -18,10 +18,18 @@ __all__ = ['GEN_FIELDS', 'gen_kwargs', 'left_pad', 'generate', 'api_client', 'ad
 # %% ../nbs/09_generate.ipynb #09-generate-005
 def gen_kwargs(g, tok) -> dict:
     "transformers `generate` arguments from a `GenerateCfg`."
-    kw = dict(max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    if g.do_sample: kw.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
-    else: kw.update(temperature=None, top_p=None, top_k=None)
+    kw = dict(
+        max_new_tokens=g.max_new_tokens,
+        do_sample=g.do_sample,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    if g.do_sample:
+        kw.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
+    else:
+        kw.update(temperature=None, top_p=None, top_k=None)
     return kw
+
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> dict:
     "input_ids and attention_mask tensors of token-id lists, left-padded to the longest."
@@ -30,9 +38,18 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> dict:
     mask = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs])
     return {"input_ids": ids, "attention_mask": mask}
 
+
 @torch.no_grad()
-def generate(model, tok, prompts: list[str], g, batch_size: int | None = None, on_batch=None, progress: bool = True,
-             template: str = "alpaca") -> list[str]:
+def generate(
+    model,
+    tok,
+    prompts: list[str],
+    g,
+    batch_size: int | None = None,
+    on_batch=None,
+    progress: bool = True,
+    template: str = "alpaca",
+) -> list[str]:
     "Completions for `prompts` (in input order), encoded by the template's encoder, batched by length, left-padded."
     bs = batch_size or g.batch_size
     enc_all = [encode_prompt(tok, p, template) for p in prompts]
@@ -40,16 +57,19 @@ def generate(model, tok, prompts: list[str], g, batch_size: int | None = None, o
     out, kw, ntok, t0 = [None] * len(prompts), gen_kwargs(g, tok), 0, time.time()
     bar = tqdm(total=len(prompts), desc="generate", unit="ans", disable=not progress)
     for b in range(0, len(order), bs):
-        idx = order[b:b + bs]
+        idx = order[b : b + bs]
         enc = {k: v.to(model.device) for k, v in left_pad([enc_all[i] for i in idx], tok.pad_token_id).items()}
-        seqs = model.generate(**enc, **kw)[:, enc["input_ids"].shape[1]:]
+        seqs = model.generate(**enc, **kw)[:, enc["input_ids"].shape[1] :]
         texts = []
         for i, s in zip(idx, seqs):
             s = s[s != tok.pad_token_id] if tok.pad_token_id is not None else s
             ntok += len(s)
-            out[i] = tok.decode(s, skip_special_tokens=True).strip(); texts.append(out[i])
-        if on_batch: on_batch(idx, texts)
-        bar.update(len(idx)); bar.set_postfix(tok_s=f"{ntok / max(time.time() - t0, 1e-9):.1f}")
+            out[i] = tok.decode(s, skip_special_tokens=True).strip()
+            texts.append(out[i])
+        if on_batch:
+            on_batch(idx, texts)
+        bar.update(len(idx))
+        bar.set_postfix(tok_s=f"{ntok / max(time.time() - t0, 1e-9):.1f}")
     bar.close()
     return out
 
@@ -58,11 +78,14 @@ def api_client(api_cfg, system: str):
     "The LLM client for `system` on an OpenAI-compatible server (`api_cfg.model` may hold `{system}`)."
     import dataclasses
     from knowtuning.llm import LLMClient
+
     return LLMClient(dataclasses.replace(api_cfg, model=api_cfg.model.format(system=system)), f"gen_{system}")
+
 
 def adapter_fingerprint(adapter_dir) -> str:
     "SHA-256 of an adapter's files (what a server serves under the system's name); 'base' for no adapter."
-    if adapter_dir is None: return "base"
+    if adapter_dir is None:
+        return "base"
     h = hashlib.sha256()
     for p in sorted(Path(adapter_dir).glob("*")):
         if p.is_file():
@@ -70,28 +93,49 @@ def adapter_fingerprint(adapter_dir) -> str:
             h.update(p.read_bytes())
     return h.hexdigest()
 
+
 def generate_api(client, system: str, prompts: list[str], g, salt: str = "") -> list[str]:
     "Completions for `prompts` through `client`; `salt` (the served adapter's fingerprint) keys the cache."
     from knowtuning.llm import Request
+
     sampling = dict(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k) if g.do_sample else dict(temperature=0.0)
-    reqs = [Request([], name=f"gen {system} #{i}", prompt=p, max_tokens=g.max_new_tokens, salt=salt, **sampling)
-            for i, p in enumerate(prompts)]
+    reqs = [
+        Request([], name=f"gen {system} #{i}", prompt=p, max_tokens=g.max_new_tokens, salt=salt, **sampling)
+        for i, p in enumerate(prompts)
+    ]
     return [t.strip() for t in client.complete_many(reqs, f"generate {system}")]
 
 # %% ../nbs/09_generate.ipynb #09-generate-010
-GEN_FIELDS = ("student.model", "student.template", "student.dtype", "student.quantize", "generate.max_new_tokens",
-              "generate.do_sample", "generate.temperature", "generate.top_p", "generate.top_k", "generate.backend",
-              "generate.api", "data.test", "data.n_test", "data.lenient", "seed")
+GEN_FIELDS = (
+    "student.model",
+    "student.template",
+    "student.dtype",
+    "student.quantize",
+    "generate.max_new_tokens",
+    "generate.do_sample",
+    "generate.temperature",
+    "generate.top_p",
+    "generate.top_k",
+    "generate.backend",
+    "generate.api",
+    "data.test",
+    "data.n_test",
+    "data.lenient",
+    "seed",
+)
+
 
 def gen_spec(system: str) -> Stage:
     "Stage `gen_<system>`: the system's predictions; `generate.batch_size` and the API's concurrency are not fields."
     return Stage(f"gen_{system}", () if system == "base" else (f"train_{system}",), GEN_FIELDS)
+
 
 def generate_stage(cfg, run, system: str) -> Path:
     "Predictions of `system` on every test set of `cfg`."
     from knowtuning.assets import load_model
     from knowtuning.data import load_dataset, prompt, question, dataset_key
     from knowtuning.llm import ledgers
+
     def make(out):
         torch.manual_seed(cfg.seed)
         api = cfg.generate.backend == "api"
@@ -104,22 +148,36 @@ def generate_stage(cfg, run, system: str) -> Path:
         t0, n_new = time.time(), 0
         for name in cfg.data.test:
             ds = load_dataset(name, lenient=cfg.data.lenient, n=cfg.data.n_test)
-            key = dataset_key(name)                  # a user's /abs/path.json stays inside the run
+            key = dataset_key(name)  # a user's /abs/path.json stays inside the run
             path = out / f"{key}.partial.jsonl"
             done = {r["index"] for r in read_jsonl(path)}
             todo = [i for i in range(len(ds)) if i not in done]
+
             def save(idx, texts, todo=todo, ds=ds, path=path):
                 with open(path, "a") as f:
                     for j, t in zip(idx, texts):
                         i = todo[j]
-                        f.write(json.dumps({"index": i, "question": question(ds[i]), "reference": ds[i]["output"], "prediction": t}) + "\n")
+                        f.write(
+                            json.dumps(
+                                {"index": i, "question": question(ds[i]), "reference": ds[i]["output"], "prediction": t}
+                            )
+                            + "\n"
+                        )
+
             ps = [prompt(ds[i], cfg.student.template) for i in todo]
-            if api: save(list(range(len(todo))), generate_api(client, system, ps, cfg.generate, salt=salt))
-            else: generate(model, tok, ps, cfg.generate, on_batch=save, template=cfg.student.template)
+            if api:
+                save(list(range(len(todo))), generate_api(client, system, ps, cfg.generate, salt=salt))
+            else:
+                generate(model, tok, ps, cfg.generate, on_batch=save, template=cfg.student.template)
             n_new += len(todo)
             rows = sorted(read_jsonl(path), key=lambda r: r["index"])
             (out / f"{key}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             path.unlink()
-        run.update_stage(f"gen_{system}", generated=n_new, seconds_generating=round(time.time() - t0, 2),
-                         llm=ledgers(generator=client) if api else None)
+        run.update_stage(
+            f"gen_{system}",
+            generated=n_new,
+            seconds_generating=round(time.time() - t0, 2),
+            llm=ledgers(generator=client) if api else None,
+        )
+
     return run.build(gen_spec(system), cfg, make, [system])

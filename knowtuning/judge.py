@@ -13,7 +13,8 @@ from .teacher import split_atoms
 __all__ = ['ASPECTS', 'JUDGE', 'combine', 'judge_both_orders', 'proxy_scores', 'ProxyJudge', 'LLMJudge', 'make_judge']
 
 # %% ../nbs/12_judge.ipynb #12-judge-005
-ASPECTS = (*KC_ASPECTS, "overall")   # the judge adds an overall verdict to the three aspects
+ASPECTS = (*KC_ASPECTS, "overall")  # the judge adds an overall verdict to the three aspects
+
 
 def combine(first: dict, second: dict) -> dict:
     """Verdicts for system X from two judgements: `first` with X as A, `second` with X as B.
@@ -25,12 +26,20 @@ def combine(first: dict, second: dict) -> dict:
         out[a] = "win" if x1 and x2 else "lose" if y1 and y2 else "tie"
     return out
 
+
 def judge_both_orders(compare, items: list[dict]) -> list[dict]:
     """items: [{question, reference, x, y, name?}]; `compare(list of {question, reference, a, b, name})` -> list of
     aspect verdicts. `name` (for error messages and failure records) says which comparison and which order."""
+
     def order(i, k, a, b, tag):
-        return {"question": i["question"], "reference": i["reference"], "a": i[a], "b": i[b],
-                "name": f"{i.get('name', f'judge {k}')} ({tag})"}
+        return {
+            "question": i["question"],
+            "reference": i["reference"],
+            "a": i[a],
+            "b": i[b],
+            "name": f"{i.get('name', f'judge {k}')} ({tag})",
+        }
+
     first = compare([order(i, k, "x", "y", "x first") for k, i in enumerate(items)])
     second = compare([order(i, k, "y", "x", "y first") for k, i in enumerate(items)])
     return [combine(f, s) for f, s in zip(first, second)]
@@ -43,25 +52,35 @@ def proxy_scores(answer: str, reference: str) -> dict:
     comp = sum(supported(r, answer) for r in ref) / len(ref) if ans else 0.0
     fact = sum(supported(a, reference) for a in ans) / len(ans) if ans else 0.0
     pos = []
-    for a in ans:   # the reference sentence each answer fact matches best (if it shares content)
+    for a in ans:  # the reference sentence each answer fact matches best (if it shares content)
         ca = content(a)
         ov = [len(ca & content(r)) for r in ref]
-        if ca and max(ov) / len(ca) >= 0.5: pos.append(ov.index(max(ov)))
+        if ca and max(ov) / len(ca) >= 0.5:
+            pos.append(ov.index(max(ov)))
     pairs = [(i, j) for i, j in itertools.combinations(pos, 2) if i != j]
     logic = sum(i < j for i, j in pairs) / len(pairs) if pairs else (1.0 if ans else 0.0)
     return {"completeness": comp, "factuality": fact, "logicality": logic, "overall": (comp + fact + logic) / 3}
 
+
 class ProxyJudge:
     "Offline reference-based proxy judge (labelled 'proxy')."
+
     label = "proxy: reference-fact recall / precision / order agreement"
-    failures: list = []                # an offline judge never fails to answer
-    def __init__(self, margin: float = 0.05): self.margin = margin
+    failures: list = []  # an offline judge never fails to answer
+
+    def __init__(self, margin: float = 0.05):
+        self.margin = margin
+
     def compare(self, items: list[dict]) -> list[dict]:
         out = []
         for it in items:
             sa, sb = proxy_scores(it["a"], it["reference"]), proxy_scores(it["b"], it["reference"])
-            out.append({k: "A" if sa[k] - sb[k] > self.margin else "B" if sb[k] - sa[k] > self.margin else "tie"
-                        for k in ASPECTS})
+            out.append(
+                {
+                    k: "A" if sa[k] - sb[k] > self.margin else "B" if sb[k] - sa[k] > self.margin else "tie"
+                    for k in ASPECTS
+                }
+            )
         return out
 
 # %% ../nbs/12_judge.ipynb #12-judge-012
@@ -82,28 +101,43 @@ Judge each aspect:
 - overall: which answer is better overall.
 Reply with JSON only, each value "A", "B" or "tie": {{"completeness": ..., "factuality": ..., "logicality": ..., "overall": ...}}"""
 
+
 class LLMJudge:
-    "Pairwise judge through the LLM client (prompt above). A verdict that stays unparseable after the repair round is a "
-    "recorded failure (`failures`) and counts as a tie; the report says how many there were."
+    """Pairwise judge through the LLM client (prompt above). A verdict that stays unparseable after the repair round is
+    a recorded failure (`failures`) and counts as a tie; the report says how many there were."""
+
     def __init__(self, cfg, stage: str = "judge", client=None):
         from knowtuning.llm import LLMClient
+
         self.client = client or LLMClient(cfg, stage)
         self.label = f"llm:{cfg.model}"
+
     @property
-    def failures(self) -> list: return self.client.failures
+    def failures(self) -> list:
+        return self.client.failures
+
     def compare(self, items: list[dict]) -> list[dict]:
         from knowtuning.llm import user, complete_parsed, parse_json, ParseError
+
         def parse(s):
             d = parse_json(s)
-            if not isinstance(d, dict): raise ParseError("expected a JSON object")
+            if not isinstance(d, dict):
+                raise ParseError("expected a JSON object")
             v = {a: str(d.get(a, "")).strip().upper().replace("TIE", "tie") for a in ASPECTS}
             if any(x not in ("A", "B", "tie") for x in v.values()):
                 raise ParseError('each aspect must be "A", "B" or "tie"')
             return v
-        reqs = [user(JUDGE.format(**{k: it[k] for k in ("question", "reference", "a", "b")}),
-                     name=it.get("name", f"judge {i}")) for i, it in enumerate(items)]
+
+        reqs = [
+            user(
+                JUDGE.format(**{k: it[k] for k in ("question", "reference", "a", "b")}),
+                name=it.get("name", f"judge {i}"),
+            )
+            for i, it in enumerate(items)
+        ]
         got = complete_parsed(self.client, reqs, parse, "judge")
         return [g or {a: "tie" for a in ASPECTS} for g in got]
+
 
 def make_judge(cfg, stage: str = "judge"):
     "The LLM judge when `cfg.backend == 'llm'`, else the offline proxy."

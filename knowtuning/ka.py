@@ -23,13 +23,16 @@ def encode(tok, q: str, atoms: list[str], template: str = "alpaca"):
 
 # %% ../nbs/06_ka.ipynb #06-ka-008
 @torch.no_grad()
-def ppl_reference(model, tok, questions: list[str], atom_lists: list[list[str]], template: str = "alpaca") -> list[list[float]]:
+def ppl_reference(
+    model, tok, questions: list[str], atom_lists: list[list[str]], template: str = "alpaca"
+) -> list[list[float]]:
     "PPL of each atom given its question's prompt, one forward pass per atom (simple and slow)."
     dev, out = model.device, []
     for q, atoms in zip(questions, atom_lists):
-        p, ids = encode(tok, q, atoms, template); row = []
+        p, ids = encode(tok, q, atoms, template)
+        row = []
         for a in ids:
-            logits = model(torch.tensor([p + a], device=dev)).logits[0, len(p) - 1: len(p) - 1 + len(a)].float()
+            logits = model(torch.tensor([p + a], device=dev)).logits[0, len(p) - 1 : len(p) - 1 + len(a)].float()
             nll = -logits.log_softmax(-1).gather(-1, torch.tensor(a, device=dev)[:, None]).mean()
             row.append(math.exp(nll.item()))
         out.append(row)
@@ -38,35 +41,48 @@ def ppl_reference(model, tok, questions: list[str], atom_lists: list[list[str]],
 # %% ../nbs/06_ka.ipynb #06-ka-010
 def pack(p: list[int], atoms: list[list[int]]):
     "Packed ids, position ids, boolean attention (L x L), and for each atom the positions whose logits predict it."
-    P = len(p); L = P + sum(map(len, atoms))
+    P = len(p)
+    L = P + sum(map(len, atoms))
     allowed = torch.zeros(L, L, dtype=torch.bool)
     allowed[:P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
     ids, pos, pred, s = list(p), list(range(P)), [], P
     for a in atoms:
         T = len(a)
-        allowed[s:s + T, :P] = True
-        allowed[s:s + T, s:s + T] = torch.ones(T, T, dtype=torch.bool).tril()
-        ids += a; pos += range(P, P + T); pred.append([P - 1] + list(range(s, s + T - 1))); s += T
+        allowed[s : s + T, :P] = True
+        allowed[s : s + T, s : s + T] = torch.ones(T, T, dtype=torch.bool).tril()
+        ids += a
+        pos += range(P, P + T)
+        pred.append([P - 1] + list(range(s, s + T - 1)))
+        s += T
     return ids, pos, allowed, pred
+
 
 def _body(model):
     "The transformer without its LM head (works for plain and PEFT-wrapped causal LMs)."
     m = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(m, m.base_model_prefix), m.lm_head
 
+
 @torch.no_grad()
-def ppl_packed(model, tok, questions, atom_lists, template: str = "alpaca", batch_questions: int = 8, progress=None) -> list[list[float]]:
+def ppl_packed(
+    model, tok, questions, atom_lists, template: str = "alpaca", batch_questions: int = 8, progress=None
+) -> list[list[float]]:
     "PPL of each atom given its question's prompt: one forward pass per question, batched."
     body, head = _body(model)
-    dev = model.device; dtype = next(model.parameters()).dtype
+    dev = model.device
+    dtype = next(model.parameters()).dtype
     enc = [encode(tok, q, a, template) for q, a in zip(questions, atom_lists)]
     out = [None] * len(enc)
-    order = sorted(range(len(enc)), key=lambda i: -(len(enc[i][0]) + sum(map(len, enc[i][1]))))   # similar lengths together
+    order = sorted(
+        range(len(enc)), key=lambda i: -(len(enc[i][0]) + sum(map(len, enc[i][1])))
+    )  # similar lengths together
     for b in range(0, len(order), batch_questions):
-        idx = [i for i in order[b:b + batch_questions] if enc[i][1]]
-        for i in order[b:b + batch_questions]:
-            if not enc[i][1]: out[i] = []
-        if not idx: continue
+        idx = [i for i in order[b : b + batch_questions] if enc[i][1]]
+        for i in order[b : b + batch_questions]:
+            if not enc[i][1]:
+                out[i] = []
+        if not idx:
+            continue
         packs = [pack(*enc[i]) for i in idx]
         L = max(len(pk[0]) for pk in packs)
         ids = torch.full((len(idx), L), tok.pad_token_id, dtype=torch.long)
@@ -74,9 +90,10 @@ def ppl_packed(model, tok, questions, atom_lists, template: str = "alpaca", batc
         mask = torch.full((len(idx), 1, L, L), torch.finfo(dtype).min, dtype=dtype)
         for r, (i_, p_, allowed, _) in enumerate(packs):
             n = len(i_)
-            ids[r, :n] = torch.tensor(i_); pos[r, :n] = torch.tensor(p_)
+            ids[r, :n] = torch.tensor(i_)
+            pos[r, :n] = torch.tensor(p_)
             mask[r, 0, :n, :n].masked_fill_(allowed, 0.0)
-            mask[r, 0, n:, :].fill_(0.0)   # padding rows attend everywhere (their outputs are unused; avoids NaN rows)
+            mask[r, 0, n:, :].fill_(0.0)  # padding rows attend everywhere (their outputs are unused; avoids NaN rows)
         h = body(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev)).last_hidden_state
         for r, (i, (_, _, _, pred)) in enumerate(zip(idx, packs)):
             flat = [x for pr in pred for x in pr]
@@ -84,13 +101,17 @@ def ppl_packed(model, tok, questions, atom_lists, template: str = "alpaca", batc
             lp = head(h[r, flat]).float().log_softmax(-1).gather(-1, targets[:, None])[:, 0]
             res, s = [], 0
             for a in enc[i][1]:
-                res.append(math.exp(-lp[s:s + len(a)].mean().item())); s += len(a)
+                res.append(math.exp(-lp[s : s + len(a)].mean().item()))
+                s += len(a)
             out[i] = res
-        if progress is not None: progress.update(sum(len(enc[i][1]) for i in idx))
+        if progress is not None:
+            progress.update(sum(len(enc[i][1]) for i in idx))
     return out
 
 # %% ../nbs/06_ka.ipynb #06-ka-014
-def n_keep(n: int, alpha: float) -> int: return 0 if n == 0 else max(1, math.ceil(alpha * n - 1e-9))
+def n_keep(n: int, alpha: float) -> int:
+    return 0 if n == 0 else max(1, math.ceil(alpha * n - 1e-9))
+
 
 def select_difficult(ppls: list[float], alpha: float) -> list[int]:
     "Indices (in original order) of the top-alpha atoms by perplexity."
@@ -101,48 +122,92 @@ def select_difficult(ppls: list[float], alpha: float) -> list[int]:
 # %% ../nbs/06_ka.ipynb #06-ka-017
 def ka_rows(records, atoms_rows, rewrites, teacher_label: str) -> list[dict]:
     "Original pairs followed by the rewritten fine-grained pairs."
-    rows = [{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"], "kind": "original", "source": i}
-            for i, r in enumerate(records)]
+    rows = [
+        {
+            "instruction": r["instruction"],
+            "input": r.get("input", ""),
+            "output": r["output"],
+            "kind": "original",
+            "source": i,
+        }
+        for i, r in enumerate(records)
+    ]
     for a, rw in zip(atoms_rows, rewrites):
-        if rw: rows.append({"instruction": rw["question"], "input": "", "output": rw["answer"], "kind": "rewritten",
-                            "source": a["index"], "teacher": teacher_label})
+        if rw:
+            rows.append(
+                {
+                    "instruction": rw["question"],
+                    "input": "",
+                    "output": rw["answer"],
+                    "kind": "rewritten",
+                    "source": a["index"],
+                    "teacher": teacher_label,
+                }
+            )
     return rows
+
 
 def write_ka_set(out: Path, rows: list[dict], template: str = "alpaca", name: str = "knowtuning_ka"):
     write_json(out / "ka.json", rows)
     write_json(out / "dataset_info.json", {name: llama_factory_entry("ka.json")})
-    write_jsonl(out / "ka_trl.jsonl", [{"prompt": prompt(r, template), "completion": r["output"], "kind": r["kind"]} for r in rows])
+    write_jsonl(
+        out / "ka_trl.jsonl",
+        [{"prompt": prompt(r, template), "completion": r["output"], "kind": r["kind"]} for r in rows],
+    )
 
 # %% ../nbs/06_ka.ipynb #06-ka-019
-def score_resumable(model, tok, questions, atom_lists, path: Path, template="alpaca", batch_questions=8, desc="ppl") -> list:
+def score_resumable(
+    model, tok, questions, atom_lists, path: Path, template="alpaca", batch_questions=8, desc="ppl"
+) -> list:
     "Perplexities for every (question, atoms), appending finished questions to `path` and skipping those already there."
     done = {r["i"]: r["ppl"] for r in read_jsonl(path)}
     todo = [i for i in range(len(questions)) if i not in done]
     total = sum(len(atom_lists[i]) for i in todo)
     bar = tqdm(total=total, desc=desc, unit="atom")
     t0 = time.time()
-    for b in range(0, len(todo), batch_questions * 4):       # flush to disk every few batches
-        chunk = todo[b:b + batch_questions * 4]
-        res = ppl_packed(model, tok, [questions[i] for i in chunk], [atom_lists[i] for i in chunk], template, batch_questions, bar)
+    for b in range(0, len(todo), batch_questions * 4):  # flush to disk every few batches
+        chunk = todo[b : b + batch_questions * 4]
+        res = ppl_packed(
+            model, tok, [questions[i] for i in chunk], [atom_lists[i] for i in chunk], template, batch_questions, bar
+        )
         with open(path, "a") as f:
-            for i, r in zip(chunk, res): f.write(json.dumps({"i": i, "ppl": r}) + "\n")
+            for i, r in zip(chunk, res):
+                f.write(json.dumps({"i": i, "ppl": r}) + "\n")
         done.update(zip(chunk, res))
         bar.set_postfix(atoms_s=f"{bar.n / max(time.time() - t0, 1e-9):.1f}")
     bar.close()
     return [done[i] for i in range(len(questions))]
+
 
 def failure_rows(task: str, names: list[str], results: list, teacher, why: str) -> list[dict]:
     "One row per input whose teacher result is missing: what failed, for which record, and why (the teacher's error)."
     errs = {f["name"]: f for f in teacher.failures}
     rows = []
     for n, r in zip(names, results):
-        if r: continue
+        if r:
+            continue
         f = errs.get(f"{task} {n}", {})
         rows.append({"task": task, "record": n, "error": f.get("error") or why, "raw": f.get("raw", "")})
     return rows
 
-KA = Stage("ka", fields=("data.train", "data.n_train", "data.lenient", "student.model", "student.template",
-                         "student.dtype", "student.quantize", "teacher", "ka.alpha", "ka.max_atoms_per_answer", "seed"))
+
+KA = Stage(
+    "ka",
+    fields=(
+        "data.train",
+        "data.n_train",
+        "data.lenient",
+        "student.model",
+        "student.template",
+        "student.dtype",
+        "student.quantize",
+        "teacher",
+        "ka.alpha",
+        "ka.max_atoms_per_answer",
+        "seed",
+    ),
+)
+
 
 def ka_stage(cfg, run) -> Path:
     "Build the KA set for `cfg` in `run` (a `knowtuning.runs.Run`); returns the stage folder."
@@ -151,6 +216,7 @@ def ka_stage(cfg, run) -> Path:
     from knowtuning.assets import load_model
     from knowtuning.llm import ledgers
     from knowtuning.runs import require_yield
+
     def make(out):
         ds = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
         teacher = make_teacher(cfg.teacher, "ka", cfg.seed, cfg.ka.max_atoms_per_answer)
@@ -168,42 +234,69 @@ def ka_stage(cfg, run) -> Path:
         rows = []
         for i, (a, p) in enumerate(zip(atoms, ppls)):
             keep = set(select_difficult(p, cfg.ka.alpha))
-            rows.append({"index": i, "record": names[i], "question": qs[i], "answer": answers[i], "teacher": teacher.label,
-                         "atoms": [{"text": t, "ppl": round(x, 4), "kept": j in keep} for j, (t, x) in enumerate(zip(a, p))]})
+            rows.append(
+                {
+                    "index": i,
+                    "record": names[i],
+                    "question": qs[i],
+                    "answer": answers[i],
+                    "teacher": teacher.label,
+                    "atoms": [{"text": t, "ppl": round(x, 4), "kept": j in keep} for j, (t, x) in enumerate(zip(a, p))],
+                }
+            )
         has = [r for r in rows if r["atoms"]]
         has_names = [names[r["index"]] for r in has]
-        rw = teacher.rewrite([r["question"] for r in has], [[a["text"] for a in r["atoms"] if a["kept"]] for r in has],
-                             has_names)
+        rw = teacher.rewrite(
+            [r["question"] for r in has], [[a["text"] for a in r["atoms"] if a["kept"]] for r in has], has_names
+        )
         failures += failure_rows("rewrite", has_names, rw, teacher, "the teacher returned no rewrite")
         write_jsonl(out / "atoms.jsonl", rows)
         write_jsonl(out / "failures.jsonl", failures)
         write_ka_set(out, ka_rows(ds.records, has, rw, teacher.label), cfg.student.template)
         n_atoms = sum(len(r["atoms"]) for r in rows)
         n_rw = sum(w is not None for w in rw)
-        stats = {"records": len(ds), "teacher": teacher.label, "atoms": n_atoms,
-                 "kept": sum(a["kept"] for r in rows for a in r["atoms"]),
-                 "answers_with_2plus_atoms": sum(len(r["atoms"]) >= 2 for r in rows), "rewritten": n_rw,
-                 "failures": len(failures), "alpha": cfg.ka.alpha, "score_seconds": round(score_s, 2),
-                 "atoms_per_s": round(n_atoms / max(score_s, 1e-9), 2)}
+        stats = {
+            "records": len(ds),
+            "teacher": teacher.label,
+            "atoms": n_atoms,
+            "kept": sum(a["kept"] for r in rows for a in r["atoms"]),
+            "answers_with_2plus_atoms": sum(len(r["atoms"]) >= 2 for r in rows),
+            "rewritten": n_rw,
+            "failures": len(failures),
+            "alpha": cfg.ka.alpha,
+            "score_seconds": round(score_s, 2),
+            "atoms_per_s": round(n_atoms / max(score_s, 1e-9), 2),
+        }
         write_json(out / "stats.json", stats)
         plot_ka(rows, out)
         run.update_stage("ka", stats=stats, llm=ledgers(teacher=teacher))
-        reasons = {"answers without atoms (decomposition failed)": len(ds) - len(has),
-                   "rewrites failed": len(has) - n_rw}
-        require_yield("ka", n_rw, len(ds), "rewritten pairs", cfg.min_yield, reasons,
-                      [out / "stats.json", out / "failures.jsonl"])
+        reasons = {
+            "answers without atoms (decomposition failed)": len(ds) - len(has),
+            "rewrites failed": len(has) - n_rw,
+        }
+        require_yield(
+            "ka", n_rw, len(ds), "rewritten pairs", cfg.min_yield, reasons, [out / "stats.json", out / "failures.jsonl"]
+        )
+
     return run.build(KA, cfg, make)
 
 # %% ../nbs/06_ka.ipynb #06-ka-021
 def plot_ka(rows, out: Path):
     "Atoms per answer and the PPL histogram of kept vs dropped atoms (PNG)."
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     n = [len(r["atoms"]) for r in rows]
-    ax[0].hist(n, bins=range(0, max(n + [1]) + 2), color="#4c72b0", edgecolor="white"); ax[0].set(xlabel="atoms per answer", ylabel="answers", title="Decomposition")
+    ax[0].hist(n, bins=range(0, max(n + [1]) + 2), color="#4c72b0", edgecolor="white")
+    ax[0].set(xlabel="atoms per answer", ylabel="answers", title="Decomposition")
     kept = [math.log(a["ppl"]) for r in rows for a in r["atoms"] if a["kept"]]
     drop = [math.log(a["ppl"]) for r in rows for a in r["atoms"] if not a["kept"]]
     ax[1].hist([drop, kept], bins=20, stacked=True, label=["dropped", "kept (difficult)"], color=["#bbbbbb", "#dd8452"])
-    ax[1].set(xlabel="log PPL(atom | question)", ylabel="atoms", title="Difficulty"); ax[1].legend()
-    fig.tight_layout(); fig.savefig(out / "ka_stats.png", dpi=110); plt.close(fig)
+    ax[1].set(xlabel="log PPL(atom | question)", ylabel="atoms", title="Difficulty")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "ka_stats.png", dpi=110)
+    plt.close(fig)

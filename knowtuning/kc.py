@@ -17,65 +17,113 @@ __all__ = ['KC', 'delete_atoms', 'revise_atoms', 'shuffle_atoms', 'build_pairs',
 def delete_atoms(atoms: list[str], beta: float, rng: random.Random):
     "Completeness: drop a beta fraction (at least one, keeping at least one); order preserved."
     n = len(atoms)
-    if n < 2: return None, "fewer than 2 atoms"
+    if n < 2:
+        return None, "fewer than 2 atoms"
     k = max(1, min(n - 1, round(beta * n)))
     gone = sorted(rng.sample(range(n), k))
     return [a for i, a in enumerate(atoms) if i not in gone], {"deleted": gone}
 
+
 def revise_atoms(atoms: list[str], revisions: list, fraction: float, rng: random.Random):
     "Factuality: replace a fraction (at least one) of the perturbable atoms by their revisions."
     ok = [i for i, r in enumerate(revisions) if r is not None and r[0] != atoms[i]]
-    if not ok: return None, "no perturbable atom"
+    if not ok:
+        return None, "no perturbable atom"
     k = max(1, min(len(ok), round(fraction * len(atoms))))
     pick = sorted(rng.sample(ok, k))
     out = [revisions[i][0] if i in pick else a for i, a in enumerate(atoms)]
     return out, {"revised": pick, "ops": [revisions[i][1] for i in pick]}
 
+
 def shuffle_atoms(atoms: list[str], rng: random.Random):
     "Logicality: a permutation other than the identity (one that changes the text)."
-    if len(atoms) < 2: return None, "fewer than 2 atoms"
-    if len(set(atoms)) < 2: return None, "all atoms identical"
+    if len(atoms) < 2:
+        return None, "fewer than 2 atoms"
+    if len(set(atoms)) < 2:
+        return None, "all atoms identical"
     perm = list(range(len(atoms)))
-    while [atoms[i] for i in perm] == atoms: rng.shuffle(perm)
+    while [atoms[i] for i in perm] == atoms:
+        rng.shuffle(perm)
     return [atoms[i] for i in perm], {"permutation": perm}
 
 # %% ../nbs/07_kc.ipynb #07-kc-009
-def build_pairs(items: list[dict], rephrased: list, revisions: list, beta: float, revise: float, seed: int,
-                aspects=ASPECTS) -> tuple[list[dict], dict]:
+def build_pairs(
+    items: list[dict], rephrased: list, revisions: list, beta: float, revise: float, seed: int, aspects=ASPECTS
+) -> tuple[list[dict], dict]:
     """`items`: [{'index', 'question', 'answer', 'atoms'}]. Returns the pairs (one row per question and aspect, with
     the details of the construction) and per-aspect counts of pairs, drops and reasons."""
     rows, stats = [], {a: {"pairs": 0, "dropped": 0, "reasons": {}} for a in aspects}
     stats["unperturbable_atoms"] = 0
     for it, chosen, revs in zip(items, rephrased, revisions):
         atoms = it["atoms"]
-        if revs is not None: stats["unperturbable_atoms"] += sum(r is None for r in revs)
+        if revs is not None:
+            stats["unperturbable_atoms"] += sum(r is None for r in revs)
         for aspect in aspects:
             rng = random.Random(f"{seed}:{aspect}:{it['index']}")
-            if chosen is None: res, info = None, "rephrase failed"
-            elif aspect == "completeness": res, info = delete_atoms(atoms, beta, rng)
-            elif aspect == "factuality": res, info = (None, "revision failed") if revs is None else revise_atoms(atoms, revs, revise, rng)
-            else: res, info = shuffle_atoms(atoms, rng)
+            if chosen is None:
+                res, info = None, "rephrase failed"
+            elif aspect == "completeness":
+                res, info = delete_atoms(atoms, beta, rng)
+            elif aspect == "factuality":
+                res, info = (None, "revision failed") if revs is None else revise_atoms(atoms, revs, revise, rng)
+            else:
+                res, info = shuffle_atoms(atoms, rng)
             st = stats[aspect]
             if res is None:
-                st["dropped"] += 1; st["reasons"][info] = st["reasons"].get(info, 0) + 1; continue
+                st["dropped"] += 1
+                st["reasons"][info] = st["reasons"].get(info, 0) + 1
+                continue
             st["pairs"] += 1
-            rows.append({"index": it["index"], "question": it["question"], "aspect": aspect, "chosen": chosen,
-                         "rejected": " ".join(res), "atoms": atoms, "rejected_atoms": res, **info})
+            rows.append(
+                {
+                    "index": it["index"],
+                    "question": it["question"],
+                    "aspect": aspect,
+                    "chosen": chosen,
+                    "rejected": " ".join(res),
+                    "atoms": atoms,
+                    "rejected_atoms": res,
+                    **info,
+                }
+            )
     return rows, stats
 
 # %% ../nbs/07_kc.ipynb #07-kc-011
 def write_kc_set(out: Path, rows: list[dict], template: str = "alpaca", name: str = "knowtuning_kc"):
     # both LLaMA-Factory generations read these rows: 0.5.x the `output` list, 0.9.x the `chosen`/`rejected` columns
-    write_json(out / "kc.json", [{"instruction": r["question"], "input": "", "output": [r["chosen"], r["rejected"]],
-                                  "chosen": r["chosen"], "rejected": r["rejected"],
-                                  "aspect": r["aspect"], "source": r["index"]} for r in rows])
+    write_json(
+        out / "kc.json",
+        [
+            {
+                "instruction": r["question"],
+                "input": "",
+                "output": [r["chosen"], r["rejected"]],
+                "chosen": r["chosen"],
+                "rejected": r["rejected"],
+                "aspect": r["aspect"],
+                "source": r["index"],
+            }
+            for r in rows
+        ],
+    )
     write_json(out / "dataset_info.json", {name: llama_factory_entry("kc.json", ranking=True)})
-    write_jsonl(out / "kc_trl.jsonl", [{"prompt": prompt(r["question"], template), "chosen": r["chosen"],
-                                        "rejected": r["rejected"], "aspect": r["aspect"]} for r in rows])
+    write_jsonl(
+        out / "kc_trl.jsonl",
+        [
+            {
+                "prompt": prompt(r["question"], template),
+                "chosen": r["chosen"],
+                "rejected": r["rejected"],
+                "aspect": r["aspect"],
+            }
+            for r in rows
+        ],
+    )
     write_jsonl(out / "examples.jsonl", rows)
 
 # %% ../nbs/07_kc.ipynb #07-kc-013
 KC = Stage("kc", needs=("ka",), fields=("kc.beta", "kc.revise", "kc.aspects", "student.template", "teacher", "seed"))
+
 
 def kc_stage(cfg, run) -> Path:
     "Build the KC preference set for `cfg` in `run` from the KA stage's atoms (`ka/atoms.jsonl`)."
@@ -83,10 +131,19 @@ def kc_stage(cfg, run) -> Path:
     from knowtuning.ka import failure_rows
     from knowtuning.llm import ledgers
     from knowtuning.runs import require_yield
+
     def make(out):
         arows = read_jsonl(run.path("ka") / "atoms.jsonl")
-        items = [{"index": r["index"], "question": r["question"], "answer": r["answer"],
-                  "atoms": [a["text"] for a in r["atoms"]]} for r in arows if r["atoms"]]
+        items = [
+            {
+                "index": r["index"],
+                "question": r["question"],
+                "answer": r["answer"],
+                "atoms": [a["text"] for a in r["atoms"]],
+            }
+            for r in arows
+            if r["atoms"]
+        ]
         teacher = make_teacher(cfg.teacher, "kc", cfg.seed)
         names = [r["record"] for r in arows if r["atoms"]]
         reph = teacher.rephrase([it["answer"] for it in items], [it["atoms"] for it in items], names)
@@ -97,11 +154,20 @@ def kc_stage(cfg, run) -> Path:
         write_kc_set(out, rows, cfg.student.template)
         write_json(out / "stats.json", stats)
         failures = failure_rows("rephrase", names, reph, teacher, "the teacher returned no rephrased answer")
-        if revise: failures += failure_rows("revise", names, revs, teacher, "the teacher returned no revision")
+        if revise:
+            failures += failure_rows("revise", names, revs, teacher, "the teacher returned no revision")
         write_jsonl(out / "failures.jsonl", failures)
         run.update_stage("kc", stats=stats, llm=ledgers(teacher=teacher))
         reasons = {f"{a}: {r}": n for a in cfg.kc.aspects for r, n in stats[a]["reasons"].items()}
         reasons["answers without atoms in KA"] = len(arows) - len(items)
-        require_yield("kc", len(rows), len(arows) * len(cfg.kc.aspects), "pairs", cfg.min_yield, reasons,
-                      [out / "stats.json", out / "failures.jsonl", run.path("ka") / "failures.jsonl"])
+        require_yield(
+            "kc",
+            len(rows),
+            len(arows) * len(cfg.kc.aspects),
+            "pairs",
+            cfg.min_yield,
+            reasons,
+            [out / "stats.json", out / "failures.jsonl", run.path("ka") / "failures.jsonl"],
+        )
+
     return run.build(KC, cfg, make)

@@ -24,23 +24,39 @@ def cache_key(model: str, messages: list, params: dict, endpoint: str = "", salt
     d = {"endpoint": endpoint.rstrip("/"), "model": model, "messages": messages, "params": params, "salt": salt}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
+
 class Cache:
     "Persistent {key: response} store shared safely by threads and processes."
+
     def __init__(self, path):
-        self.path = Path(path); self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL"); self._db.execute("PRAGMA busy_timeout=60000")
-        self._db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, model TEXT, text TEXT, "
-                         "prompt_tokens INTEGER, completion_tokens INTEGER, created REAL)")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=60000")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, model TEXT, text TEXT, "
+            "prompt_tokens INTEGER, completion_tokens INTEGER, created REAL)"
+        )
+
     def get(self, key: str) -> dict | None:
-        with self._lock: row = self._db.execute("SELECT text, prompt_tokens, completion_tokens FROM responses WHERE key=?", (key,)).fetchone()
+        with self._lock:
+            row = self._db.execute(
+                "SELECT text, prompt_tokens, completion_tokens FROM responses WHERE key=?", (key,)
+            ).fetchone()
         return None if row is None else {"text": row[0], "prompt_tokens": row[1], "completion_tokens": row[2]}
+
     def put(self, key: str, model: str, text: str, prompt_tokens: int = 0, completion_tokens: int = 0):
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO responses VALUES (?,?,?,?,?,?)", (key, model, text, prompt_tokens, completion_tokens, time.time()))
+            self._db.execute(
+                "INSERT OR REPLACE INTO responses VALUES (?,?,?,?,?,?)",
+                (key, model, text, prompt_tokens, completion_tokens, time.time()),
+            )
+
     def __len__(self):
-        with self._lock: return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
 # %% ../nbs/04_llm.ipynb #04-llm-009
 @dataclass
@@ -49,27 +65,33 @@ class Request:
     name: str = ""
     temperature: float | None = None
     max_tokens: int | None = None
-    prompt: str | None = None          # set: a raw text completion (`/v1/completions`) instead of a chat
+    prompt: str | None = None  # set: a raw text completion (`/v1/completions`) instead of a chat
     top_p: float | None = None
-    top_k: int | None = None          # not in the OpenAI API: sent in the body for vLLM / llama.cpp
-    salt: str = ""                    # part of the cache key only (e.g. the fingerprint of the adapter being served)
+    top_k: int | None = None  # not in the OpenAI API: sent in the body for vLLM / llama.cpp
+    salt: str = ""  # part of the cache key only (e.g. the fingerprint of the adapter being served)
+
 
 def user(text: str, system: str | None = None, name: str = "", **kw) -> Request:
     "A single-turn request."
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     return Request(msgs, name, **kw)
 
+
 class LLMError(RuntimeError):
     "A request failed after every retry; answered requests stay cached."
 
+
 RETRYABLE = (openai.RateLimitError, openai.APITimeoutError, openai.APIConnectionError, openai.InternalServerError)
+
 
 def _retryable(e) -> bool:
     return isinstance(e, RETRYABLE) or (isinstance(e, openai.APIStatusError) and e.status_code >= 500)
 
+
 @dataclass
 class Ledger:
     "Calls, cache hits, retries, tokens and cost of one stage."
+
     calls: int = 0
     cache_hits: int = 0
     retries: int = 0
@@ -77,44 +99,61 @@ class Ledger:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
-    def as_dict(self): return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+    def as_dict(self):
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 # %% ../nbs/04_llm.ipynb #04-llm-011
 def is_loopback(url: str) -> bool:
     host = httpx.URL(url).host
     return host in ("localhost", "::1") or host.startswith("127.")
 
+
 def _run_coro(coro):
     "Run a coroutine whether or not an event loop is already running (Jupyter has one)."
-    try: asyncio.get_running_loop()
-    except RuntimeError: return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(1) as ex: return ex.submit(asyncio.run, coro).result()
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        return ex.submit(asyncio.run, coro).result()
+
 
 class LLMClient:
     "Cached, concurrent, retrying chat completions against an OpenAI-compatible endpoint."
+
     def __init__(self, cfg: LLMCfg, stage: str = "default", cache_path=None, progress: bool = True):
         self.cfg, self.stage, self.progress = cfg, stage, progress
         self.cache = Cache(cache_path or cfg.cache or home() / "llm_cache.sqlite")
         self.ledgers: dict[str, Ledger] = {}
-        self.retry_log: list[dict] = []     # {name, attempt, error}
-        self.failures: list[dict] = []      # {name, error, raw}: structured-output failures
+        self.retry_log: list[dict] = []  # {name, attempt, error}
+        self.failures: list[dict] = []  # {name, error, raw}: structured-output failures
         self.http_requests = 0
 
     @property
-    def ledger(self) -> Ledger: return self.ledgers.setdefault(self.stage, Ledger())
+    def ledger(self) -> Ledger:
+        return self.ledgers.setdefault(self.stage, Ledger())
 
     def _api_key(self) -> str:
         key = os.environ.get(self.cfg.api_key_env)
-        if key: return key
-        if is_loopback(self.cfg.base_url): return "EMPTY"   # local servers take any key
-        raise LLMError(f"environment variable {self.cfg.api_key_env} is not set (needed for {self.cfg.base_url}); "
-                       "export it, or set api_key_env to the variable that holds your key")
+        if key:
+            return key
+        if is_loopback(self.cfg.base_url):
+            return "EMPTY"  # local servers take any key
+        raise LLMError(
+            f"environment variable {self.cfg.api_key_env} is not set (needed for {self.cfg.base_url}); "
+            "export it, or set api_key_env to the variable that holds your key"
+        )
 
     def params(self, r: Request) -> dict:
-        p = {"temperature": self.cfg.temperature if r.temperature is None else r.temperature,
-             "max_tokens": self.cfg.max_tokens if r.max_tokens is None else r.max_tokens}
-        if r.top_p is not None: p["top_p"] = r.top_p
-        if r.top_k is not None: p["extra_body"] = {"top_k": r.top_k}
+        p = {
+            "temperature": self.cfg.temperature if r.temperature is None else r.temperature,
+            "max_tokens": self.cfg.max_tokens if r.max_tokens is None else r.max_tokens,
+        }
+        if r.top_p is not None:
+            p["top_p"] = r.top_p
+        if r.top_k is not None:
+            p["extra_body"] = {"top_k": r.top_k}
         return p
 
     def _cost(self, p: int, c: int) -> float:
@@ -123,50 +162,75 @@ class LLMClient:
 
     async def _one(self, api, r: Request, sem) -> str:
         params = self.params(r)
-        key = cache_key(self.cfg.model, r.messages if r.prompt is None else {"prompt": r.prompt}, params,
-                        self.cfg.base_url, r.salt)
+        key = cache_key(
+            self.cfg.model, r.messages if r.prompt is None else {"prompt": r.prompt}, params, self.cfg.base_url, r.salt
+        )
         if (hit := self.cache.get(key)) is not None:
-            self.ledger.cache_hits += 1; return hit["text"]
+            self.ledger.cache_hits += 1
+            return hit["text"]
         async with sem:
             for attempt in range(self.cfg.max_retries + 1):
                 try:
-                    if r.prompt is None: resp = await api.chat.completions.create(model=self.cfg.model, messages=r.messages, **params)
-                    else: resp = await api.completions.create(model=self.cfg.model, prompt=r.prompt, **params)
+                    if r.prompt is None:
+                        resp = await api.chat.completions.create(model=self.cfg.model, messages=r.messages, **params)
+                    else:
+                        resp = await api.completions.create(model=self.cfg.model, prompt=r.prompt, **params)
                     break
                 except Exception as e:
                     if not _retryable(e) or attempt == self.cfg.max_retries:
-                        raise LLMError(f"request {r.name or '?'} failed after {attempt + 1} tries: {type(e).__name__}: {e}") from e
+                        raise LLMError(
+                            f"request {r.name or '?'} failed after {attempt + 1} tries: {type(e).__name__}: {e}"
+                        ) from e
                     self.ledger.retries += 1
                     self.retry_log.append({"name": r.name, "attempt": attempt + 1, "error": type(e).__name__})
-                    await asyncio.sleep(self.cfg.backoff * 2 ** attempt * random.uniform(0.5, 1.5))
+                    await asyncio.sleep(self.cfg.backoff * 2**attempt * random.uniform(0.5, 1.5))
         text = (resp.choices[0].message.content if r.prompt is None else resp.choices[0].text) or ""
         u = resp.usage
         p, c = (u.prompt_tokens or 0, u.completion_tokens or 0) if u else (0, 0)
         self.cache.put(key, self.cfg.model, text, p, c)
         led = self.ledger
-        led.calls += 1; led.prompt_tokens += p; led.completion_tokens += c; led.cost_usd += self._cost(p, c)
+        led.calls += 1
+        led.prompt_tokens += p
+        led.completion_tokens += c
+        led.cost_usd += self._cost(p, c)
         return text
 
     async def _many(self, reqs, desc):
-        def count(_): self.http_requests += 1
+        def count(_):
+            self.http_requests += 1
+
         sem = asyncio.Semaphore(max(1, self.cfg.concurrency))
         async with httpx.AsyncClient(event_hooks={"request": [self._hook(count)]}, timeout=self.cfg.timeout) as http:
-            api = openai.AsyncOpenAI(base_url=self.cfg.base_url, api_key=self._api_key(), max_retries=0,
-                                     timeout=self.cfg.timeout, http_client=http)
+            api = openai.AsyncOpenAI(
+                base_url=self.cfg.base_url,
+                api_key=self._api_key(),
+                max_retries=0,
+                timeout=self.cfg.timeout,
+                http_client=http,
+            )
             bar = tqdm(total=len(reqs), desc=desc or self.stage, disable=not self.progress or len(reqs) < 2, unit="req")
             t0 = time.time()
+
             async def run(i, r):
-                try: return await self._one(api, r, sem)
+                try:
+                    return await self._one(api, r, sem)
                 finally:
                     bar.update(1)
-                    bar.set_postfix(calls_s=f"{self.ledger.calls / max(time.time() - t0, 1e-9):.1f}", hits=self.ledger.cache_hits, refresh=False)
+                    bar.set_postfix(
+                        calls_s=f"{self.ledger.calls / max(time.time() - t0, 1e-9):.1f}",
+                        hits=self.ledger.cache_hits,
+                        refresh=False,
+                    )
+
             out = await asyncio.gather(*(run(i, r) for i, r in enumerate(reqs)), return_exceptions=True)
             bar.close()
         return out
 
     @staticmethod
     def _hook(f):
-        async def hook(request): f(request)
+        async def hook(request):
+            f(request)
+
         return hook
 
     def complete_many(self, reqs: list, desc: str = "") -> list[str]:
@@ -177,11 +241,14 @@ class LLMClient:
         if errs:
             self.ledger.failures += len(errs)
             first = errs[0][1]
-            raise LLMError(f"{len(errs)} of {len(reqs)} requests failed; first: {first} "
-                           f"({len(reqs) - len(errs)} answered and cached)") from first
+            raise LLMError(
+                f"{len(errs)} of {len(reqs)} requests failed; first: {first} "
+                f"({len(reqs) - len(errs)} answered and cached)"
+            ) from first
         return out
 
-    def complete(self, req) -> str: return self.complete_many([req])[0]
+    def complete(self, req) -> str:
+        return self.complete_many([req])[0]
 
 # %% ../nbs/04_llm.ipynb #04-llm-011b
 def ledgers(**users) -> dict | None:
@@ -189,45 +256,67 @@ def ledgers(**users) -> dict | None:
     out = {}
     for name, u in users.items():
         c = u if isinstance(u, LLMClient) else getattr(u, "client", None)
-        if c is not None: out[name] = {"model": c.cfg.model, **c.ledger.as_dict()}
+        if c is not None:
+            out[name] = {"model": c.cfg.model, **c.ledger.as_dict()}
     return out or None
 
 # %% ../nbs/04_llm.ipynb #04-llm-013
-class ParseError(ValueError): pass
+class ParseError(ValueError):
+    pass
+
 
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)]|\(\d+\))\s+")
+
 
 def parse_list(text: str) -> list[str]:
     "One item per line; bullets and numbering stripped; at least one item."
     items = [_BULLET.sub("", l).strip() for l in text.strip().splitlines()]
     items = [i for i in items if i and not i.endswith(":")]
-    if not items: raise ParseError("expected at least one line with an item")
+    if not items:
+        raise ParseError("expected at least one line with an item")
     return items
+
 
 def parse_json(text: str):
     "The first JSON object or array in `text` (code fences allowed)."
     m = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)
     s = m.group(1) if m else text
     starts = [i for i in (s.find("{"), s.find("[")) if i >= 0]
-    if not starts: raise ParseError("no JSON object or array found")
-    try: return json.JSONDecoder().raw_decode(s[min(starts):])[0]
-    except json.JSONDecodeError as e: raise ParseError(f"invalid JSON: {e.msg}") from None
+    if not starts:
+        raise ParseError("no JSON object or array found")
+    try:
+        return json.JSONDecoder().raw_decode(s[min(starts) :])[0]
+    except json.JSONDecodeError as e:
+        raise ParseError(f"invalid JSON: {e.msg}") from None
 
-REPAIR = ("Your previous reply could not be parsed ({error}). Reply again with only the requested format, "
-          "nothing before or after it.")
+
+REPAIR = (
+    "Your previous reply could not be parsed ({error}). Reply again with only the requested format, "
+    "nothing before or after it."
+)
+
 
 def complete_parsed(client: LLMClient, reqs: list, parse, desc: str = "") -> list:
     "Complete and parse each request; one repair round for unparseable answers; `None` (and a recorded failure) after that."
     raws = client.complete_many(reqs, desc)
     out, todo = [None] * len(reqs), []
     for i, raw in enumerate(raws):
-        try: out[i] = parse(raw)
-        except ParseError as e: todo.append((i, raw, e))
+        try:
+            out[i] = parse(raw)
+        except ParseError as e:
+            todo.append((i, raw, e))
     if todo:
-        fixes = [Request(reqs[i].messages + [{"role": "assistant", "content": raw}, {"role": "user", "content": REPAIR.format(error=e)}],
-                         name=f"{reqs[i].name} (repair)") for i, raw, e in todo]
+        fixes = [
+            Request(
+                reqs[i].messages
+                + [{"role": "assistant", "content": raw}, {"role": "user", "content": REPAIR.format(error=e)}],
+                name=f"{reqs[i].name} (repair)",
+            )
+            for i, raw, e in todo
+        ]
         for (i, raw, e), fixed in zip(todo, client.complete_many(fixes, f"{desc} repair")):
-            try: out[i] = parse(fixed)
+            try:
+                out[i] = parse(fixed)
             except ParseError as e2:
                 client.failures.append({"name": reqs[i].name, "error": str(e2), "raw": fixed, "first_raw": raw})
                 client.ledger.failures += 1
@@ -236,7 +325,9 @@ def complete_parsed(client: LLMClient, reqs: list, parse, desc: str = "") -> lis
 # %% ../nbs/04_llm.ipynb #04-llm-016
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 @dataclass
 class LocalServer:
@@ -244,40 +335,72 @@ class LocalServer:
     model: str
     proc: subprocess.Popen
     log: Path
+
     def requests_served(self) -> int:
         "Chat completion requests the server has answered (from its access log)."
         return self.log.read_text().count("POST /v1/chat/completions")
+
 
 @contextmanager
 def serve_local(model: str = "smollm2", port: int | None = None, log=None, timeout: float = 180, extra=()):
     "Run `transformers serve MODEL` on 127.0.0.1; yields a `LocalServer`."
     from knowtuning.assets import resolve_model
+
     mdir = resolve_model(model)
     port = port or free_port()
     log = Path(log or Path(tempfile.gettempdir()) / f"serve-{port}.log")
     (home() / "hf_cache").mkdir(exist_ok=True)
-    env = {**os.environ, "HF_HUB_CACHE": str(home() / "hf_cache"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(home() / "hf_cache"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     exe = Path(sys.executable).parent / "transformers"
-    cmd = [str(exe), "serve", mdir, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu" if not _cuda() else "auto", *extra]
+    cmd = [
+        str(exe),
+        "serve",
+        mdir,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu" if not _cuda() else "auto",
+        *extra,
+    ]
     with open(log, "w") as lf:
         proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env)
     srv = LocalServer(f"http://127.0.0.1:{port}/v1", mdir, proc, log)
     try:
         t0 = time.time()
         while True:
-            if proc.poll() is not None: raise RuntimeError(f"transformers serve exited ({proc.returncode}); log {log}:\n{log.read_text()[-2000:]}")
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"transformers serve exited ({proc.returncode}); log {log}:\n{log.read_text()[-2000:]}"
+                )
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200: break
-            except httpx.HTTPError: pass
-            if time.time() - t0 > timeout: raise TimeoutError(f"transformers serve not healthy after {timeout}s; log {log}")
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() - t0 > timeout:
+                raise TimeoutError(f"transformers serve not healthy after {timeout}s; log {log}")
             time.sleep(0.5)
         yield srv
     finally:
         proc.terminate()
-        try: proc.wait(20)
-        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
 
 def _cuda() -> bool:
     try:
-        import torch; return torch.cuda.is_available()
-    except ImportError: return False
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False

@@ -12,53 +12,71 @@ __all__ = ['tokenize', 'meteor', 'rouge_l', 'bertscore', 'bootstrap_ci', 'all_me
            'rate_cis']
 
 # %% ../nbs/10_metrics.ipynb #10-metrics-005
-def tokenize(s: str) -> list[str]: return re.findall(r"\w+|[^\w\s]", s)
+def tokenize(s: str) -> list[str]:
+    return re.findall(r"\w+|[^\w\s]", s)
+
 
 def meteor(predictions: list[str], references: list[str]) -> list[float]:
     from knowtuning.assets import ensure_wordnet
+
     ensure_wordnet()
     from nltk.translate.meteor_score import meteor_score
+
     return [float(meteor_score([tokenize(r)], tokenize(p))) for p, r in zip(predictions, references)]
+
 
 def rouge_l(predictions, references) -> list[float]:
     from rouge_score import rouge_scorer
+
     sc = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return [sc.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+
 
 def bertscore(predictions, references, model: str = "minilm", batch_size: int = 32) -> list[float]:
     "BERTScore F1 (not rescaled)."
     import bert_score
     from knowtuning.assets import minilm_dir
+
     mt, nl = (str(minilm_dir()), 6) if model == "minilm" else (model, None)
     kw = {"num_layers": nl} if nl else {"lang": "en"}
-    _, _, f = bert_score.score(list(predictions), list(references), model_type=mt, batch_size=batch_size, verbose=False, **kw)
+    _, _, f = bert_score.score(
+        list(predictions), list(references), model_type=mt, batch_size=batch_size, verbose=False, **kw
+    )
     return f.tolist()
 
 # %% ../nbs/10_metrics.ipynb #10-metrics-009
 def bootstrap_ci(xs, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
     "(mean, low, high) of the mean of `xs`."
     xs = np.asarray(xs, dtype=float)
-    if len(xs) == 0: return float("nan"), float("nan"), float("nan")
+    if len(xs) == 0:
+        return float("nan"), float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     means = xs[rng.integers(0, len(xs), size=(n, len(xs)))].mean(1)
     a = (1 - level) / 2
     return float(xs.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
+
 def all_metrics(predictions, references, bert_model: str = "minilm") -> dict[str, list[float]]:
     "Per-example METEOR, ROUGE-L and BERTScore-F1."
-    return {"meteor": meteor(predictions, references), "rougeL": rouge_l(predictions, references),
-            "bertscore": bertscore(predictions, references, bert_model)}
+    return {
+        "meteor": meteor(predictions, references),
+        "rougeL": rouge_l(predictions, references),
+        "bertscore": bertscore(predictions, references, bert_model),
+    }
 
 # %% ../nbs/10_metrics.ipynb #10-metrics-010b
 def paired_bootstrap(a, b, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
     "(mean of a - b, low, high): percentile bootstrap over examples, each example's pair resampled together."
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if a.shape != b.shape: raise ValueError(f"paired scores need equal lengths, got {len(a)} and {len(b)}")
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need equal lengths, got {len(a)} and {len(b)}")
     return bootstrap_ci(a - b, n, seed, level)
+
 
 def excludes_zero(ci) -> bool:
     "True when a (mean, low, high) interval lies entirely on one side of 0."
     return bool(ci[1] > 0 or ci[2] < 0)
+
 
 def rate_cis(labels: list[str], n: int = 1000, seed: int = 0) -> dict[str, tuple[float, float, float]]:
     "{label: (percent, low, high)} for win / tie / lose, bootstrap over examples."

@@ -16,65 +16,106 @@ __all__ = ['training_order', 'steps', 'StepError', 'run_step', 'reproduce', 'pla
 def training_order(systems) -> list[str]:
     "Every system to train, dependencies first, each once."
     from knowtuning.config import system_deps
+
     out = []
     for s in systems:
-        if s == "base": continue
+        if s == "base":
+            continue
         for x in system_deps(s) + [s]:
-            if x not in out: out.append(x)
+            if x not in out:
+                out.append(x)
     return out
+
 
 def steps(cfg) -> list[tuple[str, str, dict]]:
     "(step, notebook, extra parameters) for a config."
     kinds = [k for k in ("rlaif", "facttune") if k in cfg.systems]
-    return [("ka", "06_ka.ipynb", {}), ("kc", "07_kc.ipynb", {}), ("baselines", "13_baselines.ipynb", {"kinds": kinds}),
-            ("train", "08_train.ipynb", {"systems": training_order(cfg.systems)}),
-            ("evaluate", "14_evaluate.ipynb", {}), ("report", "15_report.ipynb", {})]
+    return [
+        ("ka", "06_ka.ipynb", {}),
+        ("kc", "07_kc.ipynb", {}),
+        ("baselines", "13_baselines.ipynb", {"kinds": kinds}),
+        ("train", "08_train.ipynb", {"systems": training_order(cfg.systems)}),
+        ("evaluate", "14_evaluate.ipynb", {}),
+        ("report", "15_report.ipynb", {}),
+    ]
 
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-007
 def _hms(s: float) -> str:
     s = int(s)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
+
 @contextlib.contextmanager
 def _stderr_to(path: Path):
     "Send this process's (and so the kernel's) stderr file descriptor to `path` for the duration."
-    sys.stderr.flush(); saved = os.dup(2)
+    sys.stderr.flush()
+    saved = os.dup(2)
     with open(path, "ab") as f:
         os.dup2(f.fileno(), 2)
-        try: yield
-        finally: sys.stderr.flush(); os.dup2(saved, 2); os.close(saved)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
 
 class StepError(RuntimeError):
     "A step's notebook raised: the message is the original error's, with the executed notebook to open."
+
 
 def run_step(run: Run, step: str, notebook: str, extra: dict | None = None) -> Path:
     """Execute one stage notebook with papermill for `run`. The executed copy is kept in `run/notebooks/`, and the
     kernel's own stderr (jupyter's start-up chatter, native-library warnings, a crash's last words) in
     `<notebook>.log` beside it. An error in the notebook becomes a `StepError` with the original message."""
     import papermill as pm
-    os.environ["IN_TEST"] = "1"                # notebooks must not re-export the package during runs
+
+    os.environ["IN_TEST"] = "1"  # notebooks must not re-export the package during runs
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     (run.dir / "notebooks").mkdir(exist_ok=True)
     out = run.dir / "notebooks" / notebook
-    params = {"preset": None, "config_file": str((run.dir / "config.yaml").resolve()), "overrides": [],
-              "run_name": run.dir.name, "runs_dir": str(run.dir.parent.resolve()), **(extra or {})}
+    params = {
+        "preset": None,
+        "config_file": str((run.dir / "config.yaml").resolve()),
+        "overrides": [],
+        "run_name": run.dir.name,
+        "runs_dir": str(run.dir.parent.resolve()),
+        **(extra or {}),
+    }
     try:
         with _stderr_to(out.with_suffix(".log")):
-            pm.execute_notebook(str(project_root() / "nbs" / notebook), str(out), parameters=params,
-                                kernel_name="python3", cwd=str(run.dir), progress_bar=False, log_output=False)
+            pm.execute_notebook(
+                str(project_root() / "nbs" / notebook),
+                str(out),
+                parameters=params,
+                kernel_name="python3",
+                cwd=str(run.dir),
+                progress_bar=False,
+                log_output=False,
+            )
     except pm.PapermillExecutionError as e:
         raise StepError(f"step {step} failed: {e.ename}: {e.evalue}\n(executed notebook: {out})") from None
     return out
 
-def reproduce(preset: str | None = "tiny", config=None, overrides=(), run_name: str | None = None, runs_dir=None,
-              only: list[str] | None = None, log=print) -> Run:
+
+def reproduce(
+    preset: str | None = "tiny",
+    config=None,
+    overrides=(),
+    run_name: str | None = None,
+    runs_dir=None,
+    only: list[str] | None = None,
+    log=print,
+) -> Run:
     "Run every step (or `only` these) for a config; returns the Run."
     cfg = load_config(preset, config, list(overrides))
     run = Run(cfg, runs_dir or runs_root(), run_name)
     todo = [s for s in steps(cfg) if only is None or s[0] in only]
     t0, done_t = time.time(), []
-    log(f"run {run.dir}  ({len(todo)} steps; preset {cfg.name}, student {cfg.student.model}, "
-        f"teacher {cfg.teacher.backend}, judge {cfg.judge.backend})")
+    log(
+        f"run {run.dir}  ({len(todo)} steps; preset {cfg.name}, student {cfg.student.model}, "
+        f"teacher {cfg.teacher.backend}, judge {cfg.judge.backend})"
+    )
     for i, (step, nb, extra) in enumerate(todo, 1):
         s0 = time.time()
         log(f"[{i}/{len(todo)}] {step:9s} ... ", end="") if log is print else log(f"[{i}/{len(todo)}] {step}")
@@ -87,13 +128,23 @@ def reproduce(preset: str | None = "tiny", config=None, overrides=(), run_name: 
     return run
 
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-007b
-def _tok(s: str) -> int: return max(1, len(s) // 4)      # about 4 characters per token of English text
+def _tok(s: str) -> int:
+    return max(1, len(s) // 4)  # about 4 characters per token of English text
+
 
 def _row(stage: str, role: str, cfg_llm, calls: int, pt: int, ct: int) -> dict:
     price = cfg_llm.prices.get(cfg_llm.model)
     cost = (pt * price[0] + ct * price[1]) / 1e6 if price else 0.0
-    return {"stage": stage, "role": role, "model": cfg_llm.model, "calls": calls, "prompt_tokens": pt,
-            "completion_tokens": ct, "cost_usd": round(cost, 4)}
+    return {
+        "stage": stage,
+        "role": role,
+        "model": cfg_llm.model,
+        "calls": calls,
+        "prompt_tokens": pt,
+        "completion_tokens": ct,
+        "cost_usd": round(cost, 4),
+    }
+
 
 def plan(cfg) -> list[dict]:
     "Estimated LLM calls, tokens and cost per stage and role for `cfg`; [] when every role is offline."
@@ -102,71 +153,138 @@ def plan(cfg) -> list[dict]:
     from knowtuning.teacher import PROMPTS, split_atoms
     from knowtuning.judge import JUDGE
     from knowtuning.facts import VERIFY
+
     t_llm, j_llm = cfg.teacher.backend == "llm", cfg.judge.backend == "llm"
     train = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train).records
     tests = [load_dataset(n, lenient=cfg.data.lenient, n=cfg.data.n_test).records for n in cfg.data.test]
     cap = 4 * cfg.generate.max_new_tokens
-    gen = lambda r: r["output"][:cap]                        # an answer of the student, by its length
+    gen = lambda r: r["output"][:cap]  # an answer of the student, by its length
     n_atoms = lambda a: max(1, len(split_atoms(a)))
     rows = []
+
     def add(stage, role, prompts, completion_tokens):
         cfg_llm = cfg.teacher if role == "teacher" else cfg.judge
-        if prompts: rows.append(_row(stage, role, cfg_llm, len(prompts), sum(map(_tok, prompts)), completion_tokens))
+        if prompts:
+            rows.append(_row(stage, role, cfg_llm, len(prompts), sum(map(_tok, prompts)), completion_tokens))
+
     if t_llm:
-        add("ka", "teacher", [PROMPTS["decompose"].format(answer=r["output"]) for r in train],
-            sum(_tok(r["output"]) for r in train))
-        kept = [" ".join(a["text"] for a in split_atoms(r["output"])[:ceil(cfg.ka.alpha * n_atoms(r["output"]))])
-                for r in train]
-        add("ka", "teacher", [PROMPTS["rewrite"].format(question=question(r), atoms=k) for r, k in zip(train, kept)],
-            sum(_tok(question(r)) + _tok(k) + 10 for r, k in zip(train, kept)))
-        add("kc", "teacher", [PROMPTS["rephrase"].format(answer=r["output"]) for r in train],
-            sum(_tok(r["output"]) for r in train))
+        add(
+            "ka",
+            "teacher",
+            [PROMPTS["decompose"].format(answer=r["output"]) for r in train],
+            sum(_tok(r["output"]) for r in train),
+        )
+        kept = [
+            " ".join(a["text"] for a in split_atoms(r["output"])[: ceil(cfg.ka.alpha * n_atoms(r["output"]))])
+            for r in train
+        ]
+        add(
+            "ka",
+            "teacher",
+            [PROMPTS["rewrite"].format(question=question(r), atoms=k) for r, k in zip(train, kept)],
+            sum(_tok(question(r)) + _tok(k) + 10 for r, k in zip(train, kept)),
+        )
+        add(
+            "kc",
+            "teacher",
+            [PROMPTS["rephrase"].format(answer=r["output"]) for r in train],
+            sum(_tok(r["output"]) for r in train),
+        )
         if "factuality" in cfg.kc.aspects:
-            add("kc", "teacher", [PROMPTS["revise"].format(atoms=r["output"]) for r in train],
-                sum(_tok(r["output"]) + 3 * n_atoms(r["output"]) for r in train))
+            add(
+                "kc",
+                "teacher",
+                [PROMPTS["revise"].format(atoms=r["output"]) for r in train],
+                sum(_tok(r["output"]) + 3 * n_atoms(r["output"]) for r in train),
+            )
     k = cfg.train.k_samples
     if "rlaif" in cfg.systems and j_llm:
-        add("prefs_rlaif", "judge", [JUDGE.format(question=question(r), reference=r["output"], a=gen(r), b=gen(r))
-                                     for r in train for _ in range(2 * comb(k, 2))], 30 * len(train) * 2 * comb(k, 2))
+        add(
+            "prefs_rlaif",
+            "judge",
+            [
+                JUDGE.format(question=question(r), reference=r["output"], a=gen(r), b=gen(r))
+                for r in train
+                for _ in range(2 * comb(k, 2))
+            ],
+            30 * len(train) * 2 * comb(k, 2),
+        )
     if "facttune" in cfg.systems:
-        if t_llm: add("prefs_facttune", "teacher", [PROMPTS["decompose"].format(answer=gen(r)) for r in train
-                                                    for _ in range(k)], k * sum(_tok(gen(r)) for r in train))
+        if t_llm:
+            add(
+                "prefs_facttune",
+                "teacher",
+                [PROMPTS["decompose"].format(answer=gen(r)) for r in train for _ in range(k)],
+                k * sum(_tok(gen(r)) for r in train),
+            )
         if j_llm:
             facts = [(r, a["text"]) for r in train for a in split_atoms(gen(r))]
-            add("prefs_facttune", "verifier", [VERIFY.format(reference=r["output"], fact=f) for r, f in facts for _ in range(k)],
-                2 * k * len(facts))
+            add(
+                "prefs_facttune",
+                "verifier",
+                [VERIFY.format(reference=r["output"], fact=f) for r, f in facts for _ in range(k)],
+                2 * k * len(facts),
+            )
     systems = [s for s in cfg.systems]
     for recs in tests:
-        if t_llm: add("eval", "teacher", [PROMPTS["decompose"].format(answer=gen(r)) for r in recs for _ in systems],
-                      len(systems) * sum(_tok(gen(r)) for r in recs))
+        if t_llm:
+            add(
+                "eval",
+                "teacher",
+                [PROMPTS["decompose"].format(answer=gen(r)) for r in recs for _ in systems],
+                len(systems) * sum(_tok(gen(r)) for r in recs),
+            )
         if j_llm:
             facts = [(r, a["text"]) for r in recs for a in split_atoms(gen(r))]
-            add("eval", "verifier", [VERIFY.format(reference=r["output"], fact=f) for r, f in facts for _ in systems],
-                2 * len(systems) * len(facts))
+            add(
+                "eval",
+                "verifier",
+                [VERIFY.format(reference=r["output"], fact=f) for r, f in facts for _ in systems],
+                2 * len(systems) * len(facts),
+            )
             if "knowtuning" in systems:
                 n_cmp = 2 * (len(systems) - 1)
-                add("eval", "judge", [JUDGE.format(question=question(r), reference=r["output"], a=gen(r), b=gen(r))
-                                      for r in recs for _ in range(n_cmp)], 30 * n_cmp * len(recs))
+                add(
+                    "eval",
+                    "judge",
+                    [
+                        JUDGE.format(question=question(r), reference=r["output"], a=gen(r), b=gen(r))
+                        for r in recs
+                        for _ in range(n_cmp)
+                    ],
+                    30 * n_cmp * len(recs),
+                )
     return rows
+
 
 def merge_plan(rows: list[dict]) -> list[dict]:
     "One row per (stage, role): the estimate as the manifest's ledgers report it."
     out = {}
     for r in rows:
-        o = out.setdefault((r["stage"], r["role"]), {**r, "calls": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                                     "cost_usd": 0.0})
-        for k in ("calls", "prompt_tokens", "completion_tokens", "cost_usd"): o[k] += r[k]
+        o = out.setdefault(
+            (r["stage"], r["role"]), {**r, "calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
+        )
+        for k in ("calls", "prompt_tokens", "completion_tokens", "cost_usd"):
+            o[k] += r[k]
     return list(out.values())
+
 
 def format_plan(rows: list[dict]) -> str:
     "The plan as a table with a total line."
     rows = merge_plan(rows)
-    if not rows: return "no LLM calls: teacher and judge are the offline heuristics"
-    lines = [f"{'stage':16s} {'role':9s} {'model':18s} {'calls':>8s} {'in tokens':>11s} {'out tokens':>11s} {'USD':>9s}"]
+    if not rows:
+        return "no LLM calls: teacher and judge are the offline heuristics"
+    lines = [
+        f"{'stage':16s} {'role':9s} {'model':18s} {'calls':>8s} {'in tokens':>11s} {'out tokens':>11s} {'USD':>9s}"
+    ]
     for r in rows:
-        lines.append(f"{r['stage']:16s} {r['role']:9s} {r['model'][:18]:18s} {r['calls']:8d} {r['prompt_tokens']:11d} "
-                     f"{r['completion_tokens']:11d} {r['cost_usd']:9.2f}")
+        lines.append(
+            f"{r['stage']:16s} {r['role']:9s} {r['model'][:18]:18s} {r['calls']:8d} {r['prompt_tokens']:11d} "
+            f"{r['completion_tokens']:11d} {r['cost_usd']:9.2f}"
+        )
     tot = {k: sum(r[k] for r in rows) for k in ("calls", "prompt_tokens", "completion_tokens", "cost_usd")}
-    lines.append(f"{'total':45s} {tot['calls']:8d} {tot['prompt_tokens']:11d} {tot['completion_tokens']:11d} "
-                 f"{tot['cost_usd']:9.2f}   (+ one repair call per malformed answer)")
+    lines.append(
+        f"{'total':45s} {tot['calls']:8d} {tot['prompt_tokens']:11d} {tot['completion_tokens']:11d} "
+        f"{tot['cost_usd']:9.2f}   (+ one repair call per malformed answer)"
+    )
     return "\n".join(lines)

@@ -17,24 +17,35 @@ __all__ = ['PROXY_NOTE', 'REPORT', 'to_markdown', 'to_csv', 'to_latex', 'write_t
 
 # %% ../nbs/15_report.ipynb #15-report-006
 def _fmt(x, digits=4):
-    if isinstance(x, float): return "–" if math.isnan(x) else f"{x:.{digits}f}"
+    if isinstance(x, float):
+        return "–" if math.isnan(x) else f"{x:.{digits}f}"
     return str(x)
+
 
 def to_markdown(header: list[str], rows: list[list], caption: str) -> str:
     lines = [f"**{caption}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
+
 def to_csv(header, rows) -> str:
     import csv, io
-    buf = io.StringIO(); w = csv.writer(buf, lineterminator="\n"); w.writerow(header); w.writerows([[_fmt(c, 6) for c in r] for r in rows])
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows([[_fmt(c, 6) for c in r] for r in rows])
     return buf.getvalue()
+
 
 def to_latex(header, rows, caption: str, label: str) -> str:
     esc = lambda s: str(s).replace("_", r"\_").replace("%", r"\%").replace("±", r"$\pm$")
     body = "\n".join(" & ".join(esc(_fmt(c)) for c in r) + r" \\" for r in rows)
-    return (f"\\begin{{table}}[t]\n\\centering\n\\caption{{{esc(caption)}}}\n\\label{{{label}}}\n\\begin{{tabular}}{{l{'c' * (len(header) - 1)}}}\n"
-            f"\\toprule\n{' & '.join(esc(h) for h in header)} \\\\\n\\midrule\n{body}\n\\bottomrule\n\\end{{tabular}}\n\\end{{table}}\n")
+    return (
+        f"\\begin{{table}}[t]\n\\centering\n\\caption{{{esc(caption)}}}\n\\label{{{label}}}\n\\begin{{tabular}}{{l{'c' * (len(header) - 1)}}}\n"
+        f"\\toprule\n{' & '.join(esc(h) for h in header)} \\\\\n\\midrule\n{body}\n\\bottomrule\n\\end{{tabular}}\n\\end{{table}}\n"
+    )
+
 
 def write_table(out: Path, name: str, header, rows, caption: str):
     atomic_write(out / f"{name}.md", to_markdown(header, rows, caption))
@@ -42,46 +53,72 @@ def write_table(out: Path, name: str, header, rows, caption: str):
     atomic_write(out / f"{name}.tex", to_latex(header, rows, caption, f"tab:{name}"))
 
 # %% ../nbs/15_report.ipynb #15-report-009
-def _ci(v): return f"{v[0]:.4f} ± {(v[2] - v[1]) / 2:.4f}" if v and not math.isnan(v[0]) else "–"
+def _ci(v):
+    return f"{v[0]:.4f} ± {(v[2] - v[1]) / 2:.4f}" if v and not math.isnan(v[0]) else "–"
+
 
 def _diff(v) -> str:
     "'+0.0123 (-0.0040, +0.0290) *' for [mean, low, high, n]; the star when the interval excludes 0."
-    if not v or math.isnan(v[0]): return "–"
+    if not v or math.isnan(v[0]):
+        return "–"
     return f"{v[0]:+.4f} ({v[1]:+.4f}, {v[2]:+.4f})" + (" *" if excludes_zero(v) else "")
 
+
 def _wtl(asp: dict, ci: dict | None) -> str:
-    if ci is None: return f"{asp['win']:.1f} / {asp['tie']:.1f} / {asp['lose']:.1f}"
+    if ci is None:
+        return f"{asp['win']:.1f} / {asp['tie']:.1f} / {asp['lose']:.1f}"
     hw = {k: (ci[k][2] - ci[k][1]) / 2 for k in ("win", "lose")}
     return f"{asp['win']:.1f}±{hw['win']:.0f} / {asp['tie']:.1f} / {asp['lose']:.1f}±{hw['lose']:.0f}"
 
-PROXY_NOTE = ("The offline proxies share the heuristic teacher's rules (numbers, names, antonyms, negation, order): "
-              "KC-trained systems are partly graded on what their training pairs taught, and offline RLAIF's reward is "
-              "the proxy judge itself.")
+
+PROXY_NOTE = (
+    "The offline proxies share the heuristic teacher's rules (numbers, names, antonyms, negation, order): "
+    "KC-trained systems are partly graded on what their training pairs taught, and offline RLAIF's reward is "
+    "the proxy judge itself."
+)
+
 
 def _context(cfg, summary: dict) -> tuple[str, bool]:
     judge, teacher = summary.get("judge", ""), summary.get("teacher", "")
     proxy = "proxy" in judge
     offline = " (rule-based, offline)" if teacher == "heuristic" else ""
-    ctx = (f"preset {cfg.name}; student {cfg.student.model}; teacher {teacher}{offline}; "
-           f"judge {judge}{' [PROXY]' if proxy else ''}")
+    ctx = (
+        f"preset {cfg.name}; student {cfg.student.model}; teacher {teacher}{offline}; "
+        f"judge {judge}{' [PROXY]' if proxy else ''}"
+    )
     return ctx, proxy
 
+
 def metrics_table(cfg, summary: dict, ctx: str):
-    rows = [[d, x["n"], s, _ci(v["meteor"]), _ci(v["bertscore"]), _ci(v["rougeL"])]
-            for d, x in summary["datasets"].items() for s, v in x["systems"].items() if "meteor" in v]
-    bs = ("BERTScore (MiniLM, not rescaled)" if cfg.eval.bertscore_model == "minilm"
-          else f"BERTScore ({cfg.eval.bertscore_model})")
+    rows = [
+        [d, x["n"], s, _ci(v["meteor"]), _ci(v["bertscore"]), _ci(v["rougeL"])]
+        for d, x in summary["datasets"].items()
+        for s, v in x["systems"].items()
+        if "meteor" in v
+    ]
+    bs = (
+        "BERTScore (MiniLM, not rescaled)"
+        if cfg.eval.bertscore_model == "minilm"
+        else f"BERTScore ({cfg.eval.bertscore_model})"
+    )
     return ["dataset", "n", "system", "METEOR", bs, "ROUGE-L"], rows, f"Automatic metrics (mean ± half 95% CI). {ctx}"
+
 
 def diffs_table(summary: dict, ctx: str, main: str = "knowtuning"):
     rows = []
     for d, x in summary["datasets"].items():
         for b, v in x.get("diffs", {}).items():
-            rows.append([d, v["meteor"][3], f"{main} − {b}"] + [_diff(v.get(k)) for k in
-                                                              ("meteor", "bertscore", "rougeL", "fact_precision")])
-    return (["dataset", "n", "comparison", "Δ METEOR", "Δ BERTScore", "Δ ROUGE-L", "Δ fact precision"], rows,
-            "Paired differences with bootstrap 95% intervals over questions; * marks an interval that excludes 0 "
-            f"(a difference these questions support, not a general claim). {ctx}")
+            rows.append(
+                [d, v["meteor"][3], f"{main} − {b}"]
+                + [_diff(v.get(k)) for k in ("meteor", "bertscore", "rougeL", "fact_precision")]
+            )
+    return (
+        ["dataset", "n", "comparison", "Δ METEOR", "Δ BERTScore", "Δ ROUGE-L", "Δ fact precision"],
+        rows,
+        "Paired differences with bootstrap 95% intervals over questions; * marks an interval that excludes 0 "
+        f"(a difference these questions support, not a general claim). {ctx}",
+    )
+
 
 def judge_table(summary: dict, ctx: str, proxy: bool):
     rows = []
@@ -89,38 +126,75 @@ def judge_table(summary: dict, ctx: str, proxy: bool):
         for b, asp in x.get("judge", {}).items():
             ci = x.get("judge_ci", {}).get(b, {})
             calls = x.get("judge_calls", {}).get(b, {})
-            rows.append([d, x["n"], f"KnowTuning vs {b}"] + [_wtl(asp[a], ci.get(a)) for a in ASPECTS]
-                        + [f"{calls.get('judged', '?')} / {calls.get('failed', '?')}"])
-    cap = (f"Pairwise judge ({summary.get('judge', '?')}), win / tie / lose (%, ± half 95% CI), judged in both orders; "
-           "an answer the judge could not give in the requested form (after one repair round) counts as a tie and "
-           f"is counted under 'judged / failed'{' — PROXY judge, not an LLM. ' + PROXY_NOTE if proxy else '.'} {ctx}")
+            rows.append(
+                [d, x["n"], f"KnowTuning vs {b}"]
+                + [_wtl(asp[a], ci.get(a)) for a in ASPECTS]
+                + [f"{calls.get('judged', '?')} / {calls.get('failed', '?')}"]
+            )
+    cap = (
+        f"Pairwise judge ({summary.get('judge', '?')}), win / tie / lose (%, ± half 95% CI), judged in both orders; "
+        "an answer the judge could not give in the requested form (after one repair round) counts as a tie and "
+        f"is counted under 'judged / failed'{' — PROXY judge, not an LLM. ' + PROXY_NOTE if proxy else '.'} {ctx}"
+    )
     return ["dataset", "n", "comparison", *ASPECTS, "judged / failed"], rows, cap
+
 
 def facts_table(summary: dict, ctx: str):
     nan = float("nan")
-    rows = [[d, x["n"], s, v["facts"].get("facts_per_answer", nan), v["facts"].get("correct_per_answer", nan),
-             v["facts"].get("error_rate", nan), v["facts"].get("factscore", nan),
-             f"{v['facts'].get('verified', '?')} / {v['facts'].get('verify_failed', '?')}"]
-            for d, x in summary["datasets"].items() for s, v in x["systems"].items()]
+    rows = [
+        [
+            d,
+            x["n"],
+            s,
+            v["facts"].get("facts_per_answer", nan),
+            v["facts"].get("correct_per_answer", nan),
+            v["facts"].get("error_rate", nan),
+            v["facts"].get("factscore", nan),
+            f"{v['facts'].get('verified', '?')} / {v['facts'].get('verify_failed', '?')}",
+        ]
+        for d, x in summary["datasets"].items()
+        for s, v in x["systems"].items()
+    ]
     ver = summary.get("verifier", "")
     note = f" [PROXY] {PROXY_NOTE}" if "proxy" in ver else ""
-    return (["dataset", "n", "system", "facts / answer", "correct facts / answer", "factual error rate", "FActScore",
-             "verified / failed"], rows,
-            f"Fine-grained facts (verifier: {ver}{note}; an unparseable verdict counts as unsupported). {ctx}")
+    return (
+        [
+            "dataset",
+            "n",
+            "system",
+            "facts / answer",
+            "correct facts / answer",
+            "factual error rate",
+            "FActScore",
+            "verified / failed",
+        ],
+        rows,
+        f"Fine-grained facts (verifier: {ver}{note}; an unparseable verdict counts as unsupported). {ctx}",
+    )
+
 
 def ablation_table(cfg, summary: dict, ctx: str):
     abl = [s for s in cfg.systems if s.startswith("wo_")]
-    rows = [[d, s, v["meteor"][0], v["bertscore"][0], v["facts"].get("error_rate", float("nan"))]
-            for d, x in summary["datasets"].items() for s in ["knowtuning"] + abl
-            if (v := x["systems"].get(s)) and "meteor" in v]
+    rows = [
+        [d, s, v["meteor"][0], v["bertscore"][0], v["facts"].get("error_rate", float("nan"))]
+        for d, x in summary["datasets"].items()
+        for s in ["knowtuning"] + abl
+        if (v := x["systems"].get(s)) and "meteor" in v
+    ]
     return ["dataset", "system", "METEOR", "BERTScore", "factual error rate"], rows, f"Ablation. {ctx}"
+
 
 def build_tables(cfg, summary: dict) -> dict:
     "{name: (header, rows, caption)}: metrics, paired differences, judge, facts, ablation (when the run has wo_*)."
     ctx, proxy = _context(cfg, summary)
-    tables = {"table_metrics": metrics_table(cfg, summary, ctx), "table_diffs": diffs_table(summary, ctx),
-              "table_judge": judge_table(summary, ctx, proxy), "table_facts": facts_table(summary, ctx)}
-    if any(s.startswith("wo_") for s in cfg.systems): tables["table_ablation"] = ablation_table(cfg, summary, ctx)
+    tables = {
+        "table_metrics": metrics_table(cfg, summary, ctx),
+        "table_diffs": diffs_table(summary, ctx),
+        "table_judge": judge_table(summary, ctx, proxy),
+        "table_facts": facts_table(summary, ctx),
+    }
+    if any(s.startswith("wo_") for s in cfg.systems):
+        tables["table_ablation"] = ablation_table(cfg, summary, ctx)
     return tables
 
 # %% ../nbs/15_report.ipynb #15-report-009b
@@ -130,25 +204,43 @@ def reading_notes(cfg, summary: dict, main: str = "knowtuning") -> list[str]:
     offline = summary.get("teacher") == "heuristic" or "proxy" in summary.get("judge", "")
     out = [f"**How to read this report.** Test questions per set: {', '.join(f'{d} {n}' for d, n in ns.items())}."]
     if offline:
-        out.append("Teacher and judge are the offline heuristics, with a small student: this run shows that every stage "
-                   "works and how the systems differ *under the proxies*; it is not a reproduction of the paper's "
-                   "results (run `paper-dolly` / `paper-medquad` with an LLM teacher and judge for that). " + PROXY_NOTE)
-    sig = [f"{b} ({d}: {', '.join(k for k, v in m.items() if excludes_zero(v))})"
-           for d, x in summary["datasets"].items() for b, m in x.get("diffs", {}).items()
-           if any(excludes_zero(v) for v in m.values())]
-    out.append(f"Paired differences {main} − baseline whose 95% interval excludes 0: " + ("; ".join(sig) if sig else
-               "none — with this many questions no difference between the systems is distinguishable from noise."))
-    same = [f"{pair} on {share:.0%} of {d}" for d, x in summary["datasets"].items()
-            for pair, share in x.get("identical", {}).items() if share >= 0.5]
-    if same: out.append("Identical answers (differences between these are 0 by construction): " + "; ".join(same) + ".")
+        out.append(
+            "Teacher and judge are the offline heuristics, with a small student: this run shows that every stage "
+            "works and how the systems differ *under the proxies*; it is not a reproduction of the paper's "
+            "results (run `paper-dolly` / `paper-medquad` with an LLM teacher and judge for that). " + PROXY_NOTE
+        )
+    sig = [
+        f"{b} ({d}: {', '.join(k for k, v in m.items() if excludes_zero(v))})"
+        for d, x in summary["datasets"].items()
+        for b, m in x.get("diffs", {}).items()
+        if any(excludes_zero(v) for v in m.values())
+    ]
+    out.append(
+        f"Paired differences {main} − baseline whose 95% interval excludes 0: "
+        + (
+            "; ".join(sig)
+            if sig
+            else "none — with this many questions no difference between the systems is distinguishable from noise."
+        )
+    )
+    same = [
+        f"{pair} on {share:.0%} of {d}"
+        for d, x in summary["datasets"].items()
+        for pair, share in x.get("identical", {}).items()
+        if share >= 0.5
+    ]
+    if same:
+        out.append("Identical answers (differences between these are 0 by construction): " + "; ".join(same) + ".")
     return out
 
 # %% ../nbs/15_report.ipynb #15-report-011
 def plot_judge(summary: dict, path: Path):
     "Stacked win / tie / lose bars per baseline and aspect: one panel per dataset with verdicts."
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     ds = [(n, x) for n, x in summary["datasets"].items() if x.get("judge")]
     rows = max([len(x["judge"]) * 3 for _, x in ds] + [3])
     fig, axes = plt.subplots(1, max(len(ds), 1), figsize=(5.2 * max(len(ds), 1), 0.8 + 0.32 * rows), squeeze=False)
@@ -166,7 +258,8 @@ def plot_judge(summary: dict, path: Path):
         ax.barh(y, L, left=[w + t for w, t in zip(W, T)], color="#c44e52", label="lose")
         ax.set_yticks(y, labels, fontsize=8)
         ax.set(xlabel="%", xlim=(0, 100), title=f"{name} (n={x['n']})")
-    if not ds: axes[0][0].set_axis_off()
+    if not ds:
+        axes[0][0].set_axis_off()
     kind = "proxy" if "proxy" in summary.get("judge", "") else "LLM"
     fig.suptitle(f"KnowTuning vs baselines, judge: {kind}", fontsize=10)
     if ds:
@@ -176,11 +269,14 @@ def plot_judge(summary: dict, path: Path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
 def plot_metrics(summary: dict, path: Path):
     "METEOR with its 95% interval, per test set and system."
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ds = [(n, x) for n, x in summary["datasets"].items() if any("meteor" in v for v in x["systems"].values())]
     width = 0.8 / max(1, len(ds[0][1]["systems"]) if ds else 1)
@@ -198,12 +294,15 @@ def plot_metrics(summary: dict, path: Path):
 # %% ../nbs/15_report.ipynb #15-report-013
 REPORT = Stage("report", ("eval",), ("name", "systems", "eval.bertscore_model", "student.model"))
 
+
 def report_stage(cfg, run) -> Path:
     "Tables and figures from `eval/summary.json` into `report/`."
+
     def make(out):
         summary = read_json(run.path("eval") / "summary.json")
         tables = build_tables(cfg, summary)
-        for name, (h, r, cap) in tables.items(): write_table(out, name, h, r, cap)
+        for name, (h, r, cap) in tables.items():
+            write_table(out, name, h, r, cap)
         plot_judge(summary, out / "judge.png")
         plot_judge(summary, out / "judge.svg")
         plot_metrics(summary, out / "metrics.png")
@@ -211,6 +310,7 @@ def report_stage(cfg, run) -> Path:
         md += [(out / f"{n}.md").read_text() for n in tables]
         md += ["![judge](judge.png)", "", "![metrics](metrics.png)", ""]
         atomic_write(out / "report.md", "\n".join(md))
+
     return run.build(REPORT, cfg, make)
 
 # %% ../nbs/15_report.ipynb #15-report-013b
@@ -218,18 +318,23 @@ def combine_tables(named_summaries: list[tuple[str, dict]]) -> dict:
     "{name: (header, rows, caption)}: METEOR / BERTScore / factual error rate, a column per (run, test set)."
     cols = [(run, d, x) for run, s in named_summaries for d, x in s["datasets"].items()]
     systems = list(dict.fromkeys(sy for _, _, x in cols for sy in x["systems"]))
-    measures = {"meteor": lambda v: v["meteor"][0] if "meteor" in v else float("nan"),
-                "bertscore": lambda v: v["bertscore"][0] if "bertscore" in v else float("nan"),
-                "error_rate": lambda v: v.get("facts", {}).get("error_rate", float("nan"))}
+    measures = {
+        "meteor": lambda v: v["meteor"][0] if "meteor" in v else float("nan"),
+        "bertscore": lambda v: v["bertscore"][0] if "bertscore" in v else float("nan"),
+        "error_rate": lambda v: v.get("facts", {}).get("error_rate", float("nan")),
+    }
     header = ["system"] + [f"{run}: {d}" for run, d, _ in cols]
-    runs = ", ".join(f"{run} (judge {s.get('judge', '?')}, verifier {s.get('verifier', '?')})"
-                     for run, s in named_summaries)
+    runs = ", ".join(
+        f"{run} (judge {s.get('judge', '?')}, verifier {s.get('verifier', '?')})" for run, s in named_summaries
+    )
     out = {}
     for m, get in measures.items():
-        rows = [[sy] + [get(x["systems"][sy]) if sy in x["systems"] else float("nan") for _, _, x in cols]
-                for sy in systems]
+        rows = [
+            [sy] + [get(x["systems"][sy]) if sy in x["systems"] else float("nan") for _, _, x in cols] for sy in systems
+        ]
         out[f"combined_{m}"] = (header, rows, f"{m} per system and test set, both domains. Runs: {runs}")
     return out
+
 
 def combine_reports(run_dirs, out) -> Path:
     "Write the combined tables of the runs in `run_dirs` (each with `eval/summary.json`) into `out`."
@@ -240,7 +345,8 @@ def combine_reports(run_dirs, out) -> Path:
         named.append((d.name, read_json(d / "eval" / "summary.json")))
     out = Path(out)
     tables = combine_tables(named)
-    for name, (h, r, cap) in tables.items(): write_table(out, name, h, r, cap)
+    for name, (h, r, cap) in tables.items():
+        write_table(out, name, h, r, cap)
     md = [f"# KnowTuning: {' + '.join(n for n, _ in named)}", ""] + [(out / f"{n}.md").read_text() for n in tables]
     atomic_write(out / "report.md", "\n".join(md))
     return out

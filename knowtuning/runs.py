@@ -17,23 +17,32 @@ __all__ = ['LLM_IDENTITY', 'atomic_write', 'write_json', 'read_json', 'write_jso
 
 # %% ../nbs/03_runs.ipynb #03-runs-006
 def atomic_write(path, data: str | bytes) -> Path:
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data); f.flush(); os.fsync(f.fileno())
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
 
 def write_json(path, obj, indent=1) -> Path:
     return atomic_write(path, json.dumps(obj, indent=indent, ensure_ascii=False, sort_keys=False) + "\n")
 
-def read_json(path): return json.loads(Path(path).read_text())
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
 
 def write_jsonl(path, rows) -> Path:
     return atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
 
 def read_jsonl(path) -> list:
     p = Path(path)
@@ -44,38 +53,53 @@ def fingerprint(*parts) -> str:
     "A short stable hash of JSON-able parts (config sections, upstream fingerprints, file hashes)."
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+
 def file_hash(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
     return h.hexdigest()[:16]
 
 # %% ../nbs/03_runs.ipynb #03-runs-010b
 @dataclass(frozen=True)
 class Stage:
     "A stage's contract: `name`, the stages it `needs`, the config `fields` that change its output."
+
     name: str
     needs: tuple = ()
     fields: tuple = ()
 
+
 LLM_IDENTITY = ("backend", "base_url", "model", "temperature", "max_tokens")
+
 
 def config_value(cfg, key: str):
     "The value of dotted `key` in `cfg`; an LLM role as its identity (what changes its answers)."
     o = cfg
-    for k in key.split("."): o = getattr(o, k)
-    if isinstance(o, LLMCfg): return "offline" if o.backend != "llm" else {k: getattr(o, k) for k in LLM_IDENTITY}
+    for k in key.split("."):
+        o = getattr(o, k)
+    if isinstance(o, LLMCfg):
+        return "offline" if o.backend != "llm" else {k: getattr(o, k) for k in LLM_IDENTITY}
     return o
+
 
 def stage_fingerprint(spec: Stage, cfg, upstream: dict | None = None, extra=()) -> str:
     "The fingerprint of `spec` under `cfg`: its declared fields, its upstream fingerprints and `extra`."
     return fingerprint(spec.name, {f: config_value(cfg, f) for f in spec.fields}, upstream or {}, list(extra))
 
+
 def command_for(stage: str) -> str:
     "The command that builds `stage`."
-    for prefix, cmd in (("train_", "knowtuning train"), ("samples_", "knowtuning baselines"),
-                        ("prefs_", "knowtuning baselines"), ("gen_", "knowtuning evaluate"), ("eval", "knowtuning evaluate")):
-        if stage.startswith(prefix): return cmd
+    for prefix, cmd in (
+        ("train_", "knowtuning train"),
+        ("samples_", "knowtuning baselines"),
+        ("prefs_", "knowtuning baselines"),
+        ("gen_", "knowtuning evaluate"),
+        ("eval", "knowtuning evaluate"),
+    ):
+        if stage.startswith(prefix):
+            return cmd
     return f"knowtuning {stage}"
 
 # %% ../nbs/03_runs.ipynb #03-runs-012
@@ -88,18 +112,25 @@ def _git_commit() -> str | None:
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True, timeout=5)
         return r.stdout.strip() or None
-    except Exception: return None
+    except Exception:
+        return None
+
 
 def versions() -> dict:
     import importlib.metadata as md
+
     out = {"python": platform.python_version()}
     for p in ("knowtuning", "torch", "transformers", "trl", "peft", "datasets", "openai", "bitsandbytes"):
-        try: out[p] = md.version(p)
-        except md.PackageNotFoundError: pass
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            pass
     return out
+
 
 class Run:
     "A run folder: resolved config, manifest, and atomically written, fingerprinted stage folders."
+
     def __init__(self, cfg: Config, root="runs", name: str | None = None):
         self.cfg, self.dir = cfg, Path(root) / (name or cfg.name)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +146,8 @@ class Run:
         p = self.dir / "manifest.json"
         return read_json(p) if p.exists() else {}
 
-    def _save(self, m): write_json(self.dir / "manifest.json", m)
+    def _save(self, m):
+        write_json(self.dir / "manifest.json", m)
 
     def update_stage(self, stage: str, **info):
         "Merge `info` into the manifest entry of `stage`."
@@ -123,7 +155,8 @@ class Run:
         m.setdefault("stages", {}).setdefault(stage, {}).update(info)
         self._save(m)
 
-    def path(self, stage: str) -> Path: return self.dir / stage
+    def path(self, stage: str) -> Path:
+        return self.dir / stage
 
     def done(self, stage: str, fp: str | None = None) -> bool:
         "Is `stage` complete (and, if `fp` is given, built from the same fingerprint)?"
@@ -142,15 +175,21 @@ class Run:
             yield None
             return
         tmp = self.dir / f".{stage}.partial"
-        tmp.mkdir(parents=True, exist_ok=True)   # kept across a crash: stages may resume from what is in it
+        tmp.mkdir(parents=True, exist_ok=True)  # kept across a crash: stages may resume from what is in it
         t0 = time.time()
         yield tmp
-        write_json(tmp / "_done.json", {"fingerprint": fp})   # no timestamp: reruns are byte-identical
+        write_json(tmp / "_done.json", {"fingerprint": fp})  # no timestamp: reruns are byte-identical
         final = self.path(stage)
-        if final.exists(): shutil.rmtree(final)
+        if final.exists():
+            shutil.rmtree(final)
         tmp.rename(final)
-        self.update_stage(stage, fingerprint=fp, seconds=round(time.time() - t0, 2),
-                          built=time.strftime("%Y-%m-%dT%H:%M:%S"), builds=self.manifest.get("stages", {}).get(stage, {}).get("builds", 0) + 1)
+        self.update_stage(
+            stage,
+            fingerprint=fp,
+            seconds=round(time.time() - t0, 2),
+            built=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            builds=self.manifest.get("stages", {}).get(stage, {}).get("builds", 0) + 1,
+        )
 
     def build(self, spec: "Stage", cfg, make, extra=()) -> Path:
         """The stage contract: every stage in `spec.needs` must be done (else an error naming the command that builds
@@ -162,18 +201,33 @@ class Run:
                 raise RuntimeError(f"stage {spec.name} needs stage {n} in {self.dir}: run `{command_for(n)}` first")
             up[n] = fp
         with self.stage(spec.name, stage_fingerprint(spec, cfg, up, extra)) as out:
-            if out is not None: make(out)
+            if out is not None:
+                make(out)
         return self.path(spec.name)
 
 # %% ../nbs/03_runs.ipynb #03-runs-014b
 class YieldError(RuntimeError):
     "A stage turned too few of its inputs into training data."
 
-def require_yield(stage: str, got: int, of: int, what: str, min_yield: float, reasons: dict | None = None,
-                  files=(), hint: str = "the teacher may be too weak for these tasks") -> None:
+
+def require_yield(
+    stage: str,
+    got: int,
+    of: int,
+    what: str,
+    min_yield: float,
+    reasons: dict | None = None,
+    files=(),
+    hint: str = "the teacher may be too weak for these tasks",
+) -> None:
     "Raise `YieldError` when `got / of < min_yield`, with the counts, the reasons and where to look."
-    if of and got / of >= min_yield: return
+    if of and got / of >= min_yield:
+        return
     why = "; ".join(f"{n} {r}" for r, n in sorted((reasons or {}).items(), key=lambda x: -x[1]) if n)
     see = ", ".join(map(str, files))
-    raise YieldError(f"{stage} wrote {got} {what} from {of} inputs (below min_yield={min_yield})"
-                     + (f": {why}" if why else "") + (f"; see {see}" if see else "") + f"; {hint}")
+    raise YieldError(
+        f"{stage} wrote {got} {what} from {of} inputs (below min_yield={min_yield})"
+        + (f": {why}" if why else "")
+        + (f"; see {see}" if see else "")
+        + f"; {hint}"
+    )

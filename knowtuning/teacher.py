@@ -12,47 +12,95 @@ from .llm import LLMClient, Request, user, complete_parsed, parse_list, parse_js
 __all__ = ['PROMPTS', 'split_atoms', 'wordnet', 'entities', 'perturb', 'HeuristicTeacher', 'LLMTeacher', 'make_teacher']
 
 # %% ../nbs/05_teacher.ipynb #05-teacher-006
-_ABBR = {"e.g", "i.e", "etc", "vs", "dr", "mr", "mrs", "ms", "prof", "st", "jr", "sr", "no", "fig", "approx", "u.s", "u.k", "a.m", "p.m", "inc", "ltd", "co", "mt", "ft", "lb", "oz", "jan", "feb", "aug", "sept", "oct", "nov", "dec"}
+_ABBR = {
+    "e.g",
+    "i.e",
+    "etc",
+    "vs",
+    "dr",
+    "mr",
+    "mrs",
+    "ms",
+    "prof",
+    "st",
+    "jr",
+    "sr",
+    "no",
+    "fig",
+    "approx",
+    "u.s",
+    "u.k",
+    "a.m",
+    "p.m",
+    "inc",
+    "ltd",
+    "co",
+    "mt",
+    "ft",
+    "lb",
+    "oz",
+    "jan",
+    "feb",
+    "aug",
+    "sept",
+    "oct",
+    "nov",
+    "dec",
+}
 _BOUND = re.compile(r"[.!?]+[\"')\]]*\s+")
 _LINE_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 _CLAUSE = re.compile(r";\s+|,\s+(?=(?:and|but|while|whereas|which|so)\s)")
 _LEAD = re.compile(r"^(?:and|but|while|whereas|so)\s+", re.I)
 
+
 def _sentences(text: str, offset: int = 0):
     "Yield (start, end) spans of sentences in `text`."
     start = 0
     for m in _BOUND.finditer(text):
-        before = text[start:m.start()].split()
+        before = text[start : m.start()].split()
         last = before[-1].lower().rstrip(".") if before else ""
-        nxt = text[m.end():m.end() + 1]
-        if last in _ABBR or (len(last) == 1 and last.isalpha()) or not (nxt[:1].isupper() or nxt[:1].isdigit() or nxt[:1] in "\"'("):
+        nxt = text[m.end() : m.end() + 1]
+        if (
+            last in _ABBR
+            or (len(last) == 1 and last.isalpha())
+            or not (nxt[:1].isupper() or nxt[:1].isdigit() or nxt[:1] in "\"'(")
+        ):
             continue
-        yield offset + start, offset + m.end(); start = m.end()
-    if text[start:].strip(): yield offset + start, offset + len(text)
+        yield offset + start, offset + m.end()
+        start = m.end()
+    if text[start:].strip():
+        yield offset + start, offset + len(text)
+
 
 def _clauses(ans: str, s: int, e: int):
     "Split the sentence ans[s:e] into clause spans when both sides are long enough."
     spans, cur = [], s
     for m in _CLAUSE.finditer(ans, s, e):
-        if len(ans[cur:m.start()].split()) >= 5 and len(ans[m.end():e].split()) >= 5:
-            spans.append((cur, m.start())); cur = m.end()
+        if len(ans[cur : m.start()].split()) >= 5 and len(ans[m.end() : e].split()) >= 5:
+            spans.append((cur, m.start()))
+            cur = m.end()
     return spans + [(cur, e)]
+
 
 def _tidy(t: str) -> str:
     t = _LEAD.sub("", t.strip()).strip().rstrip(",;:")
-    if not t: return t
+    if not t:
+        return t
     t = t[0].upper() + t[1:]
     return t if t[-1] in ".!?\"')" else t + "."
+
 
 def split_atoms(answer: str, max_atoms: int = 0) -> list[dict]:
     "Heuristic atomic knowledge of `answer`: [{'text', 'span': (start, end)}]."
     out, pos = [], 0
     for line in answer.splitlines(keepends=True):
-        m = _LINE_MARK.match(line); body_start = pos + (m.end() if m else 0)
-        for s, e in _sentences(answer[body_start:pos + len(line)], body_start):
+        m = _LINE_MARK.match(line)
+        body_start = pos + (m.end() if m else 0)
+        for s, e in _sentences(answer[body_start : pos + len(line)], body_start):
             for cs, ce in _clauses(answer, s, e):
                 t = _tidy(answer[cs:ce])
-                if len(t.split()) >= 2: out.append({"text": t, "span": (cs, ce)})
+                if len(t.split()) >= 2:
+                    out.append({"text": t, "span": (cs, ce)})
         pos += len(line)
     return out[:max_atoms] if max_atoms else out
 
@@ -60,87 +108,162 @@ def split_atoms(answer: str, max_atoms: int = 0) -> list[dict]:
 _NUM = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)(?![\w])")
 _ENT = re.compile(r"(?<=\s)([A-Z][a-z]+(?:\s+[A-Z][a-z]+)*)")
 _AUX = re.compile(r"\b(is|are|was|were|can|could|will|would|should|may|might|must|has|have|had|does|do|did)( not)?\b")
-_STOP_ENT = {"The", "This", "That", "These", "Those", "It", "In", "On", "At", "A", "An", "He", "She", "They", "We", "I", "If", "When", "For", "As"}
+_STOP_ENT = {
+    "The",
+    "This",
+    "That",
+    "These",
+    "Those",
+    "It",
+    "In",
+    "On",
+    "At",
+    "A",
+    "An",
+    "He",
+    "She",
+    "They",
+    "We",
+    "I",
+    "If",
+    "When",
+    "For",
+    "As",
+}
+
 
 def _change_number(t, rng):
     ms = list(_NUM.finditer(t))
-    if not ms: return None
-    m = ms[rng.randrange(len(ms))]; s = m.group(1)
+    if not ms:
+        return None
+    m = ms[rng.randrange(len(ms))]
+    s = m.group(1)
     v = float(s.replace(",", ""))
-    if s.isdigit() and len(s) == 4 and 1000 <= v <= 2100: new = str(int(v) + rng.choice([-7, -5, -3, 3, 5, 7]))
-    elif "." in s: new = f"{v * rng.choice([0.5, 1.5, 2.0]):.{len(s.split('.')[1])}f}"
+    if s.isdigit() and len(s) == 4 and 1000 <= v <= 2100:
+        new = str(int(v) + rng.choice([-7, -5, -3, 3, 5, 7]))
+    elif "." in s:
+        new = f"{v * rng.choice([0.5, 1.5, 2.0]):.{len(s.split('.')[1])}f}"
     else:
         n = int(v) * rng.choice([2, 3]) if v >= 10 else int(v) + rng.choice([1, 2, 3])
         new = f"{n:,}" if "," in s else str(n)
-    return t[:m.start(1)] + new + t[m.end(1):] if new != s else None
+    return t[: m.start(1)] + new + t[m.end(1) :] if new != s else None
+
 
 def _swap_entity(t, rng, pool):
     ents = [m for m in _ENT.finditer(t) if m.group(1) not in _STOP_ENT]
-    if not ents: return None
+    if not ents:
+        return None
     m = ents[rng.randrange(len(ents))]
     cands = sorted({e for e in pool if e != m.group(1) and e not in t})
-    return t[:m.start(1)] + rng.choice(cands) + t[m.end(1):] if cands else None
+    return t[: m.start(1)] + rng.choice(cands) + t[m.end(1) :] if cands else None
+
 
 @functools.lru_cache(maxsize=1)
 def wordnet():
     "nltk's WordNet reader over our materialized WordNet 3.0."
     from knowtuning.assets import ensure_wordnet
+
     ensure_wordnet()
     from nltk.corpus import wordnet as wn
+
     return wn
+
 
 def _antonym(word):
     for s in wordnet().synsets(word):
-        if s.pos() not in ("a", "s", "r"): continue   # adjectives and adverbs: verb antonyms are rarely grammatical
+        if s.pos() not in ("a", "s", "r"):
+            continue  # adjectives and adverbs: verb antonyms are rarely grammatical
         for l in s.lemmas():
-            if l.name().lower() == word.lower() and l.antonyms(): return l.antonyms()[0].name().replace("_", " ")
+            if l.name().lower() == word.lower() and l.antonyms():
+                return l.antonyms()[0].name().replace("_", " ")
     return None
+
 
 def _flip_antonym(t, rng):
     for m in re.finditer(r"\b[a-z]{3,}\b", t):
-        if m.group(0) in ("the", "and", "for", "are", "was", "were", "has", "have", "not", "can", "with", "from", "that", "this"): continue
+        if m.group(0) in (
+            "the",
+            "and",
+            "for",
+            "are",
+            "was",
+            "were",
+            "has",
+            "have",
+            "not",
+            "can",
+            "with",
+            "from",
+            "that",
+            "this",
+        ):
+            continue
         a = _antonym(m.group(0))
         if a and a != m.group(0):
-            head = re.sub(r"\b(a|an)\s+$", lambda x: ("an " if a[0] in "aeiou" else "a ") if x.group(1).islower() else x.group(0), t[:m.start()])
-            return head + a + t[m.end():]
+            head = re.sub(
+                r"\b(a|an)\s+$",
+                lambda x: ("an " if a[0] in "aeiou" else "a ") if x.group(1).islower() else x.group(0),
+                t[: m.start()],
+            )
+            return head + a + t[m.end() :]
     return None
+
 
 def _negate(t, rng):
     m = _AUX.search(t)
-    if not m: return None
-    return t[:m.start()] + m.group(1) + ("" if m.group(2) else " not") + t[m.end():]
+    if not m:
+        return None
+    return t[: m.start()] + m.group(1) + ("" if m.group(2) else " not") + t[m.end() :]
+
 
 def entities(texts) -> list[str]:
     "Capitalised names in `texts` (the pool for entity swaps)."
     return sorted({m.group(1) for t in texts for m in _ENT.finditer(t) if m.group(1) not in _STOP_ENT})
 
+
 def perturb(atom: str, rng: random.Random, pool=()) -> tuple[str, str] | None:
     "A non-factual revision of `atom` and the operation that made it, or None."
-    for op, f in [("number", lambda: _change_number(atom, rng)), ("entity", lambda: _swap_entity(atom, rng, pool)),
-                  ("antonym", lambda: _flip_antonym(atom, rng)), ("negation", lambda: _negate(atom, rng))]:
+    for op, f in [
+        ("number", lambda: _change_number(atom, rng)),
+        ("entity", lambda: _swap_entity(atom, rng, pool)),
+        ("antonym", lambda: _flip_antonym(atom, rng)),
+        ("negation", lambda: _negate(atom, rng)),
+    ]:
         r = f()
-        if r and r != atom: return r, op
+        if r and r != atom:
+            return r, op
     return None
 
 # %% ../nbs/05_teacher.ipynb #05-teacher-012
-_REWRITE_Q = ["{q} Explain the specific details.", "Regarding the question \"{q}\", what are the key facts?",
-              "{q} Give the precise facts involved.", "What specific facts answer this: {q}"]
+_REWRITE_Q = [
+    "{q} Explain the specific details.",
+    'Regarding the question "{q}", what are the key facts?',
+    "{q} Give the precise facts involved.",
+    "What specific facts answer this: {q}",
+]
+
 
 class HeuristicTeacher:
     "Deterministic offline teacher (labelled 'heuristic' in every output)."
+
     label = "heuristic"
+
     def __init__(self, cfg: LLMCfg | None = None, stage: str = "teacher", seed: int = 0, max_atoms: int = 0):
         self.seed, self.max_atoms, self.failures = seed, max_atoms, []
+
     def decompose(self, answers, names=None) -> list:
         return [[a["text"] for a in split_atoms(x, self.max_atoms)] for x in answers]
+
     def rewrite(self, questions, atom_lists, names=None) -> list:
         out = []
         for q, atoms in zip(questions, atom_lists):
             t = _REWRITE_Q[sum(map(ord, q)) % len(_REWRITE_Q)]
             out.append({"question": t.format(q=q.strip()), "answer": " ".join(atoms)} if atoms else None)
         return out
+
     def rephrase(self, answers, atom_lists, names=None) -> list:
         return [" ".join(atoms) if atoms else a for a, atoms in zip(answers, atom_lists)]
+
     def revise(self, atom_lists, names=None, pool=None) -> list:
         "Per atom list: [(revised, op) or None per atom]."
         pool = entities(a for atoms in atom_lists for a in atoms) if pool is None else pool
@@ -148,7 +271,7 @@ class HeuristicTeacher:
 
 # %% ../nbs/05_teacher.ipynb #05-teacher-015
 PROMPTS = {
-"decompose": """Break the answer below into atomic facts: short, self-contained declarative sentences, each stating exactly one piece of knowledge. Replace pronouns with the names they refer to. Write one fact per line and nothing else.
+    "decompose": """Break the answer below into atomic facts: short, self-contained declarative sentences, each stating exactly one piece of knowledge. Replace pronouns with the names they refer to. Write one fact per line and nothing else.
 
 Example answer: Marie Curie was a Polish-born physicist who won the Nobel Prize in Physics in 1903.
 Marie Curie was a physicist.
@@ -162,77 +285,131 @@ Vaccines expose the immune system to a harmless part of a germ.
 Vaccines help the body fight a later infection by the real germ.
 
 Answer: {answer}""",
-"rewrite": """Here is a question and some pieces of knowledge that are needed to answer it well.
+    "rewrite": """Here is a question and some pieces of knowledge that are needed to answer it well.
 
 Question: {question}
 Knowledge:
 {atoms}
 
 Write a new, more specific question that asks exactly for this knowledge, and an answer to it that states every piece of knowledge above, accurately and fluently. Reply with JSON only: {{"question": "...", "answer": "..."}}""",
-"rephrase": """Rephrase the following answer. Keep every fact and the order of the explanation; change only the wording. Reply with the rephrased answer only.
+    "rephrase": """Rephrase the following answer. Keep every fact and the order of the explanation; change only the wording. Reply with the rephrased answer only.
 
 Answer: {answer}""",
-"revise": """Revise each statement below into a plausible but factually wrong statement: change one fact (a number, a name, a property or a relation) so that it becomes false, and keep the rest of the wording. Reply with a JSON list of strings, one revised statement per input statement, in the same order.
+    "revise": """Revise each statement below into a plausible but factually wrong statement: change one fact (a number, a name, a property or a relation) so that it becomes false, and keep the rest of the wording. Reply with a JSON list of strings, one revised statement per input statement, in the same order.
 
 Statements:
 {atoms}""",
 }
 
-def _numbered(atoms): return "\n".join(f"{i + 1}. {a}" for i, a in enumerate(atoms))
+
+def _numbered(atoms):
+    return "\n".join(f"{i + 1}. {a}" for i, a in enumerate(atoms))
+
 
 class LLMTeacher:
     "The teacher tasks through an OpenAI-compatible model (`cfg.backend == 'llm'`)."
-    def __init__(self, cfg: LLMCfg, stage: str = "teacher", seed: int = 0, max_atoms: int = 0, client: LLMClient | None = None):
+
+    def __init__(
+        self, cfg: LLMCfg, stage: str = "teacher", seed: int = 0, max_atoms: int = 0, client: LLMClient | None = None
+    ):
         self.client = client or LLMClient(cfg, stage)
         self.label, self.max_atoms = f"llm:{cfg.model}", max_atoms
+
     @property
-    def failures(self): return self.client.failures
-    def _names(self, task, n, names): return [f"{task} {names[i] if names else i}" for i in range(n)]
+    def failures(self):
+        return self.client.failures
+
+    def _names(self, task, n, names):
+        return [f"{task} {names[i] if names else i}" for i in range(n)]
+
     def decompose(self, answers, names=None) -> list:
         names = self._names("decompose", len(answers), names)
         parse = lambda s: parse_list(s)[: self.max_atoms or None]
         todo = [i for i, a in enumerate(answers) if a.strip()]
-        got = complete_parsed(self.client, [user(PROMPTS["decompose"].format(answer=answers[i]), name=names[i]) for i in todo], parse, "decompose")
+        got = complete_parsed(
+            self.client,
+            [user(PROMPTS["decompose"].format(answer=answers[i]), name=names[i]) for i in todo],
+            parse,
+            "decompose",
+        )
         out = [[] for _ in answers]
-        for i, g in zip(todo, got): out[i] = g
+        for i, g in zip(todo, got):
+            out[i] = g
         return out
+
     def rewrite(self, questions, atom_lists, names=None) -> list:
         names = self._names("rewrite", len(questions), names)
+
         def parse(s):
             d = parse_json(s)
-            if not (isinstance(d, dict) and isinstance(d.get("question"), str) and isinstance(d.get("answer"), str) and d["question"].strip() and d["answer"].strip()):
+            if not (
+                isinstance(d, dict)
+                and isinstance(d.get("question"), str)
+                and isinstance(d.get("answer"), str)
+                and d["question"].strip()
+                and d["answer"].strip()
+            ):
                 raise ParseError('expected {"question": str, "answer": str}')
             return {"question": d["question"].strip(), "answer": d["answer"].strip()}
-        return complete_parsed(self.client, [user(PROMPTS["rewrite"].format(question=q, atoms=_numbered(a)), name=n)
-                                             for q, a, n in zip(questions, atom_lists, names)], parse, "rewrite")
+
+        return complete_parsed(
+            self.client,
+            [
+                user(PROMPTS["rewrite"].format(question=q, atoms=_numbered(a)), name=n)
+                for q, a, n in zip(questions, atom_lists, names)
+            ],
+            parse,
+            "rewrite",
+        )
+
     def rephrase(self, answers, atom_lists, names=None) -> list:
         names = self._names("rephrase", len(answers), names)
+
         def parse(s):
-            if not s.strip(): raise ParseError("empty answer")
+            if not s.strip():
+                raise ParseError("empty answer")
             return s.strip()
-        return complete_parsed(self.client, [user(PROMPTS["rephrase"].format(answer=a), name=n) for a, n in zip(answers, names)], parse, "rephrase")
+
+        return complete_parsed(
+            self.client,
+            [user(PROMPTS["rephrase"].format(answer=a), name=n) for a, n in zip(answers, names)],
+            parse,
+            "rephrase",
+        )
+
     def revise(self, atom_lists, names=None, pool=None) -> list:
         names = self._names("revise", len(atom_lists), names)
+
         def parser(n):
             def parse(s):
                 d = parse_json(s)
                 if not (isinstance(d, list) and len(d) == n and all(isinstance(x, str) for x in d)):
                     raise ParseError(f"expected a JSON list of {n} strings")
                 return d
+
             return parse
+
         out = []
         # one call per answer (the list length must match that answer's atom count)
         reqs = [user(PROMPTS["revise"].format(atoms=_numbered(a)), name=n) for a, n in zip(atom_lists, names)]
         raws = self.client.complete_many(reqs, "revise")
         for req, atoms, raw in zip(reqs, atom_lists, raws):
-            try: revs = parser(len(atoms))(raw)
+            try:
+                revs = parser(len(atoms))(raw)
             except ParseError:
                 revs = complete_parsed(self.client, [req], parser(len(atoms)), "revise")[0]
-            out.append(None if revs is None else [(r.strip(), "llm") if r.strip() and r.strip() != a else None for a, r in zip(atoms, revs)])
+            out.append(
+                None
+                if revs is None
+                else [(r.strip(), "llm") if r.strip() and r.strip() != a else None for a, r in zip(atoms, revs)]
+            )
         return out
+
 
 def make_teacher(cfg: LLMCfg, stage: str = "teacher", seed: int = 0, max_atoms: int = 0):
     "The teacher named by `cfg.backend`."
-    if cfg.backend == "heuristic": return HeuristicTeacher(cfg, stage, seed, max_atoms)
-    if cfg.backend == "llm": return LLMTeacher(cfg, stage, seed, max_atoms)
+    if cfg.backend == "heuristic":
+        return HeuristicTeacher(cfg, stage, seed, max_atoms)
+    if cfg.backend == "llm":
+        return LLMTeacher(cfg, stage, seed, max_atoms)
     raise ValueError(f"config key 'teacher.backend': unknown backend {cfg.backend!r} (heuristic | llm)")

@@ -23,23 +23,36 @@ __all__ = ['TRAIN_FIELDS', 'lora_config', 'processes', 'accumulation', 'trl_conf
 # %% ../nbs/08_train.ipynb #08-train-006
 def lora_config(lc):
     from peft import LoraConfig
-    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.targets),
-                      task_type="CAUSAL_LM", bias="none")
+
+    return LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=list(lc.targets),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+
 
 def processes() -> int:
     "Number of training processes (`accelerate launch` / torchrun set WORLD_SIZE)."
     return int(os.environ.get("WORLD_SIZE", "1"))
 
+
 def accumulation(batch: int, per_device: int, n_proc: int, key: str = "train.batch_size") -> int:
     "Gradient accumulation steps so that per_device x accumulation x processes == batch."
     if batch % (per_device * n_proc):
-        raise ValueError(f"config key '{key}' ({batch}) is not divisible by train.per_device_batch ({per_device}) x "
-                         f"{n_proc} processes: the effective batch would differ from the recipe's")
+        raise ValueError(
+            f"config key '{key}' ({batch}) is not divisible by train.per_device_batch ({per_device}) x "
+            f"{n_proc} processes: the effective batch would differ from the recipe's"
+        )
     return batch // (per_device * n_proc)
+
 
 def trl_config(cfg, kind: str, output_dir, has_eval: bool = False, n_proc: int | None = None):
     "SFTConfig (kind 'sft') or DPOConfig (kind 'dpo') from our config: the only place trl arguments are set."
     from trl import SFTConfig, DPOConfig
+
     t = cfg.train
     cuda = pick_device(cfg.student.device) == "cuda"
     dpo = kind == "dpo"
@@ -48,22 +61,37 @@ def trl_config(cfg, kind: str, output_dir, has_eval: bool = False, n_proc: int |
     accum = accumulation(bs, per, n_proc or processes(), "train.kc_batch_size" if dpo else "train.batch_size")
     best = dict(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
     common = dict(
-        output_dir=str(output_dir), seed=cfg.seed, data_seed=cfg.seed,
-        learning_rate=t.kc_lr if dpo else t.lr, num_train_epochs=t.kc_epochs if dpo else t.epochs,
-        max_steps=t.max_steps, per_device_train_batch_size=per, per_device_eval_batch_size=per,
-        gradient_accumulation_steps=accum, lr_scheduler_type=t.scheduler, warmup_steps=0,
-        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
-        eval_strategy="steps" if has_eval else "no", eval_steps=t.save_steps if has_eval else None,
+        output_dir=str(output_dir),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        learning_rate=t.kc_lr if dpo else t.lr,
+        num_train_epochs=t.kc_epochs if dpo else t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=per,
+        per_device_eval_batch_size=per,
+        gradient_accumulation_steps=accum,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=0,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.save_steps if has_eval else None,
         **(best if has_eval else {}),
         report_to=[] if t.report_to == "none" else [t.report_to],
-        use_cpu=not cuda, bf16=cuda and cfg.student.dtype in ("auto", "bfloat16"), fp16=False,
-        dataloader_num_workers=0, gradient_checkpointing=t.gradient_checkpointing,
+        use_cpu=not cuda,
+        bf16=cuda and cfg.student.dtype in ("auto", "bfloat16"),
+        fp16=False,
+        dataloader_num_workers=0,
+        gradient_checkpointing=t.gradient_checkpointing,
     )
     # our template encoder truncates every example to `train.cutoff` the way llmtuner 0.5.3 did (prompt and answer
     # in proportion); trl must not cut again (DPO: prompt + rejected may exceed the cutoff by the prompt's share)
     if dpo:
-        return DPOConfig(**common, beta=t.dpo_beta, loss_type=["sigmoid"], precompute_ref_log_probs=t.precompute_ref,
-                         max_length=None)
+        return DPOConfig(
+            **common, beta=t.dpo_beta, loss_type=["sigmoid"], precompute_ref_log_probs=t.precompute_ref, max_length=None
+        )
     return SFTConfig(**common, completion_only_loss=True, max_length=t.cutoff)
 
 # %% ../nbs/08_train.ipynb #08-train-009
@@ -81,13 +109,18 @@ def sequence_logps(model, batch: dict, padding_free: bool = True):
     if not padding_free:
         lp = model(input_ids=ids, attention_mask=am, labels=labels, use_cache=False, fused_lm_head=True).log_probs
         smask = cm[:, 1:]
-        lp = lp[:, -smask.size(1):] * smask          # (prompt-learning adapters prepend virtual tokens: keep the real ones)
+        lp = lp[:, -smask.size(1) :] * smask  # (prompt-learning adapters prepend virtual tokens: keep the real ones)
         return lp.sum(1), smask.sum(1)
-    keep = am.bool(); lens = keep.sum(1)
+    keep = am.bool()
+    lens = keep.sum(1)
     pos = torch.cat([torch.arange(n, device=ids.device) for n in lens.tolist()])[None]
-    flat_labels = labels[keep][None].masked_fill(pos == 0, -100)          # a row's first token has no left context
-    lp = model(input_ids=ids[keep][None], position_ids=pos, labels=flat_labels, use_cache=False, fused_lm_head=True).log_probs[0]
-    seq = torch.repeat_interleave(torch.arange(len(lens), device=ids.device), lens)[1:]   # which row each target token is in
+    flat_labels = labels[keep][None].masked_fill(pos == 0, -100)  # a row's first token has no left context
+    lp = model(
+        input_ids=ids[keep][None], position_ids=pos, labels=flat_labels, use_cache=False, fused_lm_head=True
+    ).log_probs[0]
+    seq = torch.repeat_interleave(torch.arange(len(lens), device=ids.device), lens)[
+        1:
+    ]  # which row each target token is in
     tgt = (flat_labels[0, 1:] != -100).to(lp.dtype)
     zeros = torch.zeros(len(lens), dtype=lp.dtype, device=lp.device)
     return zeros.index_add(0, seq, lp * tgt), zeros.index_add(0, seq, tgt).long()
@@ -95,20 +128,31 @@ def sequence_logps(model, batch: dict, padding_free: bool = True):
 # %% ../nbs/08_train.ipynb #08-train-015
 def check_padding_free(model, tok, tol: float = 0.1) -> float:
     "Mean |difference| of per-token log-probs of a sequence scored alone vs packed after another; raises if above `tol`."
-    a, b = (tok(t)["input_ids"] for t in ("The capital of France is Paris, a city on the river Seine.",
-                                           "Water boils at 100 degrees Celsius at sea level."))
+    a, b = (
+        tok(t)["input_ids"]
+        for t in (
+            "The capital of France is Paris, a city on the river Seine.",
+            "Water boils at 100 degrees Celsius at sea level.",
+        )
+    )
     dev = next(model.parameters()).device
+
     def token_lp(ids, pos=None):
         ids = torch.tensor([ids], device=dev)
         kw = {} if pos is None else {"position_ids": torch.tensor([pos], device=dev)}
-        logits = model(input_ids=ids, use_cache=False, **kw).logits[0, :-1].float()   # with grad on: no 4-bit no-grad trap
+        logits = (
+            model(input_ids=ids, use_cache=False, **kw).logits[0, :-1].float()
+        )  # with grad on: no 4-bit no-grad trap
         return logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0].detach()
+
     alone = token_lp(b)
-    packed = token_lp(a + b, list(range(len(a))) + list(range(len(b))))[len(a):]
+    packed = token_lp(a + b, list(range(len(a))) + list(range(len(b))))[len(a) :]
     diff = (alone - packed).abs().mean().item()
     if diff > tol:
-        raise RuntimeError(f"this model's attention lets packed sequences see each other (mean |log-prob difference| {diff:.3f} > {tol}): "
-                           "padding-free batches would train on the wrong context; set config key 'train.padding_free: false'")
+        raise RuntimeError(
+            f"this model's attention lets packed sequences see each other (mean |log-prob difference| {diff:.3f} > {tol}): "
+            "padding-free batches would train on the wrong context; set config key 'train.padding_free: false'"
+        )
     return diff
 
 # %% ../nbs/08_train.ipynb #08-train-018
@@ -119,25 +163,37 @@ from trl.models.utils import disable_gradient_checkpointing
 from peft import PeftModel
 from datasets.fingerprint import Hasher
 
+
 class KCTrainer(DPOTrainer):
     "trl's DPOTrainer with the release's loss (DPO + ftx * per-sequence mean NLL of the chosen answer) and reference = base | ka."
+
     def __init__(self, *a, reference: str = "base", ftx: float = 0.2, padding_free: bool = True, **kw):
-        if reference not in ("base", "ka"): raise ValueError(f"config key 'train.reference': {reference!r} is not base | ka")
-        self.reference, self.ftx, self.kc_padding_free = reference, ftx, padding_free   # before trl's __init__ precomputes
+        if reference not in ("base", "ka"):
+            raise ValueError(f"config key 'train.reference': {reference!r} is not base | ka")
+        self.reference, self.ftx, self.kc_padding_free = (
+            reference,
+            ftx,
+            padding_free,
+        )  # before trl's __init__ precomputes
         super().__init__(*a, **kw)
         m = self.accelerator.unwrap_model(self.model)
-        if reference == "base" and isinstance(m, PeftModel) and "ref" in m.peft_config: m.delete_adapter("ref"); m.set_adapter("default")
+        if reference == "base" and isinstance(m, PeftModel) and "ref" in m.peft_config:
+            m.delete_adapter("ref")
+            m.set_adapter("default")
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # rows already encoded by the template encoder (`dpo_features`) are trained as they are
-        if "prompt_ids" in dataset.column_names: return dataset
+        if "prompt_ids" in dataset.column_names:
+            return dataset
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _reference(self):
         "Context in which the policy model computes reference log-probs."
         m = self.accelerator.unwrap_model(self.model)
-        if not isinstance(m, PeftModel): raise ValueError("KCTrainer trains a LoRA adapter: pass a PeftModel")
-        if self.reference == "base": return use_adapter(m, None)                # adapters disabled
+        if not isinstance(m, PeftModel):
+            raise ValueError("KCTrainer trains a LoRA adapter: pass a PeftModel")
+        if self.reference == "base":
+            return use_adapter(m, None)  # adapters disabled
         if "ref" not in m.peft_config:
             raise ValueError("config key 'train.reference': 'ka' needs a policy that starts from a trained adapter")
         return use_adapter(m, "ref")
@@ -146,57 +202,86 @@ class KCTrainer(DPOTrainer):
         # trl caches precomputed log-probs on disk keyed by (data, weights); base and ka share the weights: key the choice too
         h = self._precompute_model_hash
         self._precompute_model_hash = Hasher.hash((h, self.reference))
-        try: return super()._precompute_ref_logps(dataset, name, batch_size)
-        finally: self._precompute_model_hash = h
+        try:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        finally:
+            self._precompute_model_hash = h
 
     def compute_ref_log_probs(self, model, inputs):
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), self._reference():
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self._reference(),
+        ):
             s, _ = sequence_logps(model, inputs, self.kc_padding_free)
         return s.chunk(2, dim=0)
 
     def _compute_loss(self, model, inputs, return_outputs=False):
         mode = "train" if self.model.training else "eval"
         s, n = sequence_logps(model, inputs, self.kc_padding_free)
-        (pol_c, pol_r), n_c = s.chunk(2, dim=0), n.chunk(2, dim=0)[0]      # batch is [chosen..., rejected...]
-        if "ref_chosen_logps" in inputs: ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        else: ref_c, ref_r = self.compute_ref_log_probs(model, inputs)
-        loss, dpo, sft = knowtuning_loss(pol_c, pol_r, ref_c, ref_r, n_c, self.beta, self.ftx)   # (Trainer put inputs on the device)
+        (pol_c, pol_r), n_c = s.chunk(2, dim=0), n.chunk(2, dim=0)[0]  # batch is [chosen..., rejected...]
+        if "ref_chosen_logps" in inputs:
+            ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_c, ref_r = self.compute_ref_log_probs(model, inputs)
+        loss, dpo, sft = knowtuning_loss(
+            pol_c, pol_r, ref_c, ref_r, n_c, self.beta, self.ftx
+        )  # (Trainer put inputs on the device)
         m, margin = self._metrics[mode], self.beta * ((pol_c - ref_c) - (pol_r - ref_r)).detach()
-        m["loss/dpo"].append(dpo.item()); m["loss/sft"].append(sft.item())
-        m["rewards/margins"].append(margin.mean().item()); m["rewards/accuracies"].append((margin > 0).float().mean().item())
+        m["loss/dpo"].append(dpo.item())
+        m["loss/sft"].append(sft.item())
+        m["rewards/margins"].append(margin.mean().item())
+        m["rewards/accuracies"].append((margin > 0).float().mean().item())
         return (loss, {}) if return_outputs else loss
 
 # %% ../nbs/08_train.ipynb #08-train-020
 class GradGuard(TrainerCallback):
     "Fail fast if the LoRA parameters get no gradient in the first optimizer step."
-    def __init__(self): self.checked = False
+
+    def __init__(self):
+        self.checked = False
+
     def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-        if self.checked or model is None: return
+        if self.checked or model is None:
+            return
         self.checked = True
         g = [p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
         if not g or all(x is None or x.abs().sum().item() == 0 for x in g):
-            raise RuntimeError("LoRA gradients are all zero after the first step (bitsandbytes 4-bit trap? see nbs/08_train.ipynb, Guards)")
-
+            raise RuntimeError(
+                "LoRA gradients are all zero after the first step (bitsandbytes 4-bit trap? see nbs/08_train.ipynb, Guards)"
+            )
 
 # %% ../nbs/08_train.ipynb #08-train-022
 def plot_losses(log_history: list, path: Path, title: str = ""):
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     tr = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
     ev = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    if tr: ax.plot(*zip(*tr), label="train", marker="." if len(tr) < 30 else None)
-    if ev: ax.plot(*zip(*ev), label="eval", marker="o")
-    ax.set(xlabel="step", ylabel="loss", title=title); ax.legend(); fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+    if tr:
+        ax.plot(*zip(*tr), label="train", marker="." if len(tr) < 30 else None)
+    if ev:
+        ax.plot(*zip(*ev), label="eval", marker="o")
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 # %% ../nbs/08_train.ipynb #08-train-024
 def _split(rows: list[dict], holdout: int, seed: int):
     "(train, eval) Datasets: `holdout` rows held out as llmtuner 0.5.3 did (`train_test_split`, seeded); eval None if 0."
     from datasets import Dataset
+
     ds = Dataset.from_list(rows)
-    if holdout <= 0 or len(rows) < 2 * holdout: return ds, None
+    if holdout <= 0 or len(rows) < 2 * holdout:
+        return ds, None
     sp = ds.train_test_split(test_size=holdout, seed=seed)
     return sp["train"], sp["test"]
+
 
 def sft_features(tok, rows: list[dict], template: str, cutoff: int) -> list[dict]:
     "input_ids and completion_mask of prompt/completion rows, encoded as the template's encoder does."
@@ -205,6 +290,7 @@ def sft_features(tok, rows: list[dict], template: str, cutoff: int) -> list[dict
         p, a = encode_example(tok, r["prompt"], r["completion"], template, cutoff)
         out.append({"input_ids": p + a, "completion_mask": [0] * len(p) + [1] * len(a)})
     return out
+
 
 def dpo_features(tok, rows: list[dict], template: str, cutoff: int) -> list[dict]:
     "prompt_ids, chosen_ids, rejected_ids of preference rows (llmtuner 0.5.3: the prompt as encoded with the chosen)."
@@ -215,17 +301,26 @@ def dpo_features(tok, rows: list[dict], template: str, cutoff: int) -> list[dict
         out.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": rej})
     return out
 
+
 def _finish(trainer, out: Path, t0: float, title: str) -> Path:
     trainer.save_model(str(out / "adapter"))
     hist = trainer.state.log_history
     write_json(out / "log_history.json", hist)
     plot_losses(hist, out / "loss.png", title)
-    write_json(out / "train_stats.json", {"seconds": round(time.time() - t0, 2), "steps": trainer.state.global_step,
-                                          "best_checkpoint": trainer.state.best_model_checkpoint})
+    write_json(
+        out / "train_stats.json",
+        {
+            "seconds": round(time.time() - t0, 2),
+            "steps": trainer.state.global_step,
+            "best_checkpoint": trainer.state.best_model_checkpoint,
+        },
+    )
     return out / "adapter"
+
 
 def _resume(ckdir: Path):
     return get_last_checkpoint(str(ckdir)) if ckdir.exists() else None
+
 
 def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=()) -> Path:
     "LoRA SFT on prompt/completion rows (loss on completions only); returns the adapter folder."
@@ -234,17 +329,29 @@ def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=()) -> Pa
     model, tok = load_model(cfg.student, adapter=init_adapter, trainable=True)
     feats = sft_features(tok, rows, cfg.student.template, cfg.train.cutoff)
     train, ev = _split(feats, cfg.train.eval_holdout, cfg.seed)
-    if cfg.train.padding_free: check_padding_free(model, tok)
+    if cfg.train.padding_free:
+        check_padding_free(model, tok)
     args = trl_config(cfg, "sft", out / "checkpoints", has_eval=ev is not None)
     # trl's padding-free collator, passed directly: trl's `padding_free` flag refuses `max_length`
-    collator = (DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)
-                if cfg.train.padding_free else None)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=ev, processing_class=tok,
-                         peft_config=None if init_adapter else lora_config(cfg.train.lora),
-                         data_collator=collator, callbacks=[GradGuard(), *callbacks])
+    collator = (
+        DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)
+        if cfg.train.padding_free
+        else None
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=ev,
+        processing_class=tok,
+        peft_config=None if init_adapter else lora_config(cfg.train.lora),
+        data_collator=collator,
+        callbacks=[GradGuard(), *callbacks],
+    )
     t0 = time.time()
     trainer.train(resume_from_checkpoint=_resume(out / "checkpoints"))
     return _finish(trainer, out, t0, "SFT")
+
 
 def train_dpo(cfg, rows: list[dict], out, init_adapter, callbacks=()) -> Path:
     "KC training: DPO + SFT term from `init_adapter`; returns the adapter folder."
@@ -253,21 +360,52 @@ def train_dpo(cfg, rows: list[dict], out, init_adapter, callbacks=()) -> Path:
     model, tok = load_model(cfg.student, adapter=init_adapter, trainable=True)
     feats = dpo_features(tok, rows, cfg.student.template, cfg.train.cutoff)
     train, ev = _split(feats, cfg.train.kc_eval_holdout, cfg.seed)
-    if cfg.train.padding_free: check_padding_free(model, tok)
+    if cfg.train.padding_free:
+        check_padding_free(model, tok)
     args = trl_config(cfg, "dpo", out / "checkpoints", has_eval=ev is not None)
-    trainer = KCTrainer(model=model, args=args, train_dataset=train, eval_dataset=ev, processing_class=tok,
-                        reference=cfg.train.reference, ftx=cfg.train.ftx,
-                        padding_free=cfg.train.padding_free, callbacks=[GradGuard(), *callbacks])
+    trainer = KCTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=ev,
+        processing_class=tok,
+        reference=cfg.train.reference,
+        ftx=cfg.train.ftx,
+        padding_free=cfg.train.padding_free,
+        callbacks=[GradGuard(), *callbacks],
+    )
     t0 = time.time()
     trainer.train(resume_from_checkpoint=_resume(out / "checkpoints"))
     return _finish(trainer, out, t0, "KC (DPO + SFT term)")
 
 # %% ../nbs/08_train.ipynb #08-train-028
-TRAIN_FIELDS = ("student.model", "student.template", "student.dtype", "student.quantize", "data.train", "data.n_train",
-                "data.lenient", "seed", "train.lr", "train.batch_size", "train.epochs", "train.max_steps",
-                "train.eval_holdout", "train.kc_eval_holdout", "train.save_steps", "train.cutoff", "train.scheduler",
-                "train.kc_lr", "train.kc_batch_size", "train.kc_epochs", "train.dpo_beta", "train.ftx",
-                "train.reference", "train.lora")
+TRAIN_FIELDS = (
+    "student.model",
+    "student.template",
+    "student.dtype",
+    "student.quantize",
+    "data.train",
+    "data.n_train",
+    "data.lenient",
+    "seed",
+    "train.lr",
+    "train.batch_size",
+    "train.epochs",
+    "train.max_steps",
+    "train.eval_holdout",
+    "train.kc_eval_holdout",
+    "train.save_steps",
+    "train.cutoff",
+    "train.scheduler",
+    "train.kc_lr",
+    "train.kc_batch_size",
+    "train.kc_epochs",
+    "train.dpo_beta",
+    "train.ftx",
+    "train.reference",
+    "train.lora",
+)
+
 
 def train_spec(system: str) -> Stage:
     "Stage `train_<system>`: it needs its starting adapter and its data stage; speed-only train keys are not fields."
@@ -275,27 +413,36 @@ def train_spec(system: str) -> Stage:
     needs = ([f"train_{s.init}"] if s.init else []) + ([s.data_stage] if s.data_stage else [])
     return Stage(f"train_{system}", tuple(needs), TRAIN_FIELDS)
 
+
 def _rows(cfg, run, system):
     from knowtuning.data import load_dataset, prompt
     from knowtuning.runs import read_jsonl
+
     data = system.data
     if data == "train":
         ds = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
         return [{"prompt": prompt(r, cfg.student.template), "completion": r["output"]} for r in ds]
-    if data == "ka": return read_jsonl(run.path("ka") / "ka_trl.jsonl")
+    if data == "ka":
+        return read_jsonl(run.path("ka") / "ka_trl.jsonl")
     if data == "kc":
         return [r for r in read_jsonl(run.path("kc") / "kc_trl.jsonl") if r["aspect"] != system.drops]
     return read_jsonl(run.path(f"prefs_{data}") / "pairs.jsonl")
 
+
 def train_stage(cfg, run, system: str) -> Path:
     "Train `system` (and nothing else) in `run`; its data and starting adapter must exist. Returns the adapter folder."
     spec, sys_ = train_spec(system), system_of(system)
+
     def make(out):
         rows = _rows(cfg, run, sys_)
-        if not rows: raise YieldError(f"train_{system}: no training rows in {sys_.data_stage or cfg.data.train}")
+        if not rows:
+            raise YieldError(f"train_{system}: no training rows in {sys_.data_stage or cfg.data.train}")
         init_dir = run.path(f"train_{sys_.init}") / "adapter" if sys_.init else None
-        if sys_.objective == "sft": train_sft(cfg, rows, out, init_dir)
-        else: train_dpo(cfg, rows, out, init_dir)
+        if sys_.objective == "sft":
+            train_sft(cfg, rows, out, init_dir)
+        else:
+            train_dpo(cfg, rows, out, init_dir)
         st = json.loads((out / "train_stats.json").read_text())
         run.update_stage(f"train_{system}", examples=len(rows), **st)
+
     return run.build(spec, cfg, make, [system]) / "adapter"
