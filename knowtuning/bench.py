@@ -124,7 +124,8 @@ def _ratios(res: dict, key: str) -> dict:
 
 
 def bench_sft(n: int = 32, batch: int = 4) -> dict:
-    "SFT training tokens/s over one epoch: ours (padding-free, no checkpointing) vs padded vs trl's defaults (padded, checkpointing)."
+    """SFT training tokens/s over one epoch: ours (padding-free, no checkpointing) vs padded vs trl's defaults
+    (padded, checkpointing)."""
     from knowtuning.train import train_sft
 
     data, rows = _train_rows(n)
