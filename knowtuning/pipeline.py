@@ -10,7 +10,7 @@ from .config import load_config, project_root
 from .runs import Run, runs_root
 
 # %% auto #0
-__all__ = ['training_order', 'steps', 'StepError', 'run_step', 'reproduce', 'plan', 'merge_plan', 'format_plan']
+__all__ = ['BASELINES', 'training_order', 'steps', 'StepError', 'run_step', 'reproduce', 'plan', 'merge_plan', 'format_plan']
 
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-005
 def training_order(systems) -> list[str]:
@@ -27,14 +27,18 @@ def training_order(systems) -> list[str]:
     return out
 
 
+BASELINES = ("rlaif", "facttune")
+
 def steps(cfg) -> list[tuple[str, str, dict]]:
-    "(step, notebook, extra parameters) for a config."
-    kinds = [k for k in ("rlaif", "facttune") if k in cfg.systems]
+    "(step, notebook, extra parameters) for a config, in the notebooks' numbered order."
+    kinds = [k for k in BASELINES if k in cfg.systems]
+    own = [s for s in training_order(cfg.systems) if s not in BASELINES]
     return [
         ("ka", "06_ka.ipynb", {}),
         ("kc", "07_kc.ipynb", {}),
-        ("baselines", "13_baselines.ipynb", {"kinds": kinds}),
-        ("train", "08_train.ipynb", {"systems": training_order(cfg.systems)}),
+        ("train", "08_train.ipynb", {"systems": own}),
+        ("baselines", "09_baselines.ipynb", {"kinds": kinds}),
+        ("generate", "10_generate.ipynb", {}),
         ("evaluate", "14_evaluate.ipynb", {}),
         ("report", "15_report.ipynb", {}),
     ]

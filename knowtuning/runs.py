@@ -91,13 +91,10 @@ def stage_fingerprint(spec: Stage, cfg, upstream: dict | None = None, extra=()) 
 
 def command_for(stage: str) -> str:
     "The command that builds `stage`."
-    for prefix, cmd in (
-        ("train_", "knowtuning train"),
-        ("samples_", "knowtuning baselines"),
-        ("prefs_", "knowtuning baselines"),
-        ("gen_", "knowtuning evaluate"),
-        ("eval", "knowtuning evaluate"),
-    ):
+    steps = (("train_rlaif", "knowtuning baselines"), ("train_facttune", "knowtuning baselines"),
+             ("train_", "knowtuning train"), ("samples_", "knowtuning baselines"), ("prefs_", "knowtuning baselines"),
+             ("gen_", "knowtuning generate"), ("eval", "knowtuning evaluate"))
+    for prefix, cmd in steps:
         if stage.startswith(prefix):
             return cmd
     return f"knowtuning {stage}"

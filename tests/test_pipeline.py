@@ -44,7 +44,7 @@ def test_smoke_end_to_end_kill_resume_and_rerun(tmp_path):
     for t in TABLES:
         for ext in ("md", "csv", "tex"): assert (run_dir / "report" / f"{t}.{ext}").stat().st_size > 50
     assert (run_dir / "report" / "judge.png").exists() and (run_dir / "report" / "judge.svg").exists()
-    for nb in ("06_ka", "07_kc", "13_baselines", "08_train", "14_evaluate", "15_report"):
+    for nb in ("06_ka", "07_kc", "08_train", "09_baselines", "10_generate", "14_evaluate", "15_report"):
         assert (run_dir / "notebooks" / f"{nb}.ipynb").exists()
     text = (run_dir / "report" / "table_judge.md").read_text()
     assert "PROXY" in text and "preset smoke" in text and "student smollm2" in text
