@@ -28,7 +28,7 @@ def _smol():
 def bench_ppl(n_q: int = 8, atoms_per_q: int = 8) -> dict:
     "64 atoms over 8 questions on the embedded SmolLM2: packed vs reference scorer."
     from knowtuning.data import load_dataset, question
-    from knowtuning.teacher import split_atoms
+    from knowtuning.atoms import split_atoms
     from knowtuning.ka import ppl_packed, ppl_reference
 
     model, tok = _smol()
@@ -79,7 +79,7 @@ def _qa(n: int):
 def _train_rows(n: int = 32):
     "A KA-like SFT mix: full answers and single-atom fine-grained answers, shuffled (lengths vary as in a real KA set)."
     from knowtuning.data import prompt
-    from knowtuning.teacher import split_atoms
+    from knowtuning.atoms import split_atoms
 
     name, recs = _qa(n // 2)
     rows = [{"prompt": prompt(r), "completion": r["output"]} for r in recs]
@@ -91,7 +91,7 @@ def _train_rows(n: int = 32):
 def _pairs(n: int = 24):
     "KC-like pairs: gold answer preferred over its atoms with some deleted (completeness) or shuffled (logicality)."
     from knowtuning.data import prompt
-    from knowtuning.teacher import split_atoms
+    from knowtuning.atoms import split_atoms
     from knowtuning.kc import delete_atoms, shuffle_atoms
 
     name, recs = _qa(4 * n)

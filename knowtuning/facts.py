@@ -6,7 +6,7 @@
 from __future__ import annotations
 import math, re
 from functools import lru_cache
-from .teacher import split_atoms, wordnet, _ENT, _STOP_ENT
+from .atoms import split_atoms, wordnet, NAME, NOT_NAMES
 
 # %% auto #0
 __all__ = ['VERIFY', 'content', 'keys', 'supported', 'fact_scores', 'aggregate_facts', 'make_verifier', 'verifier_label',
@@ -41,7 +41,7 @@ def content(s: str) -> set[str]:
 def keys(s: str) -> tuple[set[str], set[str]]:
     "Numbers and capitalised names (not sentence-initial) in `s`."
     return {n.replace(",", "") for n in _NUMS.findall(s)}, {
-        m.group(1).lower() for m in _ENT.finditer(s) if m.group(1) not in _STOP_ENT
+        m.group(1).lower() for m in NAME.finditer(s) if m.group(1) not in NOT_NAMES
     }
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 from .config import ASPECTS as KC_ASPECTS
 from .facts import supported, content
-from .teacher import split_atoms
+from .atoms import split_atoms
 
 # %% auto #0
 __all__ = ['ASPECTS', 'JUDGE', 'combine', 'judge_both_orders', 'proxy_scores', 'ProxyJudge', 'LLMJudge', 'make_judge']

@@ -154,7 +154,8 @@ def plan(cfg) -> list[dict]:
     "Estimated LLM calls, tokens and cost per stage and role for `cfg`; [] when every role is offline."
     from math import ceil, comb
     from knowtuning.data import load_dataset, question
-    from knowtuning.teacher import PROMPTS, split_atoms
+    from knowtuning.teacher import PROMPTS
+    from knowtuning.atoms import split_atoms
     from knowtuning.judge import JUDGE
     from knowtuning.facts import VERIFY
 

@@ -4,136 +4,20 @@
 
 # %% ../nbs/05_teacher.ipynb #05-teacher-003
 from __future__ import annotations
-import functools, random, re
+import random, re
+from .atoms import split_atoms, entities, wordnet, NUMBER, NAME, NOT_NAMES
 from .config import LLMCfg
 from .llm import LLMClient, Request, user, complete_parsed, parse_list, parse_json, ParseError
 
 # %% auto #0
-__all__ = ['PROMPTS', 'split_atoms', 'wordnet', 'entities', 'perturb', 'HeuristicTeacher', 'LLMTeacher', 'make_teacher']
-
-# %% ../nbs/05_teacher.ipynb #05-teacher-006
-_ABBR = {
-    "e.g",
-    "i.e",
-    "etc",
-    "vs",
-    "dr",
-    "mr",
-    "mrs",
-    "ms",
-    "prof",
-    "st",
-    "jr",
-    "sr",
-    "no",
-    "fig",
-    "approx",
-    "u.s",
-    "u.k",
-    "a.m",
-    "p.m",
-    "inc",
-    "ltd",
-    "co",
-    "mt",
-    "ft",
-    "lb",
-    "oz",
-    "jan",
-    "feb",
-    "aug",
-    "sept",
-    "oct",
-    "nov",
-    "dec",
-}
-_BOUND = re.compile(r"[.!?]+[\"')\]]*\s+")
-_LINE_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
-_CLAUSE = re.compile(r";\s+|,\s+(?=(?:and|but|while|whereas|which|so)\s)")
-_LEAD = re.compile(r"^(?:and|but|while|whereas|so)\s+", re.I)
-
-
-def _sentences(text: str, offset: int = 0):
-    "Yield (start, end) spans of sentences in `text`."
-    start = 0
-    for m in _BOUND.finditer(text):
-        before = text[start : m.start()].split()
-        last = before[-1].lower().rstrip(".") if before else ""
-        nxt = text[m.end() : m.end() + 1]
-        if (
-            last in _ABBR
-            or (len(last) == 1 and last.isalpha())
-            or not (nxt[:1].isupper() or nxt[:1].isdigit() or nxt[:1] in "\"'(")
-        ):
-            continue
-        yield offset + start, offset + m.end()
-        start = m.end()
-    if text[start:].strip():
-        yield offset + start, offset + len(text)
-
-
-def _clauses(ans: str, s: int, e: int):
-    "Split the sentence ans[s:e] into clause spans when both sides are long enough."
-    spans, cur = [], s
-    for m in _CLAUSE.finditer(ans, s, e):
-        if len(ans[cur : m.start()].split()) >= 5 and len(ans[m.end() : e].split()) >= 5:
-            spans.append((cur, m.start()))
-            cur = m.end()
-    return spans + [(cur, e)]
-
-
-def _tidy(t: str) -> str:
-    t = _LEAD.sub("", t.strip()).strip().rstrip(",;:")
-    if not t:
-        return t
-    t = t[0].upper() + t[1:]
-    return t if t[-1] in ".!?\"')" else t + "."
-
-
-def split_atoms(answer: str, max_atoms: int = 0) -> list[dict]:
-    "Heuristic atomic knowledge of `answer`: [{'text', 'span': (start, end)}]."
-    out, pos = [], 0
-    for line in answer.splitlines(keepends=True):
-        m = _LINE_MARK.match(line)
-        body_start = pos + (m.end() if m else 0)
-        for s, e in _sentences(answer[body_start : pos + len(line)], body_start):
-            for cs, ce in _clauses(answer, s, e):
-                t = _tidy(answer[cs:ce])
-                if len(t.split()) >= 2:
-                    out.append({"text": t, "span": (cs, ce)})
-        pos += len(line)
-    return out[:max_atoms] if max_atoms else out
+__all__ = ['PROMPTS', 'perturb', 'HeuristicTeacher', 'LLMTeacher', 'make_teacher']
 
 # %% ../nbs/05_teacher.ipynb #05-teacher-009
-_NUM = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)(?![\w])")
-_ENT = re.compile(r"(?<=\s)([A-Z][a-z]+(?:\s+[A-Z][a-z]+)*)")
 _AUX = re.compile(r"\b(is|are|was|were|can|could|will|would|should|may|might|must|has|have|had|does|do|did)( not)?\b")
-_STOP_ENT = {
-    "The",
-    "This",
-    "That",
-    "These",
-    "Those",
-    "It",
-    "In",
-    "On",
-    "At",
-    "A",
-    "An",
-    "He",
-    "She",
-    "They",
-    "We",
-    "I",
-    "If",
-    "When",
-    "For",
-    "As",
-}
 
 
 def _change_number(t, rng):
-    ms = list(_NUM.finditer(t))
+    ms = list(NUMBER.finditer(t))
     if not ms:
         return None
     m = ms[rng.randrange(len(ms))]
@@ -150,23 +34,12 @@ def _change_number(t, rng):
 
 
 def _swap_entity(t, rng, pool):
-    ents = [m for m in _ENT.finditer(t) if m.group(1) not in _STOP_ENT]
+    ents = [m for m in NAME.finditer(t) if m.group(1) not in NOT_NAMES]
     if not ents:
         return None
     m = ents[rng.randrange(len(ents))]
     cands = sorted({e for e in pool if e != m.group(1) and e not in t})
     return t[: m.start(1)] + rng.choice(cands) + t[m.end(1) :] if cands else None
-
-
-@functools.lru_cache(maxsize=1)
-def wordnet():
-    "nltk's WordNet reader over our materialized WordNet 3.0."
-    from knowtuning.assets import ensure_wordnet
-
-    ensure_wordnet()
-    from nltk.corpus import wordnet as wn
-
-    return wn
 
 
 def _antonym(word):
@@ -214,11 +87,6 @@ def _negate(t, rng):
     if not m:
         return None
     return t[: m.start()] + m.group(1) + ("" if m.group(2) else " not") + t[m.end() :]
-
-
-def entities(texts) -> list[str]:
-    "Capitalised names in `texts` (the pool for entity swaps)."
-    return sorted({m.group(1) for t in texts for m in _ENT.finditer(t) if m.group(1) not in _STOP_ENT})
 
 
 def perturb(atom: str, rng: random.Random, pool=()) -> tuple[str, str] | None:

@@ -7,7 +7,7 @@ from knowtuning.config import StudentCfg, load_config
 from knowtuning.data import load_dataset, question
 from knowtuning.ka import ppl_packed, ppl_reference, ka_stage
 from knowtuning.runs import Run, read_json, read_jsonl
-from knowtuning.teacher import split_atoms
+from knowtuning.atoms import split_atoms
 
 def norm(s): return re.sub(r"\W+", " ", s).strip().lower()
 
