@@ -68,16 +68,14 @@ _WN_FILES = (
 def nltk_data_dir() -> Path:
     return home() / "nltk_data"
 
-
 def wordnet_dir() -> Path:
     return nltk_data_dir() / "corpora" / "wordnet"
-
 
 def _lexnames() -> str:
     cat = {"adj": 3, "adv": 4, "noun": 1, "verb": 2}
     return "".join(f"{i:02d}\t{n}\t{cat[n.split('.')[0]]}\n" for i, n in enumerate(LEXNAMES))
 
-
+# %% ../nbs/02_assets.ipynb #02-assets-007a
 def ensure_wordnet() -> Path:
     "Materialize WordNet 3.0 for nltk from Debian's files; point nltk at it."
 
@@ -95,7 +93,6 @@ def ensure_wordnet() -> Path:
     atomic_dir(wordnet_dir(), build)
     use_nltk_data()
     return wordnet_dir()
-
 
 def use_nltk_data():
     "Make nltk (in this process and its children) read our data folder first."
@@ -191,7 +188,7 @@ def pick_device(pref: str = "auto") -> str:
         raise RuntimeError("config key 'student.device' is 'cuda' but no GPU is visible")
     return "cuda" if pref in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
-
+# %% ../nbs/02_assets.ipynb #02-assets-014a
 def load_model(scfg, adapter=None, trainable: bool = False):
     "Model and tokenizer for a `StudentCfg`, optionally with a LoRA adapter folder applied."
     import torch
@@ -247,7 +244,7 @@ def setup(verbose: bool = True) -> None:
         if verbose:
             print(f"{name:12s} {p}")
 
-
+# %% ../nbs/02_assets.ipynb #02-assets-018a
 def doctor() -> tuple[list[dict], bool]:
     "Check each embedded asset: present, path, size, and the exact fix when missing."
     deb_ok = all((DEBIAN_WORDNET / f).exists() for f in _WN_FILES)
@@ -302,7 +299,7 @@ def doctor() -> tuple[list[dict], bool]:
         r["size"] = dir_size(r["path"]) if r["present"] else 0
     return rows, all(r["present"] for r in rows if r["required"])
 
-
+# %% ../nbs/02_assets.ipynb #02-assets-018b
 def format_doctor(rows) -> str:
     lines = []
     for r in rows:

@@ -39,7 +39,6 @@ def _sentences(text: str, offset: int = 0):
     if text[start:].strip():
         yield offset + start, offset + len(text)
 
-
 def _clauses(ans: str, s: int, e: int):
     "Split the sentence ans[s:e] into clause spans when both sides are long enough."
     spans, cur = [], s
@@ -49,14 +48,13 @@ def _clauses(ans: str, s: int, e: int):
             cur = m.end()
     return spans + [(cur, e)]
 
-
+# %% ../nbs/05_atoms.ipynb #05-atoms-006a
 def _tidy(t: str) -> str:
     t = _LEAD.sub("", t.strip()).strip().rstrip(",;:")
     if not t:
         return t
     t = t[0].upper() + t[1:]
     return t if t[-1] in ".!?\"')" else t + "."
-
 
 def split_atoms(answer: str, max_atoms: int = 0) -> list[dict]:
     "Heuristic atomic knowledge of `answer`: [{'text', 'span': (start, end)}]."

@@ -82,7 +82,7 @@ def prefs_spec(kind: str) -> Stage:
         raise ValueError(f"unknown baseline {kind!r} (rlaif | facttune)")
     return Stage(f"prefs_{kind}", ("samples_sft",), ("judge", "teacher", "data.train", "data.n_train", "seed"))
 
-
+# %% ../nbs/09_baselines.ipynb #09-baselines-008a
 def samples_stage(cfg, run) -> Path:
     "`train.k_samples` sampled answers per training question from the SFT model (release sampling settings)."
     from knowtuning.assets import load_model
@@ -106,7 +106,7 @@ def samples_stage(cfg, run) -> Path:
 
     return run.build(SAMPLES, cfg, make)
 
-
+# %% ../nbs/09_baselines.ipynb #09-baselines-008b
 def prefs_stage(cfg, run, kind: str) -> Path:
     "Preference pairs for the `rlaif` or `facttune` baseline in `run` (needs samples_sft)."
     from knowtuning.data import load_dataset, question

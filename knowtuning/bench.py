@@ -17,13 +17,11 @@ def _timed(f):
     r = f()
     return r, time.perf_counter() - t
 
-
 def _smol():
     from knowtuning.assets import load_model
 
     m, t = load_model(load_config("smoke").student)
     return m.eval(), t
-
 
 def bench_ppl(n_q: int = 8, atoms_per_q: int = 8) -> dict:
     "64 atoms over 8 questions on the embedded SmolLM2: packed vs reference scorer."
@@ -43,7 +41,7 @@ def bench_ppl(n_q: int = 8, atoms_per_q: int = 8) -> dict:
     n = n_q * atoms_per_q
     return {"atoms": n, "packed_atoms_s": n / tp, "reference_atoms_s": n / tr, "ratio": tr / tp, "target": 2.5}
 
-
+# %% ../nbs/97_bench.ipynb #97-bench-004a
 def bench_generate(n: int = 16, new_tokens: int = 32) -> dict:
     "Greedy generation on the embedded SmolLM2: batched (8) vs one prompt at a time."
     from knowtuning.data import load_dataset, prompt
@@ -67,7 +65,6 @@ def bench_generate(n: int = 16, new_tokens: int = 32) -> dict:
         "target": 2.0,
     }
 
-
 def _qa(n: int):
     "n question/answer records: the release's dolly_train once fetched (real length spread), else the demo set."
     from knowtuning.data import load_dataset, release_dir
@@ -75,7 +72,7 @@ def _qa(n: int):
     name = "dolly_train" if release_dir() else "demo_train"
     return name, [r for r in load_dataset(name).records if r["output"].strip()][:n]
 
-
+# %% ../nbs/97_bench.ipynb #97-bench-004b
 def _train_rows(n: int = 32):
     "A KA-like SFT mix: full answers and single-atom fine-grained answers, shuffled (lengths vary as in a real KA set)."
     from knowtuning.data import prompt
@@ -86,7 +83,6 @@ def _train_rows(n: int = 32):
     rows += [{"prompt": prompt(r), "completion": split_atoms(r["output"])[0]["text"]} for r in recs]
     random.Random(0).shuffle(rows)
     return name, rows
-
 
 def _pairs(n: int = 24):
     "KC-like pairs: gold answer preferred over its atoms with some deleted (completeness) or shuffled (logicality)."
@@ -103,7 +99,6 @@ def _pairs(n: int = 24):
             out.append({"prompt": prompt(r), "chosen": r["output"], "rejected": " ".join(worse)})
     return name, out[:n]
 
-
 def _train_time(log_history: list) -> float:
     return next(h["train_runtime"] for h in log_history if "train_runtime" in h)
 
@@ -115,13 +110,12 @@ VARIANTS = {
     "trl_default": ["train.padding_free=false", "train.gradient_checkpointing=true"],
 }
 
-
+# %% ../nbs/97_bench.ipynb #97-bench-004c
 def _ratios(res: dict, key: str) -> dict:
     res["ratio"] = res["ours"][key] / res["trl_default"][key]
     res["ratio_padding_free"] = res["ours"][key] / res["padded"][key]
     res["target"] = 1.3
     return res
-
 
 def bench_sft(n: int = 32, batch: int = 4) -> dict:
     """SFT training tokens/s over one epoch: ours (padding-free, no checkpointing) vs padded vs trl's defaults
@@ -152,7 +146,7 @@ def bench_sft(n: int = 32, batch: int = 4) -> dict:
         res[name] = {"train_seconds": t, "wall_seconds": wall, "real_tokens": toks, "tokens_s": toks / t}
     return _ratios(res, "tokens_s")
 
-
+# %% ../nbs/97_bench.ipynb #97-bench-004d
 def bench_dpo(pairs: int = 24, batch: int = 4) -> dict:
     "KC (DPO + SFT term) pairs/s over one epoch (the release's kc_epochs): ours (padding-free, precomputed reference, no checkpointing) vs padded vs trl's defaults."
     from knowtuning.train import train_dpo, train_sft
@@ -188,7 +182,7 @@ def bench_dpo(pairs: int = 24, batch: int = 4) -> dict:
         }
     return _ratios(res, "pairs_s")
 
-
+# %% ../nbs/97_bench.ipynb #97-bench-004e
 @contextlib.contextmanager
 def latency_server(delay: float = 0.2):
     "An OpenAI-compatible chat server on loopback that answers every request after `delay` seconds, many at once."
@@ -227,7 +221,7 @@ def latency_server(delay: float = 0.2):
         srv.shutdown()
         srv.server_close()
 
-
+# %% ../nbs/97_bench.ipynb #97-bench-004f
 def _client_rates(base_url: str, model: str, n: int, max_tokens: int = 8) -> dict:
     "calls/s at concurrency 1 and 8 against one server, and a warm-cache rerun (which must make no request)."
     from knowtuning.llm import LLMClient, user
@@ -253,7 +247,7 @@ def _client_rates(base_url: str, model: str, n: int, max_tokens: int = 8) -> dic
     out["ratio"] = out["concurrency_8_calls_s"] / out["concurrency_1_calls_s"]
     return out
 
-
+# %% ../nbs/97_bench.ipynb #97-bench-004g
 def bench_llm(n: int = 64, delay: float = 0.2, serve_n: int = 32) -> dict:
     """The client's concurrency where it matters: a loopback server that answers many requests at once with API-like
     latency (`delay`, 200 ms), concurrency 8 vs 1 (target 5x); and, reported separately, the local `transformers serve`
@@ -274,7 +268,7 @@ def bench_llm(n: int = 64, delay: float = 0.2, serve_n: int = 32) -> dict:
 
 BENCHES = {"ppl": bench_ppl, "generate": bench_generate, "sft": bench_sft, "dpo": bench_dpo, "llm": bench_llm}
 
-
+# %% ../nbs/97_bench.ipynb #97-bench-004h
 def main(argv=None):
     import platform, os
 

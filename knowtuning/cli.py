@@ -23,19 +23,16 @@ def _cfg_args(p):
         "--runs-dir", default=None, help="folder of runs (default: $KNOWTUNING_RUNS or runs/ in the checkout)"
     )
 
-
 def _load_cfg(a):
     from knowtuning.config import load_config
 
     return load_config(a.preset, a.config, a.overrides)
-
 
 def cmd_setup(a):
     from knowtuning.assets import setup
 
     setup(verbose=not a.quiet)
     return 0
-
 
 def cmd_doctor(a):
     from knowtuning.assets import doctor, format_doctor
@@ -45,14 +42,13 @@ def cmd_doctor(a):
     print("all required assets present" if ok else "some required assets are missing: run the fixes above")
     return 0 if ok else 1
 
-
 def cmd_config(a):
     from knowtuning.config import to_yaml
 
     print(to_yaml(_load_cfg(a)), end="")
     return 0
 
-
+# %% ../nbs/99_cli.ipynb #99-cli-005a
 def cmd_data(a):
     from knowtuning.data import load_dataset, available, fetch_release
 
@@ -72,12 +68,10 @@ def cmd_data(a):
         print(f"  {len(ds.duplicates)} duplicate questions kept (first: record {ds.duplicates[0][0]})")
     return 0
 
-
 def _reproduce_args(p):
     _cfg_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the estimated LLM calls and cost, run nothing")
     p.add_argument("--yes", action="store_true", help="do not ask before a run estimated above confirm_above_usd")
-
 
 def _data_args(p):
     p.add_argument("name", nargs="?", help="a dataset name or path, or 'fetch-release'")
@@ -87,7 +81,6 @@ def _data_args(p):
     p.add_argument("--dest", default=None, help="fetch-release: target folder (default: $KNOWTUNING_HOME/release)")
     p.add_argument("--only", default=None, metavar="NAME,...", help="fetch-release: only these files (default: all)")
 
-
 def cmd_plan(a):
     "The estimated LLM calls, tokens and cost of a config, per stage and role."
     from knowtuning.pipeline import plan, format_plan
@@ -95,7 +88,7 @@ def cmd_plan(a):
     print(format_plan(plan(_load_cfg(a))))
     return 0
 
-
+# %% ../nbs/99_cli.ipynb #99-cli-005b
 def _confirm_spend(cfg, yes: bool) -> bool:
     "True when the run may start: nothing remote, an estimate under `confirm_above_usd`, --yes, or the user says so."
     from knowtuning.llm import is_loopback
@@ -115,7 +108,6 @@ def _confirm_spend(cfg, yes: bool) -> bool:
         return False
     return input(f"{msg}. Start the run? [y/N] ").strip().lower() in ("y", "yes")
 
-
 def cmd_reproduce(a):
     from knowtuning.pipeline import reproduce
 
@@ -129,7 +121,7 @@ def cmd_reproduce(a):
         print(f"report: {rep}")
     return 0
 
-
+# %% ../nbs/99_cli.ipynb #99-cli-005c
 def cmd_report(a):
     "The report of one run, or with --combine the runs' tables side by side (e.g. both paper domains)."
     if not a.combine:
@@ -145,12 +137,10 @@ def cmd_report(a):
     print(f"report: {combine_reports(a.combine, out) / 'report.md'}")
     return 0
 
-
 def _report_args(p):
     _cfg_args(p)
     p.add_argument("--combine", nargs="+", metavar="RUN_DIR", help="combine these runs' tables (e.g. both domains)")
     p.add_argument("--out", default=None, help="--combine: output folder (default: <runs>/combined-<names>)")
-
 
 def _step_cmd(step):
     def cmd(a):
@@ -161,7 +151,6 @@ def _step_cmd(step):
 
     return cmd
 
-
 def cmd_train_system(a):
     "Train one system in this process (no papermill): the entry point for `accelerate launch` on several GPUs."
     from knowtuning.runs import Run, runs_root
@@ -171,7 +160,7 @@ def cmd_train_system(a):
     print(train_stage(cfg, Run(cfg, a.runs_dir or runs_root(), a.run), a.system))
     return 0
 
-
+# %% ../nbs/99_cli.ipynb #99-cli-005d
 def cmd_serve(a):
     from knowtuning.llm import serve_local
 
@@ -185,13 +174,11 @@ def cmd_serve(a):
             pass
     return 0
 
-
 def cmd_docs(a):
     from knowtuning.docs import build_site
 
     print(build_site(execute_tutorial=not a.no_tutorial))
     return 0
-
 
 def cmd_readme(a):
     from knowtuning.docs import write_readme
@@ -262,7 +249,7 @@ def parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
     return ap
 
-
+# %% ../nbs/99_cli.ipynb #99-cli-007a
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     from knowtuning.data import DataError

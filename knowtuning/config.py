@@ -27,7 +27,6 @@ class StudentCfg:
     quantize: str = "none"  # none | nf4 (QLoRA, CUDA only)
     device: str = "auto"  # auto | cpu | cuda
 
-
 @dataclass
 class LLMCfg:
     "An OpenAI-compatible chat endpoint, or the offline heuristic backend."
@@ -45,7 +44,6 @@ class LLMCfg:
     cache: str = ""  # SQLite path; '' = $KNOWTUNING_HOME/llm_cache.sqlite
     prices: dict = field(default_factory=dict)  # {model: [usd per 1M input tokens, usd per 1M output tokens]}
 
-
 @dataclass
 class DataCfg:
     train: str = "demo_train"  # dataset name or path (see `knowtuning.data.load_dataset`)
@@ -54,20 +52,18 @@ class DataCfg:
     n_test: int = 0
     lenient: bool = False  # skip bad records (and report them) instead of failing
 
-
+# %% ../nbs/00_config.ipynb #00-config-006a
 @dataclass
 class KACfg:
     alpha: float = 0.5  # keep the top-alpha fraction of atoms by perplexity (ceil, at least 1)
     batch_questions: int = 8
     max_atoms_per_answer: int = 32
 
-
 @dataclass
 class KCCfg:
     beta: float = 0.5  # fraction of atoms deleted for the completeness set
     revise: float = 0.5  # fraction of (perturbable) atoms revised for the factuality set
     aspects: list = field(default_factory=lambda: ["completeness", "factuality", "logicality"])
-
 
 @dataclass
 class LoraCfg:
@@ -76,7 +72,7 @@ class LoraCfg:
     dropout: float = 0.0
     targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
 
-
+# %% ../nbs/00_config.ipynb #00-config-006b
 @dataclass
 class TrainCfg:
     lr: float = 1e-4
@@ -107,7 +103,7 @@ class TrainCfg:
     save_steps: float = 0.1  # < 1: a fraction of the total steps (release: save and eval every 10%)
     logging_steps: int = 1
 
-
+# %% ../nbs/00_config.ipynb #00-config-006c
 @dataclass
 class GenerateCfg:
     max_new_tokens: int = 512
@@ -120,13 +116,11 @@ class GenerateCfg:
     api: LLMCfg = field(default_factory=lambda: LLMCfg(backend="llm", model="{system}", concurrency=32, cache=""))
     # api.model may contain {system}: e.g. vLLM's --lora-modules name per system
 
-
 @dataclass
 class EvalCfg:
     bertscore_model: str = "minilm"  # minilm (embedded) | roberta-large | a local folder
     bootstrap: int = 1000
     gamma: int = 0  # FActScore length penalty (10 in FActScore; 0 = off)
-
 
 @dataclass
 class Config:
@@ -245,17 +239,14 @@ def project_root() -> Path:
         f"{sys.prefix}/share/knowtuning: reinstall the package"
     )
 
-
 def configs_dir() -> Path:
     "Folder holding the YAML presets."
     if os.environ.get("KNOWTUNING_CONFIGS"):
         return Path(os.environ["KNOWTUNING_CONFIGS"])
     return project_root() / "configs"
 
-
 def presets() -> list[str]:
     return sorted(p.stem for p in configs_dir().glob("*.yaml"))
-
 
 def _read_yaml(path) -> dict:
     path = Path(path)
@@ -270,7 +261,7 @@ def _read_yaml(path) -> dict:
         d = deep_merge(_read_yaml(configs_dir() / f"{base}.yaml"), d)
     return d
 
-
+# %% ../nbs/00_config.ipynb #00-config-017a
 def load_config(preset: str | None = None, file=None, overrides=(), **kw) -> Config:
     "Defaults <- preset <- file <- overrides (list of 'a.b=v' or dict) <- keyword sections."
     d = {}
@@ -289,10 +280,8 @@ def load_config(preset: str | None = None, file=None, overrides=(), **kw) -> Con
     d = deep_merge(d, kw)
     return from_dict(Config, d)
 
-
 def to_dict(cfg) -> dict:
     return asdict(cfg)
-
 
 def to_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
@@ -330,14 +319,13 @@ SYSTEMS = {
     ]
 }
 
-
 def system_of(name: str) -> System:
     "The system called `name`; an error naming the known ones otherwise."
     if name not in SYSTEMS:
         raise ConfigError(f"unknown system {name!r} (have: {', '.join(SYSTEMS)})")
     return SYSTEMS[name]
 
-
+# %% ../nbs/00_config.ipynb #00-config-021a
 def system_deps(name: str) -> list[str]:
     "The systems `name` needs trained first, in order."
     init = system_of(name).init

@@ -86,7 +86,6 @@ def encode_example(tok, prompt_text: str, response: str, template: str = "alpaca
 class DataError(ValueError):
     "A data file or record is malformed; the message names the file, the record and the field."
 
-
 @dataclass
 class Dataset:
     "Validated alpaca records plus where they came from and what was skipped."
@@ -110,7 +109,6 @@ class Dataset:
     def __repr__(self):
         return f"Dataset({self.name!r}, {len(self)} records, {len(self.skipped)} skipped, from {self.source})"
 
-
 def _problem(rec, seen, refs=True) -> str | None:
     if not isinstance(rec, dict):
         return f"expected an object, got {type(rec).__name__}"
@@ -125,7 +123,7 @@ def _problem(rec, seen, refs=True) -> str | None:
         return f"field 'input': expected a string, got {type(rec['input']).__name__}"
     return None
 
-
+# %% ../nbs/01_data.ipynb #01-data-009a
 def validate(
     records, source: str = "<memory>", lenient: bool = False, name: str = "", duplicates: str = "keep"
 ) -> Dataset:
@@ -311,10 +309,9 @@ def release_home() -> Path:
 
     return home() / "release"
 
-
+# %% ../nbs/01_data.ipynb #01-data-019aa
 def _sha256(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
-
 
 def _release_bytes(name: str, src: Path | None, base_url: str) -> bytes:
     "The bytes of one release file, from a local clone / flat folder `src`, or downloaded from `base_url`."
@@ -331,7 +328,7 @@ def _release_bytes(name: str, src: Path | None, base_url: str) -> bytes:
     except (urllib.error.URLError, OSError) as e:
         raise DataError(f"{name}: could not download {url} ({e})") from None
 
-
+# %% ../nbs/01_data.ipynb #01-data-019ab
 def fetch_release(src=None, dest=None, base_url: str | None = None, names=None, log=print) -> Path:
     "Install the release files into `dest` (default `release_home()`), each checked against its sha256."
     dest = Path(dest) if dest else release_home()

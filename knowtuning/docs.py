@@ -97,7 +97,6 @@ def _api_page(pkg: Path) -> str:
     )
     return "# API reference\n\nEvery exported function and class, with its docstring, module by module.\n" + body
 
-
 def _toctree(pages: list[str]) -> str:
     out = []
     for title, names in SECTIONS:
@@ -107,7 +106,6 @@ def _toctree(pages: list[str]) -> str:
         if have:
             out.append(f"```{{toctree}}\n:caption: {title}\n:maxdepth: 1\n\n" + "\n".join(have) + "\n```")
     return "\n\n".join(out)
-
 
 def stage_site(src: Path, notebooks: dict[str, Path]) -> Path:
     "Write the Sphinx source folder: cleaned notebooks, the API page, conf.py and the offline MathJax."
@@ -126,7 +124,7 @@ def stage_site(src: Path, notebooks: dict[str, Path]) -> Path:
     (static / "check-images.js").write_text(_CHECK)
     return src
 
-
+# %% ../nbs/98_docs.ipynb #98-docs-008ba
 def build_site(out=None, execute_tutorial: bool = True) -> Path:
     "Build the docs site into `_docs/`: quarto + nbdev when quarto is installed, else Sphinx (offline)."
     import os, sys, tempfile

@@ -60,7 +60,6 @@ def _failed(client_user, before: int) -> int:
     "Failures recorded by a teacher / judge / verifier client since `before` (offline backends never fail)."
     return len(getattr(client_user, "failures", None) or []) - before
 
-
 def score_system(preds: list[dict], has_ref: bool, teacher, verifier, cfg, label: str = ""):
     "(per-example rows, per-question scores, summary: metrics with CIs, facts, verification failures)."
     from knowtuning.metrics import all_metrics, bootstrap_ci
@@ -91,7 +90,7 @@ def score_system(preds: list[dict], has_ref: bool, teacher, verifier, cfg, label
     scores = {**m, "fact_precision": [r["precision"] for r in fs]} if has_ref else {}
     return rows, scores, summary
 
-
+# %% ../nbs/14_evaluate.ipynb #14-evaluate-007a
 def judge_against(main: list[dict], base: list[dict], judge, cfg, label: str = "") -> tuple[list[dict], dict]:
     "Verdicts of `main` against `base` in both orders, and their summary: rates, CIs, judged and failed calls."
     from knowtuning.judge import judge_both_orders, ASPECTS
@@ -121,7 +120,7 @@ def eval_spec(systems) -> Stage:
         ("eval.bertscore_model", "eval.bootstrap", "eval.gamma", "judge", "teacher", "data.test", "seed"),
     )
 
-
+# %% ../nbs/14_evaluate.ipynb #14-evaluate-007ba
 def evaluate_stage(cfg, run, main: str = "knowtuning") -> Path:
     "Metrics, facts and judge verdicts for every system's predictions (needs gen_<system> stages)."
     from knowtuning.facts import make_verifier, verifier_label

@@ -28,22 +28,18 @@ def _stemmer():
 
     return PorterStemmer()
 
-
 @lru_cache(maxsize=None)
 def _stem(w: str) -> str:
     return _stemmer().stem(w)
 
-
 def content(s: str) -> set[str]:
     return {_stem(w) for w in re.findall(r"[a-z]+", s.lower()) if w not in _STOP and len(w) > 1}
-
 
 def keys(s: str) -> tuple[set[str], set[str]]:
     "Numbers and capitalised names (not sentence-initial) in `s`."
     return {n.replace(",", "") for n in _NUMS.findall(s)}, {
         m.group(1).lower() for m in NAME.finditer(s) if m.group(1) not in NOT_NAMES
     }
-
 
 @lru_cache(maxsize=50000)
 def _antonyms(word: str) -> frozenset:
@@ -54,7 +50,7 @@ def _antonyms(word: str) -> frozenset:
             out |= {a.name().lower() for a in l.antonyms()}
     return frozenset(out)
 
-
+# %% ../nbs/12_facts.ipynb #12-facts-005a
 def supported(fact: str, reference: str, threshold: float = 0.6) -> bool:
     "Offline proxy: is `fact` supported by the text `reference`? (rules in the introduction above)"
     nums, ents = keys(fact)
@@ -95,7 +91,6 @@ def fact_scores(facts: list[list[str]], verdicts: list[list[bool]], gamma: int =
         )
     return out
 
-
 def aggregate_facts(rows: list[dict]) -> dict:
     "Facts per answer, correct facts per answer, factual error rate (wrong facts / all facts) and mean FActScore."
     n = len(rows)
@@ -115,7 +110,7 @@ Statement: {fact}
 
 Is the statement supported by the reference answer? Reply with exactly one word: True or False."""
 
-
+# %% ../nbs/12_facts.ipynb #12-facts-008a
 def make_verifier(judge_cfg, stage: str = "verifier"):
     "The LLM client that verifies facts (the judge's endpoint), or None for the offline proxy verifier."
     if judge_cfg is None or judge_cfg.backend != "llm":
@@ -124,14 +119,13 @@ def make_verifier(judge_cfg, stage: str = "verifier"):
 
     return LLMClient(judge_cfg, stage)
 
-
 def verifier_label(judge_cfg) -> str:
     "What verifies facts under `judge_cfg`: the LLM's name, or the offline proxy."
     if judge_cfg is None or judge_cfg.backend != "llm":
         return "proxy: lexical/number/entity/antonym support"
     return f"llm:{judge_cfg.model}"
 
-
+# %% ../nbs/12_facts.ipynb #12-facts-008b
 def verify(
     facts: list[list[str]], references: list[str], judge_cfg=None, client=None, label: str = ""
 ) -> tuple[list[list[bool]], str]:

@@ -30,7 +30,6 @@ def gen_kwargs(g, tok) -> dict:
         kw.update(temperature=None, top_p=None, top_k=None)
     return kw
 
-
 def left_pad(seqs: list[list[int]], pad_id: int) -> dict:
     "input_ids and attention_mask tensors of token-id lists, left-padded to the longest."
     L = max(map(len, seqs))
@@ -38,7 +37,7 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> dict:
     mask = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs])
     return {"input_ids": ids, "attention_mask": mask}
 
-
+# %% ../nbs/10_generate.ipynb #10-generate-005a
 @torch.no_grad()
 def generate(
     model,
@@ -129,7 +128,7 @@ def gen_spec(system: str) -> Stage:
     "Stage `gen_<system>`: the system's predictions; `generate.batch_size` and the API's concurrency are not fields."
     return Stage(f"gen_{system}", () if system == "base" else (f"train_{system}",), GEN_FIELDS)
 
-
+# %% ../nbs/10_generate.ipynb #10-generate-010a
 def generate_stage(cfg, run, system: str) -> Path:
     "Predictions of `system` on every test set of `cfg`."
     from knowtuning.assets import load_model

@@ -56,13 +56,12 @@ def pack(p: list[int], atoms: list[list[int]]):
         s += T
     return ids, pos, allowed, pred
 
-
 def _body(model):
     "The transformer without its LM head (works for plain and PEFT-wrapped causal LMs)."
     m = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(m, m.base_model_prefix), m.lm_head
 
-
+# %% ../nbs/06_ka.ipynb #06-ka-010a
 @torch.no_grad()
 def ppl_packed(
     model, tok, questions, atom_lists, template: str = "alpaca", batch_questions: int = 8, progress=None
@@ -178,7 +177,7 @@ def score_resumable(
     bar.close()
     return [done[i] for i in range(len(questions))]
 
-
+# %% ../nbs/06_ka.ipynb #06-ka-019a
 def failure_rows(task: str, names: list[str], results: list, teacher, why: str) -> list[dict]:
     "One row per input whose teacher result is missing: what failed, for which record, and why (the teacher's error)."
     errs = {f["name"]: f for f in teacher.failures}
@@ -208,7 +207,7 @@ KA = Stage(
     ),
 )
 
-
+# %% ../nbs/06_ka.ipynb #06-ka-019b
 def ka_stage(cfg, run) -> Path:
     "Build the KA set for `cfg` in `run` (a `knowtuning.runs.Run`); returns the stage folder."
     from knowtuning.data import load_dataset

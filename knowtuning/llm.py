@@ -71,12 +71,10 @@ class Request:
     top_k: int | None = None  # not in the OpenAI API: sent in the body for vLLM / llama.cpp
     salt: str = ""  # part of the cache key only (e.g. the fingerprint of the adapter being served)
 
-
 def user(text: str, system: str | None = None, name: str = "", **kw) -> Request:
     "A single-turn request."
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     return Request(msgs, name, **kw)
-
 
 class LLMError(RuntimeError):
     "A request failed after every retry; answered requests stay cached."
@@ -84,10 +82,8 @@ class LLMError(RuntimeError):
 
 RETRYABLE = (openai.RateLimitError, openai.APITimeoutError, openai.APIConnectionError, openai.InternalServerError)
 
-
 def _retryable(e) -> bool:
     return isinstance(e, RETRYABLE) or (isinstance(e, openai.APIStatusError) and e.status_code >= 500)
-
 
 @dataclass
 class Ledger:
@@ -109,7 +105,6 @@ def is_loopback(url: str) -> bool:
     host = httpx.URL(url).host
     return host in ("localhost", "::1") or host.startswith("127.")
 
-
 def _run_coro(coro):
     "Run a coroutine whether or not an event loop is already running (Jupyter has one)."
     try:
@@ -119,7 +114,7 @@ def _run_coro(coro):
     with concurrent.futures.ThreadPoolExecutor(1) as ex:
         return ex.submit(asyncio.run, coro).result()
 
-
+# %% ../nbs/04_llm.ipynb #04-llm-011a
 class LLMClient:
     "Cached, concurrent, retrying chat completions against an OpenAI-compatible endpoint."
 
@@ -268,7 +263,6 @@ class ParseError(ValueError):
 
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)]|\(\d+\))\s+")
 
-
 def parse_list(text: str) -> list[str]:
     "One item per line; bullets and numbering stripped; at least one item."
     items = [_BULLET.sub("", l).strip() for l in text.strip().splitlines()]
@@ -276,7 +270,6 @@ def parse_list(text: str) -> list[str]:
     if not items:
         raise ParseError("expected at least one line with an item")
     return items
-
 
 def parse_json(text: str):
     "The first JSON object or array in `text` (code fences allowed)."
@@ -296,7 +289,7 @@ REPAIR = (
     "nothing before or after it."
 )
 
-
+# %% ../nbs/04_llm.ipynb #04-llm-013a
 def complete_parsed(client: LLMClient, reqs: list, parse, desc: str = "") -> list:
     """Complete and parse each request; one repair round for unparseable answers; `None` (and a recorded failure)
     after that."""
@@ -330,7 +323,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
 @dataclass
 class LocalServer:
     base_url: str
@@ -342,7 +334,7 @@ class LocalServer:
         "Chat completion requests the server has answered (from its access log)."
         return self.log.read_text().count("POST /v1/chat/completions")
 
-
+# %% ../nbs/04_llm.ipynb #04-llm-016a
 @contextmanager
 def serve_local(model: str = "smollm2", port: int | None = None, log=None, timeout: float = 180, extra=()):
     "Run `transformers serve MODEL` on 127.0.0.1; yields a `LocalServer`."
@@ -398,7 +390,7 @@ def serve_local(model: str = "smollm2", port: int | None = None, log=None, timeo
             proc.kill()
             proc.wait()
 
-
+# %% ../nbs/04_llm.ipynb #04-llm-016b
 def _cuda() -> bool:
     try:
         import torch

@@ -48,7 +48,6 @@ def _hms(s: float) -> str:
     s = int(s)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
-
 @contextlib.contextmanager
 def _stderr_to(path: Path):
     "Send this process's (and so the kernel's) stderr file descriptor to `path` for the duration."
@@ -63,11 +62,10 @@ def _stderr_to(path: Path):
             os.dup2(saved, 2)
             os.close(saved)
 
-
 class StepError(RuntimeError):
     "A step's notebook raised: the message is the original error's, with the executed notebook to open."
 
-
+# %% ../nbs/16_pipeline.ipynb #16-pipeline-007a
 def run_step(run: Run, step: str, notebook: str, extra: dict | None = None) -> Path:
     """Execute one stage notebook with papermill for `run`. The executed copy is kept in `run/notebooks/`, and the
     kernel's own stderr (jupyter's start-up chatter, native-library warnings, a crash's last words) in
@@ -101,7 +99,7 @@ def run_step(run: Run, step: str, notebook: str, extra: dict | None = None) -> P
         raise StepError(f"step {step} failed: {e.ename}: {e.evalue}\n(executed notebook: {out})") from None
     return out
 
-
+# %% ../nbs/16_pipeline.ipynb #16-pipeline-007b
 def reproduce(
     preset: str | None = "tiny",
     config=None,
@@ -135,7 +133,6 @@ def reproduce(
 def _tok(s: str) -> int:
     return max(1, len(s) // 4)  # about 4 characters per token of English text
 
-
 def _row(stage: str, role: str, cfg_llm, calls: int, pt: int, ct: int) -> dict:
     price = cfg_llm.prices.get(cfg_llm.model)
     cost = (pt * price[0] + ct * price[1]) / 1e6 if price else 0.0
@@ -149,7 +146,7 @@ def _row(stage: str, role: str, cfg_llm, calls: int, pt: int, ct: int) -> dict:
         "cost_usd": round(cost, 4),
     }
 
-
+# %% ../nbs/16_pipeline.ipynb #16-pipeline-007ba
 def plan(cfg) -> list[dict]:
     "Estimated LLM calls, tokens and cost per stage and role for `cfg`; [] when every role is offline."
     from math import ceil, comb
@@ -261,7 +258,7 @@ def plan(cfg) -> list[dict]:
                 )
     return rows
 
-
+# %% ../nbs/16_pipeline.ipynb #16-pipeline-007bb
 def merge_plan(rows: list[dict]) -> list[dict]:
     "One row per (stage, role): the estimate as the manifest's ledgers report it."
     out = {}
@@ -272,7 +269,6 @@ def merge_plan(rows: list[dict]) -> list[dict]:
         for k in ("calls", "prompt_tokens", "completion_tokens", "cost_usd"):
             o[k] += r[k]
     return list(out.values())
-
 
 def format_plan(rows: list[dict]) -> str:
     "The plan as a table with a total line."

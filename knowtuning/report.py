@@ -56,13 +56,11 @@ def write_table(out: Path, name: str, header, rows, caption: str):
 def _ci(v):
     return f"{v[0]:.4f} ± {(v[2] - v[1]) / 2:.4f}" if v and not math.isnan(v[0]) else "–"
 
-
 def _diff(v) -> str:
     "'+0.0123 (-0.0040, +0.0290) *' for [mean, low, high, n]; the star when the interval excludes 0."
     if not v or math.isnan(v[0]):
         return "–"
     return f"{v[0]:+.4f} ({v[1]:+.4f}, {v[2]:+.4f})" + (" *" if excludes_zero(v) else "")
-
 
 def _wtl(asp: dict, ci: dict | None) -> str:
     if ci is None:
@@ -77,7 +75,6 @@ PROXY_NOTE = (
     "the proxy judge itself."
 )
 
-
 def _context(cfg, summary: dict) -> tuple[str, bool]:
     judge, teacher = summary.get("judge", ""), summary.get("teacher", "")
     proxy = "proxy" in judge
@@ -88,7 +85,7 @@ def _context(cfg, summary: dict) -> tuple[str, bool]:
     )
     return ctx, proxy
 
-
+# %% ../nbs/15_report.ipynb #15-report-009a
 def metrics_table(cfg, summary: dict, ctx: str):
     rows = [
         [d, x["n"], s, _ci(v["meteor"]), _ci(v["bertscore"]), _ci(v["rougeL"])]
@@ -102,7 +99,6 @@ def metrics_table(cfg, summary: dict, ctx: str):
         else f"BERTScore ({cfg.eval.bertscore_model})"
     )
     return ["dataset", "n", "system", "METEOR", bs, "ROUGE-L"], rows, f"Automatic metrics (mean ± half 95% CI). {ctx}"
-
 
 def diffs_table(summary: dict, ctx: str, main: str = "knowtuning"):
     rows = []
@@ -119,7 +115,7 @@ def diffs_table(summary: dict, ctx: str, main: str = "knowtuning"):
         f"(a difference these questions support, not a general claim). {ctx}",
     )
 
-
+# %% ../nbs/15_report.ipynb #15-report-009b
 def judge_table(summary: dict, ctx: str, proxy: bool):
     rows = []
     for d, x in summary["datasets"].items():
@@ -138,7 +134,7 @@ def judge_table(summary: dict, ctx: str, proxy: bool):
     )
     return ["dataset", "n", "comparison", *ASPECTS, "judged / failed"], rows, cap
 
-
+# %% ../nbs/15_report.ipynb #15-report-009c
 def facts_table(summary: dict, ctx: str):
     nan = float("nan")
     rows = [
@@ -172,7 +168,7 @@ def facts_table(summary: dict, ctx: str):
         f"Fine-grained facts (verifier: {ver}{note}; an unparseable verdict counts as unsupported). {ctx}",
     )
 
-
+# %% ../nbs/15_report.ipynb #15-report-009d
 def ablation_table(cfg, summary: dict, ctx: str):
     abl = [s for s in cfg.systems if s.startswith("wo_")]
     rows = [
@@ -182,7 +178,6 @@ def ablation_table(cfg, summary: dict, ctx: str):
         if (v := x["systems"].get(s)) and "meteor" in v
     ]
     return ["dataset", "system", "METEOR", "BERTScore", "factual error rate"], rows, f"Ablation. {ctx}"
-
 
 def build_tables(cfg, summary: dict) -> dict:
     "{name: (header, rows, caption)}: metrics, paired differences, judge, facts, ablation (when the run has wo_*)."
@@ -269,7 +264,7 @@ def plot_judge(summary: dict, path: Path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-
+# %% ../nbs/15_report.ipynb #15-report-011a
 def plot_metrics(summary: dict, path: Path):
     "METEOR with its 95% interval, per test set and system."
     import matplotlib

@@ -112,7 +112,6 @@ def _git_commit() -> str | None:
     except Exception:
         return None
 
-
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -124,7 +123,7 @@ def versions() -> dict:
             pass
     return out
 
-
+# %% ../nbs/03_runs.ipynb #03-runs-013a
 class Run:
     "A run folder: resolved config, manifest, and atomically written, fingerprinted stage folders."
 

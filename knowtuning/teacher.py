@@ -32,7 +32,6 @@ def _change_number(t, rng):
         new = f"{n:,}" if "," in s else str(n)
     return t[: m.start(1)] + new + t[m.end(1) :] if new != s else None
 
-
 def _swap_entity(t, rng, pool):
     ents = [m for m in NAME.finditer(t) if m.group(1) not in NOT_NAMES]
     if not ents:
@@ -40,7 +39,6 @@ def _swap_entity(t, rng, pool):
     m = ents[rng.randrange(len(ents))]
     cands = sorted({e for e in pool if e != m.group(1) and e not in t})
     return t[: m.start(1)] + rng.choice(cands) + t[m.end(1) :] if cands else None
-
 
 def _antonym(word):
     for s in wordnet().synsets(word):
@@ -51,7 +49,7 @@ def _antonym(word):
                 return l.antonyms()[0].name().replace("_", " ")
     return None
 
-
+# %% ../nbs/05_teacher.ipynb #05-teacher-009a
 def _flip_antonym(t, rng):
     for m in re.finditer(r"\b[a-z]{3,}\b", t):
         if m.group(0) in (
@@ -81,14 +79,13 @@ def _flip_antonym(t, rng):
             return head + a + t[m.end() :]
     return None
 
-
 def _negate(t, rng):
     m = _AUX.search(t)
     if not m:
         return None
     return t[: m.start()] + m.group(1) + ("" if m.group(2) else " not") + t[m.end() :]
 
-
+# %% ../nbs/05_teacher.ipynb #05-teacher-009b
 def perturb(atom: str, rng: random.Random, pool=()) -> tuple[str, str] | None:
     "A non-factual revision of `atom` and the operation that made it, or None."
     for op, f in [
@@ -173,7 +170,7 @@ Statements:
 def _numbered(atoms):
     return "\n".join(f"{i + 1}. {a}" for i, a in enumerate(atoms))
 
-
+# %% ../nbs/05_teacher.ipynb #05-teacher-015a
 class LLMTeacher:
     "The teacher tasks through an OpenAI-compatible model (`cfg.backend == 'llm'`)."
 
@@ -273,7 +270,7 @@ class LLMTeacher:
             )
         return out
 
-
+# %% ../nbs/05_teacher.ipynb #05-teacher-015b
 def make_teacher(cfg: LLMCfg, stage: str = "teacher", seed: int = 0, max_atoms: int = 0):
     "The teacher named by `cfg.backend`."
     if cfg.backend == "heuristic":

@@ -33,11 +33,9 @@ def lora_config(lc):
         bias="none",
     )
 
-
 def processes() -> int:
     "Number of training processes (`accelerate launch` / torchrun set WORLD_SIZE)."
     return int(os.environ.get("WORLD_SIZE", "1"))
-
 
 def accumulation(batch: int, per_device: int, n_proc: int, key: str = "train.batch_size") -> int:
     "Gradient accumulation steps so that per_device x accumulation x processes == batch."
@@ -48,7 +46,7 @@ def accumulation(batch: int, per_device: int, n_proc: int, key: str = "train.bat
         )
     return batch // (per_device * n_proc)
 
-
+# %% ../nbs/08_train.ipynb #08-train-006a
 def trl_config(cfg, kind: str, output_dir, has_eval: bool = False, n_proc: int | None = None):
     "SFTConfig (kind 'sft') or DPOConfig (kind 'dpo') from our config: the only place trl arguments are set."
     from trl import SFTConfig, DPOConfig
@@ -286,7 +284,6 @@ def _split(rows: list[dict], holdout: int, seed: int):
     sp = ds.train_test_split(test_size=holdout, seed=seed)
     return sp["train"], sp["test"]
 
-
 def sft_features(tok, rows: list[dict], template: str, cutoff: int) -> list[dict]:
     "input_ids and completion_mask of prompt/completion rows, encoded as the template's encoder does."
     out = []
@@ -294,7 +291,6 @@ def sft_features(tok, rows: list[dict], template: str, cutoff: int) -> list[dict
         p, a = encode_example(tok, r["prompt"], r["completion"], template, cutoff)
         out.append({"input_ids": p + a, "completion_mask": [0] * len(p) + [1] * len(a)})
     return out
-
 
 def dpo_features(tok, rows: list[dict], template: str, cutoff: int) -> list[dict]:
     "prompt_ids, chosen_ids, rejected_ids of preference rows (llmtuner 0.5.3: the prompt as encoded with the chosen)."
@@ -305,7 +301,7 @@ def dpo_features(tok, rows: list[dict], template: str, cutoff: int) -> list[dict
         out.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": rej})
     return out
 
-
+# %% ../nbs/08_train.ipynb #08-train-024a
 def _finish(trainer, out: Path, t0: float, title: str) -> Path:
     trainer.save_model(str(out / "adapter"))
     hist = trainer.state.log_history
@@ -321,11 +317,10 @@ def _finish(trainer, out: Path, t0: float, title: str) -> Path:
     )
     return out / "adapter"
 
-
 def _resume(ckdir: Path):
     return get_last_checkpoint(str(ckdir)) if ckdir.exists() else None
 
-
+# %% ../nbs/08_train.ipynb #08-train-024b
 def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=()) -> Path:
     "LoRA SFT on prompt/completion rows (loss on completions only); returns the adapter folder."
     out = Path(out)
@@ -356,7 +351,7 @@ def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=()) -> Pa
     trainer.train(resume_from_checkpoint=_resume(out / "checkpoints"))
     return _finish(trainer, out, t0, "SFT")
 
-
+# %% ../nbs/08_train.ipynb #08-train-024c
 def train_dpo(cfg, rows: list[dict], out, init_adapter, callbacks=()) -> Path:
     "KC training: DPO + SFT term from `init_adapter`; returns the adapter folder."
     out = Path(out)
@@ -417,7 +412,7 @@ def train_spec(system: str) -> Stage:
     needs = ([f"train_{s.init}"] if s.init else []) + ([s.data_stage] if s.data_stage else [])
     return Stage(f"train_{system}", tuple(needs), TRAIN_FIELDS)
 
-
+# %% ../nbs/08_train.ipynb #08-train-028a
 def _rows(cfg, run, system):
     from knowtuning.data import load_dataset, prompt
     from knowtuning.runs import read_jsonl
@@ -431,7 +426,6 @@ def _rows(cfg, run, system):
     if data == "kc":
         return [r for r in read_jsonl(run.path("kc") / "kc_trl.jsonl") if r["aspect"] != system.drops]
     return read_jsonl(run.path(f"prefs_{data}") / "pairs.jsonl")
-
 
 def train_stage(cfg, run, system: str) -> Path:
     "Train `system` (and nothing else) in `run`; its data and starting adapter must exist. Returns the adapter folder."
