@@ -148,7 +148,8 @@ def bench_sft(n: int = 32, batch: int = 4) -> dict:
 
 # %% ../nbs/97_bench.ipynb #97-bench-004d
 def bench_dpo(pairs: int = 24, batch: int = 4) -> dict:
-    "KC (DPO + SFT term) pairs/s over one epoch (the release's kc_epochs): ours (padding-free, precomputed reference, no checkpointing) vs padded vs trl's defaults."
+    """KC (DPO + SFT term) pairs/s over one epoch (the release's kc_epochs): ours (padding-free, precomputed
+    reference, no checkpointing) vs padded vs trl's defaults."""
     from knowtuning.train import train_dpo, train_sft
 
     data, rows = _pairs(pairs)

@@ -211,7 +211,7 @@ COMMANDS = {
     "ka": (_step_cmd("ka"), "stage KA: decompose, perplexity filter, rewrite (06_ka.ipynb)", _cfg_args),
     "kc": (_step_cmd("kc"), "stage KC: delete / revise / shuffle preference pairs (07_kc.ipynb)", _cfg_args),
     "train": (_step_cmd("train"), "train every system of the config but the baselines (08_train.ipynb)", _cfg_args),
-    "baselines": (_step_cmd("baselines"), "RLAIF / FactTune preference data and systems (09_baselines.ipynb)", _cfg_args),
+    "baselines": (_step_cmd("baselines"), "RLAIF / FactTune preferences and systems (09_baselines.ipynb)", _cfg_args),
     "generate": (_step_cmd("generate"), "every system's answers to the test sets (10_generate.ipynb)", _cfg_args),
     "evaluate": (_step_cmd("evaluate"), "metrics, facts and the judge for every system (14_evaluate.ipynb)", _cfg_args),
     "report": (

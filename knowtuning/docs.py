@@ -45,9 +45,11 @@ def readme_in_sync() -> bool:
     return (project_root() / "README.md").read_text() == readme_text()
 
 # %% ../nbs/98_docs.ipynb #98-docs-008
-_CHECK = """window.addEventListener('load', () => { const im = [...document.images].filter(i => !i.closest('.sidebar-logo'));
-document.body.dataset.imagesOk = String(im.length > 0 && im.every(i => i.complete && i.naturalWidth > 0));
-document.body.dataset.images = String(im.length); });"""
+_CHECK = ("window.addEventListener('load', () => { const im = [...document.images].filter(i => "
+          "!i.closest('.sidebar-logo'));\n"
+          "document.body.dataset.imagesOk = String(im.length > 0 && im.every(i => i.complete && i.naturalWidth > "
+          "0));\n"
+          "document.body.dataset.images = String(im.length); });")
 
 SECTIONS = [
     ("Start here", ["index", "tutorial"]),

@@ -84,22 +84,18 @@ class ProxyJudge:
         return out
 
 # %% ../nbs/13_judge.ipynb #13-judge-012
-JUDGE = """You are comparing two answers to a question. A reference answer is given for context.
-
-Question: {question}
-
-Reference answer: {reference}
-
-Answer A: {a}
-
-Answer B: {b}
-
-Judge each aspect:
-- completeness: which answer covers more of the relevant knowledge;
-- factuality: which answer contains fewer factual errors;
-- logicality: which answer is better organised, with a clearer logical structure;
-- overall: which answer is better overall.
-Reply with JSON only, each value "A", "B" or "tie": {{"completeness": ..., "factuality": ..., "logicality": ..., "overall": ...}}"""
+JUDGE = ("You are comparing two answers to a question. A reference answer is given for context.\n\n"
+         "Question: {question}\n\n"
+         "Reference answer: {reference}\n\n"
+         "Answer A: {a}\n\n"
+         "Answer B: {b}\n\n"
+         "Judge each aspect:\n"
+         "- completeness: which answer covers more of the relevant knowledge;\n"
+         "- factuality: which answer contains fewer factual errors;\n"
+         "- logicality: which answer is better organised, with a clearer logical structure;\n"
+         "- overall: which answer is better overall.\n"
+         "Reply with JSON only, each value \"A\", \"B\" or \"tie\": {{\"completeness\": ..., \"factuality\": ..., "
+         "\"logicality\": ..., \"overall\": ...}}")
 
 
 class LLMJudge:

@@ -42,8 +42,10 @@ def to_latex(header, rows, caption: str, label: str) -> str:
     esc = lambda s: str(s).replace("_", r"\_").replace("%", r"\%").replace("±", r"$\pm$")
     body = "\n".join(" & ".join(esc(_fmt(c)) for c in r) + r" \\" for r in rows)
     return (
-        f"\\begin{{table}}[t]\n\\centering\n\\caption{{{esc(caption)}}}\n\\label{{{label}}}\n\\begin{{tabular}}{{l{'c' * (len(header) - 1)}}}\n"
-        f"\\toprule\n{' & '.join(esc(h) for h in header)} \\\\\n\\midrule\n{body}\n\\bottomrule\n\\end{{tabular}}\n\\end{{table}}\n"
+        f"\\begin{{table}}[t]\n\\centering\n\\caption{{{esc(caption)}}}\n\\label{{{label}}}\n"
+        f"\\begin{{tabular}}{{l{'c' * (len(header) - 1)}}}\n"
+        f"\\toprule\n{' & '.join(esc(h) for h in header)} \\\\\n\\midrule\n{body}\n"
+        f"\\bottomrule\n\\end{{tabular}}\n\\end{{table}}\n"
     )
 
 

@@ -136,34 +136,37 @@ class HeuristicTeacher:
 
 # %% ../nbs/05_teacher.ipynb #05-teacher-015
 PROMPTS = {
-    "decompose": """Break the answer below into atomic facts: short, self-contained declarative sentences, each stating exactly one piece of knowledge. Replace pronouns with the names they refer to. Write one fact per line and nothing else.
-
-Example answer: Marie Curie was a Polish-born physicist who won the Nobel Prize in Physics in 1903.
-Marie Curie was a physicist.
-Marie Curie was born in Poland.
-Marie Curie won the Nobel Prize in Physics.
-Marie Curie won the Nobel Prize in 1903.
-
-Example answer: Vaccines train the immune system by exposing it to a harmless part of a germ, so the body can fight the real infection later.
-Vaccines train the immune system.
-Vaccines expose the immune system to a harmless part of a germ.
-Vaccines help the body fight a later infection by the real germ.
-
-Answer: {answer}""",
-    "rewrite": """Here is a question and some pieces of knowledge that are needed to answer it well.
-
-Question: {question}
-Knowledge:
-{atoms}
-
-Write a new, more specific question that asks exactly for this knowledge, and an answer to it that states every piece of knowledge above, accurately and fluently. Reply with JSON only: {{"question": "...", "answer": "..."}}""",
-    "rephrase": """Rephrase the following answer. Keep every fact and the order of the explanation; change only the wording. Reply with the rephrased answer only.
-
-Answer: {answer}""",
-    "revise": """Revise each statement below into a plausible but factually wrong statement: change one fact (a number, a name, a property or a relation) so that it becomes false, and keep the rest of the wording. Reply with a JSON list of strings, one revised statement per input statement, in the same order.
-
-Statements:
-{atoms}""",
+    "decompose": ("Break the answer below into atomic facts: short, self-contained declarative sentences, each "
+                  "stating exactly one piece of knowledge. Replace pronouns with the names they refer to. Write "
+                  "one fact per line and nothing else.\n\n"
+                  "Example answer: Marie Curie was a Polish-born physicist who won the Nobel Prize in Physics in "
+                  "1903.\n"
+                  "Marie Curie was a physicist.\n"
+                  "Marie Curie was born in Poland.\n"
+                  "Marie Curie won the Nobel Prize in Physics.\n"
+                  "Marie Curie won the Nobel Prize in 1903.\n\n"
+                  "Example answer: Vaccines train the immune system by exposing it to a harmless part of a germ, "
+                  "so the body can fight the real infection later.\n"
+                  "Vaccines train the immune system.\n"
+                  "Vaccines expose the immune system to a harmless part of a germ.\n"
+                  "Vaccines help the body fight a later infection by the real germ.\n\n"
+                  "Answer: {answer}"),
+    "rewrite": ("Here is a question and some pieces of knowledge that are needed to answer it well.\n\n"
+                "Question: {question}\n"
+                "Knowledge:\n"
+                "{atoms}\n\n"
+                "Write a new, more specific question that asks exactly for this knowledge, and an answer to it "
+                "that states every piece of knowledge above, accurately and fluently. Reply with JSON only: "
+                "{{\"question\": \"...\", \"answer\": \"...\"}}"),
+    "rephrase": ("Rephrase the following answer. Keep every fact and the order of the explanation; change only the "
+                 "wording. Reply with the rephrased answer only.\n\n"
+                 "Answer: {answer}"),
+    "revise": ("Revise each statement below into a plausible but factually wrong statement: change one fact (a "
+               "number, a name, a property or a relation) so that it becomes false, and keep the rest of the "
+               "wording. Reply with a JSON list of strings, one revised statement per input statement, in the same "
+               "order.\n\n"
+               "Statements:\n"
+               "{atoms}"),
 }
 
 

@@ -126,7 +126,8 @@ def sequence_logps(model, batch: dict, padding_free: bool = True):
 
 # %% ../nbs/08_train.ipynb #08-train-015
 def check_padding_free(model, tok, tol: float = 0.1) -> float:
-    "Mean |difference| of per-token log-probs of a sequence scored alone vs packed after another; raises if above `tol`."
+    """Mean |difference| of per-token log-probs of a sequence scored alone vs packed after another; raises if above
+    `tol`."""
     a, b = (
         tok(t)["input_ids"]
         for t in (
@@ -149,7 +150,8 @@ def check_padding_free(model, tok, tol: float = 0.1) -> float:
     diff = (alone - packed).abs().mean().item()
     if diff > tol:
         raise RuntimeError(
-            f"this model's attention lets packed sequences see each other (mean |log-prob difference| {diff:.3f} > {tol}): "
+            f"this model's attention lets packed sequences see each other "
+            f"(mean |log-prob difference| {diff:.3f} > {tol}): "
             "padding-free batches would train on the wrong context; set config key 'train.padding_free: false'"
         )
     return diff
@@ -249,7 +251,8 @@ class GradGuard(TrainerCallback):
         g = [p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
         if not g or all(x is None or x.abs().sum().item() == 0 for x in g):
             raise RuntimeError(
-                "LoRA gradients are all zero after the first step (bitsandbytes 4-bit trap? see nbs/08_train.ipynb, Guards)"
+                "LoRA gradients are all zero after the first step "
+                "(bitsandbytes 4-bit trap? see nbs/08_train.ipynb, Guards)"
             )
 
 # %% ../nbs/08_train.ipynb #08-train-022
