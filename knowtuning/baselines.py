@@ -86,7 +86,7 @@ def prefs_spec(kind: str) -> Stage:
 def samples_stage(cfg, run) -> Path:
     "`train.k_samples` sampled answers per training question from the SFT model (release sampling settings)."
     from knowtuning.assets import load_model
-    from knowtuning.data import load_dataset, prompt
+    from knowtuning.data import load_dataset, prompt, question
     from knowtuning.generate import generate
     import torch
 
@@ -99,17 +99,15 @@ def samples_stage(cfg, run) -> Path:
         prompts = [prompt(r, cfg.student.template) for r in ds]
         sampling = dataclasses.replace(cfg.generate, do_sample=True)
         flat = generate(model, tok, [p for p in prompts for _ in range(k)], sampling, template=cfg.student.template)
-        write_jsonl(
-            out / "samples.jsonl",
-            [{"index": i, "prompt": p, "samples": flat[i * k : (i + 1) * k]} for i, p in enumerate(prompts)],
-        )
+        rows = [{"index": i, "question": question(r), "reference": r["output"], "prompt": p,
+                 "samples": flat[i * k : (i + 1) * k]} for i, (r, p) in enumerate(zip(ds, prompts))]
+        write_jsonl(out / "samples.jsonl", rows)   # what the preference stages need: nothing re-joins by index
 
     return run.build(SAMPLES, cfg, make)
 
 # %% ../nbs/09_baselines.ipynb #09-baselines-008b
 def prefs_stage(cfg, run, kind: str) -> Path:
     "Preference pairs for the `rlaif` or `facttune` baseline in `run` (needs samples_sft)."
-    from knowtuning.data import load_dataset, question
     from knowtuning.judge import make_judge
     from knowtuning.facts import verify, fact_scores, make_verifier
     from knowtuning.teacher import make_teacher
@@ -119,13 +117,12 @@ def prefs_stage(cfg, run, kind: str) -> Path:
     spec = prefs_spec(kind)
 
     def make(out):
-        ds = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
         rows = read_jsonl(run.path("samples_sft") / "samples.jsonl")
         samples, prompts = [r["samples"] for r in rows], [r["prompt"] for r in rows]
-        refs = [r["output"] for r in ds]
+        refs = [r["reference"] for r in rows]
         if kind == "rlaif":
             judge = make_judge(cfg.judge, f"prefs_{kind}")
-            pairs, stats = pairwise_prefs(prompts, [question(r) for r in ds], refs, samples, judge.compare)
+            pairs, stats = pairwise_prefs(prompts, [r["question"] for r in rows], refs, samples, judge.compare)
             stats.update(scorer=judge.label, judge_failures=len(getattr(judge, "failures", [])))
             llm = ledgers(judge=judge)
         else:
