@@ -236,7 +236,7 @@ COMMANDS = {
     ),
 }
 
-
+# %% ../nbs/99_cli.ipynb #99-cli-007a
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="knowtuning", description="KnowTuning: knowledge-aware fine-tuning, reproducibly."

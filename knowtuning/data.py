@@ -302,7 +302,7 @@ RELEASE_FILES = {  # name: (commit, path in the repository, rows, sha256)
     ),
 }
 
-
+# %% ../nbs/01_data.ipynb #01-data-019aa
 def release_home() -> Path:
     "Where `fetch_release` installs the release files: `$KNOWTUNING_HOME/release`."
     from knowtuning.assets import home

@@ -76,7 +76,7 @@ suppress_warnings = ["myst.header", "mystnb.unknown_mime_type", "misc.highlighti
 exclude_patterns = ["_build"]
 """
 
-
+# %% ../nbs/98_docs.ipynb #98-docs-008a
 def clean_notebook(nb):
     "The notebook as a reader sees it: `#| hide` / `#| default_exp` cells dropped, `#|` lines removed."
     cells = []

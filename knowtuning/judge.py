@@ -97,7 +97,7 @@ JUDGE = ("You are comparing two answers to a question. A reference answer is giv
          "Reply with JSON only, each value \"A\", \"B\" or \"tie\": {{\"completeness\": ..., \"factuality\": ..., "
          "\"logicality\": ..., \"overall\": ...}}")
 
-
+# %% ../nbs/13_judge.ipynb #13-judge-012a
 class LLMJudge:
     """Pairwise judge through the LLM client (prompt above). A verdict that stays unparseable after the repair round is
     a recorded failure (`failures`) and counts as a tie; the report says how many there were."""

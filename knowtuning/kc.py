@@ -124,7 +124,7 @@ def write_kc_set(out: Path, rows: list[dict], template: str = "alpaca", name: st
 # %% ../nbs/07_kc.ipynb #07-kc-013
 KC = Stage("kc", needs=("ka",), fields=("kc.beta", "kc.revise", "kc.aspects", "student.template", "teacher", "seed"))
 
-
+# %% ../nbs/07_kc.ipynb #07-kc-013a
 def kc_stage(cfg, run) -> Path:
     "Build the KC preference set for `cfg` in `run` from the KA stage's atoms (`ka/atoms.jsonl`)."
     from knowtuning.teacher import make_teacher

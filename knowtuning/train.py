@@ -164,7 +164,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from peft import PeftModel
 from datasets.fingerprint import Hasher
 
-
+# %% ../nbs/08_train.ipynb #08-train-018a
 class KCTrainer(DPOTrainer):
     """trl's DPOTrainer with the release's loss (DPO + ftx * per-sequence mean NLL of the chosen answer) and
     reference = base | ka."""
