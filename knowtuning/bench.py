@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, contextlib, json, random, tempfile, threading, time
 from pathlib import Path
-from .config import load_config, project_root, LLMCfg
+from .config import load_config, LLMCfg
 
 # %% auto #0
 __all__ = ['VARIANTS', 'BENCHES', 'bench_ppl', 'bench_generate', 'bench_sft', 'bench_dpo', 'latency_server', 'bench_llm', 'main']

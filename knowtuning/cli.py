@@ -4,7 +4,7 @@
 
 # %% ../nbs/99_cli.ipynb #99-cli-002
 from __future__ import annotations
-import argparse, json, sys
+import argparse, sys
 from pathlib import Path
 
 # %% auto #0

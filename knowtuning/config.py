@@ -4,8 +4,8 @@
 
 # %% ../nbs/00_config.ipynb #00-config-003
 from __future__ import annotations
-import dataclasses, os, typing, types, copy
-from dataclasses import dataclass, field, fields, is_dataclass, asdict
+import dataclasses, os, typing, copy
+from dataclasses import dataclass, field, is_dataclass, asdict
 from pathlib import Path
 import re
 import yaml

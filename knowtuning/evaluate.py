@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_evaluate.ipynb #14-evaluate-003
 from __future__ import annotations
-import csv, io, math
+import csv, io
 import numpy as np
 from pathlib import Path
 from .runs import read_jsonl, write_json, write_jsonl, atomic_write, Stage

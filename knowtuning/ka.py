@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from .data import prompt, question, encode_prompt, encode_response, llama_factory_entry
-from .runs import read_jsonl, write_json, write_jsonl, atomic_write, Stage
+from .runs import read_jsonl, write_json, write_jsonl, Stage
 
 # %% auto #0
 __all__ = ['KA', 'encode', 'ppl_reference', 'pack', 'ppl_packed', 'n_keep', 'select_difficult', 'ka_rows', 'write_ka_set',

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio, concurrent.futures, hashlib, json, os, random, re, socket, sqlite3, subprocess, sys, tempfile
 import threading, time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 import httpx, openai
 from tqdm.auto import tqdm

@@ -227,7 +227,7 @@ def plan(cfg) -> list[dict]:
                 [VERIFY.format(reference=r["output"], fact=f) for r, f in facts for _ in range(k)],
                 2 * k * len(facts),
             )
-    systems = [s for s in cfg.systems]
+    systems = list(cfg.systems)
     for recs in tests:
         if t_llm:
             add(

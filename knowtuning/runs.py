@@ -8,7 +8,7 @@ import hashlib, json, os, platform, shutil, subprocess, tempfile, time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from .config import Config, LLMCfg, to_dict, to_yaml, project_root
+from .config import Config, LLMCfg, to_yaml, project_root
 
 # %% auto #0
 __all__ = ['LLM_IDENTITY', 'atomic_write', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'fingerprint', 'file_hash',

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random, re
 from .atoms import split_atoms, entities, wordnet, NUMBER, NAME, NOT_NAMES
 from .config import LLMCfg
-from .llm import LLMClient, Request, user, complete_parsed, parse_list, parse_json, ParseError
+from .llm import LLMClient, user, complete_parsed, parse_list, parse_json, ParseError
 
 # %% auto #0
 __all__ = ['PROMPTS', 'perturb', 'HeuristicTeacher', 'LLMTeacher', 'make_teacher']

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_train.ipynb #08-train-003
 from __future__ import annotations
-import contextlib, json, math, os, random, time
+import json, math, os, random, time
 from pathlib import Path
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .assets import load_model, pick_device
 from .data import encode_example
 from .runs import write_json, Stage, YieldError
-from .config import SYSTEMS, system_deps, system_of
+from .config import system_of
 
 # %% auto #0
 __all__ = ['TRAIN_FIELDS', 'lora_config', 'processes', 'accumulation', 'trl_config', 'knowtuning_loss', 'sequence_logps',
