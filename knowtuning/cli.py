@@ -260,7 +260,7 @@ def parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
     return ap
 
-# %% ../nbs/99_cli.ipynb #99-cli-007a
+# %% ../nbs/99_cli.ipynb #99-cli-007a-2
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     from knowtuning.data import DataError

@@ -276,7 +276,7 @@ def release_home() -> Path:
 
     return home() / "release"
 
-# %% ../nbs/01_data.ipynb #01-data-019aa
+# %% ../nbs/01_data.ipynb #01-data-019aa-2
 def _sha256(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 

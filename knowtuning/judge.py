@@ -134,7 +134,7 @@ class LLMJudge:
         got = complete_parsed(self.client, reqs, parse, "judge")
         return [g or {a: "tie" for a in ASPECTS} for g in got]
 
-# %% ../nbs/13_judge.ipynb #13-judge-012a
+# %% ../nbs/13_judge.ipynb #13-judge-012a-2
 def make_judge(cfg, stage: str = "judge"):
     "The LLM judge when `cfg.backend == 'llm'`, else the offline proxy."
     return LLMJudge(cfg, stage) if cfg.backend == "llm" else ProxyJudge()

@@ -129,7 +129,7 @@ def reproduce(
     run.update_stage("pipeline", seconds=round(time.time() - t0, 2), steps=[s for s, _, _ in todo])
     return run
 
-# %% ../nbs/16_pipeline.ipynb #16-pipeline-007b
+# %% ../nbs/16_pipeline.ipynb #16-pipeline-007b-2
 def _tok(s: str) -> int:
     return max(1, len(s) // 4)  # about 4 characters per token of English text
 

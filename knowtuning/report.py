@@ -194,7 +194,7 @@ def build_tables(cfg, summary: dict) -> dict:
         tables["table_ablation"] = ablation_table(cfg, summary, ctx)
     return tables
 
-# %% ../nbs/15_report.ipynb #15-report-009b
+# %% ../nbs/15_report.ipynb #15-report-009b-2
 def reading_notes(cfg, summary: dict, main: str = "knowtuning") -> list[str]:
     "The report's first lines: what the run can and cannot support."
     ns = {d: x["n"] for d, x in summary["datasets"].items()}
