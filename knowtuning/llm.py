@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio, concurrent.futures, hashlib, json, os, random, re, socket, sqlite3, subprocess, sys, tempfile
 import threading, time
 from contextlib import contextmanager
+from fastcore.basics import patch
 from dataclasses import dataclass
 from pathlib import Path
 import httpx, openai
@@ -141,110 +142,128 @@ class LLMClient:
             "export it, or set api_key_env to the variable that holds your key"
         )
 
-    def params(self, r: Request) -> dict:
-        p = {
-            "temperature": self.cfg.temperature if r.temperature is None else r.temperature,
-            "max_tokens": self.cfg.max_tokens if r.max_tokens is None else r.max_tokens,
-        }
-        if r.top_p is not None:
-            p["top_p"] = r.top_p
-        if r.top_k is not None:
-            p["extra_body"] = {"top_k": r.top_k}
-        return p
 
-    def _cost(self, p: int, c: int) -> float:
-        price = self.cfg.prices.get(self.cfg.model)
-        return (p * price[0] + c * price[1]) / 1e6 if price else 0.0
+# %% ../nbs/04_llm.ipynb #04-llm-011c0
+@patch
+def params(self: LLMClient, r: Request) -> dict:
+    "Sampling parameters of `r`: its own overrides, else the config's; `top_k` in the body (vLLM, llama.cpp)."
+    p = {
+        "temperature": self.cfg.temperature if r.temperature is None else r.temperature,
+        "max_tokens": self.cfg.max_tokens if r.max_tokens is None else r.max_tokens,
+    }
+    if r.top_p is not None:
+        p["top_p"] = r.top_p
+    if r.top_k is not None:
+        p["extra_body"] = {"top_k": r.top_k}
+    return p
 
-    async def _one(self, api, r: Request, sem) -> str:
-        params = self.params(r)
-        key = cache_key(
-            self.cfg.model, r.messages if r.prompt is None else {"prompt": r.prompt}, params, self.cfg.base_url, r.salt
+@patch
+def _cost(self: LLMClient, p: int, c: int) -> float:
+    price = self.cfg.prices.get(self.cfg.model)
+    return (p * price[0] + c * price[1]) / 1e6 if price else 0.0
+
+# %% ../nbs/04_llm.ipynb #04-llm-011f
+@patch
+async def _send(self: LLMClient, api, r: Request, params: dict):
+    "The response to `r`; 429, 5xx, timeouts and connection errors are retried with exponential backoff and jitter."
+    for attempt in range(self.cfg.max_retries + 1):
+        try:
+            if r.prompt is None:
+                return await api.chat.completions.create(model=self.cfg.model, messages=r.messages, **params)
+            return await api.completions.create(model=self.cfg.model, prompt=r.prompt, **params)
+        except Exception as e:
+            if not _retryable(e) or attempt == self.cfg.max_retries:
+                raise LLMError(
+                    f"request {r.name or '?'} failed after {attempt + 1} tries: {type(e).__name__}: {e}"
+                ) from e
+            self.ledger.retries += 1
+            self.retry_log.append({"name": r.name, "attempt": attempt + 1, "error": type(e).__name__})
+            await asyncio.sleep(self.cfg.backoff * 2**attempt * random.uniform(0.5, 1.5))
+
+# %% ../nbs/04_llm.ipynb #04-llm-011g
+@patch
+async def _one(self: LLMClient, api, r: Request, sem) -> str:
+    "The answer to `r`: from the cache, else from the endpoint (at most `concurrency` in flight), then cached."
+    params = self.params(r)
+    key = cache_key(
+        self.cfg.model, r.messages if r.prompt is None else {"prompt": r.prompt}, params, self.cfg.base_url, r.salt
+    )
+    if (hit := self.cache.get(key)) is not None:
+        self.ledger.cache_hits += 1
+        return hit["text"]
+    async with sem:
+        resp = await self._send(api, r, params)
+    text = (resp.choices[0].message.content if r.prompt is None else resp.choices[0].text) or ""
+    u = resp.usage
+    p, c = (u.prompt_tokens or 0, u.completion_tokens or 0) if u else (0, 0)
+    self.cache.put(key, self.cfg.model, text, p, c)
+    led = self.ledger
+    led.calls += 1
+    led.prompt_tokens += p
+    led.completion_tokens += c
+    led.cost_usd += self._cost(p, c)
+    return text
+
+# %% ../nbs/04_llm.ipynb #04-llm-011i
+def _async_hook(f):
+    "An httpx event hook (which must be async) calling the plain function `f`."
+
+    async def hook(request):
+        f(request)
+
+    return hook
+
+@patch
+async def _many(self: LLMClient, reqs, desc):
+    def count(_):
+        self.http_requests += 1
+
+    sem = asyncio.Semaphore(max(1, self.cfg.concurrency))
+    async with httpx.AsyncClient(event_hooks={"request": [_async_hook(count)]}, timeout=self.cfg.timeout) as http:
+        api = openai.AsyncOpenAI(
+            base_url=self.cfg.base_url,
+            api_key=self._api_key(),
+            max_retries=0,
+            timeout=self.cfg.timeout,
+            http_client=http,
         )
-        if (hit := self.cache.get(key)) is not None:
-            self.ledger.cache_hits += 1
-            return hit["text"]
-        async with sem:
-            for attempt in range(self.cfg.max_retries + 1):
-                try:
-                    if r.prompt is None:
-                        resp = await api.chat.completions.create(model=self.cfg.model, messages=r.messages, **params)
-                    else:
-                        resp = await api.completions.create(model=self.cfg.model, prompt=r.prompt, **params)
-                    break
-                except Exception as e:
-                    if not _retryable(e) or attempt == self.cfg.max_retries:
-                        raise LLMError(
-                            f"request {r.name or '?'} failed after {attempt + 1} tries: {type(e).__name__}: {e}"
-                        ) from e
-                    self.ledger.retries += 1
-                    self.retry_log.append({"name": r.name, "attempt": attempt + 1, "error": type(e).__name__})
-                    await asyncio.sleep(self.cfg.backoff * 2**attempt * random.uniform(0.5, 1.5))
-        text = (resp.choices[0].message.content if r.prompt is None else resp.choices[0].text) or ""
-        u = resp.usage
-        p, c = (u.prompt_tokens or 0, u.completion_tokens or 0) if u else (0, 0)
-        self.cache.put(key, self.cfg.model, text, p, c)
-        led = self.ledger
-        led.calls += 1
-        led.prompt_tokens += p
-        led.completion_tokens += c
-        led.cost_usd += self._cost(p, c)
-        return text
+        bar = tqdm(total=len(reqs), desc=desc or self.stage, disable=not self.progress or len(reqs) < 2, unit="req")
+        t0 = time.time()
 
-    async def _many(self, reqs, desc):
-        def count(_):
-            self.http_requests += 1
+        async def run(r):
+            try:
+                return await self._one(api, r, sem)
+            finally:
+                bar.update(1)
+                bar.set_postfix(
+                    calls_s=f"{self.ledger.calls / max(time.time() - t0, 1e-9):.1f}",
+                    hits=self.ledger.cache_hits,
+                    refresh=False,
+                )
 
-        sem = asyncio.Semaphore(max(1, self.cfg.concurrency))
-        async with httpx.AsyncClient(event_hooks={"request": [self._hook(count)]}, timeout=self.cfg.timeout) as http:
-            api = openai.AsyncOpenAI(
-                base_url=self.cfg.base_url,
-                api_key=self._api_key(),
-                max_retries=0,
-                timeout=self.cfg.timeout,
-                http_client=http,
-            )
-            bar = tqdm(total=len(reqs), desc=desc or self.stage, disable=not self.progress or len(reqs) < 2, unit="req")
-            t0 = time.time()
+        out = await asyncio.gather(*(run(r) for r in reqs), return_exceptions=True)
+        bar.close()
+    return out
 
-            async def run(i, r):
-                try:
-                    return await self._one(api, r, sem)
-                finally:
-                    bar.update(1)
-                    bar.set_postfix(
-                        calls_s=f"{self.ledger.calls / max(time.time() - t0, 1e-9):.1f}",
-                        hits=self.ledger.cache_hits,
-                        refresh=False,
-                    )
+# %% ../nbs/04_llm.ipynb #04-llm-011j
+@patch
+def complete_many(self: LLMClient, reqs: list, desc: str = "") -> list[str]:
+    "Answers for `reqs` (Requests or prompt strings), in order; raises `LLMError` naming a failed request."
+    reqs = [user(r, name=f"#{i}") if isinstance(r, str) else r for i, r in enumerate(reqs)]
+    out = _run_coro(self._many(reqs, desc))
+    errs = [(r, e) for r, e in zip(reqs, out) if isinstance(e, BaseException)]
+    if errs:
+        self.ledger.failures += len(errs)
+        first = errs[0][1]
+        raise LLMError(
+            f"{len(errs)} of {len(reqs)} requests failed; first: {first} "
+            f"({len(reqs) - len(errs)} answered and cached)"
+        ) from first
+    return out
 
-            out = await asyncio.gather(*(run(i, r) for i, r in enumerate(reqs)), return_exceptions=True)
-            bar.close()
-        return out
-
-    @staticmethod
-    def _hook(f):
-        async def hook(request):
-            f(request)
-
-        return hook
-
-    def complete_many(self, reqs: list, desc: str = "") -> list[str]:
-        "Answers for `reqs` (Requests or prompt strings), in order; raises `LLMError` naming a failed request."
-        reqs = [user(r, name=f"#{i}") if isinstance(r, str) else r for i, r in enumerate(reqs)]
-        out = _run_coro(self._many(reqs, desc))
-        errs = [(r, e) for r, e in zip(reqs, out) if isinstance(e, BaseException)]
-        if errs:
-            self.ledger.failures += len(errs)
-            first = errs[0][1]
-            raise LLMError(
-                f"{len(errs)} of {len(reqs)} requests failed; first: {first} "
-                f"({len(reqs) - len(errs)} answered and cached)"
-            ) from first
-        return out
-
-    def complete(self, req) -> str:
-        return self.complete_many([req])[0]
+@patch
+def complete(self: LLMClient, req) -> str:
+    return self.complete_many([req])[0]
 
 # %% ../nbs/04_llm.ipynb #04-llm-011b
 def ledgers(**users) -> dict | None:
