@@ -5,12 +5,14 @@
 # %% ../nbs/05_teacher.ipynb #05-teacher-003
 from __future__ import annotations
 import random, re
+from fastcore.basics import patch
 from .atoms import split_atoms, entities, wordnet, NUMBER, NAME, NOT_NAMES
 from .config import LLMCfg
 from .llm import LLMClient, user, complete_parsed, parse_list, parse_json, ParseError
 
 # %% auto #0
-__all__ = ['PROMPTS', 'perturb', 'HeuristicTeacher', 'LLMTeacher', 'make_teacher']
+__all__ = ['PROMPTS', 'perturb', 'HeuristicTeacher', 'parse_rewrite', 'parse_text', 'revision_parser', 'LLMTeacher',
+           'make_teacher']
 
 # %% ../nbs/05_teacher.ipynb #05-teacher-009
 _AUX = re.compile(r"\b(is|are|was|were|can|could|will|would|should|may|might|must|has|have|had|does|do|did)( not)?\b")
@@ -174,6 +176,37 @@ def _numbered(atoms):
     return "\n".join(f"{i + 1}. {a}" for i, a in enumerate(atoms))
 
 # %% ../nbs/05_teacher.ipynb #05-teacher-015a
+def parse_rewrite(s: str) -> dict:
+    "A rewritten pair: a JSON object with non-empty `question` and `answer` strings."
+    d = parse_json(s)
+    if not (
+        isinstance(d, dict)
+        and isinstance(d.get("question"), str)
+        and isinstance(d.get("answer"), str)
+        and d["question"].strip()
+        and d["answer"].strip()
+    ):
+        raise ParseError('expected {"question": str, "answer": str}')
+    return {"question": d["question"].strip(), "answer": d["answer"].strip()}
+
+def parse_text(s: str) -> str:
+    "A non-empty answer, stripped."
+    if not s.strip():
+        raise ParseError("empty answer")
+    return s.strip()
+
+def revision_parser(n: int):
+    "A parser for the revisions of an answer with `n` atoms: a JSON list of exactly `n` strings."
+
+    def parse(s):
+        d = parse_json(s)
+        if not (isinstance(d, list) and len(d) == n and all(isinstance(x, str) for x in d)):
+            raise ParseError(f"expected a JSON list of {n} strings")
+        return d
+
+    return parse
+
+# %% ../nbs/05_teacher.ipynb #05-teacher-015a2
 class LLMTeacher:
     "The teacher tasks through an OpenAI-compatible model (`cfg.backend == 'llm'`)."
 
@@ -205,73 +238,42 @@ class LLMTeacher:
             out[i] = g
         return out
 
-    def rewrite(self, questions, atom_lists, names=None) -> list:
-        names = self._names("rewrite", len(questions), names)
 
-        def parse(s):
-            d = parse_json(s)
-            if not (
-                isinstance(d, dict)
-                and isinstance(d.get("question"), str)
-                and isinstance(d.get("answer"), str)
-                and d["question"].strip()
-                and d["answer"].strip()
-            ):
-                raise ParseError('expected {"question": str, "answer": str}')
-            return {"question": d["question"].strip(), "answer": d["answer"].strip()}
+# %% ../nbs/05_teacher.ipynb #05-teacher-015a3
+@patch
+def rewrite(self: LLMTeacher, questions, atom_lists, names=None) -> list:
+    names = self._names("rewrite", len(questions), names)
+    reqs = [
+        user(PROMPTS["rewrite"].format(question=q, atoms=_numbered(a)), name=n)
+        for q, a, n in zip(questions, atom_lists, names)
+    ]
+    return complete_parsed(self.client, reqs, parse_rewrite, "rewrite")
 
-        return complete_parsed(
-            self.client,
-            [
-                user(PROMPTS["rewrite"].format(question=q, atoms=_numbered(a)), name=n)
-                for q, a, n in zip(questions, atom_lists, names)
-            ],
-            parse,
-            "rewrite",
+@patch
+def rephrase(self: LLMTeacher, answers, atom_lists, names=None) -> list:
+    names = self._names("rephrase", len(answers), names)
+    reqs = [user(PROMPTS["rephrase"].format(answer=a), name=n) for a, n in zip(answers, names)]
+    return complete_parsed(self.client, reqs, parse_text, "rephrase")
+
+# %% ../nbs/05_teacher.ipynb #05-teacher-015a4
+@patch
+def revise(self: LLMTeacher, atom_lists, names=None, pool=None) -> list:
+    names = self._names("revise", len(atom_lists), names)
+    out = []
+    # one call per answer (the list length must match that answer's atom count)
+    reqs = [user(PROMPTS["revise"].format(atoms=_numbered(a)), name=n) for a, n in zip(atom_lists, names)]
+    raws = self.client.complete_many(reqs, "revise")
+    for req, atoms, raw in zip(reqs, atom_lists, raws):
+        try:
+            revs = revision_parser(len(atoms))(raw)
+        except ParseError:
+            revs = complete_parsed(self.client, [req], revision_parser(len(atoms)), "revise")[0]
+        out.append(
+            None
+            if revs is None
+            else [(r.strip(), "llm") if r.strip() and r.strip() != a else None for a, r in zip(atoms, revs)]
         )
-
-    def rephrase(self, answers, atom_lists, names=None) -> list:
-        names = self._names("rephrase", len(answers), names)
-
-        def parse(s):
-            if not s.strip():
-                raise ParseError("empty answer")
-            return s.strip()
-
-        return complete_parsed(
-            self.client,
-            [user(PROMPTS["rephrase"].format(answer=a), name=n) for a, n in zip(answers, names)],
-            parse,
-            "rephrase",
-        )
-
-    def revise(self, atom_lists, names=None, pool=None) -> list:
-        names = self._names("revise", len(atom_lists), names)
-
-        def parser(n):
-            def parse(s):
-                d = parse_json(s)
-                if not (isinstance(d, list) and len(d) == n and all(isinstance(x, str) for x in d)):
-                    raise ParseError(f"expected a JSON list of {n} strings")
-                return d
-
-            return parse
-
-        out = []
-        # one call per answer (the list length must match that answer's atom count)
-        reqs = [user(PROMPTS["revise"].format(atoms=_numbered(a)), name=n) for a, n in zip(atom_lists, names)]
-        raws = self.client.complete_many(reqs, "revise")
-        for req, atoms, raw in zip(reqs, atom_lists, raws):
-            try:
-                revs = parser(len(atoms))(raw)
-            except ParseError:
-                revs = complete_parsed(self.client, [req], parser(len(atoms)), "revise")[0]
-            out.append(
-                None
-                if revs is None
-                else [(r.strip(), "llm") if r.strip() and r.strip() != a else None for a, r in zip(atoms, revs)]
-            )
-        return out
+    return out
 
 # %% ../nbs/05_teacher.ipynb #05-teacher-015b
 def make_teacher(cfg: LLMCfg, stage: str = "teacher", seed: int = 0, max_atoms: int = 0):
