@@ -354,6 +354,34 @@ class LocalServer:
         return self.log.read_text().count("POST /v1/chat/completions")
 
 # %% ../nbs/04_llm.ipynb #04-llm-016a
+def _serve_command(mdir, port: int, extra=()) -> tuple[list[str], dict]:
+    "The `transformers serve` command line and environment for model folder `mdir` on 127.0.0.1:`port`."
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(home() / "hf_cache"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    exe = Path(sys.executable).parent / "transformers"
+    device = "cpu" if not _cuda() else "auto"
+    return [str(exe), "serve", mdir, "--host", "127.0.0.1", "--port", str(port), "--device", device, *extra], env
+
+def _wait_healthy(proc, port: int, log: Path, timeout: float) -> None:
+    "Poll `/health` until it answers 200; raise with the log's tail if the server exits or `timeout` passes."
+    t0 = time.time()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"transformers serve exited ({proc.returncode}); log {log}:\n{log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() - t0 > timeout:
+            raise TimeoutError(f"transformers serve not healthy after {timeout}s; log {log}")
+        time.sleep(0.5)
+
+# %% ../nbs/04_llm.ipynb #04-llm-016a1
 @contextmanager
 def serve_local(model: str = "smollm2", port: int | None = None, log=None, timeout: float = 180, extra=()):
     "Run `transformers serve MODEL` on 127.0.0.1; yields a `LocalServer`."
@@ -363,44 +391,12 @@ def serve_local(model: str = "smollm2", port: int | None = None, log=None, timeo
     port = port or free_port()
     log = Path(log or Path(tempfile.gettempdir()) / f"serve-{port}.log")
     (home() / "hf_cache").mkdir(exist_ok=True)
-    env = {
-        **os.environ,
-        "HF_HUB_CACHE": str(home() / "hf_cache"),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    exe = Path(sys.executable).parent / "transformers"
-    cmd = [
-        str(exe),
-        "serve",
-        mdir,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--device",
-        "cpu" if not _cuda() else "auto",
-        *extra,
-    ]
+    cmd, env = _serve_command(mdir, port, extra)
     with open(log, "w") as lf:
         proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env)
-    srv = LocalServer(f"http://127.0.0.1:{port}/v1", mdir, proc, log)
     try:
-        t0 = time.time()
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"transformers serve exited ({proc.returncode}); log {log}:\n{log.read_text()[-2000:]}"
-                )
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() - t0 > timeout:
-                raise TimeoutError(f"transformers serve not healthy after {timeout}s; log {log}")
-            time.sleep(0.5)
-        yield srv
+        _wait_healthy(proc, port, log, timeout)
+        yield LocalServer(f"http://127.0.0.1:{port}/v1", mdir, proc, log)
     finally:
         proc.terminate()
         try:
