@@ -12,8 +12,9 @@ from .data import prompt, question, encode_prompt, encode_response, llama_factor
 from .runs import read_jsonl, write_json, write_jsonl, Stage
 
 # %% auto #0
-__all__ = ['KA', 'encode', 'ppl_reference', 'pack', 'ppl_packed', 'n_keep', 'select_difficult', 'ka_rows', 'write_ka_set',
-           'score_resumable', 'failure_rows', 'ka_stage', 'plot_ka']
+__all__ = ['KA', 'encode', 'ppl_reference', 'pack', 'batch_inputs', 'atom_ppls', 'ppl_packed', 'n_keep', 'select_difficult',
+           'ka_rows', 'write_ka_set', 'score_resumable', 'failure_rows', 'score_atoms', 'atom_rows', 'ka_stats',
+           'ka_stage', 'plot_ka']
 
 # %% ../nbs/06_ka.ipynb #06-ka-006
 def encode(tok, q: str, atoms: list[str], template: str = "alpaca"):
@@ -62,47 +63,53 @@ def _body(model):
     return getattr(m, m.base_model_prefix), m.lm_head
 
 # %% ../nbs/06_ka.ipynb #06-ka-010a
+def batch_inputs(packs: list, pad_id: int, dtype):
+    "Right-padded ids and position ids (B x L) and the additive attention mask (B x 1 x L x L) of `pack` outputs."
+    L = max(len(pk[0]) for pk in packs)
+    ids = torch.full((len(packs), L), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(packs), L), dtype=torch.long)
+    mask = torch.full((len(packs), 1, L, L), torch.finfo(dtype).min, dtype=dtype)
+    for r, (i_, p_, allowed, _) in enumerate(packs):
+        n = len(i_)
+        ids[r, :n] = torch.tensor(i_)
+        pos[r, :n] = torch.tensor(p_)
+        mask[r, 0, :n, :n].masked_fill_(allowed, 0.0)
+        mask[r, 0, n:, :].fill_(0.0)  # padding rows attend everywhere (their outputs are unused; avoids NaN rows)
+    return ids, pos, mask
+
+# %% ../nbs/06_ka.ipynb #06-ka-010d
+def atom_ppls(lp, lengths) -> list[float]:
+    "Per-atom perplexity from the log-probabilities `lp` of atoms of `lengths` laid end to end."
+    res, s = [], 0
+    for n in lengths:
+        res.append(math.exp(-lp[s : s + n].mean().item()))
+        s += n
+    return res
+
+# %% ../nbs/06_ka.ipynb #06-ka-010f
 @torch.no_grad()
 def ppl_packed(
     model, tok, questions, atom_lists, template: str = "alpaca", batch_questions: int = 8, progress=None
 ) -> list[list[float]]:
     "PPL of each atom given its question's prompt: one forward pass per question, batched."
     body, head = _body(model)
-    dev = model.device
-    dtype = next(model.parameters()).dtype
+    dev, dtype = model.device, next(model.parameters()).dtype
     enc = [encode(tok, q, a, template) for q, a in zip(questions, atom_lists)]
-    out = [None] * len(enc)
-    order = sorted(
-        range(len(enc)), key=lambda i: -(len(enc[i][0]) + sum(map(len, enc[i][1])))
-    )  # similar lengths together
+    out = [None if atoms else [] for _, atoms in enc]
+    # longest first, so a batch holds sequences of similar length
+    order = sorted(range(len(enc)), key=lambda i: -(len(enc[i][0]) + sum(map(len, enc[i][1]))))
     for b in range(0, len(order), batch_questions):
         idx = [i for i in order[b : b + batch_questions] if enc[i][1]]
-        for i in order[b : b + batch_questions]:
-            if not enc[i][1]:
-                out[i] = []
         if not idx:
             continue
         packs = [pack(*enc[i]) for i in idx]
-        L = max(len(pk[0]) for pk in packs)
-        ids = torch.full((len(idx), L), tok.pad_token_id, dtype=torch.long)
-        pos = torch.zeros((len(idx), L), dtype=torch.long)
-        mask = torch.full((len(idx), 1, L, L), torch.finfo(dtype).min, dtype=dtype)
-        for r, (i_, p_, allowed, _) in enumerate(packs):
-            n = len(i_)
-            ids[r, :n] = torch.tensor(i_)
-            pos[r, :n] = torch.tensor(p_)
-            mask[r, 0, :n, :n].masked_fill_(allowed, 0.0)
-            mask[r, 0, n:, :].fill_(0.0)  # padding rows attend everywhere (their outputs are unused; avoids NaN rows)
+        ids, pos, mask = batch_inputs(packs, tok.pad_token_id, dtype)
         h = body(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev)).last_hidden_state
         for r, (i, (_, _, _, pred)) in enumerate(zip(idx, packs)):
             flat = [x for pr in pred for x in pr]
             targets = torch.tensor([t for a in enc[i][1] for t in a], device=dev)
             lp = head(h[r, flat]).float().log_softmax(-1).gather(-1, targets[:, None])[:, 0]
-            res, s = [], 0
-            for a in enc[i][1]:
-                res.append(math.exp(-lp[s : s + len(a)].mean().item()))
-                s += len(a)
-            out[i] = res
+            out[i] = atom_ppls(lp, map(len, enc[i][1]))
         if progress is not None:
             progress.update(sum(len(enc[i][1]) for i in idx))
     return out
@@ -208,11 +215,49 @@ KA = Stage(
 )
 
 # %% ../nbs/06_ka.ipynb #06-ka-019b
+def score_atoms(cfg, questions, atom_lists, path: Path) -> tuple[list, float]:
+    "Perplexities of the atoms under the student's base model (resumable in `path`) and the seconds it took."
+    from knowtuning.assets import load_model
+
+    model, tok = load_model(cfg.student)
+    model.eval()
+    t0 = time.time()
+    ppls = score_resumable(model, tok, questions, atom_lists, path, cfg.student.template, cfg.ka.batch_questions)
+    return ppls, time.time() - t0
+
+def atom_rows(names, questions, answers, atom_lists, ppls, alpha: float, teacher: str) -> list[dict]:
+    "The rows of `ka/atoms.jsonl`: per answer its atoms, their perplexities and whether the filter keeps them."
+    rows = []
+    for i, (a, p) in enumerate(zip(atom_lists, ppls)):
+        keep = set(select_difficult(p, alpha))
+        atoms = [{"text": t, "ppl": round(x, 4), "kept": j in keep} for j, (t, x) in enumerate(zip(a, p))]
+        rows.append(
+            dict(index=i, record=names[i], question=questions[i], answer=answers[i], teacher=teacher, atoms=atoms)
+        )
+    return rows
+
+# %% ../nbs/06_ka.ipynb #06-ka-019d
+def ka_stats(rows, n_records: int, n_rewritten: int, n_failures: int, alpha, teacher: str, score_s: float) -> dict:
+    "The numbers of `ka/stats.json` (and the run manifest)."
+    n_atoms = sum(len(r["atoms"]) for r in rows)
+    return {
+        "records": n_records,
+        "teacher": teacher,
+        "atoms": n_atoms,
+        "kept": sum(a["kept"] for r in rows for a in r["atoms"]),
+        "answers_with_2plus_atoms": sum(len(r["atoms"]) >= 2 for r in rows),
+        "rewritten": n_rewritten,
+        "failures": n_failures,
+        "alpha": alpha,
+        "score_seconds": round(score_s, 2),
+        "atoms_per_s": round(n_atoms / max(score_s, 1e-9), 2),
+    }
+
+# %% ../nbs/06_ka.ipynb #06-ka-019f
 def ka_stage(cfg, run) -> Path:
     "Build the KA set for `cfg` in `run` (a `knowtuning.runs.Run`); returns the stage folder."
     from knowtuning.data import load_dataset
     from knowtuning.teacher import make_teacher
-    from knowtuning.assets import load_model
     from knowtuning.llm import ledgers
     from knowtuning.runs import require_yield
 
@@ -224,58 +269,25 @@ def ka_stage(cfg, run) -> Path:
         atoms = teacher.decompose(answers, names)
         failures = failure_rows("decompose", names, atoms, teacher, "no atomic fact found in the answer")
         atoms = [a or [] for a in atoms]
-        model, tok = load_model(cfg.student)
-        model.eval()
-        t0 = time.time()
-        ppls = score_resumable(model, tok, qs, atoms, out / "ppl.jsonl", cfg.student.template, cfg.ka.batch_questions)
-        score_s = time.time() - t0
-        del model
-        rows = []
-        for i, (a, p) in enumerate(zip(atoms, ppls)):
-            keep = set(select_difficult(p, cfg.ka.alpha))
-            rows.append(
-                {
-                    "index": i,
-                    "record": names[i],
-                    "question": qs[i],
-                    "answer": answers[i],
-                    "teacher": teacher.label,
-                    "atoms": [{"text": t, "ppl": round(x, 4), "kept": j in keep} for j, (t, x) in enumerate(zip(a, p))],
-                }
-            )
+        ppls, score_s = score_atoms(cfg, qs, atoms, out / "ppl.jsonl")
+        rows = atom_rows(names, qs, answers, atoms, ppls, cfg.ka.alpha, teacher.label)
         has = [r for r in rows if r["atoms"]]
-        has_names = [names[r["index"]] for r in has]
-        rw = teacher.rewrite(
-            [r["question"] for r in has], [[a["text"] for a in r["atoms"] if a["kept"]] for r in has], has_names
-        )
+        has_names = [r["record"] for r in has]
+        kept = [[a["text"] for a in r["atoms"] if a["kept"]] for r in has]
+        rw = teacher.rewrite([r["question"] for r in has], kept, has_names)
         failures += failure_rows("rewrite", has_names, rw, teacher, "the teacher returned no rewrite")
         write_jsonl(out / "atoms.jsonl", rows)
         write_jsonl(out / "failures.jsonl", failures)
         write_ka_set(out, ka_rows(ds.records, has, rw, teacher.label), cfg.student.template)
-        n_atoms = sum(len(r["atoms"]) for r in rows)
         n_rw = sum(w is not None for w in rw)
-        stats = {
-            "records": len(ds),
-            "teacher": teacher.label,
-            "atoms": n_atoms,
-            "kept": sum(a["kept"] for r in rows for a in r["atoms"]),
-            "answers_with_2plus_atoms": sum(len(r["atoms"]) >= 2 for r in rows),
-            "rewritten": n_rw,
-            "failures": len(failures),
-            "alpha": cfg.ka.alpha,
-            "score_seconds": round(score_s, 2),
-            "atoms_per_s": round(n_atoms / max(score_s, 1e-9), 2),
-        }
+        stats = ka_stats(rows, len(ds), n_rw, len(failures), cfg.ka.alpha, teacher.label, score_s)
         write_json(out / "stats.json", stats)
         plot_ka(rows, out)
         run.update_stage("ka", stats=stats, llm=ledgers(teacher=teacher))
-        reasons = {
-            "answers without atoms (decomposition failed)": len(ds) - len(has),
-            "rewrites failed": len(has) - n_rw,
-        }
-        require_yield(
-            "ka", n_rw, len(ds), "rewritten pairs", cfg.min_yield, reasons, [out / "stats.json", out / "failures.jsonl"]
-        )
+        reasons = {"answers without atoms (decomposition failed)": len(ds) - len(has)}
+        reasons["rewrites failed"] = len(has) - n_rw
+        files = [out / "stats.json", out / "failures.jsonl"]
+        require_yield("ka", n_rw, len(ds), "rewritten pairs", cfg.min_yield, reasons, files)
 
     return run.build(KA, cfg, make)
 
