@@ -11,7 +11,8 @@ from .runs import read_jsonl, write_json, write_jsonl, Stage
 from .config import ASPECTS
 
 # %% auto #0
-__all__ = ['KC', 'delete_atoms', 'revise_atoms', 'shuffle_atoms', 'build_pairs', 'write_kc_set', 'kc_stage']
+__all__ = ['KC', 'delete_atoms', 'revise_atoms', 'shuffle_atoms', 'perturb', 'build_pairs', 'write_kc_set', 'kc_items',
+           'kc_stage']
 
 # %% ../nbs/07_kc.ipynb #07-kc-006
 def delete_atoms(atoms: list[str], beta: float, rng: random.Random):
@@ -47,6 +48,15 @@ def shuffle_atoms(atoms: list[str], rng: random.Random):
     return [atoms[i] for i in perm], {"permutation": perm}
 
 # %% ../nbs/07_kc.ipynb #07-kc-009
+def perturb(aspect: str, atoms: list[str], revisions, beta: float, revise: float, rng: random.Random):
+    "The worse answer's atoms for `aspect` and how they were made, or (None, why not)."
+    if aspect == "completeness":
+        return delete_atoms(atoms, beta, rng)
+    if aspect == "factuality":
+        return (None, "revision failed") if revisions is None else revise_atoms(atoms, revisions, revise, rng)
+    return shuffle_atoms(atoms, rng)
+
+# %% ../nbs/07_kc.ipynb #07-kc-009c
 def build_pairs(
     items: list[dict], rephrased: list, revisions: list, beta: float, revise: float, seed: int, aspects=ASPECTS
 ) -> tuple[list[dict], dict]:
@@ -60,32 +70,15 @@ def build_pairs(
             stats["unperturbable_atoms"] += sum(r is None for r in revs)
         for aspect in aspects:
             rng = random.Random(f"{seed}:{aspect}:{it['index']}")
-            if chosen is None:
-                res, info = None, "rephrase failed"
-            elif aspect == "completeness":
-                res, info = delete_atoms(atoms, beta, rng)
-            elif aspect == "factuality":
-                res, info = (None, "revision failed") if revs is None else revise_atoms(atoms, revs, revise, rng)
-            else:
-                res, info = shuffle_atoms(atoms, rng)
+            res, info = (None, "rephrase failed") if chosen is None else perturb(aspect, atoms, revs, beta, revise, rng)
             st = stats[aspect]
             if res is None:
                 st["dropped"] += 1
                 st["reasons"][info] = st["reasons"].get(info, 0) + 1
                 continue
             st["pairs"] += 1
-            rows.append(
-                {
-                    "index": it["index"],
-                    "question": it["question"],
-                    "aspect": aspect,
-                    "chosen": chosen,
-                    "rejected": " ".join(res),
-                    "atoms": atoms,
-                    "rejected_atoms": res,
-                    **info,
-                }
-            )
+            row = dict(index=it["index"], question=it["question"], aspect=aspect, chosen=chosen)
+            rows.append({**row, "rejected": " ".join(res), "atoms": atoms, "rejected_atoms": res, **info})
     return rows, stats
 
 # %% ../nbs/07_kc.ipynb #07-kc-011
@@ -125,6 +118,15 @@ def write_kc_set(out: Path, rows: list[dict], template: str = "alpaca", name: st
 KC = Stage("kc", needs=("ka",), fields=("kc.beta", "kc.revise", "kc.aspects", "student.template", "teacher", "seed"))
 
 # %% ../nbs/07_kc.ipynb #07-kc-013a
+def kc_items(atom_rows: list[dict]) -> list[dict]:
+    "The answers KC perturbs: the rows of `ka/atoms.jsonl` with atoms, as {index, question, answer, atoms (texts)}."
+    return [
+        dict(index=r["index"], question=r["question"], answer=r["answer"], atoms=[a["text"] for a in r["atoms"]])
+        for r in atom_rows
+        if r["atoms"]
+    ]
+
+# %% ../nbs/07_kc.ipynb #07-kc-013b
 def kc_stage(cfg, run) -> Path:
     "Build the KC preference set for `cfg` in `run` from the KA stage's atoms (`ka/atoms.jsonl`)."
     from knowtuning.teacher import make_teacher
@@ -134,18 +136,8 @@ def kc_stage(cfg, run) -> Path:
 
     def make(out):
         arows = read_jsonl(run.path("ka") / "atoms.jsonl")
-        items = [
-            {
-                "index": r["index"],
-                "question": r["question"],
-                "answer": r["answer"],
-                "atoms": [a["text"] for a in r["atoms"]],
-            }
-            for r in arows
-            if r["atoms"]
-        ]
+        items, names = kc_items(arows), [r["record"] for r in arows if r["atoms"]]
         teacher = make_teacher(cfg.teacher, "kc", cfg.seed)
-        names = [r["record"] for r in arows if r["atoms"]]
         reph = teacher.rephrase([it["answer"] for it in items], [it["atoms"] for it in items], names)
         revise = "factuality" in cfg.kc.aspects
         revs = teacher.revise([it["atoms"] for it in items], names) if revise else [None] * len(items)
@@ -160,14 +152,7 @@ def kc_stage(cfg, run) -> Path:
         run.update_stage("kc", stats=stats, llm=ledgers(teacher=teacher))
         reasons = {f"{a}: {r}": n for a in cfg.kc.aspects for r, n in stats[a]["reasons"].items()}
         reasons["answers without atoms in KA"] = len(arows) - len(items)
-        require_yield(
-            "kc",
-            len(rows),
-            len(arows) * len(cfg.kc.aspects),
-            "pairs",
-            cfg.min_yield,
-            reasons,
-            [out / "stats.json", out / "failures.jsonl", run.path("ka") / "failures.jsonl"],
-        )
+        files = [out / "stats.json", out / "failures.jsonl", run.path("ka") / "failures.jsonl"]
+        require_yield("kc", len(rows), len(arows) * len(cfg.kc.aspects), "pairs", cfg.min_yield, reasons, files)
 
     return run.build(KC, cfg, make)
