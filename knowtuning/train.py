@@ -6,6 +6,7 @@
 from __future__ import annotations
 import json, math, os, random, time
 from pathlib import Path
+from fastcore.basics import patch
 import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
@@ -16,9 +17,9 @@ from .runs import write_json, Stage, YieldError
 from .config import system_of
 
 # %% auto #0
-__all__ = ['TRAIN_FIELDS', 'lora_config', 'processes', 'accumulation', 'trl_config', 'knowtuning_loss', 'sequence_logps',
-           'check_padding_free', 'KCTrainer', 'GradGuard', 'plot_losses', 'sft_features', 'dpo_features', 'train_sft',
-           'train_dpo', 'train_spec', 'train_stage']
+__all__ = ['TRAIN_FIELDS', 'lora_config', 'processes', 'accumulation', 'checkpoint_args', 'trl_config', 'knowtuning_loss',
+           'sequence_logps', 'check_padding_free', 'KCTrainer', 'GradGuard', 'plot_losses', 'sft_features',
+           'dpo_features', 'train_sft', 'train_dpo', 'train_spec', 'train_stage']
 
 # %% ../nbs/08_train.ipynb #08-train-006
 def lora_config(lc):
@@ -47,17 +48,31 @@ def accumulation(batch: int, per_device: int, n_proc: int, key: str = "train.bat
     return batch // (per_device * n_proc)
 
 # %% ../nbs/08_train.ipynb #08-train-006a
+def checkpoint_args(t, has_eval: bool) -> dict:
+    "Save (and with an eval split, evaluate) every `train.save_steps`; with an eval split restore the best by loss."
+    if not has_eval:
+        return dict(save_strategy="steps", save_steps=t.save_steps, save_total_limit=2, eval_strategy="no")
+    return dict(
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps",
+        eval_steps=t.save_steps,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+    )
+
+# %% ../nbs/08_train.ipynb #08-train-006b
 def trl_config(cfg, kind: str, output_dir, has_eval: bool = False, n_proc: int | None = None):
     "SFTConfig (kind 'sft') or DPOConfig (kind 'dpo') from our config: the only place trl arguments are set."
     from trl import SFTConfig, DPOConfig
 
     t = cfg.train
-    cuda = pick_device(cfg.student.device) == "cuda"
-    dpo = kind == "dpo"
+    cuda, dpo = pick_device(cfg.student.device) == "cuda", kind == "dpo"
     bs = t.kc_batch_size if dpo else t.batch_size
     per = min(t.per_device_batch, bs)
     accum = accumulation(bs, per, n_proc or processes(), "train.kc_batch_size" if dpo else "train.batch_size")
-    best = dict(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
     common = dict(
         output_dir=str(output_dir),
         seed=cfg.seed,
@@ -71,12 +86,7 @@ def trl_config(cfg, kind: str, output_dir, has_eval: bool = False, n_proc: int |
         lr_scheduler_type=t.scheduler,
         warmup_steps=0,
         logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=2,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=t.save_steps if has_eval else None,
-        **(best if has_eval else {}),
+        **checkpoint_args(t, has_eval),
         report_to=[] if t.report_to == "none" else [t.report_to],
         use_cpu=not cuda,
         bf16=cuda and cfg.student.dtype in ("auto", "bfloat16"),
@@ -172,11 +182,8 @@ class KCTrainer(DPOTrainer):
     def __init__(self, *a, reference: str = "base", ftx: float = 0.2, padding_free: bool = True, **kw):
         if reference not in ("base", "ka"):
             raise ValueError(f"config key 'train.reference': {reference!r} is not base | ka")
-        self.reference, self.ftx, self.kc_padding_free = (
-            reference,
-            ftx,
-            padding_free,
-        )  # before trl's __init__ precomputes
+        # set before trl's __init__, which already computes the precomputed reference log-probs
+        self.reference, self.ftx, self.kc_padding_free = reference, ftx, padding_free
         super().__init__(*a, **kw)
         m = self.accelerator.unwrap_model(self.model)
         if reference == "base" and isinstance(m, PeftModel) and "ref" in m.peft_config:
@@ -189,17 +196,6 @@ class KCTrainer(DPOTrainer):
             return dataset
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
-    def _reference(self):
-        "Context in which the policy model computes reference log-probs."
-        m = self.accelerator.unwrap_model(self.model)
-        if not isinstance(m, PeftModel):
-            raise ValueError("KCTrainer trains a LoRA adapter: pass a PeftModel")
-        if self.reference == "base":
-            return use_adapter(m, None)  # adapters disabled
-        if "ref" not in m.peft_config:
-            raise ValueError("config key 'train.reference': 'ka' needs a policy that starts from a trained adapter")
-        return use_adapter(m, "ref")
-
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # trl caches precomputed log-probs on disk keyed by (data, weights); base and ka share the weights:
         # key the choice too
@@ -210,32 +206,49 @@ class KCTrainer(DPOTrainer):
         finally:
             self._precompute_model_hash = h
 
-    def compute_ref_log_probs(self, model, inputs):
-        with (
-            torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            self._reference(),
-        ):
-            s, _ = sequence_logps(model, inputs, self.kc_padding_free)
-        return s.chunk(2, dim=0)
 
-    def _compute_loss(self, model, inputs, return_outputs=False):
-        mode = "train" if self.model.training else "eval"
-        s, n = sequence_logps(model, inputs, self.kc_padding_free)
-        (pol_c, pol_r), n_c = s.chunk(2, dim=0), n.chunk(2, dim=0)[0]  # batch is [chosen..., rejected...]
-        if "ref_chosen_logps" in inputs:
-            ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        else:
-            ref_c, ref_r = self.compute_ref_log_probs(model, inputs)
-        loss, dpo, sft = knowtuning_loss(
-            pol_c, pol_r, ref_c, ref_r, n_c, self.beta, self.ftx
-        )  # (Trainer put inputs on the device)
-        m, margin = self._metrics[mode], self.beta * ((pol_c - ref_c) - (pol_r - ref_r)).detach()
-        m["loss/dpo"].append(dpo.item())
-        m["loss/sft"].append(sft.item())
-        m["rewards/margins"].append(margin.mean().item())
-        m["rewards/accuracies"].append((margin > 0).float().mean().item())
-        return (loss, {}) if return_outputs else loss
+# %% ../nbs/08_train.ipynb #08-train-018b
+@patch
+def _reference(self: KCTrainer):
+    "Context in which the policy model computes reference log-probs."
+    m = self.accelerator.unwrap_model(self.model)
+    if not isinstance(m, PeftModel):
+        raise ValueError("KCTrainer trains a LoRA adapter: pass a PeftModel")
+    if self.reference == "base":
+        return use_adapter(m, None)  # adapters disabled
+    if "ref" not in m.peft_config:
+        raise ValueError("config key 'train.reference': 'ka' needs a policy that starts from a trained adapter")
+    return use_adapter(m, "ref")
+
+@patch
+def compute_ref_log_probs(self: KCTrainer, model, inputs):
+    "Summed log-probs of the chosen and the rejected answers under the reference (no gradient)."
+    with (
+        torch.no_grad(),
+        disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+        self._reference(),
+    ):
+        s, _ = sequence_logps(model, inputs, self.kc_padding_free)
+    return s.chunk(2, dim=0)
+
+# %% ../nbs/08_train.ipynb #08-train-018c
+@patch
+def _compute_loss(self: KCTrainer, model, inputs, return_outputs=False):
+    "The KC loss of a batch [chosen..., rejected...], logging its DPO and SFT parts and the reward margins."
+    mode = "train" if self.model.training else "eval"
+    s, n = sequence_logps(model, inputs, self.kc_padding_free)
+    (pol_c, pol_r), n_c = s.chunk(2, dim=0), n.chunk(2, dim=0)[0]  # batch is [chosen..., rejected...]
+    if "ref_chosen_logps" in inputs:
+        ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+    else:
+        ref_c, ref_r = self.compute_ref_log_probs(model, inputs)
+    loss, dpo, sft = knowtuning_loss(pol_c, pol_r, ref_c, ref_r, n_c, self.beta, self.ftx)  # inputs on the device
+    m, margin = self._metrics[mode], self.beta * ((pol_c - ref_c) - (pol_r - ref_r)).detach()
+    m["loss/dpo"].append(dpo.item())
+    m["loss/sft"].append(sft.item())
+    m["rewards/margins"].append(margin.mean().item())
+    m["rewards/accuracies"].append((margin > 0).float().mean().item())
+    return (loss, {}) if return_outputs else loss
 
 # %% ../nbs/08_train.ipynb #08-train-020
 class GradGuard(TrainerCallback):
