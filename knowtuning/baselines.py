@@ -9,7 +9,8 @@ from pathlib import Path
 from .runs import write_json, write_jsonl, Stage
 
 # %% auto #0
-__all__ = ['SAMPLES', 'best_worst_pairs', 'pairwise_prefs', 'prefs_spec', 'samples_stage', 'prefs_stage']
+__all__ = ['SAMPLES', 'best_worst_pairs', 'pairwise_prefs', 'prefs_spec', 'samples_stage', 'rlaif_prefs', 'facttune_prefs',
+           'prefs_stage']
 
 # %% ../nbs/09_baselines.ipynb #09-baselines-005
 def best_worst_pairs(prompts: list[str], samples: list[list[str]], scores: list[list[float]]) -> tuple[list[dict], int]:
@@ -106,46 +107,59 @@ def samples_stage(cfg, run) -> Path:
     return run.build(SAMPLES, cfg, make)
 
 # %% ../nbs/09_baselines.ipynb #09-baselines-008b
-def prefs_stage(cfg, run, kind: str) -> Path:
-    "Preference pairs for the `rlaif` or `facttune` baseline in `run` (needs samples_sft)."
+def rlaif_prefs(cfg, rows: list[dict], stage: str):
+    "RLAIF's pairs from the SFT samples `rows`: every pair of distinct samples judged in both orders."
     from knowtuning.judge import make_judge
+    from knowtuning.llm import ledgers
+
+    judge = make_judge(cfg.judge, stage)
+    samples, prompts = [r["samples"] for r in rows], [r["prompt"] for r in rows]
+    refs, questions = [r["reference"] for r in rows], [r["question"] for r in rows]
+    pairs, stats = pairwise_prefs(prompts, questions, refs, samples, judge.compare)
+    stats.update(scorer=judge.label, judge_failures=len(getattr(judge, "failures", [])))
+    return pairs, stats, ledgers(judge=judge)
+
+def facttune_prefs(cfg, rows: list[dict], stage: str, out: Path):
+    "FactTune's pairs: the most and the least factual sample per question (fact precision); scores in `out`."
     from knowtuning.facts import verify, fact_scores, make_verifier
     from knowtuning.teacher import make_teacher
     from knowtuning.llm import ledgers
+
+    teacher, verifier = make_teacher(cfg.teacher, stage, cfg.seed), make_verifier(cfg.judge, stage)
+    samples, prompts, refs = [r["samples"] for r in rows], [r["prompt"] for r in rows], [r["reference"] for r in rows]
+    flat = [s for ss in samples for s in ss]
+    facts = [f or [] for f in teacher.decompose(flat)]
+    verdicts, scorer = verify(facts, [r for r, ss in zip(refs, samples) for _ in ss], cfg.judge, verifier)
+    sc = [r["precision"] if r["facts"] else 0.0 for r in fact_scores(facts, verdicts)]
+    k = len(samples[0]) if samples else 0
+    scores = [sc[i * k : (i + 1) * k] for i in range(len(samples))]
+    pairs, ties = best_worst_pairs(prompts, samples, scores)
+    write_jsonl(out / "scores.jsonl", [{"index": i, "scores": c} for i, c in enumerate(scores)])
+    stats = {"no_pair_ties": ties, "scorer": scorer, "questions_with_pairs": len(pairs)}
+    return pairs, stats, ledgers(teacher=teacher, verifier=verifier)
+
+# %% ../nbs/09_baselines.ipynb #09-baselines-008c
+def prefs_stage(cfg, run, kind: str) -> Path:
+    "Preference pairs for the `rlaif` or `facttune` baseline in `run` (needs samples_sft)."
     from knowtuning.runs import read_jsonl, require_yield
 
     spec = prefs_spec(kind)
 
     def make(out):
         rows = read_jsonl(run.path("samples_sft") / "samples.jsonl")
-        samples, prompts = [r["samples"] for r in rows], [r["prompt"] for r in rows]
-        refs = [r["reference"] for r in rows]
         if kind == "rlaif":
-            judge = make_judge(cfg.judge, f"prefs_{kind}")
-            pairs, stats = pairwise_prefs(prompts, [r["question"] for r in rows], refs, samples, judge.compare)
-            stats.update(scorer=judge.label, judge_failures=len(getattr(judge, "failures", [])))
-            llm = ledgers(judge=judge)
+            pairs, stats, llm = rlaif_prefs(cfg, rows, spec.name)
         else:
-            teacher = make_teacher(cfg.teacher, f"prefs_{kind}", cfg.seed)
-            verifier = make_verifier(cfg.judge, f"prefs_{kind}")
-            flat = [s for ss in samples for s in ss]
-            facts = [f or [] for f in teacher.decompose(flat)]
-            verdicts, scorer = verify(facts, [r for r, ss in zip(refs, samples) for _ in ss], cfg.judge, verifier)
-            sc = [r["precision"] if r["facts"] else 0.0 for r in fact_scores(facts, verdicts)]
-            k = len(samples[0]) if samples else 0
-            scores = [sc[i * k : (i + 1) * k] for i in range(len(samples))]
-            pairs, ties = best_worst_pairs(prompts, samples, scores)
-            write_jsonl(out / "scores.jsonl", [{"index": i, "scores": c} for i, c in enumerate(scores)])
-            stats = {"no_pair_ties": ties, "scorer": scorer, "questions_with_pairs": len(pairs)}
-            llm = ledgers(teacher=teacher, verifier=verifier)
+            pairs, stats, llm = facttune_prefs(cfg, rows, spec.name, out)
         write_jsonl(out / "pairs.jsonl", pairs)
-        stats = {"questions": len(samples), "k": len(samples[0]) if samples else 0, "pairs": len(pairs), **stats}
+        k = len(rows[0]["samples"]) if rows else 0
+        stats = {"questions": len(rows), "k": k, "pairs": len(pairs), **stats}
         write_json(out / "stats.json", stats)
-        run.update_stage(f"prefs_{kind}", stats=stats, llm=llm)
+        run.update_stage(spec.name, stats=stats, llm=llm)
         require_yield(
-            f"prefs_{kind}",
+            spec.name,
             stats["questions_with_pairs"],
-            len(samples),
+            len(rows),
             "questions with a pair",
             cfg.min_yield,
             {k: v for k, v in stats.items() if k in ("split_or_tie", "no_pair_ties")},
