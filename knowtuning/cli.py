@@ -145,6 +145,8 @@ def _report_args(p):
     p.add_argument("--combine", nargs="+", metavar="RUN_DIR", help="combine these runs' tables (e.g. both domains)")
     p.add_argument("--out", default=None, help="--combine: output folder (default: <runs>/combined-<names>)")
 
+
+# %% ../nbs/99_cli.ipynb #99-cli-005c2
 def _step_cmd(step):
     def cmd(a):
         from knowtuning.pipeline import reproduce

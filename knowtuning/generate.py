@@ -8,12 +8,12 @@ import hashlib, json, time
 from pathlib import Path
 import torch
 from tqdm.auto import tqdm
-from .runs import read_jsonl, Stage
-from .data import encode_prompt
+from .runs import read_jsonl, write_jsonl, Stage
+from .data import encode_prompt, question
 
 # %% auto #0
 __all__ = ['GEN_FIELDS', 'gen_kwargs', 'left_pad', 'generate', 'api_client', 'adapter_fingerprint', 'generate_api', 'gen_spec',
-           'generate_stage']
+           'append_predictions', 'finish_predictions', 'system_generator', 'generate_stage']
 
 # %% ../nbs/10_generate.ipynb #10-generate-005
 def gen_kwargs(g, tok) -> dict:
@@ -129,21 +129,48 @@ def gen_spec(system: str) -> Stage:
     return Stage(f"gen_{system}", () if system == "base" else (f"train_{system}",), GEN_FIELDS)
 
 # %% ../nbs/10_generate.ipynb #10-generate-010a
+def append_predictions(path: Path, ds, indices: list[int], texts: list[str]) -> None:
+    "Append {index, question, reference, prediction} rows for the records `indices` of `ds` (a resumable file)."
+    with open(path, "a") as f:
+        for i, t in zip(indices, texts):
+            row = {"index": i, "question": question(ds[i]), "reference": ds[i]["output"], "prediction": t}
+            f.write(json.dumps(row) + "\n")
+
+def finish_predictions(partial: Path, final: Path) -> None:
+    "The appended rows in index order, written atomically to `final`; the partial file removed."
+    write_jsonl(final, sorted(read_jsonl(partial), key=lambda r: r["index"]))
+    partial.unlink()
+
+# %% ../nbs/10_generate.ipynb #10-generate-010a2
+def system_generator(cfg, run, system: str):
+    "(`answer(prompts, on_batch)`, API client or None): `system` answering locally or through `generate.api`."
+    from knowtuning.assets import load_model
+
+    adapter = None if system == "base" else run.path(f"train_{system}") / "adapter"
+    if cfg.generate.backend == "api":
+        client, salt = api_client(cfg.generate.api, system), adapter_fingerprint(adapter)
+
+        def answer(prompts, on_batch):
+            on_batch(list(range(len(prompts))), generate_api(client, system, prompts, cfg.generate, salt=salt))
+
+        return answer, client
+    model, tok = load_model(cfg.student, adapter=adapter)
+    model.eval()
+
+    def answer(prompts, on_batch):
+        generate(model, tok, prompts, cfg.generate, on_batch=on_batch, template=cfg.student.template)
+
+    return answer, None
+
+# %% ../nbs/10_generate.ipynb #10-generate-010a3
 def generate_stage(cfg, run, system: str) -> Path:
     "Predictions of `system` on every test set of `cfg`."
-    from knowtuning.assets import load_model
-    from knowtuning.data import load_dataset, prompt, question, dataset_key
+    from knowtuning.data import load_dataset, prompt, dataset_key
     from knowtuning.llm import ledgers
 
     def make(out):
-        torch.manual_seed(cfg.seed)
-        api = cfg.generate.backend == "api"
-        client = api_client(cfg.generate.api, system) if api else None
-        adapter = None if system == "base" else run.path(f"train_{system}") / "adapter"
-        salt = adapter_fingerprint(adapter) if api else ""
-        if not api:
-            model, tok = load_model(cfg.student, adapter=adapter)
-            model.eval()
+        torch.manual_seed(cfg.seed)  # before the adapter is loaded, as generation's sampling depends on it
+        answer, client = system_generator(cfg, run, system)
         t0, n_new = time.time(), 0
         for name in cfg.data.test:
             ds = load_dataset(name, lenient=cfg.data.lenient, n=cfg.data.n_test)
@@ -153,30 +180,13 @@ def generate_stage(cfg, run, system: str) -> Path:
             todo = [i for i in range(len(ds)) if i not in done]
 
             def save(idx, texts, todo=todo, ds=ds, path=path):
-                with open(path, "a") as f:
-                    for j, t in zip(idx, texts):
-                        i = todo[j]
-                        f.write(
-                            json.dumps(
-                                {"index": i, "question": question(ds[i]), "reference": ds[i]["output"], "prediction": t}
-                            )
-                            + "\n"
-                        )
+                append_predictions(path, ds, [todo[j] for j in idx], texts)
 
-            ps = [prompt(ds[i], cfg.student.template) for i in todo]
-            if api:
-                save(list(range(len(todo))), generate_api(client, system, ps, cfg.generate, salt=salt))
-            else:
-                generate(model, tok, ps, cfg.generate, on_batch=save, template=cfg.student.template)
+            answer([prompt(ds[i], cfg.student.template) for i in todo], save)
             n_new += len(todo)
-            rows = sorted(read_jsonl(path), key=lambda r: r["index"])
-            (out / f"{key}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            path.unlink()
-        run.update_stage(
-            f"gen_{system}",
-            generated=n_new,
-            seconds_generating=round(time.time() - t0, 2),
-            llm=ledgers(generator=client) if api else None,
-        )
+            finish_predictions(path, out / f"{key}.jsonl")
+        seconds = round(time.time() - t0, 2)
+        llm = ledgers(generator=client) if client else None
+        run.update_stage(f"gen_{system}", generated=n_new, seconds_generating=seconds, llm=llm)
 
     return run.build(gen_spec(system), cfg, make, [system])
