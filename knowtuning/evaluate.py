@@ -11,7 +11,8 @@ from .runs import read_jsonl, write_json, write_jsonl, atomic_write, Stage
 from .metrics import paired_bootstrap
 
 # %% auto #0
-__all__ = ['summarize_judge', 'identical_share', 'paired_diffs', 'score_system', 'judge_against', 'eval_spec', 'evaluate_stage']
+__all__ = ['summarize_judge', 'identical_share', 'paired_diffs', 'score_system', 'judge_against', 'eval_spec', 'judge_set',
+           'evaluate_set', 'evaluate_stage']
 
 # %% ../nbs/14_evaluate.ipynb #14-evaluate-005
 def _csv(rows: list[dict]) -> str:
@@ -121,6 +122,40 @@ def eval_spec(systems) -> Stage:
     )
 
 # %% ../nbs/14_evaluate.ipynb #14-evaluate-007ba
+def judge_set(ds: dict, name: str, preds: dict, main: str, judge, cfg) -> list[dict]:
+    "`main` against every other system on one test set: rates, CIs and call counts go into `ds`; the verdict rows."
+    rows = []
+    for b in (s for s in preds if s != main):
+        vs, js = judge_against(preds[main], preds[b], judge, cfg, f"{name}: {main} vs {b}")
+        keys = [{"dataset": name, "system": main, "baseline": b, "index": x["index"]} for x in preds[main]]
+        rows += [{**k, **v} for k, v in zip(keys, vs)]
+        ds["judge"][b], ds["judge_ci"][b] = js["rates"], js["ci"]
+        ds["judge_calls"][b] = {"judged": js["judged"], "failed": js["failed"]}
+    return rows
+
+def evaluate_set(run, source: str, cfg, main: str, teacher, judge, verifier) -> tuple[dict, list, list]:
+    "(summary, per-example rows, verdict rows) of one test set: metrics and facts per system, paired diffs, judge."
+    from knowtuning.data import dataset_key
+
+    systems, name = list(cfg.systems), dataset_key(source)
+    preds = {s: read_jsonl(run.path(f"gen_{s}") / f"{name}.jsonl") for s in systems}
+    has_ref = all(r["reference"].strip() for r in preds[systems[0]])
+    ds = dict(source=source, n=len(preds[systems[0]]), has_references=has_ref, systems={}, judge={}, judge_ci={})
+    ds["judge_calls"], scores, per_ex = {}, {}, []
+    for s in systems:
+        rows, scores[s], ds["systems"][s] = score_system(preds[s], has_ref, teacher, verifier, cfg, f"{name}: {s}")
+        per_ex += [{"dataset": name, "system": s, **r} for r in rows]
+    answers = [(s, [r["prediction"] for r in preds[s]]) for s in systems]
+    pairs = [(a, x, b, y) for i, (a, x) in enumerate(answers) for b, y in answers[i + 1 :]]
+    ds["identical"] = {f"{a} = {b}": identical_share(x, y) for a, x, b, y in pairs}
+    verdicts = []
+    if main in systems and has_ref:
+        ds["diffs"] = paired_diffs(scores, main, cfg.eval.bootstrap, cfg.seed)
+    if main in systems and (has_ref or cfg.judge.backend == "llm"):
+        verdicts = judge_set(ds, name, preds, main, judge, cfg)
+    return ds, per_ex, verdicts
+
+# %% ../nbs/14_evaluate.ipynb #14-evaluate-007bb
 def evaluate_stage(cfg, run, main: str = "knowtuning") -> Path:
     "Metrics, facts and judge verdicts for every system's predictions (needs gen_<system> stages)."
     from knowtuning.facts import make_verifier, verifier_label
@@ -129,71 +164,23 @@ def evaluate_stage(cfg, run, main: str = "knowtuning") -> Path:
     from knowtuning.llm import ledgers
     from knowtuning.data import dataset_key
 
-    systems = list(cfg.systems)
-
     def make(out):
         teacher, judge = make_teacher(cfg.teacher, "eval", cfg.seed), make_judge(cfg.judge, "eval")
         verifier = make_verifier(cfg.judge, "eval")
-        summary = {
-            "judge": judge.label,
-            "teacher": teacher.label,
-            "verifier": verifier_label(cfg.judge),
-            "datasets": {},
-        }
+        summary = dict(judge=judge.label, teacher=teacher.label, verifier=verifier_label(cfg.judge), datasets={})
         per_ex, verdict_rows = [], []
         for source in cfg.data.test:
-            name = dataset_key(source)
-            preds = {s: read_jsonl(run.path(f"gen_{s}") / f"{name}.jsonl") for s in systems}
-            has_ref = all(r["reference"].strip() for r in preds[systems[0]])
-            ds = summary["datasets"][name] = {
-                "source": source,
-                "n": len(preds[systems[0]]),
-                "has_references": has_ref,
-                "systems": {},
-                "judge": {},
-                "judge_ci": {},
-                "judge_calls": {},
-            }
-            scores = {}
-            for s in systems:
-                rows, scores[s], ds["systems"][s] = score_system(
-                    preds[s], has_ref, teacher, verifier, cfg, f"{name}: {s}"
-                )
-                per_ex += [{"dataset": name, "system": s, **r} for r in rows]
-            answers = {s: [r["prediction"] for r in preds[s]] for s in systems}
-            ds["identical"] = {
-                f"{a} = {b}": identical_share(answers[a], answers[b])
-                for i, a in enumerate(systems)
-                for b in systems[i + 1 :]
-            }
-            if main not in systems:
-                continue
-            if has_ref:
-                ds["diffs"] = paired_diffs(scores, main, cfg.eval.bootstrap, cfg.seed)
-            if not (has_ref or cfg.judge.backend == "llm"):
-                continue
-            for b in (s for s in systems if s != main):
-                vs, js = judge_against(preds[main], preds[b], judge, cfg, f"{name}: {main} vs {b}")
-                verdict_rows += [
-                    {"dataset": name, "system": main, "baseline": b, "index": x["index"], **v}
-                    for x, v in zip(preds[main], vs)
-                ]
-                ds["judge"][b], ds["judge_ci"][b] = js["rates"], js["ci"]
-                ds["judge_calls"][b] = {"judged": js["judged"], "failed": js["failed"]}
+            ds, rows, verdicts = evaluate_set(run, source, cfg, main, teacher, judge, verifier)
+            summary["datasets"][dataset_key(source)] = ds
+            per_ex += rows
+            verdict_rows += verdicts
         atomic_write(out / "per_example.csv", _csv(per_ex))
         write_jsonl(out / "verdicts.jsonl", verdict_rows)
-        failures = [
-            {"role": k, **f}
-            for k, u in (("teacher", teacher), ("judge", judge), ("verifier", verifier))
-            for f in (getattr(u, "failures", None) or [])
-        ]
+        roles = (("teacher", teacher), ("judge", judge), ("verifier", verifier))
+        failures = [{"role": k, **f} for k, u in roles for f in (getattr(u, "failures", None) or [])]
         write_jsonl(out / "failures.jsonl", failures)
         write_json(out / "summary.json", summary)
-        run.update_stage(
-            "eval",
-            llm=ledgers(teacher=teacher, judge=judge, verifier=verifier),
-            judge=judge.label,
-            failures=len(failures),
-        )
+        llm = ledgers(teacher=teacher, judge=judge, verifier=verifier)
+        run.update_stage("eval", llm=llm, judge=judge.label, failures=len(failures))
 
     return run.build(eval_spec(cfg.systems), cfg, make, [main])
