@@ -147,115 +147,108 @@ def _row(stage: str, role: str, cfg_llm, calls: int, pt: int, ct: int) -> dict:
     }
 
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-007ba
-def plan(cfg) -> list[dict]:
-    "Estimated LLM calls, tokens and cost per stage and role for `cfg`; [] when every role is offline."
-    from math import ceil, comb
-    from knowtuning.data import load_dataset, question
-    from knowtuning.teacher import PROMPTS
-    from knowtuning.atoms import split_atoms
-    from knowtuning.judge import JUDGE
-    from knowtuning.facts import VERIFY
-
-    t_llm, j_llm = cfg.teacher.backend == "llm", cfg.judge.backend == "llm"
-    train = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train).records
-    tests = [load_dataset(n, lenient=cfg.data.lenient, n=cfg.data.n_test).records for n in cfg.data.test]
-    cap = 4 * cfg.generate.max_new_tokens
-    gen = lambda r: r["output"][:cap]  # an answer of the student, by its length
-    n_atoms = lambda a: max(1, len(split_atoms(a)))
-    rows = []
+def _adder(cfg, rows: list):
+    "`add(stage, role, prompts, completion_tokens)`: append the estimate for sending `prompts` to `role` to `rows`."
 
     def add(stage, role, prompts, completion_tokens):
         cfg_llm = cfg.teacher if role == "teacher" else cfg.judge
         if prompts:
             rows.append(_row(stage, role, cfg_llm, len(prompts), sum(map(_tok, prompts)), completion_tokens))
 
-    if t_llm:
-        add(
-            "ka",
-            "teacher",
-            [PROMPTS["decompose"].format(answer=r["output"]) for r in train],
-            sum(_tok(r["output"]) for r in train),
-        )
-        kept = [
-            " ".join(a["text"] for a in split_atoms(r["output"])[: ceil(cfg.ka.alpha * n_atoms(r["output"]))])
-            for r in train
-        ]
-        add(
-            "ka",
-            "teacher",
-            [PROMPTS["rewrite"].format(question=question(r), atoms=k) for r, k in zip(train, kept)],
-            sum(_tok(question(r)) + _tok(k) + 10 for r, k in zip(train, kept)),
-        )
-        add(
-            "kc",
-            "teacher",
-            [PROMPTS["rephrase"].format(answer=r["output"]) for r in train],
-            sum(_tok(r["output"]) for r in train),
-        )
-        if "factuality" in cfg.kc.aspects:
-            add(
-                "kc",
-                "teacher",
-                [PROMPTS["revise"].format(atoms=r["output"]) for r in train],
-                sum(_tok(r["output"]) + 3 * n_atoms(r["output"]) for r in train),
-            )
-    k = cfg.train.k_samples
+    return add
+
+def _like_answer(cfg):
+    "A stand-in for the student's answer to a record: its reference, capped at `generate.max_new_tokens` tokens."
+    cap = 4 * cfg.generate.max_new_tokens
+    return lambda r: r["output"][:cap]
+
+def _n_atoms(answer: str) -> int:
+    from knowtuning.atoms import split_atoms
+
+    return max(1, len(split_atoms(answer)))
+
+# %% ../nbs/16_pipeline.ipynb #16-pipeline-007ba1
+def _plan_ka_kc(cfg, train: list[dict], add) -> None:
+    "The teacher's calls in KA (decompose, rewrite) and KC (rephrase, revise)."
+    from math import ceil
+    from knowtuning.data import question
+    from knowtuning.teacher import PROMPTS
+    from knowtuning.atoms import split_atoms
+
+    outs = [r["output"] for r in train]
+    add("ka", "teacher", [PROMPTS["decompose"].format(answer=a) for a in outs], sum(map(_tok, outs)))
+    kept = [" ".join(a["text"] for a in split_atoms(o)[: ceil(cfg.ka.alpha * _n_atoms(o))]) for o in outs]
+    add(
+        "ka",
+        "teacher",
+        [PROMPTS["rewrite"].format(question=question(r), atoms=k) for r, k in zip(train, kept)],
+        sum(_tok(question(r)) + _tok(k) + 10 for r, k in zip(train, kept)),
+    )
+    add("kc", "teacher", [PROMPTS["rephrase"].format(answer=a) for a in outs], sum(map(_tok, outs)))
+    if "factuality" in cfg.kc.aspects:
+        revise = [PROMPTS["revise"].format(atoms=a) for a in outs]
+        add("kc", "teacher", revise, sum(_tok(a) + 3 * _n_atoms(a) for a in outs))
+
+# %% ../nbs/16_pipeline.ipynb #16-pipeline-007ba2
+def _plan_prefs(cfg, train: list[dict], add) -> None:
+    "The baselines' calls: RLAIF's judge on every pair of samples (both orders), FactTune's teacher and verifier."
+    from math import comb
+    from knowtuning.data import question
+    from knowtuning.teacher import PROMPTS
+    from knowtuning.atoms import split_atoms
+    from knowtuning.judge import JUDGE
+    from knowtuning.facts import VERIFY
+
+    k, gen = cfg.train.k_samples, _like_answer(cfg)
+    t_llm, j_llm, n_cmp = cfg.teacher.backend == "llm", cfg.judge.backend == "llm", 2 * comb(k, 2)
     if "rlaif" in cfg.systems and j_llm:
-        add(
-            "prefs_rlaif",
-            "judge",
-            [
-                JUDGE.format(question=question(r), reference=r["output"], a=gen(r), b=gen(r))
-                for r in train
-                for _ in range(2 * comb(k, 2))
-            ],
-            30 * len(train) * 2 * comb(k, 2),
-        )
-    if "facttune" in cfg.systems:
-        if t_llm:
-            add(
-                "prefs_facttune",
-                "teacher",
-                [PROMPTS["decompose"].format(answer=gen(r)) for r in train for _ in range(k)],
-                k * sum(_tok(gen(r)) for r in train),
-            )
-        if j_llm:
-            facts = [(r, a["text"]) for r in train for a in split_atoms(gen(r))]
-            add(
-                "prefs_facttune",
-                "verifier",
-                [VERIFY.format(reference=r["output"], fact=f) for r, f in facts for _ in range(k)],
-                2 * k * len(facts),
-            )
-    systems = list(cfg.systems)
+        cmp = [JUDGE.format(question=question(r), reference=r["output"], a=gen(r), b=gen(r)) for r in train]
+        add("prefs_rlaif", "judge", [p for p in cmp for _ in range(n_cmp)], 30 * len(train) * n_cmp)
+    if "facttune" in cfg.systems and t_llm:
+        dec = [PROMPTS["decompose"].format(answer=gen(r)) for r in train for _ in range(k)]
+        add("prefs_facttune", "teacher", dec, k * sum(_tok(gen(r)) for r in train))
+    if "facttune" in cfg.systems and j_llm:
+        facts = [(r, a["text"]) for r in train for a in split_atoms(gen(r))]
+        ver = [VERIFY.format(reference=r["output"], fact=f) for r, f in facts for _ in range(k)]
+        add("prefs_facttune", "verifier", ver, 2 * k * len(facts))
+
+# %% ../nbs/16_pipeline.ipynb #16-pipeline-007ba3
+def _plan_eval(cfg, recs: list[dict], add) -> None:
+    "Evaluation's calls on one test set: decomposition and verification per system, the judge per comparison."
+    from knowtuning.data import question
+    from knowtuning.teacher import PROMPTS
+    from knowtuning.atoms import split_atoms
+    from knowtuning.judge import JUDGE
+    from knowtuning.facts import VERIFY
+
+    systems, gen = list(cfg.systems), _like_answer(cfg)
+    if cfg.teacher.backend == "llm":
+        dec = [PROMPTS["decompose"].format(answer=gen(r)) for r in recs for _ in systems]
+        add("eval", "teacher", dec, len(systems) * sum(_tok(gen(r)) for r in recs))
+    if cfg.judge.backend != "llm":
+        return
+    facts = [(r, a["text"]) for r in recs for a in split_atoms(gen(r))]
+    ver = [VERIFY.format(reference=r["output"], fact=f) for r, f in facts for _ in systems]
+    add("eval", "verifier", ver, 2 * len(systems) * len(facts))
+    if "knowtuning" in systems:
+        n_cmp = 2 * (len(systems) - 1)
+        cmp = [JUDGE.format(question=question(r), reference=r["output"], a=gen(r), b=gen(r)) for r in recs]
+        add("eval", "judge", [p for p in cmp for _ in range(n_cmp)], 30 * n_cmp * len(recs))
+
+# %% ../nbs/16_pipeline.ipynb #16-pipeline-007ba4
+def plan(cfg) -> list[dict]:
+    "Estimated LLM calls, tokens and cost per stage and role for `cfg`; [] when every role is offline."
+    from knowtuning.data import load_dataset
+
+    train = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train).records
+    tests = [load_dataset(n, lenient=cfg.data.lenient, n=cfg.data.n_test).records for n in cfg.data.test]
+    rows = []
+    add = _adder(cfg, rows)
+    if cfg.teacher.backend == "llm":
+        _plan_ka_kc(cfg, train, add)
+    _plan_prefs(cfg, train, add)
     for recs in tests:
-        if t_llm:
-            add(
-                "eval",
-                "teacher",
-                [PROMPTS["decompose"].format(answer=gen(r)) for r in recs for _ in systems],
-                len(systems) * sum(_tok(gen(r)) for r in recs),
-            )
-        if j_llm:
-            facts = [(r, a["text"]) for r in recs for a in split_atoms(gen(r))]
-            add(
-                "eval",
-                "verifier",
-                [VERIFY.format(reference=r["output"], fact=f) for r, f in facts for _ in systems],
-                2 * len(systems) * len(facts),
-            )
-            if "knowtuning" in systems:
-                n_cmp = 2 * (len(systems) - 1)
-                add(
-                    "eval",
-                    "judge",
-                    [
-                        JUDGE.format(question=question(r), reference=r["output"], a=gen(r), b=gen(r))
-                        for r in recs
-                        for _ in range(n_cmp)
-                    ],
-                    30 * n_cmp * len(recs),
-                )
+        _plan_eval(cfg, recs, add)
     return rows
 
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-007bb
