@@ -9,24 +9,28 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['COMMANDS', 'cmd_setup', 'cmd_doctor', 'cmd_config', 'cmd_data', 'cmd_plan', 'cmd_reproduce', 'cmd_report',
-           'cmd_train_system', 'cmd_serve', 'cmd_docs', 'cmd_readme', 'parser', 'main']
+           'cmd_train_system', 'cmd_train_run', 'cmd_serve', 'cmd_docs', 'cmd_readme', 'parser', 'main']
 
 # %% ../nbs/99_cli.ipynb #99-cli-005
 def _cfg_args(p):
-    p.add_argument("--preset", default="tiny", help="configs/<preset>.yaml (smoke, tiny, paper)")
+    p.add_argument("--preset", default="tiny", help="configs/<preset>.yaml (smoke, tiny, paper-dolly, paper-medquad)")
     p.add_argument("--config", default=None, help="a YAML file merged over the preset")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable"
     )
     p.add_argument("--run", default=None, help="run name (default: the preset name)")
     p.add_argument(
-        "--runs-dir", default=None, help="folder of runs (default: $KNOWTUNING_RUNS or runs/ in the checkout)"
+        "--runs-dir", default=None, help="folder of runs (default: $KNOWTUNING_RUNS, else ./runs)"
     )
+
+def _overrides(a) -> list:
+    "`--set` overrides, and `--launcher` as the override of `train.launcher` where the command has it."
+    return a.overrides + ([("train.launcher", a.launcher)] if getattr(a, "launcher", None) else [])
 
 def _load_cfg(a):
     from knowtuning.config import load_config
 
-    return load_config(a.preset, a.config, a.overrides)
+    return load_config(a.preset or None, a.config, _overrides(a))
 
 def cmd_setup(a):
     from knowtuning.assets import setup
@@ -71,8 +75,17 @@ def cmd_data(a):
         print(f"  {len(ds.duplicates)} duplicate questions kept (first: record {ds.duplicates[0][0]})")
     return 0
 
-def _reproduce_args(p):
+def _launch_args(p):
     _cfg_args(p)
+    p.add_argument(
+        "--launcher",
+        default=None,
+        metavar="CMD",
+        help='train through CMD in several processes, e.g. "torchrun --nproc_per_node 8" (sets train.launcher)',
+    )
+
+def _reproduce_args(p):
+    _launch_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the estimated LLM calls and cost, run nothing")
     p.add_argument("--yes", action="store_true", help="do not ask before a run estimated above confirm_above_usd")
 
@@ -118,7 +131,7 @@ def cmd_reproduce(a):
         return cmd_plan(a)
     if not _confirm_spend(_load_cfg(a), a.yes):
         return 3
-    run = reproduce(a.preset, a.config, a.overrides, a.run, a.runs_dir, only=getattr(a, "only", None))
+    run = reproduce(a.preset, a.config, _overrides(a), a.run, a.runs_dir, only=getattr(a, "only", None))
     rep = run.path("report") / "report.md"
     if rep.exists():
         print(f"report: {rep}")
@@ -151,23 +164,46 @@ def _step_cmd(step):
     def cmd(a):
         from knowtuning.pipeline import reproduce
 
-        reproduce(a.preset, a.config, a.overrides, a.run, a.runs_dir, only=[step])
+        reproduce(a.preset, a.config, _overrides(a), a.run, a.runs_dir, only=[step])
         return 0
 
     return cmd
 
 def _train_system_args(p):
     _cfg_args(p)
-    p.add_argument("--system", required=True)
+    p.add_argument("--system", required=True, nargs="+", help="systems to train, in this order")
 
-def cmd_train_system(a):
-    "Train one system in this process (no papermill): the entry point for `accelerate launch` on several GPUs."
-    from knowtuning.runs import Run, runs_root
+def _train_here(cfg, run, systems) -> int:
+    "Train `systems` of `run` in this process; under a launcher every process does, and the main one prints."
+    from knowtuning.runs import is_main
     from knowtuning.train import train_stage
 
-    cfg = _load_cfg(a)
-    print(train_stage(cfg, Run(cfg, a.runs_dir or runs_root(), a.run), a.system))
+    for s in systems:
+        adapter = train_stage(cfg, run, s)
+        if is_main():
+            print(s, adapter, flush=True)
     return 0
+
+def cmd_train_system(a):
+    "Train systems in this process (no papermill), from a preset: what `torchrun` / `accelerate launch` start."
+    from knowtuning.runs import Run, runs_root
+
+    cfg = _load_cfg(a)
+    return _train_here(cfg, Run(cfg, a.runs_dir or runs_root(), a.run), a.system)
+
+def _train_run_args(p):
+    p.add_argument("run_dir", help="a run folder (its config.yaml is the config)")
+    p.add_argument("systems", nargs="+", help="systems to train, in this order")
+
+def cmd_train_run(a):
+    """Train systems of an existing run folder in this process: what `train.launcher` starts in every process.
+    Positional arguments only, so no launcher's own options can capture ours."""
+    from knowtuning.config import load_config
+    from knowtuning.runs import Run
+
+    d = Path(a.run_dir)
+    cfg = load_config(None, d / "config.yaml")
+    return _train_here(cfg, Run(cfg, d.parent, d.name), a.systems)
 
 # %% ../nbs/99_cli.ipynb #99-cli-005d
 def cmd_serve(a):
@@ -233,8 +269,8 @@ COMMANDS |= {  # the pipeline: all steps, one step, one system
     ),
     "ka": (_step_cmd("ka"), "stage KA: decompose, perplexity filter, rewrite (06_ka.ipynb)", _cfg_args),
     "kc": (_step_cmd("kc"), "stage KC: delete / revise / shuffle preference pairs (07_kc.ipynb)", _cfg_args),
-    "train": (_step_cmd("train"), "train every system of the config but the baselines (08_train.ipynb)", _cfg_args),
-    "baselines": (_step_cmd("baselines"), "RLAIF / FactTune preferences and systems (09_baselines.ipynb)", _cfg_args),
+    "train": (_step_cmd("train"), "train every system of the config but the baselines (08_train.ipynb)", _launch_args),
+    "baselines": (_step_cmd("baselines"), "RLAIF / FactTune preferences and systems (09_baselines.ipynb)", _launch_args),
     "generate": (_step_cmd("generate"), "every system's answers to the test sets (10_generate.ipynb)", _cfg_args),
     "evaluate": (_step_cmd("evaluate"), "metrics, facts and the judge for every system (14_evaluate.ipynb)", _cfg_args),
     "report": (
@@ -244,9 +280,10 @@ COMMANDS |= {  # the pipeline: all steps, one step, one system
     ),
     "train-system": (
         cmd_train_system,
-        "train one system in-process (for accelerate launch / DeepSpeed)",
+        "train systems in this process (what torchrun / accelerate launch start in each process)",
         _train_system_args,
     ),
+    "train-run": (cmd_train_run, "train systems of a run folder in this process (what --launcher starts)", _train_run_args),
 }
 
 # %% ../nbs/99_cli.ipynb #99-cli-007a

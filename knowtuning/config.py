@@ -102,6 +102,7 @@ class TrainCfg:
     k_samples: int = 4  # RLAIF / FactTune: answers sampled per question from the SFT model
     save_steps: float = 0.1  # < 1: a fraction of the total steps (release: save and eval every 10%)
     logging_steps: int = 1
+    launcher: str = ""  # e.g. "torchrun --nproc_per_node 8": train the systems in that many processes
 
 # %% ../nbs/00_config.ipynb #00-config-006c
 @dataclass

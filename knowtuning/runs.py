@@ -13,8 +13,8 @@ from .config import Config, LLMCfg, to_yaml, project_root
 
 # %% auto #0
 __all__ = ['LLM_IDENTITY', 'atomic_write', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'fingerprint', 'file_hash',
-           'Stage', 'config_value', 'stage_fingerprint', 'command_for', 'runs_root', 'versions', 'Run', 'YieldError',
-           'require_yield']
+           'Stage', 'config_value', 'stage_fingerprint', 'command_for', 'runs_root', 'versions', 'processes', 'is_main',
+           'barrier', 'Run', 'YieldError', 'require_yield']
 
 # %% ../nbs/03_runs.ipynb #03-runs-006
 def atomic_write(path, data: str | bytes) -> Path:
@@ -124,6 +124,24 @@ def versions() -> dict:
             pass
     return out
 
+# %% ../nbs/03_runs.ipynb #03-runs-013q
+def processes() -> int:
+    "Number of processes of this job (`torchrun` / `accelerate launch` set `WORLD_SIZE`); 1 without a launcher."
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    "Is this the process that writes artifacts (global rank 0)?"
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def barrier() -> None:
+    "Wait until every process of the job gets here; a no-op in a single process."
+    if processes() > 1:
+        from accelerate import PartialState  # initializes the process group from the launcher's environment
+
+        PartialState().wait_for_everyone()
+
 # %% ../nbs/03_runs.ipynb #03-runs-013a
 class Run:
     "A run folder: resolved config, manifest, and atomically written, fingerprinted stage folders."
@@ -131,6 +149,8 @@ class Run:
     def __init__(self, cfg: Config, root="runs", name: str | None = None):
         self.cfg, self.dir = cfg, Path(root) / (name or cfg.name)
         self.dir.mkdir(parents=True, exist_ok=True)
+        if not is_main():
+            return
         atomic_write(self.dir / "config.yaml", to_yaml(cfg))
         m = self.manifest
         m.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -144,7 +164,8 @@ class Run:
         return read_json(p) if p.exists() else {}
 
     def _save(self, m):
-        write_json(self.dir / "manifest.json", m)
+        if is_main():  # one writer: the other processes of a multi-process job never touch the manifest
+            write_json(self.dir / "manifest.json", m)
 
     def update_stage(self, stage: str, **info):
         "Merge `info` into the manifest entry of `stage`."
@@ -164,13 +185,13 @@ class Run:
         marker = self.path(stage) / "_done.json"
         return read_json(marker).get("fingerprint") if marker.exists() else None
 
-
 # %% ../nbs/03_runs.ipynb #03-runs-013b
 @patch
 @contextmanager
 def stage(self: Run, stage: str, fp: str):
     """Build `stage` in a temporary folder, yielded as a Path (or None when the stage is already done with `fp`).
-    On success the folder replaces the old one and the manifest records the time taken."""
+    On success the main process moves the folder into place and the manifest records the time taken; in a
+    multi-process job every process waits until then."""
     if self.done(stage, fp):
         yield None
         return
@@ -178,18 +199,21 @@ def stage(self: Run, stage: str, fp: str):
     tmp.mkdir(parents=True, exist_ok=True)  # kept across a crash: stages may resume from what is in it
     t0 = time.time()
     yield tmp
-    write_json(tmp / "_done.json", {"fingerprint": fp})  # no timestamp: reruns are byte-identical
-    final = self.path(stage)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    self.update_stage(
-        stage,
-        fingerprint=fp,
-        seconds=round(time.time() - t0, 2),
-        built=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        builds=self.manifest.get("stages", {}).get(stage, {}).get("builds", 0) + 1,
-    )
+    barrier()  # every process has finished its part
+    if is_main():
+        write_json(tmp / "_done.json", {"fingerprint": fp})  # no timestamp: reruns are byte-identical
+        final = self.path(stage)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        self.update_stage(
+            stage,
+            fingerprint=fp,
+            seconds=round(time.time() - t0, 2),
+            built=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            builds=self.manifest.get("stages", {}).get(stage, {}).get("builds", 0) + 1,
+        )
+    barrier()  # committed before any process goes on to a stage that needs it
 
 # %% ../nbs/03_runs.ipynb #03-runs-014x
 @patch

@@ -4,22 +4,22 @@
 
 # %% ../nbs/08_train.ipynb #08-train-003
 from __future__ import annotations
-import json, math, os, random, time
+import json, math, os, random, shlex, shutil, subprocess, sys, time
+from collections import deque
 from pathlib import Path
 from fastcore.basics import patch
 import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 from .assets import load_model, pick_device
 from .data import encode_example
-from .runs import write_json, Stage, YieldError
-from .config import system_of
+from .runs import write_json, Stage, YieldError, processes, is_main
+from .config import system_of, ConfigError
 
 # %% auto #0
-__all__ = ['TRAIN_FIELDS', 'lora_config', 'processes', 'accumulation', 'checkpoint_args', 'trl_config', 'knowtuning_loss',
+__all__ = ['TRAIN_FIELDS', 'lora_config', 'accumulation', 'checkpoint_args', 'trl_config', 'check_launch', 'knowtuning_loss',
            'sequence_logps', 'check_padding_free', 'KCTrainer', 'GradGuard', 'plot_losses', 'sft_features',
-           'dpo_features', 'train_sft', 'train_dpo', 'train_spec', 'train_stage']
+           'dpo_features', 'train_sft', 'train_dpo', 'train_spec', 'train_stage', 'launch_command', 'train_systems']
 
 # %% ../nbs/08_train.ipynb #08-train-006
 def lora_config(lc):
@@ -33,10 +33,6 @@ def lora_config(lc):
         task_type="CAUSAL_LM",
         bias="none",
     )
-
-def processes() -> int:
-    "Number of training processes (`accelerate launch` / torchrun set WORLD_SIZE)."
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 def accumulation(batch: int, per_device: int, n_proc: int, key: str = "train.batch_size") -> int:
     "Gradient accumulation steps so that per_device x accumulation x processes == batch."
@@ -93,6 +89,7 @@ def trl_config(cfg, kind: str, output_dir, has_eval: bool = False, n_proc: int |
         fp16=False,
         dataloader_num_workers=0,
         gradient_checkpointing=t.gradient_checkpointing,
+        ddp_find_unused_parameters=False,  # LoRA uses every trainable parameter: skip DDP's extra graph walk
     )
     # our template encoder truncates every example to `train.cutoff` the way llmtuner 0.5.3 did (prompt and answer
     # in proportion); trl must not cut again (DPO: prompt + rejected may exceed the cutoff by the prompt's share)
@@ -101,6 +98,15 @@ def trl_config(cfg, kind: str, output_dir, has_eval: bool = False, n_proc: int |
             **common, beta=t.dpo_beta, loss_type=["sigmoid"], precompute_ref_log_probs=t.precompute_ref, max_length=None
         )
     return SFTConfig(**common, completion_only_loss=True, max_length=t.cutoff)
+
+# %% ../nbs/08_train.ipynb #08-train-007b
+def check_launch(cfg) -> None:
+    "Refuse a launch that cannot work before any weights are loaded: ZeRO-3 with nf4 (QLoRA)."
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" and cfg.student.quantize == "nf4":
+        raise ConfigError(
+            "config key 'student.quantize': nf4 (QLoRA) cannot run under DeepSpeed ZeRO-3, which shards parameters "
+            "that bitsandbytes keeps packed; launch with configs/accelerate/zero2.yaml or multi_gpu.yaml instead"
+        )
 
 # %% ../nbs/08_train.ipynb #08-train-009
 def knowtuning_loss(pol_c, pol_r, ref_c, ref_r, chosen_len, beta: float = 0.1, ftx: float = 0.2):
@@ -172,7 +178,9 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import use_adapter
 from trl.models.utils import disable_gradient_checkpointing
 from peft import PeftModel
-from datasets.fingerprint import Hasher
+from trl.models import prepare_deepspeed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 # %% ../nbs/08_train.ipynb #08-train-018a
 class KCTrainer(DPOTrainer):
@@ -197,14 +205,25 @@ class KCTrainer(DPOTrainer):
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        # trl caches precomputed log-probs on disk keyed by (data, weights); base and ka share the weights:
-        # key the choice too
-        h = self._precompute_model_hash
-        self._precompute_model_hash = Hasher.hash((h, self.reference))
-        try:
-            return super()._precompute_ref_logps(dataset, name, batch_size)
-        finally:
-            self._precompute_model_hash = h
+        """The reference log-probs of every pair, once before training. Each process scores its shard; the shards are
+        gathered in dataset order and added as columns on every process, in memory. (trl 1.16 caches them on disk
+        in a per-process temporary folder when the data is in memory, so the other processes of a multi-process
+        job cannot find them; keying that cache by weights only would also mix up reference base and ka.)"""
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+        model = self.model
+        if self.is_deepspeed_enabled:  # as trl: parameters still on CPU (ZeRO-2) or sharded (ZeRO-3) at this point
+            self._precompute_engine = self._precompute_engine or prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        chosen, rejected = [], []
+        bar = tqdm(self.accelerator.prepare(loader), desc=f"reference log-probs ({name})", disable=not is_main())
+        for batch in bar:
+            c, r = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+            chosen.append(c.float().cpu())
+            rejected.append(r.float().cpu())
+        ref = {"ref_chosen_logps": torch.cat(chosen).numpy(), "ref_rejected_logps": torch.cat(rejected).numpy()}
+        for k, v in ref.items():
+            dataset = dataset.add_column(k, v)
+        return dataset
 
 
 # %% ../nbs/08_train.ipynb #08-train-018b
@@ -243,9 +262,11 @@ def _compute_loss(self: KCTrainer, model, inputs, return_outputs=False):
     else:
         ref_c, ref_r = self.compute_ref_log_probs(model, inputs)
     loss, dpo, sft = knowtuning_loss(pol_c, pol_r, ref_c, ref_r, n_c, self.beta, self.ftx)  # inputs on the device
-    m, margin = self._metrics[mode], self.beta * ((pol_c - ref_c) - (pol_r - ref_r)).detach()
-    m["loss/dpo"].append(dpo.item())
-    m["loss/sft"].append(sft.item())
+    # logged over every process's pairs, as trl logs its own metrics (a no-op in a single process)
+    g = self.accelerator.gather
+    m, margin = self._metrics[mode], g(self.beta * ((pol_c - ref_c) - (pol_r - ref_r)).detach())
+    m["loss/dpo"].append(g(dpo.detach()).mean().item())
+    m["loss/sft"].append(g(sft.detach()).mean().item())
     m["rewards/margins"].append(margin.mean().item())
     m["rewards/accuracies"].append((margin > 0).float().mean().item())
     return (loss, {}) if return_outputs else loss
@@ -319,22 +340,37 @@ def dpo_features(tok, rows: list[dict], template: str, cutoff: int) -> list[dict
 
 # %% ../nbs/08_train.ipynb #08-train-024a
 def _finish(trainer, out: Path, t0: float, title: str) -> Path:
+    "Save the adapter (every process takes part: ZeRO-3 gathers the weights) and, on the main process only, the log."
     trainer.save_model(str(out / "adapter"))
-    hist = trainer.state.log_history
+    if not is_main():
+        return out / "adapter"
+    a, hist = trainer.args, trainer.state.log_history
     write_json(out / "log_history.json", hist)
     plot_losses(hist, out / "loss.png", title)
+    n = a.world_size
     write_json(
         out / "train_stats.json",
         {
             "seconds": round(time.time() - t0, 2),
             "steps": trainer.state.global_step,
             "best_checkpoint": trainer.state.best_model_checkpoint,
+            "processes": n,
+            "per_device_batch": a.per_device_train_batch_size,
+            "accumulation": a.gradient_accumulation_steps,
+            "effective_batch": a.per_device_train_batch_size * a.gradient_accumulation_steps * n,
         },
     )
     return out / "adapter"
 
-def _resume(ckdir: Path):
-    return get_last_checkpoint(str(ckdir)) if ckdir.exists() else None
+def _resume(ckdir: Path) -> str | None:
+    """The newest complete checkpoint in `ckdir` (its `trainer_state.json`, written last, is there), else None. A
+    checkpoint cut short by a kill is skipped; every process of a job picks the same one."""
+    done = [d for d in ckdir.glob("checkpoint-*") if (d / "trainer_state.json").exists()] if ckdir.exists() else []
+    if not done:
+        return None
+    last = max(done, key=lambda d: int(d.name.split("-")[-1]))
+    print(f"rank {os.environ.get('RANK', '0')}: resuming from {last.name}", flush=True)
+    return str(last)
 
 # %% ../nbs/08_train.ipynb #08-train-024b
 def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=()) -> Path:
@@ -446,6 +482,7 @@ def _rows(cfg, run, system):
 def train_stage(cfg, run, system: str) -> Path:
     "Train `system` (and nothing else) in `run`; its data and starting adapter must exist. Returns the adapter folder."
     spec, sys_ = train_spec(system), system_of(system)
+    check_launch(cfg)
 
     def make(out):
         rows = _rows(cfg, run, sys_)
@@ -456,7 +493,33 @@ def train_stage(cfg, run, system: str) -> Path:
             train_sft(cfg, rows, out, init_dir)
         else:
             train_dpo(cfg, rows, out, init_dir)
-        st = json.loads((out / "train_stats.json").read_text())
-        run.update_stage(f"train_{system}", examples=len(rows), **st)
+        if is_main():  # the other processes wrote no stats
+            st = json.loads((out / "train_stats.json").read_text())
+            run.update_stage(f"train_{system}", examples=len(rows), **st)
 
     return run.build(spec, cfg, make, [system]) / "adapter"
+
+# %% ../nbs/08_train.ipynb #08-train-028n
+def launch_command(cfg, run, systems) -> list[str]:
+    "The command line that trains `systems` of `run` through `train.launcher` (torchrun, accelerate launch, ...)."
+    argv = shlex.split(cfg.train.launcher)
+    exe = shutil.which(argv[0]) or shutil.which(argv[0], path=str(Path(sys.executable).parent))
+    if exe is None:
+        raise ConfigError(f"config key 'train.launcher': {argv[0]!r} is not on PATH (nor beside {sys.executable})")
+    return [exe, *argv[1:], "-m", "knowtuning.cli", "train-run", str(run.dir.resolve()), *systems]
+
+
+def train_systems(cfg, run, systems) -> dict:
+    """Train `systems` in order (dependencies first), in this process or through `train.launcher`; returns
+    {system: adapter folder}. The launcher's output is relayed line by line; a failure raises with its last lines."""
+    if cfg.train.launcher and systems and processes() == 1:
+        cmd = launch_command(cfg, run, systems)
+        print("$", shlex.join(cmd), flush=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        tail = deque(maxlen=30)
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            tail.append(line)
+        if proc.wait():
+            raise RuntimeError(f"training through '{cfg.train.launcher}' exited {proc.returncode}:\n" + "".join(tail))
+    return {s: train_stage(cfg, run, s) for s in systems}  # launched: every stage is current, nothing trains here
