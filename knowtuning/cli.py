@@ -23,6 +23,7 @@ def _cfg_args(p):
         "--runs-dir", default=None, help="folder of runs (default: $KNOWTUNING_RUNS, else ./runs)"
     )
 
+# %% ../nbs/99_cli.ipynb #99-cli-005-1
 def _overrides(a) -> list:
     "`--set` overrides, and `--launcher` as the override of `train.launcher` where the command has it."
     return a.overrides + ([("train.launcher", a.launcher)] if getattr(a, "launcher", None) else [])
@@ -75,6 +76,7 @@ def cmd_data(a):
         print(f"  {len(ds.duplicates)} duplicate questions kept (first: record {ds.duplicates[0][0]})")
     return 0
 
+# %% ../nbs/99_cli.ipynb #99-cli-005a-1
 def _launch_args(p):
     _cfg_args(p)
     p.add_argument(
@@ -191,6 +193,7 @@ def cmd_train_system(a):
     cfg = _load_cfg(a)
     return _train_here(cfg, Run(cfg, a.runs_dir or runs_root(), a.run), a.system)
 
+# %% ../nbs/99_cli.ipynb #99-cli-005c3
 def _train_run_args(p):
     p.add_argument("run_dir", help="a run folder (its config.yaml is the config)")
     p.add_argument("systems", nargs="+", help="systems to train, in this order")
@@ -269,8 +272,8 @@ COMMANDS |= {  # the pipeline: all steps, one step, one system
     ),
     "ka": (_step_cmd("ka"), "stage KA: decompose, perplexity filter, rewrite (06_ka.ipynb)", _cfg_args),
     "kc": (_step_cmd("kc"), "stage KC: delete / revise / shuffle preference pairs (07_kc.ipynb)", _cfg_args),
-    "train": (_step_cmd("train"), "train every system of the config but the baselines (08_train.ipynb)", _launch_args),
-    "baselines": (_step_cmd("baselines"), "RLAIF / FactTune preferences and systems (09_baselines.ipynb)", _launch_args),
+    "train": (_step_cmd("train"), "train every system of the config but baselines (08_train.ipynb)", _launch_args),
+    "baselines": (_step_cmd("baselines"), "RLAIF / FactTune preferences and systems (09_baselines)", _launch_args),
     "generate": (_step_cmd("generate"), "every system's answers to the test sets (10_generate.ipynb)", _cfg_args),
     "evaluate": (_step_cmd("evaluate"), "metrics, facts and the judge for every system (14_evaluate.ipynb)", _cfg_args),
     "report": (
@@ -283,7 +286,7 @@ COMMANDS |= {  # the pipeline: all steps, one step, one system
         "train systems in this process (what torchrun / accelerate launch start in each process)",
         _train_system_args,
     ),
-    "train-run": (cmd_train_run, "train systems of a run folder in this process (what --launcher starts)", _train_run_args),
+    "train-run": (cmd_train_run, "train systems of a run folder here (what --launcher starts)", _train_run_args),
 }
 
 # %% ../nbs/99_cli.ipynb #99-cli-007a

@@ -173,17 +173,21 @@ class Run:
         m.setdefault("stages", {}).setdefault(stage, {}).update(info)
         self._save(m)
 
-    def path(self, stage: str) -> Path:
-        return self.dir / stage
+# %% ../nbs/03_runs.ipynb #03-runs-013a2
+@patch
+def path(self: Run, stage: str) -> Path:
+    return self.dir / stage
 
-    def done(self, stage: str, fp: str | None = None) -> bool:
-        "Is `stage` complete (and, if `fp` is given, built from the same fingerprint)?"
-        marker = self.path(stage) / "_done.json"
-        return marker.exists() and (fp is None or read_json(marker).get("fingerprint") == fp)
+@patch
+def done(self: Run, stage: str, fp: str | None = None) -> bool:
+    "Is `stage` complete (and, if `fp` is given, built from the same fingerprint)?"
+    marker = self.path(stage) / "_done.json"
+    return marker.exists() and (fp is None or read_json(marker).get("fingerprint") == fp)
 
-    def fingerprint_of(self, stage: str) -> str | None:
-        marker = self.path(stage) / "_done.json"
-        return read_json(marker).get("fingerprint") if marker.exists() else None
+@patch
+def fingerprint_of(self: Run, stage: str) -> str | None:
+    marker = self.path(stage) / "_done.json"
+    return read_json(marker).get("fingerprint") if marker.exists() else None
 
 # %% ../nbs/03_runs.ipynb #03-runs-013b
 @patch

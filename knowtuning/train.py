@@ -204,27 +204,28 @@ class KCTrainer(DPOTrainer):
             return dataset
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
-    def _precompute_ref_logps(self, dataset, name, batch_size):
-        """The reference log-probs of every pair, once before training. Each process scores its shard; the shards are
-        gathered in dataset order and added as columns on every process, in memory. (trl 1.16 caches them on disk
-        in a per-process temporary folder when the data is in memory, so the other processes of a multi-process
-        job cannot find them; keying that cache by weights only would also mix up reference base and ka.)"""
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
-        model = self.model
-        if self.is_deepspeed_enabled:  # as trl: parameters still on CPU (ZeRO-2) or sharded (ZeRO-3) at this point
-            self._precompute_engine = self._precompute_engine or prepare_deepspeed(self.model, self.accelerator)
-            model = self._precompute_engine
-        chosen, rejected = [], []
-        bar = tqdm(self.accelerator.prepare(loader), desc=f"reference log-probs ({name})", disable=not is_main())
-        for batch in bar:
-            c, r = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
-            chosen.append(c.float().cpu())
-            rejected.append(r.float().cpu())
-        ref = {"ref_chosen_logps": torch.cat(chosen).numpy(), "ref_rejected_logps": torch.cat(rejected).numpy()}
-        for k, v in ref.items():
-            dataset = dataset.add_column(k, v)
-        return dataset
-
+# %% ../nbs/08_train.ipynb #08-train-018a2
+@patch
+def _precompute_ref_logps(self: KCTrainer, dataset, name, batch_size):
+    """The reference log-probs of every pair, once before training. Each process scores its shard; the shards are
+    gathered in dataset order and added as columns on every process, in memory. (trl 1.16 caches them on disk
+    in a per-process temporary folder when the data is in memory, so the other processes of a multi-process
+    job cannot find them; keying that cache by weights only would also mix up reference base and ka.)"""
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+    model = self.model
+    if self.is_deepspeed_enabled:  # as trl: parameters still on CPU (ZeRO-2) or sharded (ZeRO-3) at this point
+        self._precompute_engine = self._precompute_engine or prepare_deepspeed(self.model, self.accelerator)
+        model = self._precompute_engine
+    chosen, rejected = [], []
+    bar = tqdm(self.accelerator.prepare(loader), desc=f"reference log-probs ({name})", disable=not is_main())
+    for batch in bar:
+        c, r = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+        chosen.append(c.float().cpu())
+        rejected.append(r.float().cpu())
+    ref = {"ref_chosen_logps": torch.cat(chosen).numpy(), "ref_rejected_logps": torch.cat(rejected).numpy()}
+    for k, v in ref.items():
+        dataset = dataset.add_column(k, v)
+    return dataset
 
 # %% ../nbs/08_train.ipynb #08-train-018b
 @patch

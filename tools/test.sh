@@ -10,7 +10,7 @@ status=0
 echo "== nbdev_test (notebook test cells) =="
 nbdev_test --n_workers 2 --timing $flags || status=1
 echo "== pytest =="
-pytest tests "${marks[@]}" -q -ra --timeout 1800
+pytest tests "${marks[@]}" -q -ra --timeout 1800 --durations=25
 rc=$?
 if [ $rc = 5 ]; then echo "pytest: no tests collected"; rc=0; fi
 [ $rc = 0 ] || status=1
