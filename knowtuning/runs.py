@@ -221,16 +221,31 @@ def stage(self: Run, stage: str, fp: str):
 
 # %% ../nbs/03_runs.ipynb #03-runs-014x
 @patch
-def build(self: Run, spec: Stage, cfg, make, extra=()) -> Path:
-    """The stage contract: every stage in `spec.needs` must be done (else an error naming the command that builds
-    it); the fingerprint is made of exactly `spec.fields` of `cfg`, the upstream fingerprints and `extra`; `make`
-    is called with the temporary folder only when the stage is not current. Returns the stage folder."""
+def fingerprint_for(self: Run, spec: Stage, cfg, extra=()) -> str:
+    """The fingerprint `spec` would be built with now: exactly `spec.fields` of `cfg`, the fingerprints of the stages
+    in `spec.needs` and `extra`. A missing prerequisite is an error naming the command that builds it."""
     up = {}
     for n in spec.needs:
         if (fp := self.fingerprint_of(n)) is None:
             raise RuntimeError(f"stage {spec.name} needs stage {n} in {self.dir}: run `{command_for(n)}` first")
         up[n] = fp
-    with self.stage(spec.name, stage_fingerprint(spec, cfg, up, extra)) as out:
+    return stage_fingerprint(spec, cfg, up, extra)
+
+
+@patch
+def current(self: Run, spec: Stage, cfg, extra=()) -> bool:
+    "Is `spec` built and current (its prerequisites too)? Never raises."
+    try:
+        return self.done(spec.name, self.fingerprint_for(spec, cfg, extra))
+    except RuntimeError:
+        return False
+
+
+@patch
+def build(self: Run, spec: Stage, cfg, make, extra=()) -> Path:
+    """The stage contract: every stage in `spec.needs` must be done; `make` is called with the temporary folder only
+    when the stage is not current (`fingerprint_for`). Returns the stage folder."""
+    with self.stage(spec.name, self.fingerprint_for(spec, cfg, extra)) as out:
         if out is not None:
             make(out)
     return self.path(spec.name)

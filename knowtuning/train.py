@@ -510,13 +510,23 @@ def launch_command(cfg, run, systems) -> list[str]:
     return [exe, *argv[1:], "-m", "knowtuning.cli", "train-run", str(run.dir.resolve()), *systems]
 
 
+def _die_with_parent():
+    "Linux: the launcher gets SIGTERM when the kernel that started it dies, so a killed run leaves no trainers behind."
+    if sys.platform.startswith("linux"):
+        import ctypes, signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def train_systems(cfg, run, systems) -> dict:
     """Train `systems` in order (dependencies first), in this process or through `train.launcher`; returns
     {system: adapter folder}. The launcher's output is relayed line by line; a failure raises with its last lines."""
-    if cfg.train.launcher and systems and processes() == 1:
-        cmd = launch_command(cfg, run, systems)
+    todo = [s for s in systems if not run.current(train_spec(s), cfg, [s])]
+    if cfg.train.launcher and todo and processes() == 1:  # (all current: no processes are started)
+        cmd = launch_command(cfg, run, systems)  # all of them: the launched processes skip the current ones
         print("$", shlex.join(cmd), flush=True)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        kw = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(cmd, **kw)
         tail = deque(maxlen=30)
         for line in proc.stdout:
             print(line, end="", flush=True)

@@ -18,24 +18,37 @@ def outside_files(tmp_path, run_dir) -> set:
     files |= {p for p in home().rglob("*") if p.is_file()}
     return files | {p for p in tmp_path.rglob("*") if p.is_file() and run_dir not in p.parents}
 
+# the training steps in two real processes (torchrun, gloo): the pipeline a GPU user runs with --launcher; the
+# single-process pipeline runs end to end in tests/test_llm_path.py
+REPRODUCE = [str(BIN / "knowtuning"), "reproduce", "--preset", "smoke", "--launcher", "torchrun --nproc_per_node 2",
+             "--set", "train.per_device_batch=1"]
+
+def trainers() -> str:
+    "Training processes still alive (a killed pipeline must not leave any behind)."
+    r = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True)
+    return "\n".join(l for l in r.stdout.splitlines() if "knowtuning.cli train-run" in l or "torchrun" in l)
+
 def test_smoke_end_to_end_kill_resume_and_rerun(tmp_path):
     env = {**os.environ, "KNOWTUNING_RUNS": str(tmp_path)}
     run_dir = tmp_path / "smoke"
     outside = outside_files(tmp_path, run_dir)
     # 1. start, and kill the whole process group once training has written its first checkpoint
-    p = subprocess.Popen([str(BIN / "knowtuning"), "reproduce", "--preset", "smoke"], env=env, cwd=tmp_path,
+    p = subprocess.Popen(REPRODUCE, env=env, cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.time()
     while not list(run_dir.glob(".train_*.partial/checkpoints/checkpoint-*")) and time.time() - t0 < 600 and p.poll() is None:
         time.sleep(0.5)
     assert p.poll() is None, p.stdout.read().decode()[-3000:]
     os.killpg(p.pid, signal.SIGKILL); p.wait()
+    t0 = time.time()
+    while trainers() and time.time() - t0 < 60: time.sleep(1)     # the launcher dies with its kernel, and its workers
+    assert not trainers(), trainers()
     before = builds(run_dir)
     assert {"ka", "kc"} <= set(before) and not (run_dir / "report").exists()
     partial = list(run_dir.glob(".train_*.partial"))
     assert partial
     # 2. restart: completes without redoing finished stages
-    r = subprocess.run([str(BIN / "knowtuning"), "reproduce", "--preset", "smoke"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1500)
+    r = subprocess.run(REPRODUCE, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "IPKernelApp" not in r.stdout + r.stderr                          # kernel chatter goes to the step logs
     assert (run_dir / "notebooks" / "08_train.log").exists()
@@ -50,11 +63,14 @@ def test_smoke_end_to_end_kill_resume_and_rerun(tmp_path):
     assert "PROXY" in text and "preset smoke" in text and "student smollm2" in text
     assert {"train_sft", "train_ka", "train_knowtuning", "train_rlaif", "train_facttune", "train_wo_factuality",
             "samples_sft", "prefs_rlaif", "prefs_facttune", "gen_knowtuning", "eval", "report"} <= set(after)
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    for s in ("sft", "ka", "knowtuning", "wo_factuality", "rlaif", "facttune"):        # train and baselines steps
+        assert (stages[f"train_{s}"]["processes"], stages[f"train_{s}"]["effective_batch"]) == (2, 2), s
     new = outside_files(tmp_path, run_dir) - outside
     assert not new, f"files written outside the run folder: {sorted(map(str, new))[:10]}"
     # 3. rerun: every stage skipped
     t1 = time.time()
-    r = subprocess.run([str(BIN / "knowtuning"), "reproduce", "--preset", "smoke"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(REPRODUCE, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0
     assert builds(run_dir) == after
     print(f"rerun of a finished smoke run: {time.time() - t1:.1f} s")
