@@ -43,12 +43,20 @@ def _setup_args(p):
     p.add_argument("--quiet", action="store_true")
 
 def cmd_doctor(a):
+    "Embedded assets (present, path, size, fix), then the installed release files re-verified by blob id."
     from knowtuning.assets import doctor, format_doctor
+    from knowtuning.data import check_release, release_home
 
     rows, ok = doctor()
     print(format_doctor(rows))
     print("all required assets present" if ok else "some required assets are missing: run the fixes above")
-    return 0 if ok else 1
+    release = check_release()
+    for name, why in release:
+        print(f"{'ok' if why is None else 'EDITED':7s} release {name:22s} " + (why or "verified by blob id"))
+    if edited := [n for n, why in release if why]:
+        print(f"release files edited since they were fetched ({release_home()}): "
+              f"knowtuning data fetch-release --only {','.join(edited)}")
+    return 0 if ok and not edited else 1
 
 def cmd_config(a):
     from knowtuning.config import to_yaml
@@ -61,7 +69,7 @@ def cmd_data(a):
     from knowtuning.data import load_dataset, available, fetch_release
 
     if a.name == "fetch-release":
-        only = a.only.split(",") if a.only else None
+        only = a.only.split(",") if a.only else None  # names are stripped and all checked before any fetch
         print(f"release files in {fetch_release(a.src, a.dest, a.url, only)}")
         return 0
     if not a.name:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib, json, os, re, urllib.error, urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 from .config import project_root
 from .runs import atomic_write
 
@@ -14,7 +15,8 @@ from .runs import atomic_write
 __all__ = ['TEMPLATES', 'HF_MAPS', 'RELEASE_REPO', 'RELEASE_COMMIT', 'RELEASE_FILES', 'Template', 'template_of', 'question',
            'prompt', 'encode_prompt', 'encode_response', 'infer_max_len', 'encode_example', 'DataError', 'Dataset',
            'validate', 'read_records', 'load_file', 'llama_factory_entry', 'load_dataset_info', 'from_hf', 'load_hf',
-           'release_home', 'fetch_release', 'data_dir', 'release_dir', 'available', 'load_dataset', 'dataset_key']
+           'ReleaseFile', 'release_home', 'blob_id', 'release_mismatch', 'fetch_release', 'check_release', 'data_dir',
+           'release_dir', 'available', 'load_dataset', 'dataset_key']
 
 # %% ../nbs/01_data.ipynb #01-data-006
 @dataclass(frozen=True)
@@ -245,29 +247,52 @@ def load_hf(hf_name: str, split: str = "train", lenient: bool = False) -> Datase
 RELEASE_REPO = "https://raw.githubusercontent.com/youganglyu/KnowTuning"
 RELEASE_COMMIT = "146391dbafa6523cd34d721b6838e29e73b3ecbe"
 _EARLIER = "5848758dd3adcf010ce6fb578c1ba3a9a4fc87b9"
+
+
+class ReleaseFile(NamedTuple):
+    "A file of the release: commit, path in the repository, rows (None: unknown), git blob id, sha256 (None: unknown)."
+
+    commit: str
+    path: str
+    rows: int | None
+    blob: str | None
+    sha256: str | None = None
+
+# %% ../nbs/01_data.ipynb #01-data-019a-2
+_R, _E = RELEASE_COMMIT, _EARLIER
 # fmt: off
-RELEASE_FILES = {  # name: (commit, path in the repository, rows, sha256)
-    "dolly_train": (RELEASE_COMMIT, "data/dolly/dolly_train.json", 4000,
-                    "dd4d2fb0793ffd920fbc21e45f0ef0deceb30c9588967d0973c877515292aa2f"),
-    "dolly_valid": (RELEASE_COMMIT, "data/dolly/dolly_valid.json", 200,
-                    "3ef3cd843ede0efdc145ce093b4aaadf98b31c37b148394588c5ca2d9a2ad25d"),
-    "dolly_test": (RELEASE_COMMIT, "data/dolly/dolly_test.json", 200,
-                   "d2265e6b9ff1f3d621bfe1d73e49e7ccffeb2f12c661b3431233c71cb319ece4"),
-    "nq_test": (RELEASE_COMMIT, "data/nq_test.json", 200,
-                "27920ed03a17290a09eaefc4fd57619c58d843624c2b8ce6b4957717bb5a0d5e"),
-    "eli5_test": (RELEASE_COMMIT, "data/eli5_test.json", 200,
-                  "eb939a6afdc954a89b9c69eec4a5cc399e956f0d5dd88e8fe4091dfc7e39abfe"),
-    "medquad_train": (_EARLIER, "data/medquad/medquad_train.json", 1000,
-                      "0f5d7e8326059e54dfd7a9cc9c6613ff13db62d6cbdde1932edbe6cc3663fa14"),
-    "medquad_valid": (RELEASE_COMMIT, "data/meduqad/medquad_valid.json", 200,
-                      "dfbebf1e3fed6c414090a567aa16d86c8b208936f9f96d72b32c7e1f2ce8a270"),
-    "medquad_test": (RELEASE_COMMIT, "data/meduqad/medquad_test.json", 200,
-                     "3db4a13dd6b173c3c0c0b58a5120f7f2e443ccc1c6ea18d1dfa85624a73e6d62"),
-    "lima_test": (_EARLIER, "data/lima/lima_test.json", 300,
-                  "e43a473ddaa6587c9a71c8a7cfa256138f8f01ece8d1e6b26e58bc681eb94fc9"),
+RELEASE_FILES = {
+    "dolly_train": ReleaseFile(_R, "data/dolly/dolly_train.json", 4000, "25188957940996ff223c9127bbda88d3513fae22",
+                               "dd4d2fb0793ffd920fbc21e45f0ef0deceb30c9588967d0973c877515292aa2f"),
+    "dolly_valid": ReleaseFile(_R, "data/dolly/dolly_valid.json", 200, "a9bb9fae5f9d5f14da1d86a682a613b2bdf58fb1",
+                               "3ef3cd843ede0efdc145ce093b4aaadf98b31c37b148394588c5ca2d9a2ad25d"),
+    "dolly_test": ReleaseFile(_R, "data/dolly/dolly_test.json", 200, "aac6ac137eac4ba1a8a9e99a9a56a594dfc48662",
+                              "d2265e6b9ff1f3d621bfe1d73e49e7ccffeb2f12c661b3431233c71cb319ece4"),
+    "nq_test": ReleaseFile(_R, "data/nq_test.json", 200, "fa9e41a430a728b640b57e61c7b54a878780001c",
+                           "27920ed03a17290a09eaefc4fd57619c58d843624c2b8ce6b4957717bb5a0d5e"),
+    "eli5_test": ReleaseFile(_R, "data/eli5_test.json", 200, None,
+                             "eb939a6afdc954a89b9c69eec4a5cc399e956f0d5dd88e8fe4091dfc7e39abfe"),
+    "medquad_train": ReleaseFile(_E, "data/medquad/medquad_train.json", 1000,
+                                 "c51dc90399c1efd23fbc8f2c1ccb0ca9d27668a7",
+                                 "0f5d7e8326059e54dfd7a9cc9c6613ff13db62d6cbdde1932edbe6cc3663fa14"),
+    "medquad_valid": ReleaseFile(_R, "data/meduqad/medquad_valid.json", 200, "c1b6f54a7bbb1c34aa3b08ad2c192ed9eec41008",
+                                 "dfbebf1e3fed6c414090a567aa16d86c8b208936f9f96d72b32c7e1f2ce8a270"),
+    "medquad_test": ReleaseFile(_R, "data/meduqad/medquad_test.json", 200, "cacedd861941bb17046f63afd0d845d1adc0a3ed",
+                                "3db4a13dd6b173c3c0c0b58a5120f7f2e443ccc1c6ea18d1dfa85624a73e6d62"),
+    "lima_test": ReleaseFile(_E, "data/lima/lima_test.json", 300, "165646bf55467b23f012b0eca32f256829df10d0",
+                             "e43a473ddaa6587c9a71c8a7cfa256138f8f01ece8d1e6b26e58bc681eb94fc9"),
+    "medquad_train_146391d": ReleaseFile(_R, "data/meduqad/medquad_train.json", None,
+                                         "d604a929799a63f9881f67db50d82e8ced50d855"),
+    "dolly_train_KA": ReleaseFile(_R, "data/dolly/dolly_train_KA.json", None,
+                                  "cf7e9c4ca51aaaf7f20f389ba0f9c5cf8f8a59bb"),
+    "dolly_train_KC": ReleaseFile(_R, "data/dolly/dolly_train_KC.json", None,
+                                  "5c967e0917ed111646ef963516bb6ccd27df90e2"),
+    "medquad_train_KA": ReleaseFile(_R, "data/meduqad/medquad_train_KA.json", None,
+                                    "21c26cdb1b93d92e02dbaa6e2148a73bd23ee818"),
+    "medquad_train_KC": ReleaseFile(_R, "data/meduqad/medquad_train_KC.json", None,
+                                    "a1a94084c9e53f6f078d0540bfe19a2334681511"),
 }
 # fmt: on
-
 
 # %% ../nbs/01_data.ipynb #01-data-019aa
 def release_home() -> Path:
@@ -280,15 +305,32 @@ def release_home() -> Path:
 def _sha256(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
+
+def blob_id(b: bytes) -> str:
+    "git's id of a file's contents: sha1 of `blob <size>\\0` + bytes (`git hash-object`)."
+    return hashlib.sha1(b"blob %d\0" % len(b) + b).hexdigest()
+
+
+def release_mismatch(name: str, data: bytes) -> str | None:
+    "None when `data` is the release's file `name` (every hash we know of it matches), else what differs."
+    f = RELEASE_FILES[name]
+    if f.blob and (got := blob_id(data)) != f.blob:
+        return f"blob id {got[:12]}... is not the release's {f.blob[:12]}..."
+    if f.sha256 and (got := _sha256(data)) != f.sha256:
+        return f"sha256 {got[:16]}... does not match the release's {f.sha256[:16]}..."
+    return None
+
+# %% ../nbs/01_data.ipynb #01-data-019aa-4
 def _release_bytes(name: str, src: Path | None, base_url: str) -> bytes:
     "The bytes of one release file, from a local clone / flat folder `src`, or downloaded from `base_url`."
-    commit, path, _, _ = RELEASE_FILES[name]
+    f = RELEASE_FILES[name]
     if src is not None:
-        for cand in (src / path, src / Path(path).name, src / Path(path).relative_to("data")):
+        p = Path(f.path)
+        for cand in (src / f"{name}.json", src / p, src / p.name, src / p.relative_to("data")):
             if cand.is_file():
                 return cand.read_bytes()
-        raise DataError(f"{src}: no file for {name!r} (looked for {path} and {Path(path).name})")
-    url = f"{base_url.rstrip('/')}/{commit}/{path}"
+        raise DataError(f"{src}: no file for {name!r} (looked for {name}.json, {f.path} and {p.name})")
+    url = f"{base_url.rstrip('/')}/{f.commit}/{f.path}"
     try:
         with urllib.request.urlopen(url, timeout=60) as r:
             return r.read()
@@ -297,34 +339,44 @@ def _release_bytes(name: str, src: Path | None, base_url: str) -> bytes:
 
 # %% ../nbs/01_data.ipynb #01-data-019ab
 def fetch_release(src=None, dest=None, base_url: str | None = None, names=None, log=print) -> Path:
-    "Install the release files into `dest` (default `release_home()`), each checked against its sha256."
-    dest = Path(dest) if dest else release_home()
-    dest.mkdir(parents=True, exist_ok=True)
-    base_url = base_url or os.environ.get("KNOWTUNING_RELEASE_URL") or RELEASE_REPO
+    """Install the release files `names` (default: all) into `dest` (default `release_home()`), each verified by its
+    blob id (and sha256 where known). The names and `src` are checked before anything is fetched or created."""
+    names = [n.strip() for n in (names or RELEASE_FILES) if n.strip()]
+    if bad := [n for n in names if n not in RELEASE_FILES]:
+        raise DataError(f"no release file {', '.join(map(repr, bad))} (have: {', '.join(RELEASE_FILES)})")
     src = Path(src).expanduser().resolve() if src else None
+    if src is not None and not src.is_dir():
+        raise DataError(f"--from {src}: no such folder")
+    dest = Path(dest) if dest else release_home()
+    base_url = base_url or os.environ.get("KNOWTUNING_RELEASE_URL") or RELEASE_REPO
     refused = []
-    for name in names or RELEASE_FILES:
-        if name not in RELEASE_FILES:
-            raise DataError(f"no release file {name!r} (have: {', '.join(RELEASE_FILES)})")
-        want, target = RELEASE_FILES[name][3], dest / f"{name}.json"
-        if target.is_file() and _sha256(target.read_bytes()) == want:
-            log(f"ok        {name:14s} already installed")
+    for name in names:
+        target = dest / f"{name}.json"
+        if target.is_file() and release_mismatch(name, target.read_bytes()) is None:
+            log(f"ok        {name:22s} already installed")
             continue
         try:
             data = _release_bytes(name, src, base_url)
         except DataError as e:
             refused.append(str(e))
-            log(f"missing   {name:14s} {e}")
+            log(f"missing   {name:22s} {e}")
             continue
-        if (got := _sha256(data)) != want:
-            refused.append(f"{name}: sha256 {got[:16]}... does not match the release's {want[:16]}...")
-            log(f"REFUSED   {name:14s} sha256 mismatch: nothing written")
+        if why := release_mismatch(name, data):
+            refused.append(f"{name}: {why}")
+            log(f"REFUSED   {name:22s} {why}: nothing written")
             continue
         atomic_write(target, data)
-        log(f"installed {name:14s} {len(json.loads(data)):5d} rows  {target}")
+        log(f"installed {name:22s} {len(json.loads(data)):5d} rows  {target}")
     if refused:
         raise DataError("release files not installed: " + "; ".join(refused))
     return dest
+
+
+def check_release(dest=None) -> list[tuple[str, str | None]]:
+    "(name, problem or None) for every release file installed in `dest`: a file edited since it was fetched is named."
+    dest = Path(dest) if dest else release_home()
+    return [(n, release_mismatch(n, (dest / f"{n}.json").read_bytes())) for n in RELEASE_FILES
+            if (dest / f"{n}.json").is_file()]
 
 # %% ../nbs/01_data.ipynb #01-data-020
 def data_dir() -> Path:
@@ -346,6 +398,12 @@ def available() -> dict:
         out.update({p.stem: p for p in sorted(rd.glob("*.json")) if "dataset_info" not in p.name})
     return out
 
+# %% ../nbs/01_data.ipynb #01-data-020-2
+def _check_installed(name: str, path: Path) -> None:
+    "A release file that `fetch_release` installed must still be the release's: an edited copy is an error."
+    if name in RELEASE_FILES and path.parent == release_home() and (why := release_mismatch(name, path.read_bytes())):
+        raise DataError(f"{path}: {why}: edited since it was fetched; `knowtuning data fetch-release --only {name}`")
+
 
 def load_dataset(name: str, lenient: bool = False, n: int = 0) -> Dataset:
     "Load a QA set by name or path (see above); `n` > 0 keeps the first n records."
@@ -358,6 +416,7 @@ def load_dataset(name: str, lenient: bool = False, n: int = 0) -> Dataset:
         hf, _, split = name[3:].partition(":")
         ds = load_hf(hf, split or "train", lenient)
     elif name in (av := available()):
+        _check_installed(name, av[name])
         ds = load_file(av[name], lenient, name)
     else:
         hint = " (the release splits: run `knowtuning data fetch-release`)" if name in RELEASE_FILES else ""

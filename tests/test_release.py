@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from conftest import kt
 from knowtuning.config import load_config
-from knowtuning.data import (RELEASE_FILES, DataError, encode_example, encode_prompt, fetch_release, load_dataset,
+from knowtuning.data import (RELEASE_FILES, DataError, blob_id, encode_example, encode_prompt, fetch_release, load_dataset,
                              prompt, question)
 
 # -- the token stream -------------------------------------------------------------------------------------------------
@@ -149,8 +149,8 @@ def test_paper_test_sets_per_domain():
 def release_server(release, tmp_path):
     "A loopback HTTP server laid out like raw.githubusercontent.com/<owner>/<repo>: <commit>/<path in the repository>."
     root = tmp_path / "www"
-    for name, (commit, path, _, _) in RELEASE_FILES.items():
-        if (release / f"{name}.json").exists():
+    for name, (commit, path, *_) in RELEASE_FILES.items():
+        if (release / f"{name}.json").exists() and name != "medquad_train_146391d":
             (root / commit / path).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(release / f"{name}.json", root / commit / path)
     bad_commit, bad_path = RELEASE_FILES["dolly_valid"][:2]   # one corrupted file: a record changed
@@ -167,21 +167,69 @@ def test_fetch_release_over_http_refuses_a_corrupted_file(release_server, tmp_pa
     dest = tmp_path / "home" / "release"
     r = kt("data", "fetch-release", "--url", release_server, env={"KNOWTUNING_HOME": str(tmp_path / "home")})
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "dolly_valid: sha256" in r.stderr and "REFUSED" in r.stdout
-    for name in ("nq_test", "eli5_test"):                       # not in ../shared: the server answers 404
+    assert "dolly_valid: blob id" in r.stderr and "REFUSED" in r.stdout
+    for name in ("nq_test", "eli5_test", "medquad_train_146391d", "dolly_train_KA", "dolly_train_KC",
+                 "medquad_train_KA", "medquad_train_KC"):      # not in ../shared: the server answers 404
         assert f"{name}: could not download" in r.stderr
     got = sorted(p.name for p in dest.iterdir())
     assert got == ["dolly_test.json", "dolly_train.json", "lima_test.json", "medquad_test.json", "medquad_train.json",
                    "medquad_valid.json"], got                     # nothing half-written, nothing corrupted
     for p in dest.iterdir():
-        assert hashlib.sha256(p.read_bytes()).hexdigest() == RELEASE_FILES[p.stem][3]
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == RELEASE_FILES[p.stem].sha256
+        assert blob_id(p.read_bytes()) == RELEASE_FILES[p.stem].blob
     # the registry now resolves the names from there, with no other source configured
     env = {"KNOWTUNING_HOME": str(tmp_path / "home"), "KNOWTUNING_RELEASE_DATA": ""}
     r = kt("data", "medquad_train", env=env, check=True)
     assert "1000 records" in r.stdout and str(dest) in r.stdout
     # a second fetch keeps what is verified and does not download it again
-    r = kt("data", "fetch-release", "--url", release_server, "--only", "dolly_test", env=env, check=True)
-    assert "already installed" in r.stdout
+    r = kt("data", "fetch-release", "--url", release_server, "--only", "dolly_test, lima_test", env=env, check=True)
+    assert r.stdout.count("already installed") == 2                 # "a, b": spaces stripped
+    # an installed file edited afterwards: `doctor` names it, and loading it is an error
+    (dest / "lima_test.json").write_text((dest / "lima_test.json").read_text().replace("a", "e", 1))
+    r = kt("doctor", env=env)
+    assert r.returncode == 1 and "EDITED  release lima_test" in r.stdout and "ok      release dolly_test" in r.stdout
+    assert "fetch-release --only lima_test" in r.stdout
+    r = kt("data", "lima_test", env=env)
+    assert r.returncode == 2 and "edited since it was fetched" in r.stderr
+
+def test_fetch_release_checks_everything_before_it_starts(tmp_path):
+    home = {"KNOWTUNING_HOME": str(tmp_path / "home")}
+    r = kt("data", "fetch-release", "--from", tmp_path / "nowhere", env=home)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no such folder" in r.stderr, r.stderr
+    assert r.stdout == "" and not (tmp_path / "home" / "release").exists()     # one line, nothing created
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "dolly_test.json").write_text("[]")
+    r = kt("data", "fetch-release", "--from", tmp_path / "src", "--only", "dolly_test,bogus", env=home)
+    assert r.returncode == 2 and "'bogus'" in r.stderr and not (tmp_path / "home" / "release").exists()
+
+def test_release_ka_kc_files_verified_by_blob_id_over_http(tmp_path, monkeypatch):
+    """The release's KA/KC files (unreadable here) are fetched and verified by blob id: test files in the release's
+    layout, whose blob ids the test computes, served by a loopback server laid out like raw.githubusercontent.com."""
+    import knowtuning.data as D
+    ka = json.dumps([{"instruction": "What is X?", "input": "", "output": "X is a thing."}]).encode()
+    kc = json.dumps([{"instruction": "What is X?", "input": "", "output": ["X is a thing.", "X is not."]}]).encode()
+    root = tmp_path / "www"
+    for name, data in (("dolly_train_KA", ka), ("dolly_train_KC", kc)):
+        f = RELEASE_FILES[name]
+        (root / f.commit / f.path).parent.mkdir(parents=True, exist_ok=True)
+        (root / f.commit / f.path).write_bytes(data)
+        monkeypatch.setitem(D.RELEASE_FILES, name, f._replace(blob=blob_id(data)))
+    # the real table's ids are refused for these stand-ins: a wrong blob id is never installed
+    f = RELEASE_FILES["medquad_train_KA"]
+    (root / f.commit / f.path).parent.mkdir(parents=True, exist_ok=True)
+    (root / f.commit / f.path).write_bytes(ka)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(root)))
+    srv.RequestHandlerClass.log_message = lambda *a: None
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url, dest = f"http://127.0.0.1:{srv.server_address[1]}", tmp_path / "rel"
+        fetch_release(None, dest, url, ["dolly_train_KA", "dolly_train_KC"], log=lambda s: None)
+        assert blob_id((dest / "dolly_train_KC.json").read_bytes()) == D.RELEASE_FILES["dolly_train_KC"].blob
+        with pytest.raises(DataError, match="medquad_train_KA: blob id .* is not the release's a?21c26cdb1b93"):
+            fetch_release(None, dest, url, ["medquad_train_KA"], log=lambda s: None)
+        assert not (dest / "medquad_train_KA.json").exists()
+    finally:
+        srv.shutdown()
 
 def test_fetch_release_from_a_folder(release, tmp_path):
     dest = fetch_release(release, tmp_path / "rel", names=["medquad_test", "lima_test"], log=lambda s: None)
