@@ -58,12 +58,14 @@ class KACfg:
     alpha: float = 0.5  # keep the top-alpha fraction of atoms by perplexity (ceil, at least 1)
     batch_questions: int = 8
     max_atoms_per_answer: int = 32
+    source: str = "ours"  # ours (built here) | release (the release's <data.train>_KA file) | a KA set's name or path
 
 @dataclass
 class KCCfg:
     beta: float = 0.5  # fraction of atoms deleted for the completeness set
     revise: float = 0.5  # fraction of (perturbable) atoms revised for the factuality set
     aspects: list = field(default_factory=lambda: ["completeness", "factuality", "logicality"])
+    source: str = "ours"  # ours (built here) | release (the release's <data.train>_KC file) | a KC set's name or path
 
 @dataclass
 class LoraCfg:

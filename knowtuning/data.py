@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 from .config import project_root
-from .runs import atomic_write
+from .runs import atomic_write, read_jsonl
 
 # %% auto #0
 __all__ = ['TEMPLATES', 'HF_MAPS', 'RELEASE_REPO', 'RELEASE_COMMIT', 'RELEASE_FILES', 'Template', 'template_of', 'question',
            'prompt', 'encode_prompt', 'encode_response', 'infer_max_len', 'encode_example', 'DataError', 'Dataset',
            'validate', 'read_records', 'load_file', 'llama_factory_entry', 'load_dataset_info', 'from_hf', 'load_hf',
            'ReleaseFile', 'release_home', 'blob_id', 'release_mismatch', 'fetch_release', 'check_release', 'data_dir',
-           'release_dir', 'available', 'load_dataset', 'dataset_key']
+           'release_dir', 'available', 'load_dataset', 'set_source', 'dataset_path', 'load_preferences', 'dataset_key']
 
 # %% ../nbs/01_data.ipynb #01-data-006
 @dataclass(frozen=True)
@@ -424,6 +424,43 @@ def load_dataset(name: str, lenient: bool = False, n: int = 0) -> Dataset:
     if n:
         ds.records = ds.records[:n]
     return ds
+
+# %% ../nbs/01_data.ipynb #01-data-020t
+def set_source(source: str, train: str, kind: str) -> str | None:
+    "The dataset `ka.source` / `kc.source` names: None for `ours`, `<data.train>_<kind>` for `release`, else itself."
+    if source == "ours":
+        return None
+    return f"{train}_{kind}" if source == "release" else source
+
+
+def dataset_path(name: str) -> Path:
+    "The file behind a dataset name or path (a fetched release file is re-verified)."
+    if (p := Path(name)).is_file():
+        return p
+    if name in (av := available()):
+        _check_installed(name, av[name])
+        return av[name]
+    hint = " (run `knowtuning data fetch-release`)" if name in RELEASE_FILES else ""
+    raise DataError(f"unknown dataset {name!r}{hint}")
+
+
+def load_preferences(name: str) -> list[dict]:
+    """The pairs of a KC set as {instruction, input, chosen, rejected}: `output: [chosen, rejected]` (LLaMA-Factory
+    0.5.3's ranking layout) or `chosen`/`rejected` columns. Anything else names the file and the first bad record."""
+    path = dataset_path(name)
+    recs = json.loads(path.read_text()) if path.suffix == ".json" else read_jsonl(path)
+    out = []
+    for i, r in enumerate(recs if isinstance(recs, list) else [recs]):
+        pair = r.get("output") if isinstance(r, dict) and "chosen" not in r else [r.get("chosen"), r.get("rejected")]
+        if not (isinstance(r, dict) and isinstance(r.get("instruction"), str) and isinstance(pair, list)
+                and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair)):
+            raise DataError(
+                f"{path}: record {i} is not a preference pair: need 'instruction' and 'output': [chosen, rejected] "
+                f"(or 'chosen'/'rejected' strings); got {json.dumps(r, ensure_ascii=False)[:200]}"
+            )
+        out.append({"instruction": r["instruction"], "input": r.get("input") or "", "chosen": pair[0],
+                    "rejected": pair[1]})
+    return out
 
 # %% ../nbs/01_data.ipynb #01-data-021b
 def dataset_key(name: str) -> str:

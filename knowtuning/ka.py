@@ -14,7 +14,7 @@ from .runs import read_jsonl, write_json, write_jsonl, Stage
 # %% auto #0
 __all__ = ['KA', 'encode', 'ppl_reference', 'pack', 'batch_inputs', 'atom_ppls', 'ppl_packed', 'n_keep', 'select_difficult',
            'ka_rows', 'write_ka_set', 'score_resumable', 'failure_rows', 'score_atoms', 'atom_rows', 'ka_stats',
-           'ka_stage', 'plot_ka']
+           'ka_from_set', 'ka_stage', 'plot_ka']
 
 # %% ../nbs/06_ka.ipynb #06-ka-006
 def encode(tok, q: str, atoms: list[str], template: str = "alpaca"):
@@ -210,6 +210,7 @@ KA = Stage(
         "teacher",
         "ka.alpha",
         "ka.max_atoms_per_answer",
+        "ka.source",
         "seed",
     ),
 )
@@ -253,15 +254,39 @@ def ka_stats(rows, n_records: int, n_rewritten: int, n_failures: int, alpha, tea
         "atoms_per_s": round(n_atoms / max(score_s, 1e-9), 2),
     }
 
+# %% ../nbs/06_ka.ipynb #06-ka-019e2
+def ka_from_set(cfg, run, out: Path, name: str) -> None:
+    """The KA stage from an existing KA set `name` (`ka.source`): its records in our layout, no teacher call. A record
+    equal to one of `data.train` counts as original, any other as rewritten."""
+    from knowtuning.data import load_dataset, dataset_path, blob_id
+
+    ds = load_dataset(name, lenient=cfg.data.lenient)
+    train = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
+    originals = {(question(r), r["output"]) for r in train}
+    rows = [
+        {"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"], "source": i,
+         "kind": "original" if (question(r), r["output"]) in originals else "rewritten"}
+        for i, r in enumerate(ds)
+    ]
+    write_ka_set(out, rows, cfg.student.template)
+    path = dataset_path(name)
+    n_rw = sum(r["kind"] == "rewritten" for r in rows)
+    stats = {"source": name, "file": str(path), "blob": blob_id(path.read_bytes()), "records": len(rows),
+             "original": len(rows) - n_rw, "rewritten": n_rw, "teacher": "none (an existing KA set)"}
+    write_json(out / "stats.json", stats)
+    run.update_stage("ka", stats=stats, llm=None)
+
 # %% ../nbs/06_ka.ipynb #06-ka-019f
 def ka_stage(cfg, run) -> Path:
     "Build the KA set for `cfg` in `run` (a `knowtuning.runs.Run`); returns the stage folder."
-    from knowtuning.data import load_dataset
+    from knowtuning.data import load_dataset, set_source
     from knowtuning.teacher import make_teacher
     from knowtuning.llm import ledgers
     from knowtuning.runs import require_yield
 
     def make(out):
+        if name := set_source(cfg.ka.source, cfg.data.train, "KA"):
+            return ka_from_set(cfg, run, out, name)
         ds = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
         teacher = make_teacher(cfg.teacher, "ka", cfg.seed, cfg.ka.max_atoms_per_answer)
         qs, answers = [question(r) for r in ds], [r["output"] for r in ds]

@@ -6,13 +6,13 @@
 from __future__ import annotations
 import random
 from pathlib import Path
-from .data import prompt, llama_factory_entry
+from .data import prompt, question, llama_factory_entry
 from .runs import read_jsonl, write_json, write_jsonl, Stage
 from .config import ASPECTS
 
 # %% auto #0
 __all__ = ['KC', 'delete_atoms', 'revise_atoms', 'shuffle_atoms', 'perturb', 'build_pairs', 'write_kc_set', 'kc_items',
-           'kc_stage']
+           'kc_from_set', 'kc_stage']
 
 # %% ../nbs/07_kc.ipynb #07-kc-006
 def delete_atoms(atoms: list[str], beta: float, rng: random.Random):
@@ -115,7 +115,11 @@ def write_kc_set(out: Path, rows: list[dict], template: str = "alpaca", name: st
     write_jsonl(out / "examples.jsonl", rows)
 
 # %% ../nbs/07_kc.ipynb #07-kc-013
-KC = Stage("kc", needs=("ka",), fields=("kc.beta", "kc.revise", "kc.aspects", "student.template", "teacher", "seed"))
+KC = Stage(
+    "kc",
+    needs=("ka",),
+    fields=("kc.beta", "kc.revise", "kc.aspects", "kc.source", "student.template", "teacher", "seed"),
+)
 
 # %% ../nbs/07_kc.ipynb #07-kc-013a
 def kc_items(atom_rows: list[dict]) -> list[dict]:
@@ -126,15 +130,38 @@ def kc_items(atom_rows: list[dict]) -> list[dict]:
         if r["atoms"]
     ]
 
+# %% ../nbs/07_kc.ipynb #07-kc-013a2
+def kc_from_set(cfg, run, out: Path, name: str) -> None:
+    "The KC stage from an existing KC set `name` (`kc.source`): its pairs in our layout, aspect `unknown`, no teacher."
+    from knowtuning.data import load_preferences, dataset_path, blob_id
+
+    pairs = load_preferences(name)
+    rows = [dict(index=i, question=question(p), aspect="unknown", chosen=p["chosen"], rejected=p["rejected"])
+            for i, p in enumerate(pairs)]
+    write_kc_set(out, rows, cfg.student.template)
+    path = dataset_path(name)
+    stats = {"source": name, "file": str(path), "blob": blob_id(path.read_bytes()), "pairs": len(rows),
+             "questions": len({r["question"] for r in rows}), "teacher": "none (an existing KC set)"}
+    write_json(out / "stats.json", stats)
+    run.update_stage("kc", stats=stats, llm=None)
+
 # %% ../nbs/07_kc.ipynb #07-kc-013b
 def kc_stage(cfg, run) -> Path:
     "Build the KC preference set for `cfg` in `run` from the KA stage's atoms (`ka/atoms.jsonl`)."
     from knowtuning.teacher import make_teacher
     from knowtuning.ka import failure_rows
     from knowtuning.llm import ledgers
-    from knowtuning.runs import require_yield
+    from knowtuning.runs import require_yield, YieldError
+    from knowtuning.data import set_source
 
     def make(out):
+        if name := set_source(cfg.kc.source, cfg.data.train, "KC"):
+            return kc_from_set(cfg, run, out, name)
+        if not (run.path("ka") / "atoms.jsonl").exists():
+            raise YieldError(
+                f"kc.source: ours perturbs the atoms of our KA stage, and ka.source: {cfg.ka.source} has none: "
+                "set kc.source too (e.g. release), or ka.source: ours"
+            )
         arows = read_jsonl(run.path("ka") / "atoms.jsonl")
         items, names = kc_items(arows), [r["record"] for r in arows if r["atoms"]]
         teacher = make_teacher(cfg.teacher, "kc", cfg.seed)

@@ -12,8 +12,8 @@ from .judge import ASPECTS
 
 # %% auto #0
 __all__ = ['PROXY_NOTE', 'REPORT', 'to_markdown', 'to_csv', 'to_latex', 'write_table', 'metrics_table', 'diffs_table',
-           'judge_table', 'facts_table', 'ablation_table', 'build_tables', 'reading_notes', 'plot_judge',
-           'plot_metrics', 'report_stage', 'combine_tables', 'combine_reports']
+           'judge_table', 'facts_table', 'ablation_table', 'build_tables', 'reading_notes', 'data_sources',
+           'plot_judge', 'plot_metrics', 'report_stage', 'combine_tables', 'combine_reports']
 
 # %% ../nbs/15_report.ipynb #15-report-006
 def _fmt(x, digits=4):
@@ -230,6 +230,18 @@ def reading_notes(cfg, summary: dict, main: str = "knowtuning") -> list[str]:
         out.append("Identical answers (differences between these are 0 by construction): " + "; ".join(same) + ".")
     return out
 
+# %% ../nbs/15_report.ipynb #15-report-009c-3
+def data_sources(manifest: dict) -> str:
+    "Where the KA and KC training sets came from: built here by the teacher, or an existing file (with its blob id)."
+    parts = []
+    for st in ("ka", "kc"):
+        s = manifest.get("stages", {}).get(st, {}).get("stats") or {}
+        if "source" in s:
+            parts.append(f"{st.upper()} `{s['source']}` (an existing set, blob {s['blob'][:12]}, no teacher calls)")
+        elif s:
+            parts.append(f"{st.upper()} built here (teacher {s.get('teacher', '?')})")
+    return ("Training data: " + "; ".join(parts) + ".") if parts else ""
+
 # %% ../nbs/15_report.ipynb #15-report-011
 def plot_judge(summary: dict, path: Path):
     "Stacked win / tie / lose bars per baseline and aspect: one panel per dataset with verdicts."
@@ -304,6 +316,7 @@ def report_stage(cfg, run) -> Path:
         plot_judge(summary, out / "judge.svg")
         plot_metrics(summary, out / "metrics.png")
         md = [f"# KnowTuning report: run `{run.dir.name}`", ""] + reading_notes(cfg, summary) + [""]
+        md += [data_sources(run.manifest), ""]
         md += [(out / f"{n}.md").read_text() for n in tables]
         md += ["![judge](judge.png)", "", "![metrics](metrics.png)", ""]
         atomic_write(out / "report.md", "\n".join(md))

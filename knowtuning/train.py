@@ -477,7 +477,13 @@ def _rows(cfg, run, system):
     if data == "ka":
         return read_jsonl(run.path("ka") / "ka_trl.jsonl")
     if data == "kc":
-        return [r for r in read_jsonl(run.path("kc") / "kc_trl.jsonl") if r["aspect"] != system.drops]
+        rows = read_jsonl(run.path("kc") / "kc_trl.jsonl")
+        if system.drops and any(r["aspect"] == "unknown" for r in rows):
+            raise YieldError(
+                f"system {system.name}: the KC set ({cfg.kc.source}) does not label aspects, so no '{system.drops}' "
+                "pairs can be left out: remove the aspect ablations from `systems`, or use kc.source: ours"
+            )
+        return [r for r in rows if r["aspect"] != system.drops]
     return read_jsonl(run.path(f"prefs_{data}") / "pairs.jsonl")
 
 def train_stage(cfg, run, system: str) -> Path:

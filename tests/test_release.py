@@ -236,3 +236,56 @@ def test_fetch_release_from_a_folder(release, tmp_path):
     assert len(load_dataset(str(dest / "medquad_test.json"))) == 200
     with pytest.raises(DataError, match="no file for 'nq_test'"):
         fetch_release(release, tmp_path / "rel", names=["nq_test"], log=lambda s: None)
+
+# -- training on the release's own KA / KC sets --------------------------------------------------------------------------
+
+def release_sets(release, folder: Path) -> Path:
+    "A release folder with dolly_train and KA / KC sets in the release's layout, made here (the real ones: blob ids)."
+    folder.mkdir(parents=True)
+    train = json.loads((release / "dolly_train.json").read_text())
+    shutil.copy(release / "dolly_train.json", folder / "dolly_train.json")
+    ka = train[:6] + [{"instruction": f"Which fact about '{r['instruction'][:40]}' matters most?", "input": "",
+                       "output": r["output"].split(".")[0] + "."} for r in train[:3]]
+    kc = [{"instruction": r["instruction"], "input": r["input"], "output": [r["output"], r["output"].split(".")[0] + "."]}
+          for r in train[:6]]
+    (folder / "dolly_train_KA.json").write_text(json.dumps(ka))
+    (folder / "dolly_train_KC.json").write_text(json.dumps(kc))
+    return folder
+
+def test_smoke_trains_from_the_release_sets_without_a_teacher(release, tmp_path, monkeypatch):
+    from knowtuning.ka import ka_stage
+    from knowtuning.kc import kc_stage
+    from knowtuning.train import train_stage
+    from knowtuning.pipeline import plan
+    from knowtuning.report import data_sources
+    from knowtuning.runs import Run, YieldError, read_jsonl
+    monkeypatch.setenv("KNOWTUNING_RELEASE_DATA", str(release_sets(release, tmp_path / "rel")))
+    # an LLM teacher on a closed port: a single teacher call would fail the run
+    ovr = ["data.train=dolly_train", "ka.source=release", "kc.source=release", "student.model=tiny-random",
+           "teacher.backend=llm", "teacher.base_url=http://127.0.0.1:9/v1", "teacher.model=none",
+           "systems=[sft,knowtuning,wo_factuality]"]
+    cfg = load_config("smoke", overrides=ovr)
+    assert not [r for r in plan(cfg) if r["stage"] in ("ka", "kc")]          # construction costs nothing
+    run = Run(cfg, tmp_path / "runs")
+    ka_stage(cfg, run)
+    kc_stage(cfg, run)
+    st = run.manifest["stages"]
+    assert (st["ka"]["stats"]["source"], st["ka"]["stats"]["original"], st["ka"]["stats"]["rewritten"]) == (
+        "dolly_train_KA", 6, 3)
+    assert st["kc"]["stats"]["blob"] == blob_id((tmp_path / "rel" / "dolly_train_KC.json").read_bytes())
+    assert st["ka"]["llm"] is None and st["kc"]["llm"] is None               # no ledger: no call
+    kc = read_jsonl(run.path("kc") / "kc_trl.jsonl")
+    assert len(kc) == 6 and {r["aspect"] for r in kc} == {"unknown"}
+    for s in ("sft", "ka", "knowtuning"):
+        assert (train_stage(cfg, run, s) / "adapter_model.safetensors").exists()
+    assert run.manifest["stages"]["train_ka"]["examples"] == 9 and run.manifest["stages"]["train_knowtuning"]["examples"] == 6
+    with pytest.raises(YieldError, match="does not label aspects"):
+        train_stage(cfg, run, "wo_factuality")
+    text = data_sources(run.manifest)
+    assert "KA `dolly_train_KA`" in text and "KC `dolly_train_KC`" in text and "no teacher calls" in text
+    # ka.source: release with our KC: a clear error, not a silent empty set
+    cfg2 = load_config("smoke", overrides=ovr[:2] + ["student.model=tiny-random"])
+    run2 = Run(cfg2, tmp_path / "runs", "mixed")
+    ka_stage(cfg2, run2)
+    with pytest.raises(YieldError, match="set kc.source too"):
+        kc_stage(cfg2, run2)
