@@ -68,6 +68,14 @@ def cmd_config(a):
 def cmd_data(a):
     from knowtuning.data import load_dataset, available, fetch_release
 
+    if a.name == "compare":
+        from knowtuning.kc import compare_sets, format_comparison
+
+        if len(a.more) != 2:
+            print("error: data compare takes two sets: knowtuning data compare <ours> <other>", file=sys.stderr)
+            return 2
+        print(format_comparison(compare_sets(*a.more, train=a.train), *a.more))
+        return 0
     if a.name == "fetch-release":
         only = a.only.split(",") if a.only else None  # names are stripped and all checked before any fetch
         print(f"release files in {fetch_release(a.src, a.dest, a.url, only)}")
@@ -100,7 +108,9 @@ def _reproduce_args(p):
     p.add_argument("--yes", action="store_true", help="do not ask before a run estimated above confirm_above_usd")
 
 def _data_args(p):
-    p.add_argument("name", nargs="?", help="a dataset name or path, or 'fetch-release'")
+    p.add_argument("name", nargs="?", help="a dataset name or path, 'fetch-release', or 'compare A B'")
+    p.add_argument("more", nargs="*", help="compare: the two KA (or two KC) sets, by name or path")
+    p.add_argument("--train", default=None, help="compare: the train set, to tell original from rewritten KA pairs")
     p.add_argument("--lenient", action="store_true", help="skip bad records (and list them) instead of failing")
     p.add_argument("--from", dest="src", default=None, help="fetch-release: copy from a local clone or folder")
     p.add_argument("--url", default=None, help="fetch-release: base URL (default: GitHub raw files of the release)")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_kc.ipynb #07-kc-003
 from __future__ import annotations
-import random
+import json, random
 from pathlib import Path
 from .data import prompt, question, llama_factory_entry
 from .runs import read_jsonl, write_json, write_jsonl, Stage
@@ -12,7 +12,7 @@ from .config import ASPECTS
 
 # %% auto #0
 __all__ = ['KC', 'delete_atoms', 'revise_atoms', 'shuffle_atoms', 'perturb', 'build_pairs', 'write_kc_set', 'kc_items',
-           'kc_from_set', 'kc_stage']
+           'kc_from_set', 'kc_stage', 'set_profile', 'compare_sets', 'format_comparison']
 
 # %% ../nbs/07_kc.ipynb #07-kc-006
 def delete_atoms(atoms: list[str], beta: float, rng: random.Random):
@@ -183,3 +183,61 @@ def kc_stage(cfg, run) -> Path:
         require_yield("kc", len(rows), len(arows) * len(cfg.kc.aspects), "pairs", cfg.min_yield, reasons, files)
 
     return run.build(KC, cfg, make)
+
+# %% ../nbs/07_kc.ipynb #07-kc-013d
+def _recover_aspect(chosen: str, rejected: str) -> str:
+    "The aspect a pair perturbs, recovered from its texts: deletion, shuffle, or otherwise a revision."
+    from knowtuning.atoms import split_atoms
+
+    c, r = ([a["text"] for a in split_atoms(x)] for x in (chosen, rejected))
+    if sorted(r) == sorted(c):
+        return "logicality"
+    return "completeness" if set(r) < set(c) else "factuality"
+
+
+def set_profile(recs: list[dict], train_questions: set | None = None) -> dict:
+    "The measures `compare_sets` shows for one KA set (alpaca records) or KC set (`load_preferences` rows)."
+    from statistics import mean
+    from knowtuning.atoms import split_atoms
+
+    kc = "chosen" in (recs[0] if recs else {})
+    qs, answers = [question(r) for r in recs], [r["chosen"] if kc else r["output"] for r in recs]
+    out = {"rows": len(recs), "questions": len(set(qs)), "question words": mean(len(q.split()) for q in qs),
+           "answer words": mean(len(a.split()) for a in answers),
+           "atoms per answer": mean(len(split_atoms(a)) for a in answers)}
+    if not kc and (train_questions is not None or all("kind" in r for r in recs)):
+        rw = [r.get("kind") == "rewritten" if train_questions is None else q not in train_questions
+              for r, q in zip(recs, qs)]
+        out["rewritten share"] = sum(rw) / max(len(recs), 1)
+    if kc:
+        rec = [_recover_aspect(r["chosen"], r["rejected"]) for r in recs]
+        out.update({f"{a} (recovered)": rec.count(a) / len(recs) for a in ASPECTS})
+        if all(r.get("aspect") in ASPECTS for r in recs):
+            out["recovered = label"] = sum(a == r["aspect"] for a, r in zip(rec, recs)) / len(recs)
+    return out
+
+# %% ../nbs/07_kc.ipynb #07-kc-013e
+def compare_sets(a: str, b: str, train: str | None = None) -> list[tuple]:
+    "(measure, value in set `a`, value in set `b`) for two KA sets or two KC sets, by name or path."
+    from knowtuning.data import load_dataset, load_preferences, dataset_path
+
+    def load(name):
+        recs = json.loads(dataset_path(name).read_text())
+        if not (recs and ("chosen" in recs[0] or isinstance(recs[0].get("output"), list))):
+            return load_dataset(name).records
+        return [{**p, "aspect": r.get("aspect")} for p, r in zip(load_preferences(name), recs)]  # ours: labelled
+
+    ra, rb = load(a), load(b)
+    tq = {question(r) for r in load_dataset(train).records} if train else None
+    pa, pb = set_profile(ra, tq), set_profile(rb, tq)
+    qa, qb = {question(r) for r in ra}, {question(r) for r in rb}
+    rows = [(k, pa.get(k), pb.get(k)) for k in dict.fromkeys([*pa, *pb])]
+    return rows + [("questions also in the other set", len(qa & qb) / max(len(qa), 1), len(qa & qb) / max(len(qb), 1))]
+
+
+def format_comparison(rows, a: str, b: str) -> str:
+    "The comparison as an aligned text table (numbers to 3 digits, '-' where a measure does not apply)."
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    w = max(len(r[0]) for r in rows)
+    head = f"{'measure':{w}s}  {Path(a).name[:24]:>24s}  {Path(b).name[:24]:>24s}"
+    return "\n".join([head] + [f"{m:{w}s}  {fmt(x):>24s}  {fmt(y):>24s}" for m, x, y in rows])

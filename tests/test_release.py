@@ -281,6 +281,11 @@ def test_smoke_trains_from_the_release_sets_without_a_teacher(release, tmp_path,
     assert run.manifest["stages"]["train_ka"]["examples"] == 9 and run.manifest["stages"]["train_knowtuning"]["examples"] == 6
     with pytest.raises(YieldError, match="does not label aspects"):
         train_stage(cfg, run, "wo_factuality")
+    # the side-by-side table: our copy of the set against the release's file
+    r = kt("data", "compare", run.path("kc") / "kc.json", tmp_path / "rel" / "dolly_train_KC.json", check=True)
+    lines = {l.split("  ")[0].strip(): l.split()[-2:] for l in r.stdout.splitlines()[1:]}
+    assert lines["rows"] == ["6", "6"] and lines["questions also in the other set"] == ["1.000", "1.000"]
+    assert lines["completeness (recovered)"] == ["1.000", "1.000"]      # the made-up rejected answers are deletions
     text = data_sources(run.manifest)
     assert "KA `dolly_train_KA`" in text and "KC `dolly_train_KC`" in text and "no teacher calls" in text
     # ka.source: release with our KC: a clear error, not a silent empty set
