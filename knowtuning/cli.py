@@ -126,19 +126,21 @@ def cmd_plan(a):
 
 # %% ../nbs/99_cli.ipynb #99-cli-005b
 def _confirm_spend(cfg, yes: bool) -> bool:
-    "True when the run may start: nothing remote, an estimate under `confirm_above_usd`, --yes, or the user says so."
+    "True when the run may start: nothing remote, a known estimate under `confirm_above_usd`, --yes, or a yes."
     from knowtuning.llm import is_loopback
-    from knowtuning.pipeline import plan, format_plan
+    from knowtuning.pipeline import plan, format_plan, plan_cost
 
     roles = [c for c in (cfg.teacher, cfg.judge) if c.backend == "llm" and not is_loopback(c.base_url)]
     if yes or not roles:
         return True
     rows = plan(cfg)
-    cost = sum(r["cost_usd"] for r in rows)
-    if cost <= cfg.confirm_above_usd:
+    cost, unknown = plan_cost(rows)
+    if cost <= cfg.confirm_above_usd and not unknown:
         return True
     print(format_plan(rows))
     msg = f"estimated cost ${cost:.2f} > confirm_above_usd ${cfg.confirm_above_usd:.2f}"
+    if unknown:
+        msg = f"estimated cost ${cost:.2f} plus an unknown price for {', '.join(unknown)} (set `prices` in the config)"
     if not sys.stdin.isatty():
         print(f"error: {msg}; pass --yes to run anyway", file=sys.stderr)
         return False

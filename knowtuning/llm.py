@@ -16,9 +16,9 @@ from .config import LLMCfg
 from .assets import home
 
 # %% auto #0
-__all__ = ['RETRYABLE', 'REPAIR', 'cache_key', 'Cache', 'Request', 'user', 'LLMError', 'Ledger', 'is_loopback', 'LLMClient',
-           'ledgers', 'ParseError', 'parse_list', 'parse_json', 'complete_parsed', 'free_port', 'LocalServer',
-           'serve_local']
+__all__ = ['RETRYABLE', 'REPAIR', 'cache_key', 'Cache', 'Request', 'user', 'LLMError', 'Ledger', 'is_loopback', 'model_price',
+           'price_usd', 'LLMClient', 'ledgers', 'ParseError', 'parse_list', 'parse_json', 'complete_parsed',
+           'free_port', 'LocalServer', 'serve_local']
 
 # %% ../nbs/04_llm.ipynb #04-llm-006
 def cache_key(model: str, messages: list, params: dict, endpoint: str = "", salt: str = "") -> str:
@@ -97,6 +97,7 @@ class Ledger:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    priced: bool = True  # False: the endpoint's price is unknown and cost_usd counts nothing
 
     def as_dict(self):
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -115,6 +116,31 @@ def _run_coro(coro):
     with concurrent.futures.ThreadPoolExecutor(1) as ex:
         return ex.submit(asyncio.run, coro).result()
 
+# %% ../nbs/04_llm.ipynb #04-llm-011p
+def model_price(cfg) -> tuple[float, float] | None:
+    """USD per 1M (input, output) tokens of `cfg.model` at `cfg.base_url`: the config's `prices` where it names the
+    model (an override always wins), else nothing on the offline backend or a loopback (local) server, else
+    genai-prices' maintained table for the provider the URL belongs to; None when nobody knows (a remote endpoint of
+    unknown price)."""
+    if cfg.model in cfg.prices:
+        return tuple(float(x) for x in cfg.prices[cfg.model])
+    if cfg.backend != "llm" or is_loopback(cfg.base_url):
+        return (0.0, 0.0)
+    from genai_prices import Usage, calc_price
+
+    try:
+        usage = Usage(input_tokens=10**6, output_tokens=10**6)
+        p = calc_price(usage, model_ref=cfg.model, provider_api_url=cfg.base_url)
+    except LookupError:
+        return None
+    return float(p.input_price), float(p.output_price)
+
+
+def price_usd(cfg, prompt_tokens: int, completion_tokens: int) -> float | None:
+    "USD of that many tokens at `cfg`'s endpoint (`model_price`); None when its price is unknown."
+    price = model_price(cfg)
+    return None if price is None else (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6
+
 # %% ../nbs/04_llm.ipynb #04-llm-011a
 class LLMClient:
     "Cached, concurrent, retrying chat completions against an OpenAI-compatible endpoint."
@@ -129,7 +155,7 @@ class LLMClient:
 
     @property
     def ledger(self) -> Ledger:
-        return self.ledgers.setdefault(self.stage, Ledger())
+        return self.ledgers.setdefault(self.stage, Ledger(priced=model_price(self.cfg) is not None))
 
     def _api_key(self) -> str:
         key = os.environ.get(self.cfg.api_key_env)
@@ -159,8 +185,8 @@ def params(self: LLMClient, r: Request) -> dict:
 
 @patch
 def _cost(self: LLMClient, p: int, c: int) -> float:
-    price = self.cfg.prices.get(self.cfg.model)
-    return (p * price[0] + c * price[1]) / 1e6 if price else 0.0
+    "USD of `p` prompt and `c` completion tokens (0 when the price is unknown: the ledger then says `priced: false`)."
+    return price_usd(self.cfg, p, c) or 0.0
 
 # %% ../nbs/04_llm.ipynb #04-llm-011f
 @patch

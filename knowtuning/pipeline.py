@@ -10,7 +10,8 @@ from .config import load_config, project_root
 from .runs import Run, runs_root
 
 # %% auto #0
-__all__ = ['BASELINES', 'training_order', 'steps', 'StepError', 'run_step', 'reproduce', 'plan', 'merge_plan', 'format_plan']
+__all__ = ['BASELINES', 'training_order', 'steps', 'StepError', 'run_step', 'reproduce', 'plan', 'merge_plan', 'plan_cost',
+           'format_plan']
 
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-005
 def training_order(systems) -> list[str]:
@@ -134,8 +135,9 @@ def _tok(s: str) -> int:
     return max(1, len(s) // 4)  # about 4 characters per token of English text
 
 def _row(stage: str, role: str, cfg_llm, calls: int, pt: int, ct: int) -> dict:
-    price = cfg_llm.prices.get(cfg_llm.model)
-    cost = (pt * price[0] + ct * price[1]) / 1e6 if price else 0.0
+    from knowtuning.llm import price_usd
+
+    cost = price_usd(cfg_llm, pt, ct)  # None: the endpoint's price is unknown (never shown as $0)
     return {
         "stage": stage,
         "role": role,
@@ -143,7 +145,7 @@ def _row(stage: str, role: str, cfg_llm, calls: int, pt: int, ct: int) -> dict:
         "calls": calls,
         "prompt_tokens": pt,
         "completion_tokens": ct,
-        "cost_usd": round(cost, 4),
+        "cost_usd": None if cost is None else round(cost, 4),
     }
 
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-007ba
@@ -258,9 +260,20 @@ def merge_plan(rows: list[dict]) -> list[dict]:
         o = out.setdefault(
             (r["stage"], r["role"]), {**r, "calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
         )
-        for k in ("calls", "prompt_tokens", "completion_tokens", "cost_usd"):
+        for k in ("calls", "prompt_tokens", "completion_tokens"):
             o[k] += r[k]
+        o["cost_usd"] = None if o["cost_usd"] is None or r["cost_usd"] is None else o["cost_usd"] + r["cost_usd"]
     return list(out.values())
+
+
+def plan_cost(rows: list[dict]) -> tuple[float, list[str]]:
+    "(USD of the rows whose price is known, models whose price is unknown)."
+    known = sum(r["cost_usd"] for r in rows if r["cost_usd"] is not None)
+    return known, sorted({r["model"] for r in rows if r["cost_usd"] is None})
+
+def _usd(x) -> str:
+    return "unknown" if x is None else f"{x:.2f}"
+
 
 def format_plan(rows: list[dict]) -> str:
     "The plan as a table with a total line."
@@ -273,11 +286,13 @@ def format_plan(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"{r['stage']:16s} {r['role']:9s} {r['model'][:18]:18s} {r['calls']:8d} {r['prompt_tokens']:11d} "
-            f"{r['completion_tokens']:11d} {r['cost_usd']:9.2f}"
+            f"{r['completion_tokens']:11d} {_usd(r['cost_usd']):>9s}"
         )
-    tot = {k: sum(r[k] for r in rows) for k in ("calls", "prompt_tokens", "completion_tokens", "cost_usd")}
+    tot = {k: sum(r[k] for r in rows) for k in ("calls", "prompt_tokens", "completion_tokens")}
+    known, unknown = plan_cost(rows)
     lines.append(
         f"{'total':45s} {tot['calls']:8d} {tot['prompt_tokens']:11d} {tot['completion_tokens']:11d} "
-        f"{tot['cost_usd']:9.2f}   (+ one repair call per malformed answer)"
+        f"{known:9.2f}" + (f" + unknown ({', '.join(unknown)})" if unknown else "")
+        + "   (+ one repair call per malformed answer)"
     )
     return "\n".join(lines)

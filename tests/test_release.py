@@ -294,3 +294,21 @@ def test_smoke_trains_from_the_release_sets_without_a_teacher(release, tmp_path,
     ka_stage(cfg2, run2)
     with pytest.raises(YieldError, match="set kc.source too"):
         kc_stage(cfg2, run2)
+
+# -- honest prices -----------------------------------------------------------------------------------------------------
+
+def test_plan_prices_from_genai_prices_and_unknown_is_never_zero(release, tmp_path):
+    env = {"KNOWTUNING_RUNS": str(tmp_path)}
+    r = kt("plan", "--preset", "paper-dolly", "--set", "data.test=[dolly_test]", env=env, check=True)
+    total = r.stdout.strip().splitlines()[-1].split()
+    assert total[0] == "total" and float(total[4]) > 100, r.stdout      # gpt-4o / gpt-4o-mini at OpenAI's prices
+    r = kt("plan", "--preset", "paper-dolly", "--set", "data.test=[dolly_test]", "--set", "ka.source=release",
+           "--set", "kc.source=release", env=env, check=True)
+    assert not [l for l in r.stdout.splitlines() if l.split()[0] in ("ka", "kc")]   # no construction calls
+    # a remote endpoint nobody has a price for: "unknown" in the plan, and reproduce asks (here: refuses without --yes)
+    remote = ["--set", "judge.base_url=https://vllm.example.org/v1", "--set", "judge.model=llama-70b"]
+    r = kt("plan", "--preset", "paper-dolly", "--set", "data.test=[dolly_test]", *remote, env=env, check=True)
+    assert "unknown" in r.stdout and "+ unknown (llama-70b)" in r.stdout
+    r = kt("reproduce", "--preset", "smoke", "--set", "judge.backend=llm", *remote, env=env)
+    assert r.returncode == 3 and "unknown price for llama-70b" in r.stderr and "--yes" in r.stderr, r.stderr
+    assert not (tmp_path / "smoke").exists()
