@@ -86,6 +86,7 @@ RETRYABLE = (openai.RateLimitError, openai.APITimeoutError, openai.APIConnection
 def _retryable(e) -> bool:
     return isinstance(e, RETRYABLE) or (isinstance(e, openai.APIStatusError) and e.status_code >= 500)
 
+# %% ../nbs/04_llm.ipynb #04-llm-009b
 @dataclass
 class Ledger:
     "Calls, cache hits, retries, tokens and cost of one stage."

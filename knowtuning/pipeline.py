@@ -265,7 +265,7 @@ def merge_plan(rows: list[dict]) -> list[dict]:
         o["cost_usd"] = None if o["cost_usd"] is None or r["cost_usd"] is None else o["cost_usd"] + r["cost_usd"]
     return list(out.values())
 
-
+# %% ../nbs/16_pipeline.ipynb #16-pipeline-007bc
 def plan_cost(rows: list[dict]) -> tuple[float, list[str]]:
     "(USD of the rows whose price is known, models whose price is unknown)."
     known = sum(r["cost_usd"] for r in rows if r["cost_usd"] is not None)
