@@ -99,7 +99,9 @@ def samples_stage(cfg, run) -> Path:
         model.eval()
         prompts = [prompt(r, cfg.student.template) for r in ds]
         sampling = dataclasses.replace(cfg.generate, do_sample=True)
-        flat = generate(model, tok, [p for p in prompts for _ in range(k)], sampling, template=cfg.student.template)
+        refs = [r["output"] for r in ds for _ in range(k)]  # used only to cut long prompts (`generate.cutoff`)
+        flat = generate(model, tok, [p for p in prompts for _ in range(k)], sampling, references=refs,
+                        template=cfg.student.template)
         rows = [{"index": i, "question": question(r), "reference": r["output"], "prompt": p,
                  "samples": flat[i * k : (i + 1) * k]} for i, (r, p) in enumerate(zip(ds, prompts))]
         write_jsonl(out / "samples.jsonl", rows)   # what the preference stages need: nothing re-joins by index

@@ -110,6 +110,7 @@ class TrainCfg:
 @dataclass
 class GenerateCfg:
     max_new_tokens: int = 512
+    cutoff: int = 0  # > 0: prompts cut with their reference to this many tokens, as llmtuner 0.5.3 predicted (1024)
     do_sample: bool = False  # greedy on the CPU presets; the paper presets sample as the release did (seeded)
     temperature: float = 0.95
     top_p: float = 0.7

@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from .runs import read_jsonl, write_jsonl, Stage
-from .data import encode_prompt, question
+from .data import encode_prompt, encode_example, question
 
 # %% auto #0
-__all__ = ['GEN_FIELDS', 'gen_kwargs', 'left_pad', 'generate', 'api_client', 'adapter_fingerprint', 'generate_api', 'gen_spec',
-           'append_predictions', 'finish_predictions', 'system_generator', 'generate_stage']
+__all__ = ['GEN_FIELDS', 'gen_kwargs', 'left_pad', 'prompt_ids', 'generate', 'api_client', 'adapter_fingerprint', 'generate_api',
+           'gen_spec', 'append_predictions', 'finish_predictions', 'system_generator', 'generate_stage']
 
 # %% ../nbs/10_generate.ipynb #10-generate-005
 def gen_kwargs(g, tok) -> dict:
@@ -37,6 +37,14 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> dict:
     mask = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs])
     return {"input_ids": ids, "attention_mask": mask}
 
+# %% ../nbs/10_generate.ipynb #10-generate-006u
+def prompt_ids(tok, prompts: list[str], template: str = "alpaca", references=None, cutoff: int = 0) -> list[list[int]]:
+    """The prompts' token ids as the template's encoder makes them; with `cutoff` > 0 each prompt is cut as llmtuner
+    0.5.3 cuts it at prediction time (together with its reference answer, in proportion to the lengths)."""
+    if not cutoff:
+        return [encode_prompt(tok, p, template) for p in prompts]
+    return [encode_example(tok, p, r, template, cutoff)[0] for p, r in zip(prompts, references)]
+
 # %% ../nbs/10_generate.ipynb #10-generate-005a
 @torch.no_grad()
 def generate(
@@ -48,10 +56,12 @@ def generate(
     on_batch=None,
     progress: bool = True,
     template: str = "alpaca",
+    references: list[str] | None = None,
 ) -> list[str]:
-    "Completions for `prompts` (in input order), encoded by the template's encoder, batched by length, left-padded."
+    """Completions for `prompts` (in input order), encoded by the template's encoder (cut with their `references` to
+    `g.cutoff` as llmtuner 0.5.3 does, when set), batched by length, left-padded."""
     bs = batch_size or g.batch_size
-    enc_all = [encode_prompt(tok, p, template) for p in prompts]
+    enc_all = prompt_ids(tok, prompts, template, references, g.cutoff)
     order = sorted(range(len(prompts)), key=lambda i: -len(enc_all[i]))
     out, kw, ntok, t0 = [None] * len(prompts), gen_kwargs(g, tok), 0, time.time()
     bar = tqdm(total=len(prompts), desc="generate", unit="ans", disable=not progress)
@@ -111,6 +121,7 @@ GEN_FIELDS = (
     "student.dtype",
     "student.quantize",
     "generate.max_new_tokens",
+    "generate.cutoff",
     "generate.do_sample",
     "generate.temperature",
     "generate.top_p",
@@ -143,22 +154,24 @@ def finish_predictions(partial: Path, final: Path) -> None:
 
 # %% ../nbs/10_generate.ipynb #10-generate-010a2
 def system_generator(cfg, run, system: str):
-    "(`answer(prompts, on_batch)`, API client or None): `system` answering locally or through `generate.api`."
+    """(`answer(prompts, references, on_batch)`, API client or None): `system` answering locally or through
+    `generate.api` (the references only set where llmtuner 0.5.3 would cut a long prompt: `generate.cutoff`)."""
     from knowtuning.assets import load_model
 
     adapter = None if system == "base" else run.path(f"train_{system}") / "adapter"
     if cfg.generate.backend == "api":
         client, salt = api_client(cfg.generate.api, system), adapter_fingerprint(adapter)
 
-        def answer(prompts, on_batch):
+        def answer(prompts, references, on_batch):
             on_batch(list(range(len(prompts))), generate_api(client, system, prompts, cfg.generate, salt=salt))
 
         return answer, client
     model, tok = load_model(cfg.student, adapter=adapter)
     model.eval()
 
-    def answer(prompts, on_batch):
-        generate(model, tok, prompts, cfg.generate, on_batch=on_batch, template=cfg.student.template)
+    def answer(prompts, references, on_batch):
+        t = cfg.student.template
+        generate(model, tok, prompts, cfg.generate, on_batch=on_batch, template=t, references=references)
 
     return answer, None
 
@@ -182,7 +195,7 @@ def generate_stage(cfg, run, system: str) -> Path:
             def save(idx, texts, todo=todo, ds=ds, path=path):
                 append_predictions(path, ds, [todo[j] for j in idx], texts)
 
-            answer([prompt(ds[i], cfg.student.template) for i in todo], save)
+            answer([prompt(ds[i], cfg.student.template) for i in todo], [ds[i]["output"] for i in todo], save)
             n_new += len(todo)
             finish_predictions(path, out / f"{key}.jsonl")
         seconds = round(time.time() - t0, 2)
