@@ -17,8 +17,8 @@ from .assets import home
 
 # %% auto #0
 __all__ = ['RETRYABLE', 'REPAIR', 'cache_key', 'Cache', 'Request', 'user', 'LLMError', 'Ledger', 'is_loopback', 'model_price',
-           'price_usd', 'LLMClient', 'ledgers', 'ParseError', 'parse_list', 'parse_json', 'complete_parsed',
-           'free_port', 'LocalServer', 'serve_local']
+           'price_usd', 'LLMClient', 'AdaptiveLimit', 'ledgers', 'ParseError', 'parse_list', 'parse_json',
+           'complete_parsed', 'free_port', 'LocalServer', 'serve_local']
 
 # %% ../nbs/04_llm.ipynb #04-llm-006
 def cache_key(model: str, messages: list, params: dict, endpoint: str = "", salt: str = "") -> str:
@@ -98,6 +98,8 @@ class Ledger:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    throttled: int = 0  # times the concurrency was halved on timeouts / 429s (AIMD)
+    min_concurrency: int = 0  # the lowest it went
     priced: bool = True  # False: the endpoint's price is unknown and cost_usd counts nothing
 
     def as_dict(self):
@@ -153,6 +155,7 @@ class LLMClient:
         self.retry_log: list[dict] = []  # {name, attempt, error}
         self.failures: list[dict] = []  # {name, error, raw}: structured-output failures
         self.http_requests = 0
+        self.concurrency_history: list = []  # (seconds, limit) of the last `complete_many`
 
     @property
     def ledger(self) -> Ledger:
@@ -189,27 +192,89 @@ def _cost(self: LLMClient, p: int, c: int) -> float:
     "USD of `p` prompt and `c` completion tokens (0 when the price is unknown: the ledger then says `priced: false`)."
     return price_usd(self.cfg, p, c) or 0.0
 
+# %% ../nbs/04_llm.ipynb #04-llm-011e2
+class AdaptiveLimit:
+    """At most `limit` requests in flight: halved (to at least 1) on congestion, once per round, and raised by one after
+    `limit` answers in a row, up to `ceiling`. `history` holds (seconds since start, limit) at every change."""
+
+    def __init__(self, ceiling: int):
+        self.ceiling = self.limit = max(1, ceiling)
+        self.in_flight, self.streak, self.epoch, self.t0 = 0, 0, 0, time.time()
+        self.history = [(0.0, self.limit)]
+        self._cond = asyncio.Condition()
+
+    async def acquire(self) -> tuple[int, bool]:
+        "Wait for a free slot; returns the congestion round the request starts in and whether others are in flight."
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.in_flight < self.limit)
+            self.in_flight += 1
+            return self.epoch, self.in_flight > 1
+
+    async def release(self, epoch: int, congested: bool) -> bool:
+        "Free the slot; True when the request met congestion in a round that was (now or meanwhile) cut back."
+        async with self._cond:
+            self.in_flight -= 1
+            cut = congested and epoch < self.epoch  # the limit was already lowered while it was in flight
+            if congested and epoch == self.epoch and self.limit > 1:
+                self.limit, self.epoch, self.streak, cut = max(1, self.limit // 2), self.epoch + 1, 0, True
+                self.history.append((round(time.time() - self.t0, 3), self.limit))
+            elif not congested:
+                self.streak += 1
+                if self.streak >= self.limit and self.limit < self.ceiling:
+                    self.limit, self.streak = self.limit + 1, 0
+                    self.history.append((round(time.time() - self.t0, 3), self.limit))
+            self._cond.notify_all()
+            return cut
+
+
+def _congestion(e) -> bool:
+    "A timeout, a 429 or a 503: the endpoint is overloaded."
+    return isinstance(e, (openai.APITimeoutError, openai.RateLimitError)) or (
+        isinstance(e, openai.APIStatusError) and e.status_code == 503
+    )
+
+
+def _retry_after(e) -> float | None:
+    "Seconds the server asks to wait (`Retry-After`), at most 60."
+    resp = getattr(e, "response", None)
+    try:
+        return min(60.0, float(resp.headers.get("retry-after"))) if resp is not None else None
+    except (TypeError, ValueError):
+        return None
+
 # %% ../nbs/04_llm.ipynb #04-llm-011f
 @patch
-async def _send(self: LLMClient, api, r: Request, params: dict):
-    "The response to `r`; 429, 5xx, timeouts and connection errors are retried with exponential backoff and jitter."
-    for attempt in range(self.cfg.max_retries + 1):
+async def _send(self: LLMClient, api, r: Request, params: dict, limit: AdaptiveLimit):
+    """The response to `r`, in a slot of `limit`; 429, 5xx, timeouts and connection errors are retried with
+    exponential backoff and jitter (or after `Retry-After`). Congestion that lowers the limit is not counted."""
+    tries = free = 0
+    while True:
+        epoch, shared = await limit.acquire()
         try:
             if r.prompt is None:
-                return await api.chat.completions.create(model=self.cfg.model, messages=r.messages, **params)
-            return await api.completions.create(model=self.cfg.model, prompt=r.prompt, **params)
+                resp = await api.chat.completions.create(model=self.cfg.model, messages=r.messages, **params)
+            else:
+                resp = await api.completions.create(model=self.cfg.model, prompt=r.prompt, **params)
         except Exception as e:
-            if not _retryable(e) or attempt == self.cfg.max_retries:
-                raise LLMError(
-                    f"request {r.name or '?'} failed after {attempt + 1} tries: {type(e).__name__}: {e}"
-                ) from e
+            cut = await limit.release(epoch, _congestion(e))
+            if cut and shared and free < limit.ceiling.bit_length() + 1:
+                free += 1  # the queue's fault (it was sent beside others): try again at the lower concurrency
+            elif not _retryable(e) or tries == self.cfg.max_retries:
+                n = tries + free + 1
+                raise LLMError(f"request {r.name or '?'} failed after {n} tries: {type(e).__name__}: {e}") from e
+            else:
+                tries += 1
             self.ledger.retries += 1
-            self.retry_log.append({"name": r.name, "attempt": attempt + 1, "error": type(e).__name__})
-            await asyncio.sleep(self.cfg.backoff * 2**attempt * random.uniform(0.5, 1.5))
+            self.retry_log.append({"name": r.name, "attempt": tries + free, "error": type(e).__name__})
+            wait = _retry_after(e)
+            await asyncio.sleep(wait if wait is not None else self.cfg.backoff * 2**tries * random.uniform(0.5, 1.5))
+            continue
+        await limit.release(epoch, False)
+        return resp
 
 # %% ../nbs/04_llm.ipynb #04-llm-011g
 @patch
-async def _one(self: LLMClient, api, r: Request, sem) -> str:
+async def _one(self: LLMClient, api, r: Request, limit: AdaptiveLimit) -> str:
     "The answer to `r`: from the cache, else from the endpoint (at most `concurrency` in flight), then cached."
     params = self.params(r)
     key = cache_key(
@@ -218,8 +283,7 @@ async def _one(self: LLMClient, api, r: Request, sem) -> str:
     if (hit := self.cache.get(key)) is not None:
         self.ledger.cache_hits += 1
         return hit["text"]
-    async with sem:
-        resp = await self._send(api, r, params)
+    resp = await self._send(api, r, params, limit)
     text = (resp.choices[0].message.content if r.prompt is None else resp.choices[0].text) or ""
     u = resp.usage
     p, c = (u.prompt_tokens or 0, u.completion_tokens or 0) if u else (0, 0)
@@ -245,7 +309,7 @@ async def _many(self: LLMClient, reqs, desc):
     def count(_):
         self.http_requests += 1
 
-    sem = asyncio.Semaphore(max(1, self.cfg.concurrency))
+    limit = AdaptiveLimit(self.cfg.concurrency)
     async with httpx.AsyncClient(event_hooks={"request": [_async_hook(count)]}, timeout=self.cfg.timeout) as http:
         api = openai.AsyncOpenAI(
             base_url=self.cfg.base_url,
@@ -259,17 +323,23 @@ async def _many(self: LLMClient, reqs, desc):
 
         async def run(r):
             try:
-                return await self._one(api, r, sem)
+                return await self._one(api, r, limit)
             finally:
                 bar.update(1)
                 bar.set_postfix(
                     calls_s=f"{self.ledger.calls / max(time.time() - t0, 1e-9):.1f}",
                     hits=self.ledger.cache_hits,
+                    conc=limit.limit,
                     refresh=False,
                 )
 
         out = await asyncio.gather(*(run(r) for r in reqs), return_exceptions=True)
         bar.close()
+    self.concurrency_history = limit.history
+    led = self.ledger
+    led.throttled += len([1 for (_, a), (_, b) in zip(limit.history, limit.history[1:]) if b < a])
+    lows = [l for _, l in limit.history]
+    led.min_concurrency = min(lows + ([led.min_concurrency] if led.min_concurrency else []))
     return out
 
 # %% ../nbs/04_llm.ipynb #04-llm-011j

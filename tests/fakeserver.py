@@ -18,8 +18,10 @@ class FakeServer:
     """`script` is a list of actions consumed one per request: an int status (429, 500, ...), 'stall' (sleep past the
     client timeout), or a string answer; when it runs out, `default` is used (a callable of the request body, or an action)."""
     def __init__(self, script=(), default=lambda body: "echo: " + (body["prompt"] if "prompt" in body else body["messages"][-1]["content"]), stall=3.0, delay=0.0,
-                 usage=lambda body, text: (10, 5)):
+                 usage=lambda body, text: (10, 5), serial=False):
+        "`serial`: one request served at a time, each taking `delay` (a busy server: the wait grows with the queue)."
         self.script, self.default, self.stall, self.delay, self.usage = list(script), default, stall, delay, usage
+        self.serial = threading.Lock() if serial else None
         self.requests, self.auth, self.in_flight, self.max_in_flight = [], [], 0, 0
         self.lock = threading.Lock()
         srv = self
@@ -33,18 +35,23 @@ class FakeServer:
                     srv.in_flight += 1; srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
                 try:
                     if callable(action): action = action(body)
-                    if srv.delay: time.sleep(srv.delay)
+                    if srv.serial:
+                        with srv.serial: time.sleep(srv.delay)      # abandoned requests are still served
+                    elif srv.delay: time.sleep(srv.delay)
                     if action == "stall": time.sleep(srv.stall); action = "late"
-                    if isinstance(action, int):
+                    if isinstance(action, tuple):                   # (status, Retry-After seconds)
+                        self._send(action[0], {"error": {"message": "busy", "type": "injected"}}, {"Retry-After": str(action[1])})
+                    elif isinstance(action, int):
                         self._send(action, {"error": {"message": f"injected {action}", "type": "injected"}})
                     elif "prompt" in body: self._send(200, text_completion(action, body.get("model", "fake"), srv.usage(body, action)))
                     else: self._send(200, completion(action, body.get("model", "fake"), srv.usage(body, action)))
                 finally:
                     with srv.lock: srv.in_flight -= 1
-            def _send(self, code, obj):
+            def _send(self, code, obj, headers=None):
                 data = json.dumps(obj).encode()
                 try:
                     self.send_response(code); self.send_header("Content-Type", "application/json")
+                    for k, v in (headers or {}).items(): self.send_header(k, v)
                     self.send_header("Content-Length", str(len(data))); self.end_headers(); self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError): pass
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)

@@ -48,6 +48,29 @@ def test_non_retryable_error_is_not_retried(tmp_path):
         with pytest.raises(LLMError, match="bad-one failed after 1 tries"): c.complete(user("x", name="bad-one"))
         assert len(s.requests) == 1
 
+def test_busy_server_lowers_and_restores_concurrency(tmp_path):
+    """A server that answers one request at a time in 0.25 s: at 8 in flight and a 1 s timeout, every request past the
+    fourth times out and its abandoned copy still occupies the server. AIMD halves the concurrency until answers come,
+    then raises it again; every request is answered and the ledger says what happened."""
+    with FakeServer(delay=0.25, serial=True) as s:
+        c = client(tmp_path, s.base_url, concurrency=8, timeout=1.0, max_retries=2, backoff=0.05)
+        out = c.complete_many([f"q{i}" for i in range(24)])
+        assert out == [f"echo: q{i}" for i in range(24)]
+        led = c.ledger.as_dict()
+        lows = [l for _, l in c.concurrency_history]
+        assert led["throttled"] >= 1 and led["min_concurrency"] < 8, (led, c.concurrency_history)
+        lowest = lows.index(min(lows))
+        assert max(lows[lowest:]) > min(lows), c.concurrency_history        # restored after the trough
+        assert led["calls"] == 24 and led["retries"] > 0
+
+def test_retry_after_is_honoured(tmp_path):
+    import time
+    with FakeServer([(429, 1.2)]) as s:                        # "busy, come back in 1.2 s"
+        c = client(tmp_path, s.base_url, backoff=0.0)             # our own backoff would not wait at all
+        t0 = time.time()
+        assert c.complete(user("x")) == "echo: x"
+        assert 1.2 <= time.time() - t0 < 5 and len(s.requests) == 2
+
 def test_bounded_concurrency_and_order(tmp_path):
     with FakeServer(delay=0.05) as s:
         c = client(tmp_path, s.base_url, concurrency=3)
