@@ -226,7 +226,7 @@ class AdaptiveLimit:
             self._cond.notify_all()
             return cut
 
-
+# %% ../nbs/04_llm.ipynb #04-llm-011e2b
 def _congestion(e) -> bool:
     "A timeout, a 429 or a 503: the endpoint is overloaded."
     return isinstance(e, (openai.APITimeoutError, openai.RateLimitError)) or (
@@ -304,6 +304,7 @@ def _async_hook(f):
 
     return hook
 
+# %% ../nbs/04_llm.ipynb #04-llm-011i1
 @patch
 async def _many(self: LLMClient, reqs, desc):
     def count(_):
@@ -335,12 +336,18 @@ async def _many(self: LLMClient, reqs, desc):
 
         out = await asyncio.gather(*(run(r) for r in reqs), return_exceptions=True)
         bar.close()
+    self._record_limit(limit)
+    return out
+
+# %% ../nbs/04_llm.ipynb #04-llm-011i2
+@patch
+def _record_limit(self: LLMClient, limit: AdaptiveLimit):
+    "Keep the concurrency's history of the last batch; count its cuts and its lowest value in the ledger."
     self.concurrency_history = limit.history
     led = self.ledger
     led.throttled += len([1 for (_, a), (_, b) in zip(limit.history, limit.history[1:]) if b < a])
     lows = [l for _, l in limit.history]
     led.min_concurrency = min(lows + ([led.min_concurrency] if led.min_concurrency else []))
-    return out
 
 # %% ../nbs/04_llm.ipynb #04-llm-011j
 @patch
