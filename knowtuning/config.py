@@ -42,6 +42,9 @@ class LLMCfg:
     max_retries: int = 5
     backoff: float = 1.0  # seconds; doubled per retry, with jitter
     cache: str = ""  # SQLite path; '' = $KNOWTUNING_HOME/llm_cache.sqlite
+    mode: str = "interactive"  # interactive | batch (the Batch API: about half the price, answers within 24 h)
+    batch_poll: float = 30.0  # seconds between polls of a submitted batch
+    batch_discount: float = 0.5  # batch price / interactive price (OpenAI: 0.5)
     prices: dict = field(default_factory=dict)  # {model: [usd per 1M input tokens, usd per 1M output tokens]}
 
 @dataclass

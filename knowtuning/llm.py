@@ -17,8 +17,8 @@ from .assets import home
 
 # %% auto #0
 __all__ = ['RETRYABLE', 'REPAIR', 'cache_key', 'Cache', 'Request', 'user', 'LLMError', 'Ledger', 'is_loopback', 'model_price',
-           'price_usd', 'LLMClient', 'AdaptiveLimit', 'ledgers', 'ParseError', 'parse_list', 'parse_json',
-           'complete_parsed', 'free_port', 'LocalServer', 'serve_local']
+           'price_usd', 'LLMClient', 'AdaptiveLimit', 'ledgers', 'import_batch_output', 'read_lines', 'ParseError',
+           'parse_list', 'parse_json', 'complete_parsed', 'free_port', 'LocalServer', 'serve_local']
 
 # %% ../nbs/04_llm.ipynb #04-llm-006
 def cache_key(model: str, messages: list, params: dict, endpoint: str = "", salt: str = "") -> str:
@@ -100,6 +100,7 @@ class Ledger:
     cost_usd: float = 0.0
     throttled: int = 0  # times the concurrency was halved on timeouts / 429s (AIMD)
     min_concurrency: int = 0  # the lowest it went
+    batch_failed: int = 0  # requests a batch did not answer (then sent interactively)
     priced: bool = True  # False: the endpoint's price is unknown and cost_usd counts nothing
 
     def as_dict(self):
@@ -156,6 +157,7 @@ class LLMClient:
         self.failures: list[dict] = []  # {name, error, raw}: structured-output failures
         self.http_requests = 0
         self.concurrency_history: list = []  # (seconds, limit) of the last `complete_many`
+        self.batches: list[dict] = []  # {id, status, requests, answered} of every batch this client waited for
 
     @property
     def ledger(self) -> Ledger:
@@ -274,13 +276,28 @@ async def _send(self: LLMClient, api, r: Request, params: dict, limit: AdaptiveL
 
 # %% ../nbs/04_llm.ipynb #04-llm-011g
 @patch
+def _key(self: LLMClient, r: Request, params: dict) -> str:
+    "The cache key of `r` sent with `params` to this endpoint."
+    return cache_key(
+        self.cfg.model, r.messages if r.prompt is None else {"prompt": r.prompt}, params, self.cfg.base_url, r.salt
+    )
+
+
+@patch
+def _count(self: LLMClient, p: int, c: int, discount: float = 1.0) -> None:
+    "One answered call of `p` prompt and `c` completion tokens in the ledger (at `discount` x the price: batches)."
+    led = self.ledger
+    led.calls += 1
+    led.prompt_tokens += p
+    led.completion_tokens += c
+    led.cost_usd += self._cost(p, c) * discount
+
+
+@patch
 async def _one(self: LLMClient, api, r: Request, limit: AdaptiveLimit) -> str:
     "The answer to `r`: from the cache, else from the endpoint (at most `concurrency` in flight), then cached."
     params = self.params(r)
-    key = cache_key(
-        self.cfg.model, r.messages if r.prompt is None else {"prompt": r.prompt}, params, self.cfg.base_url, r.salt
-    )
-    if (hit := self.cache.get(key)) is not None:
+    if (hit := self.cache.get(key := self._key(r, params))) is not None:
         self.ledger.cache_hits += 1
         return hit["text"]
     resp = await self._send(api, r, params, limit)
@@ -288,11 +305,7 @@ async def _one(self: LLMClient, api, r: Request, limit: AdaptiveLimit) -> str:
     u = resp.usage
     p, c = (u.prompt_tokens or 0, u.completion_tokens or 0) if u else (0, 0)
     self.cache.put(key, self.cfg.model, text, p, c)
-    led = self.ledger
-    led.calls += 1
-    led.prompt_tokens += p
-    led.completion_tokens += c
-    led.cost_usd += self._cost(p, c)
+    self._count(p, c)
     return text
 
 # %% ../nbs/04_llm.ipynb #04-llm-011i
@@ -319,6 +332,8 @@ async def _many(self: LLMClient, reqs, desc):
             timeout=self.cfg.timeout,
             http_client=http,
         )
+        if self.cfg.mode == "batch":
+            await self._batch(api, reqs)  # what it answered is cached now; the rest goes interactively below
         bar = tqdm(total=len(reqs), desc=desc or self.stage, disable=not self.progress or len(reqs) < 2, unit="req")
         t0 = time.time()
 
@@ -378,6 +393,103 @@ def ledgers(**users) -> dict | None:
         if c is not None:
             out[name] = {"model": c.cfg.model, **c.ledger.as_dict()}
     return out or None
+
+# %% ../nbs/04_llm.ipynb #04-llm-011n
+def _batch_line(key: str, model: str, r: Request, params: dict) -> dict:
+    "One request of a Batch API input file: `custom_id` is the request's cache key."
+    body = {"model": model, **{k: v for k, v in params.items() if k != "extra_body"}, **params.get("extra_body", {})}
+    if r.prompt is None:
+        url, body = "/v1/chat/completions", {**body, "messages": r.messages}
+    else:
+        url, body = "/v1/completions", {**body, "prompt": r.prompt}
+    return {"custom_id": key, "method": "POST", "url": url, "body": body}
+
+
+def _batch_answer(line: dict) -> tuple[str, str, int, int] | None:
+    "(key, text, prompt tokens, completion tokens) of one line of a batch's output file; None for a failed request."
+    resp = line.get("response") or {}
+    if line.get("error") or resp.get("status_code") != 200:
+        return None
+    body = resp["body"]
+    ch = body["choices"][0]
+    text = ch["message"]["content"] if "message" in ch else ch["text"]
+    u = body.get("usage") or {}
+    return line["custom_id"], text or "", u.get("prompt_tokens", 0), u.get("completion_tokens", 0)
+
+
+def import_batch_output(cache: Cache, path, model: str) -> int:
+    "Put the answers of a batch output file (the Batch API's, or vLLM `run_batch`'s) into `cache`; returns how many."
+    n = 0
+    for line in read_lines(path):
+        if got := _batch_answer(line):
+            cache.put(got[0], model, got[1], got[2], got[3])
+            n += 1
+    return n
+
+
+def read_lines(path) -> list[dict]:
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+# %% ../nbs/04_llm.ipynb #04-llm-011o
+@patch
+def _batch_state(self: LLMClient) -> Path:
+    "Where submitted batches are remembered (by the set of requests they answer) and their input files kept."
+    d = Path(str(self.cache.path) + ".batches")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@patch
+async def _submit(self: LLMClient, api, lines: list[dict], tag: str) -> str:
+    "The id of the batch answering `lines`: the one submitted earlier for exactly these requests, else a new one."
+    state = self._batch_state() / f"{tag}.id"
+    if state.exists():
+        return state.read_text().strip()  # a killed run: re-attach, do not pay twice
+    data = "".join(json.dumps(l) + "\n" for l in lines).encode()
+    (self._batch_state() / f"{tag}.jsonl").write_bytes(data)
+    f = await api.files.create(file=(f"{tag}.jsonl", data), purpose="batch")
+    b = await api.batches.create(input_file_id=f.id, endpoint=lines[0]["url"], completion_window="24h")
+    state.write_text(b.id)
+    return b.id
+
+# %% ../nbs/04_llm.ipynb #04-llm-011p2
+@patch
+async def _await_batch(self: LLMClient, api, batch_id: str, n: int):
+    "Poll batch `batch_id` (of `n` requests) until it ends, with a progress bar; returns the final batch object."
+    bar = tqdm(total=n, desc=f"batch {batch_id}", disable=not self.progress, unit="req")
+    while True:
+        b = await api.batches.retrieve(batch_id)
+        done = b.request_counts.completed + b.request_counts.failed if b.request_counts else 0
+        bar.update(done - bar.n)
+        bar.set_postfix(status=b.status, refresh=False)
+        if b.status in ("completed", "failed", "expired", "cancelled"):
+            bar.close()
+            return b
+        await asyncio.sleep(self.cfg.batch_poll)
+
+
+@patch
+async def _batch(self: LLMClient, api, reqs: list) -> None:
+    "Answer the uncached `reqs` through the Batch API, into the cache; failures are left for the interactive path."
+    todo = {}
+    for r in reqs:
+        params = self.params(r)
+        if self.cache.get(key := self._key(r, params)) is None:
+            todo[key] = _batch_line(key, self.cfg.model, r, params)
+    for url in sorted({l["url"] for l in todo.values()}):
+        lines = [l for l in todo.values() if l["url"] == url]
+        tag = hashlib.sha256(json.dumps(sorted(l["custom_id"] for l in lines)).encode()).hexdigest()[:16]
+        b = await self._await_batch(api, await self._submit(api, lines, tag), len(lines))
+        got = []
+        if b.status == "completed" and b.output_file_id:
+            text = (await api.files.content(b.output_file_id)).text
+            got = [a for l in text.splitlines() if l.strip() and (a := _batch_answer(json.loads(l)))]
+        for key, text, p, c in got:
+            self.cache.put(key, self.cfg.model, text, p, c)
+            self._count(p, c, self.cfg.batch_discount)
+        self.ledger.batch_failed += len(lines) - len(got)
+        (self._batch_state() / f"{tag}.id").unlink(missing_ok=True)  # ended: its answers are cached
+        self.batches.append({"id": b.id, "status": b.status, "requests": len(lines), "answered": len(got)})
 
 # %% ../nbs/04_llm.ipynb #04-llm-013
 class ParseError(ValueError):

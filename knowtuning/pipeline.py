@@ -146,6 +146,7 @@ def _row(stage: str, role: str, cfg_llm, calls: int, pt: int, ct: int) -> dict:
         "prompt_tokens": pt,
         "completion_tokens": ct,
         "cost_usd": None if cost is None else round(cost, 4),
+        "batch_usd": None if cost is None else round(cost * cfg_llm.batch_discount, 4),  # the same calls, `mode: batch`
     }
 
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-007ba
@@ -258,18 +259,20 @@ def merge_plan(rows: list[dict]) -> list[dict]:
     out = {}
     for r in rows:
         o = out.setdefault(
-            (r["stage"], r["role"]), {**r, "calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
+            (r["stage"], r["role"]),
+            {**r, "calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "batch_usd": 0.0},
         )
         for k in ("calls", "prompt_tokens", "completion_tokens"):
             o[k] += r[k]
-        o["cost_usd"] = None if o["cost_usd"] is None or r["cost_usd"] is None else o["cost_usd"] + r["cost_usd"]
+        for k in ("cost_usd", "batch_usd"):
+            o[k] = None if o[k] is None or r[k] is None else o[k] + r[k]
     return list(out.values())
 
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-007bc
-def plan_cost(rows: list[dict]) -> tuple[float, list[str]]:
-    "(USD of the rows whose price is known, models whose price is unknown)."
-    known = sum(r["cost_usd"] for r in rows if r["cost_usd"] is not None)
-    return known, sorted({r["model"] for r in rows if r["cost_usd"] is None})
+def plan_cost(rows: list[dict], key: str = "cost_usd") -> tuple[float, list[str]]:
+    "(USD of the rows whose price is known, models whose price is unknown); `key='batch_usd'`: in batch mode."
+    known = sum(r[key] for r in rows if r[key] is not None)
+    return known, sorted({r["model"] for r in rows if r[key] is None})
 
 def _usd(x) -> str:
     return "unknown" if x is None else f"{x:.2f}"
@@ -280,19 +283,18 @@ def format_plan(rows: list[dict]) -> str:
     rows = merge_plan(rows)
     if not rows:
         return "no LLM calls: teacher and judge are the offline heuristics"
-    lines = [
-        f"{'stage':16s} {'role':9s} {'model':18s} {'calls':>8s} {'in tokens':>11s} {'out tokens':>11s} {'USD':>9s}"
-    ]
+    head = f"{'stage':16s} {'role':9s} {'model':18s} {'calls':>8s} {'in tokens':>11s} {'out tokens':>11s}"
+    lines = [f"{head} {'USD':>9s} {'batch USD':>9s}"]
     for r in rows:
         lines.append(
             f"{r['stage']:16s} {r['role']:9s} {r['model'][:18]:18s} {r['calls']:8d} {r['prompt_tokens']:11d} "
-            f"{r['completion_tokens']:11d} {_usd(r['cost_usd']):>9s}"
+            f"{r['completion_tokens']:11d} {_usd(r['cost_usd']):>9s} {_usd(r['batch_usd']):>9s}"
         )
     tot = {k: sum(r[k] for r in rows) for k in ("calls", "prompt_tokens", "completion_tokens")}
-    known, unknown = plan_cost(rows)
+    (known, unknown), batch = plan_cost(rows), plan_cost(rows, "batch_usd")[0]
     lines.append(
         f"{'total':45s} {tot['calls']:8d} {tot['prompt_tokens']:11d} {tot['completion_tokens']:11d} "
-        f"{known:9.2f}" + (f" + unknown ({', '.join(unknown)})" if unknown else "")
+        f"{known:9.2f} {batch:9.2f}" + (f" + unknown ({', '.join(unknown)})" if unknown else "")
         + "   (+ one repair call per malformed answer)"
     )
     return "\n".join(lines)

@@ -2,6 +2,7 @@ import os, subprocess
 from pathlib import Path
 import pytest
 from fakeserver import FakeServer
+from conftest import ROOT
 from knowtuning.config import LLMCfg
 from knowtuning.llm import LLMClient, LLMError, Request, user, complete_parsed, parse_json, serve_local
 
@@ -97,3 +98,51 @@ def test_missing_key_for_remote_endpoint_is_a_clear_error(tmp_path, monkeypatch)
     monkeypatch.delenv("MY_TEACHER_KEY", raising=False)
     c = client(tmp_path, "https://api.example.invalid/v1", api_key_env="MY_TEACHER_KEY")
     with pytest.raises(LLMError, match="MY_TEACHER_KEY is not set"): c.complete("x")
+
+# -- batch mode ----------------------------------------------------------------------------------------------------------
+from batchserver import BatchServer
+
+def batch_client(tmp_path, url):
+    return client(tmp_path, url, mode="batch", batch_poll=0.05)
+
+@pytest.mark.parametrize("outcome,bad", [("completed", (1, 4)), ("failed", ()), ("expired", ())])
+def test_batch_mode_answers_everything(tmp_path, outcome, bad):
+    "A batch that completes with two request-level errors, one that fails, one that expires: nothing is lost."
+    qs = [f"q{i}" for i in range(6)]
+    with BatchServer(outcome, bad) as s:
+        c = batch_client(tmp_path, s.base_url)
+        assert c.complete_many(qs) == [f"echo: {q}" for q in qs]
+        answered = 6 - len(bad) if outcome == "completed" else 0
+        assert s.created == 1 and len(s.files[s.batches["batch-1"]["input"]].splitlines()) == 6
+        assert s.interactive == 6 - answered                            # the rest retried interactively
+        led = c.ledger.as_dict()
+        assert (led["calls"], led["batch_failed"]) == (6, 6 - answered)
+        assert c.batches == [{"id": "batch-1", "status": outcome, "requests": 6, "answered": answered}]
+        # the same cache serves a later interactive client: no new request of any kind
+        again = client(tmp_path, s.base_url)
+        assert again.complete_many(qs) == [f"echo: {q}" for q in qs]
+        assert (s.created, s.interactive) == (1, 6 - answered)
+
+def test_batch_line_is_the_batch_api_format(tmp_path):
+    from knowtuning.llm import _batch_line, Request
+    line = _batch_line("k", "gpt-4o-mini", user("hi"), {"temperature": 0.0, "max_tokens": 9, "extra_body": {"top_k": 5}})
+    assert line == {"custom_id": "k", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "gpt-4o-mini", "temperature": 0.0, "max_tokens": 9, "top_k": 5,
+                             "messages": [{"role": "user", "content": "hi"}]}}
+    assert _batch_line("k", "m", Request([], prompt="p"), {})["url"] == "/v1/completions"
+
+def test_killed_batch_run_reattaches_without_resubmitting(tmp_path):
+    import subprocess, sys, time
+    with BatchServer("hold") as s:
+        code = ("import sys; sys.path.insert(0, 'tests'); from test_llm import batch_client; from pathlib import Path; "
+                f"batch_client(Path({str(tmp_path)!r}), {s.base_url!r}).complete_many(['a', 'b', 'c'])")
+        p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+        t0 = time.time()
+        while s.polls < 2 and time.time() - t0 < 120: time.sleep(0.05)
+        p.kill(); p.wait()
+        assert s.created == 1 and s.polls >= 2                          # submitted, then killed while it waited
+        s.outcome = "completed"
+        c = batch_client(tmp_path, s.base_url)
+        assert c.complete_many(["a", "b", "c"]) == ["echo: a", "echo: b", "echo: c"]
+        assert s.created == 1 and len(s.files) == 3 and s.interactive == 0  # re-attached: one upload, one batch
+        assert c.batches[0]["id"] == "batch-1"
