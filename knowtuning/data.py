@@ -16,7 +16,8 @@ __all__ = ['TEMPLATES', 'HF_MAPS', 'RELEASE_REPO', 'RELEASE_COMMIT', 'RELEASE_FI
            'prompt', 'encode_prompt', 'encode_response', 'infer_max_len', 'encode_example', 'DataError', 'Dataset',
            'validate', 'read_records', 'load_file', 'llama_factory_entry', 'load_dataset_info', 'from_hf', 'load_hf',
            'ReleaseFile', 'release_home', 'blob_id', 'release_mismatch', 'fetch_release', 'check_release', 'data_dir',
-           'release_dir', 'available', 'load_dataset', 'set_source', 'dataset_path', 'load_preferences', 'dataset_key']
+           'release_dir', 'available', 'load_dataset', 'set_source', 'dataset_path', 'set_origin', 'load_preferences',
+           'dataset_key']
 
 # %% ../nbs/01_data.ipynb #01-data-006
 @dataclass(frozen=True)
@@ -444,6 +445,12 @@ def dataset_path(name: str) -> Path:
     raise DataError(f"unknown dataset {name!r}{hint}")
 
 
+def set_origin(name: str) -> dict:
+    "Where an existing KA/KC set came from, for the stage's stats: its name, file and git blob id."
+    path = dataset_path(name)
+    return {"source": name, "file": str(path), "blob": blob_id(path.read_bytes())}
+
+# %% ../nbs/01_data.ipynb #01-data-020t2
 def load_preferences(name: str) -> list[dict]:
     """The pairs of a KC set as {instruction, input, chosen, rejected}: `output: [chosen, rejected]` (LLaMA-Factory
     0.5.3's ranking layout) or `chosen`/`rejected` columns. Anything else names the file and the first bad record."""

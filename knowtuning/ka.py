@@ -258,7 +258,7 @@ def ka_stats(rows, n_records: int, n_rewritten: int, n_failures: int, alpha, tea
 def ka_from_set(cfg, run, out: Path, name: str) -> None:
     """The KA stage from an existing KA set `name` (`ka.source`): its records in our layout, no teacher call. A record
     equal to one of `data.train` counts as original, any other as rewritten."""
-    from knowtuning.data import load_dataset, dataset_path, blob_id
+    from knowtuning.data import load_dataset, set_origin
 
     ds = load_dataset(name, lenient=cfg.data.lenient)
     train = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
@@ -269,10 +269,9 @@ def ka_from_set(cfg, run, out: Path, name: str) -> None:
         for i, r in enumerate(ds)
     ]
     write_ka_set(out, rows, cfg.student.template)
-    path = dataset_path(name)
     n_rw = sum(r["kind"] == "rewritten" for r in rows)
-    stats = {"source": name, "file": str(path), "blob": blob_id(path.read_bytes()), "records": len(rows),
-             "original": len(rows) - n_rw, "rewritten": n_rw, "teacher": "none (an existing KA set)"}
+    stats = {**set_origin(name), "records": len(rows), "original": len(rows) - n_rw, "rewritten": n_rw,
+             "teacher": "none (an existing KA set)"}
     write_json(out / "stats.json", stats)
     run.update_stage("ka", stats=stats, llm=None)
 

@@ -133,15 +133,14 @@ def kc_items(atom_rows: list[dict]) -> list[dict]:
 # %% ../nbs/07_kc.ipynb #07-kc-013a2
 def kc_from_set(cfg, run, out: Path, name: str) -> None:
     "The KC stage from an existing KC set `name` (`kc.source`): its pairs in our layout, aspect `unknown`, no teacher."
-    from knowtuning.data import load_preferences, dataset_path, blob_id
+    from knowtuning.data import load_preferences, set_origin
 
     pairs = load_preferences(name)
     rows = [dict(index=i, question=question(p), aspect="unknown", chosen=p["chosen"], rejected=p["rejected"])
             for i, p in enumerate(pairs)]
     write_kc_set(out, rows, cfg.student.template)
-    path = dataset_path(name)
-    stats = {"source": name, "file": str(path), "blob": blob_id(path.read_bytes()), "pairs": len(rows),
-             "questions": len({r["question"] for r in rows}), "teacher": "none (an existing KC set)"}
+    stats = {**set_origin(name), "pairs": len(rows), "questions": len({r["question"] for r in rows}),
+             "teacher": "none (an existing KC set)"}
     write_json(out / "stats.json", stats)
     run.update_stage("kc", stats=stats, llm=None)
 

@@ -17,8 +17,8 @@ from .assets import home
 
 # %% auto #0
 __all__ = ['RETRYABLE', 'REPAIR', 'cache_key', 'Cache', 'Request', 'user', 'LLMError', 'Ledger', 'is_loopback', 'model_price',
-           'price_usd', 'LLMClient', 'AdaptiveLimit', 'ledgers', 'import_batch_output', 'read_lines', 'ParseError',
-           'parse_list', 'parse_json', 'complete_parsed', 'free_port', 'LocalServer', 'serve_local']
+           'price_usd', 'LLMClient', 'AdaptiveLimit', 'ledgers', 'import_batch_output', 'ParseError', 'parse_list',
+           'parse_json', 'complete_parsed', 'free_port', 'LocalServer', 'serve_local']
 
 # %% ../nbs/04_llm.ipynb #04-llm-006
 def cache_key(model: str, messages: list, params: dict, endpoint: str = "", salt: str = "") -> str:
@@ -420,15 +420,13 @@ def _batch_answer(line: dict) -> tuple[str, str, int, int] | None:
 def import_batch_output(cache: Cache, path, model: str) -> int:
     "Put the answers of a batch output file (the Batch API's, or vLLM `run_batch`'s) into `cache`; returns how many."
     n = 0
-    for line in read_lines(path):
+    from knowtuning.runs import read_jsonl
+
+    for line in read_jsonl(path):
         if got := _batch_answer(line):
             cache.put(got[0], model, got[1], got[2], got[3])
             n += 1
     return n
-
-
-def read_lines(path) -> list[dict]:
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
 
 # %% ../nbs/04_llm.ipynb #04-llm-011o
 @patch
