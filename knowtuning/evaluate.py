@@ -12,7 +12,7 @@ from .metrics import paired_bootstrap
 
 # %% auto #0
 __all__ = ['summarize_judge', 'identical_share', 'paired_diffs', 'score_system', 'judge_against', 'eval_spec', 'judge_set',
-           'evaluate_set', 'evaluate_stage']
+           'reference_facts', 'evaluate_set', 'evaluate_stage']
 
 # %% ../nbs/14_evaluate.ipynb #14-evaluate-005
 def _csv(rows: list[dict]) -> str:
@@ -26,17 +26,15 @@ def _csv(rows: list[dict]) -> str:
 
 
 def summarize_judge(verdicts: list[dict]) -> dict:
-    "Win / tie / lose percentages per aspect."
+    "Win / tie / lose percentages per aspect, and `flip`: the share (%) of ties whose two orders disagreed."
     from knowtuning.judge import ASPECTS
 
     n = len(verdicts)
-    return {
-        a: {
-            k: round(100 * sum(v[a] == k for v in verdicts) / n, 1) if n else float("nan")
-            for k in ("win", "tie", "lose")
-        }
-        for a in ASPECTS
-    }
+    pct = lambda k: round(100 * k / n, 1) if n else float("nan")
+    out = {a: {k: pct(sum(v[a] == k for v in verdicts)) for k in ("win", "tie", "lose")} for a in ASPECTS}
+    for a in ASPECTS:
+        out[a]["flip"] = pct(sum(bool(v.get(f"flip_{a}")) for v in verdicts))
+    return out
 
 # %% ../nbs/14_evaluate.ipynb #14-evaluate-006b
 def identical_share(a: list[str], b: list[str]) -> float:
@@ -61,34 +59,30 @@ def _failed(client_user, before: int) -> int:
     "Failures recorded by a teacher / judge / verifier client since `before` (offline backends never fail)."
     return len(getattr(client_user, "failures", None) or []) - before
 
-def score_system(preds: list[dict], has_ref: bool, teacher, verifier, cfg, label: str = ""):
-    "(per-example rows, per-question scores, summary: metrics with CIs, facts, verification failures)."
+def score_system(preds: list[dict], ref_facts, teacher, verifier, cfg, label: str = "", k: int = 0):
+    """(per-example rows, per-question scores, summary: metrics with CIs, facts, verification failures). `ref_facts`:
+    the references' facts (None: the set has no references), for recall; `k`: F1@K's K."""
     from knowtuning.metrics import all_metrics, bootstrap_ci
-    from knowtuning.facts import verify, fact_scores, aggregate_facts
+    from knowtuning.facts import verify, fact_scores, aggregate_facts, abstentions
 
+    has_ref = ref_facts is not None
     P, R = [r["prediction"] for r in preds], [r["reference"] for r in preds]
     m = all_metrics(P, R, cfg.eval.bertscore_model) if has_ref else {}
     facts = [f or [] for f in teacher.decompose(P)]
     n0 = len(verifier.failures) if verifier else 0
-    if has_ref:
-        v, _ = verify(facts, R, cfg.judge, verifier, label)
-    else:
-        v = [[False] * len(f) for f in facts]
-    fs = fact_scores(facts, v, cfg.eval.gamma)
-    rows = [
-        {
-            "index": r["index"],
-            **{k: round(m[k][i], 6) for k in m},
-            **{k: fs[i][k] for k in ("facts", "correct", "precision", "error_rate", "factscore")},
-        }
-        for i, r in enumerate(preds)
-    ]
-    summary = {k: bootstrap_ci(m[k], cfg.eval.bootstrap, cfg.seed) for k in m}
-    summary["facts"] = (
-        aggregate_facts(fs) if has_ref else {"facts_per_answer": sum(len(f) for f in facts) / max(len(facts), 1)}
-    )
-    summary["facts"].update(verified=sum(map(len, facts)) if has_ref else 0, verify_failed=_failed(verifier, n0))
-    scores = {**m, "fact_precision": [r["precision"] for r in fs]} if has_ref else {}
+    abst = abstentions([r["question"] for r in preds], P, cfg.judge, verifier, label)
+    v = verify(facts, R, cfg.judge, verifier, label)[0] if has_ref else [[False] * len(f) for f in facts]
+    rv = verify(ref_facts, P, cfg.judge, verifier, f"{label} recall")[0] if has_ref else None
+    fs = fact_scores(facts, v, cfg.eval.gamma, k, abst, rv)
+    cols = ("facts", "correct", "unsupported", "undecidable", "abstained", "precision", "error_rate", "factscore",
+            "f1_k", "ref_recall")
+    rows = [{"index": r["index"], **{c: round(m[c][i], 6) for c in m}, **{c: fs[i][c] for c in cols}}
+            for i, r in enumerate(preds)]
+    summary = {c: bootstrap_ci(m[c], cfg.eval.bootstrap, cfg.seed) for c in m}
+    summary["facts"] = aggregate_facts(fs) if has_ref else {
+        "facts_per_answer": sum(len(f) for f in facts) / max(len(facts), 1), "abstained": sum(abst)}
+    summary["facts"].update(k=k, verified=sum(map(len, facts)) if has_ref else 0, verify_failed=_failed(verifier, n0))
+    scores = {**m, **{c: [r[c] for r in fs] for c in ("precision", "f1_k", "ref_recall")}} if has_ref else {}
     return rows, scores, summary
 
 # %% ../nbs/14_evaluate.ipynb #14-evaluate-007a
@@ -114,11 +108,12 @@ def judge_against(main: list[dict], base: list[dict], judge, cfg, label: str = "
 
 # %% ../nbs/14_evaluate.ipynb #14-evaluate-007b
 def eval_spec(systems) -> Stage:
-    "Stage `eval`: every system's predictions, scored; `eval.*`, the judge, the teacher and the test sets are fields."
+    "Stage `eval`: predictions scored and probed; fields: `eval.*`, judge, teacher, test sets, the probes' KA/KC rules."
     return Stage(
         "eval",
         tuple(f"gen_{s}" for s in systems),
-        ("eval.bertscore_model", "eval.bootstrap", "eval.gamma", "judge", "teacher", "data.test", "seed"),
+        ("eval.bertscore_model", "eval.bootstrap", "eval.gamma", "eval.k", "eval.probe", "judge", "teacher",
+         "data.test", "seed", "ka.alpha", "kc.beta", "kc.revise", "kc.aspects"),
     )
 
 # %% ../nbs/14_evaluate.ipynb #14-evaluate-007ba
@@ -133,17 +128,25 @@ def judge_set(ds: dict, name: str, preds: dict, main: str, judge, cfg) -> list[d
         ds["judge_calls"][b] = {"judged": js["judged"], "failed": js["failed"]}
     return rows
 
-def evaluate_set(run, source: str, cfg, main: str, teacher, judge, verifier) -> tuple[dict, list, list]:
-    "(summary, per-example rows, verdict rows) of one test set: metrics and facts per system, paired diffs, judge."
+def reference_facts(teacher, preds: list[dict], name: str, k: int = 0) -> tuple[list, int]:
+    "(the references' facts, by the evaluation's teacher; F1@K's K: `k`, or the median number of reference facts)."
+    names = [f"{name} reference {r['index']}" for r in preds]
+    facts = [f or [] for f in teacher.decompose([r["reference"] for r in preds], names)]
+    return facts, k or max(1, int(np.median([len(f) for f in facts] or [1])))
+
+def evaluate_set(run, source: str, cfg, main: str, teacher, judge, verifier) -> tuple[dict, list, list, list]:
+    """(summary, per-example rows, verdict rows, the references' facts or None) of one test set: metrics and facts per
+    system, paired diffs, judge."""
     from knowtuning.data import dataset_key
 
     systems, name = list(cfg.systems), dataset_key(source)
     preds = {s: read_jsonl(run.path(f"gen_{s}") / f"{name}.jsonl") for s in systems}
     has_ref = all(r["reference"].strip() for r in preds[systems[0]])
+    ref_facts, k = reference_facts(teacher, preds[systems[0]], name, cfg.eval.k) if has_ref else (None, 0)
     ds = dict(source=source, n=len(preds[systems[0]]), has_references=has_ref, systems={}, judge={}, judge_ci={})
     ds["judge_calls"], scores, per_ex = {}, {}, []
     for s in systems:
-        rows, scores[s], ds["systems"][s] = score_system(preds[s], has_ref, teacher, verifier, cfg, f"{name}: {s}")
+        rows, scores[s], ds["systems"][s] = score_system(preds[s], ref_facts, teacher, verifier, cfg, f"{name}: {s}", k)
         per_ex += [{"dataset": name, "system": s, **r} for r in rows]
     answers = [(s, [r["prediction"] for r in preds[s]]) for s in systems]
     pairs = [(a, x, b, y) for i, (a, x) in enumerate(answers) for b, y in answers[i + 1 :]]
@@ -153,27 +156,35 @@ def evaluate_set(run, source: str, cfg, main: str, teacher, judge, verifier) -> 
         ds["diffs"] = paired_diffs(scores, main, cfg.eval.bootstrap, cfg.seed)
     if main in systems and (has_ref or cfg.judge.backend == "llm"):
         verdicts = judge_set(ds, name, preds, main, judge, cfg)
-    return ds, per_ex, verdicts
+    questions = [r["question"] for r in preds[systems[0]]]
+    return ds, per_ex, verdicts, (questions, ref_facts) if has_ref else None
 
 # %% ../nbs/14_evaluate.ipynb #14-evaluate-007bb
 def evaluate_stage(cfg, run, main: str = "knowtuning") -> Path:
-    "Metrics, facts and judge verdicts for every system's predictions (needs gen_<system> stages)."
+    "Metrics, facts, judge verdicts and probes for every system (needs the gen_<system> and train_<system> stages)."
     from knowtuning.facts import make_verifier, verifier_label
     from knowtuning.judge import make_judge
     from knowtuning.teacher import make_teacher
     from knowtuning.llm import ledgers
     from knowtuning.data import dataset_key
+    from knowtuning.probe import run_probes
 
     def make(out):
         teacher, judge = make_teacher(cfg.teacher, "eval", cfg.seed), make_judge(cfg.judge, "eval")
         verifier = make_verifier(cfg.judge, "eval")
-        summary = dict(judge=judge.label, teacher=teacher.label, verifier=verifier_label(cfg.judge), datasets={})
-        per_ex, verdict_rows = [], []
+        summary = dict(judge=judge.label, teacher=teacher.label, verifier=verifier_label(cfg.judge), main=main)
+        summary["datasets"], per_ex, verdict_rows, probe_sets = {}, [], [], {}
         for source in cfg.data.test:
-            ds, rows, verdicts = evaluate_set(run, source, cfg, main, teacher, judge, verifier)
+            ds, rows, verdicts, refs = evaluate_set(run, source, cfg, main, teacher, judge, verifier)
             summary["datasets"][dataset_key(source)] = ds
-            per_ex += rows
-            verdict_rows += verdicts
+            per_ex, verdict_rows = per_ex + rows, verdict_rows + verdicts
+            if refs:
+                probe_sets[dataset_key(source)] = refs
+        if cfg.eval.probe and probe_sets:
+            probes, probe_rows = run_probes(cfg, run, probe_sets, teacher, main)
+            for name, p in probes.items():
+                summary["datasets"][name]["probe"] = p
+            atomic_write(out / "probe.csv", _csv(probe_rows))
         atomic_write(out / "per_example.csv", _csv(per_ex))
         write_jsonl(out / "verdicts.jsonl", verdict_rows)
         roles = (("teacher", teacher), ("judge", judge), ("verifier", verifier))

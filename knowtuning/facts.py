@@ -5,12 +5,13 @@
 # %% ../nbs/12_facts.ipynb #12-facts-003
 from __future__ import annotations
 import math, re
+import numpy as np
 from functools import lru_cache
 from .atoms import split_atoms, wordnet, NAME, NOT_NAMES
 
 # %% auto #0
-__all__ = ['VERIFY', 'content', 'keys', 'supported', 'fact_scores', 'aggregate_facts', 'make_verifier', 'verifier_label',
-           'verify']
+__all__ = ['VERIFY', 'ABSTAIN', 'ABSTAIN_PATTERNS', 'content', 'keys', 'supported', 'f1_at_k', 'fact_scores', 'aggregate_facts',
+           'abstains', 'make_verifier', 'verifier_label', 'verify', 'abstentions']
 
 # %% ../nbs/12_facts.ipynb #12-facts-005
 _STOP = set(
@@ -73,42 +74,79 @@ def supported(fact: str, reference: str, threshold: float = 0.6) -> bool:
     return len(cw & bc) / len(cw) >= threshold
 
 # %% ../nbs/12_facts.ipynb #12-facts-008
-def fact_scores(facts: list[list[str]], verdicts: list[list[bool]], gamma: int = 0) -> list[dict]:
-    "Per answer: n facts, supported, precision, error rate and FActScore (length penalty when gamma > 0)."
+def f1_at_k(s: int, u: int, k: int) -> tuple[float, float, float]:
+    "SAFE's (precision, recall@K, F1@K) of an answer with `s` supported and `u` unsupported facts."
+    p = s / (s + u) if s + u else float("nan")
+    r = min(s / k, 1.0) if k > 0 else float("nan")
+    return p, r, (2 * p * r / (p + r) if s > 0 else 0.0)
+
+def fact_scores(facts, verdicts, gamma: int = 0, k: int = 0, abstained=None, ref_verdicts=None) -> list[dict]:
+    """Per answer: facts, supported / unsupported / undecidable (verdict True / False / None), precision, error rate,
+    FActScore, recall@K, F1@K, the share of the reference's facts it supports (`ref_verdicts`), abstention."""
     out = []
-    for f, v in zip(facts, verdicts):
-        n, s = len(f), sum(v)
-        p = s / n if n else float("nan")
-        pen = math.exp(1 - gamma / n) if gamma and n and n < gamma else 1.0
-        out.append(
-            {
-                "facts": n,
-                "correct": s,
-                "precision": p,
-                "error_rate": 1 - p if n else float("nan"),
-                "factscore": p * pen if n else 0.0,
-            }
-        )
+    for i, (f, v) in enumerate(zip(facts, verdicts)):
+        s, u = sum(x is True for x in v), sum(x is False for x in v)
+        ab = bool(abstained[i]) if abstained is not None else False
+        p, r, f1 = f1_at_k(s, u, k)
+        pen = math.exp(1 - gamma / len(f)) if gamma and f and len(f) < gamma else 1.0
+        rv = [x for x in (ref_verdicts[i] if ref_verdicts is not None else []) if x is not None]
+        row = dict(facts=len(f), correct=s, unsupported=u, undecidable=len(v) - s - u, abstained=ab)
+        row.update(precision=float("nan") if ab else p, error_rate=float("nan") if ab or s + u == 0 else 1 - p)
+        row.update(factscore=float("nan") if ab else (p * pen if s + u else 0.0))
+        row.update(recall_k=0.0 if ab else r, f1_k=0.0 if ab else f1)
+        row["ref_recall"] = sum(rv) / len(rv) if rv else float("nan")
+        out.append(row)
     return out
 
+
+# %% ../nbs/12_facts.ipynb #12-facts-008-agg
 def aggregate_facts(rows: list[dict]) -> dict:
-    "Facts per answer, correct facts per answer, factual error rate (wrong facts / all facts) and mean FActScore."
-    n = len(rows)
-    tot = sum(r["facts"] for r in rows)
-    cor = sum(r["correct"] for r in rows)
+    """Facts and correct facts per answer, error rate (unsupported / decided facts), undecidable share, mean FActScore,
+    F1@K, recall@K and reference recall; abstentions counted and left out of precision, error rate and FActScore."""
+    n, kept = len(rows), [r for r in rows if not r["abstained"]]
+    tot, cor = sum(r["facts"] for r in rows), sum(r["correct"] for r in kept)
+    dec = cor + sum(r["unsupported"] for r in kept)
+    mean = lambda k, rs=rows: float(np.nanmean([r[k] for r in rs])) if any(r[k] == r[k] for r in rs) else float("nan")
     return {
         "facts_per_answer": tot / n if n else 0.0,
-        "correct_per_answer": cor / n if n else 0.0,
-        "error_rate": (tot - cor) / tot if tot else float("nan"),
-        "factscore": sum(r["factscore"] for r in rows) / n if n else 0.0,
+        "correct_per_answer": sum(r["correct"] for r in rows) / n if n else 0.0,
+        "error_rate": (dec - cor) / dec if dec else float("nan"),
+        "undecidable": sum(r["undecidable"] for r in rows) / tot if tot else 0.0,
+        "factscore": mean("factscore", kept),
+        "f1_k": mean("f1_k"),
+        "recall_k": mean("recall_k"),
+        "ref_recall": mean("ref_recall"),
+        "abstained": n - len(kept),
     }
 
 
+# %% ../nbs/12_facts.ipynb #12-facts-008-abst
 VERIFY = """Reference answer: {reference}
 
 Statement: {fact}
 
-Is the statement supported by the reference answer? Reply with exactly one word: True or False."""
+Is the statement supported by the reference answer? Reply with exactly one word: True (the reference supports it),
+False (the reference contradicts it or does not support it), or Undecidable (the statement cannot be judged either
+way: it is vague, subjective or not a factual claim)."""
+
+ABSTAIN = """Question: {question}
+
+Answer: {answer}
+
+Does the answer decline to answer the question or say that it does not know? Reply with exactly one word: Yes or No."""
+
+# offline: an answer abstains when it is empty or one of these phrases occurs in it (case-insensitive)
+ABSTAIN_PATTERNS = (
+    r"\bi (?:do not|don't|really don't) know\b", r"\bi(?: am|'m) not (?:sure|certain|able)\b",
+    r"\bi (?:cannot|can't|am unable to|'m unable to) (?:answer|help|provide|say)\b", r"\bas an ai\b",
+    r"\bno (?:information|answer) (?:is )?available\b", r"\bnot enough information\b", r"\bi have no (?:idea|information)\b",
+)
+_ABSTAIN = re.compile("|".join(ABSTAIN_PATTERNS), re.I)
+
+def abstains(answer: str) -> bool:
+    "Offline abstention label: the answer is empty or declines in one of `ABSTAIN_PATTERNS`."
+    return not answer.strip() or bool(_ABSTAIN.search(answer))
+
 
 # %% ../nbs/12_facts.ipynb #12-facts-008a
 def make_verifier(judge_cfg, stage: str = "verifier"):
@@ -128,9 +166,10 @@ def verifier_label(judge_cfg) -> str:
 # %% ../nbs/12_facts.ipynb #12-facts-008b
 def verify(
     facts: list[list[str]], references: list[str], judge_cfg=None, client=None, label: str = ""
-) -> tuple[list[list[bool]], str]:
-    """Support verdicts for each answer's facts: the LLM verifier when `judge_cfg.backend == 'llm'` (through `client`,
-    from `make_verifier`, so its calls reach the caller's ledger), else the offline proxy."""
+) -> tuple[list[list], str]:
+    """Verdicts (True supported, False unsupported, None undecidable) for each answer's facts: the LLM verifier when
+    `judge_cfg.backend == 'llm'` (through `client`, from `make_verifier`, so its calls reach the caller's ledger), else
+    the offline proxy (which never says undecidable)."""
     if judge_cfg is None or judge_cfg.backend != "llm":
         return [[supported(f, r) for f in fs] for fs, r in zip(facts, references)], verifier_label(judge_cfg)
     from knowtuning.llm import user, complete_parsed, ParseError
@@ -139,9 +178,9 @@ def verify(
 
     def parse(s):
         w = s.strip().strip(".").split()[:1]
-        if not w or w[0].lower() not in ("true", "false"):
-            raise ParseError("expected True or False")
-        return w[0].lower() == "true"
+        if not w or w[0].lower() not in ("true", "false", "undecidable"):
+            raise ParseError("expected True, False or Undecidable")
+        return {"true": True, "false": False}.get(w[0].lower(), "undecidable")
 
     flat = [(i, f) for i, fs in enumerate(facts) for f in fs]
     reqs = [
@@ -151,5 +190,23 @@ def verify(
     got = complete_parsed(client, reqs, parse, "verify")
     out = [[] for _ in facts]
     for (i, _), g in zip(flat, got):
-        out[i].append(bool(g))  # an unparseable verdict counts as unsupported (and is recorded)
+        out[i].append(None if g == "undecidable" else bool(g))  # unparseable: unsupported (and recorded)
     return out, verifier_label(judge_cfg)
+
+# %% ../nbs/12_facts.ipynb #12-facts-008b2
+def abstentions(questions, answers, judge_cfg=None, client=None, label: str = "") -> list[bool]:
+    "Whether each answer abstains: the LLM verifier's Yes/No (`ABSTAIN`), else the offline `abstains`."
+    if judge_cfg is None or judge_cfg.backend != "llm":
+        return [abstains(a) for a in answers]
+    from knowtuning.llm import user, complete_parsed, ParseError
+
+    def parse(s):
+        w = s.strip().strip(".").split()[:1]
+        if not w or w[0].lower() not in ("yes", "no"):
+            raise ParseError("expected Yes or No")
+        return w[0].lower() == "yes"
+
+    reqs = [user(ABSTAIN.format(question=q, answer=a), name=f"abstain {label} answer {i}".replace("  ", " "))
+            for i, (q, a) in enumerate(zip(questions, answers))]
+    client = client or make_verifier(judge_cfg)
+    return [bool(g) for g in complete_parsed(client, reqs, parse, "abstain")]

@@ -18,12 +18,14 @@ ASPECTS = (*KC_ASPECTS, "overall")  # the judge adds an overall verdict to the t
 
 def combine(first: dict, second: dict) -> dict:
     """Verdicts for system X from two judgements: `first` with X as A, `second` with X as B.
-    Each maps aspect -> 'A' | 'B' | 'tie'. Win only if X is preferred in both orders."""
+    Each maps aspect -> 'A' | 'B' | 'tie'. Win only if X is preferred in both orders; `flip_<aspect>` is True when
+    the two orders disagree (neither a consistent preference nor a tie in both)."""
     out = {}
     for a in ASPECTS:
         x1, x2 = first.get(a) == "A", second.get(a) == "B"
         y1, y2 = first.get(a) == "B", second.get(a) == "A"
         out[a] = "win" if x1 and x2 else "lose" if y1 and y2 else "tie"
+        out[f"flip_{a}"] = out[a] == "tie" and not (first.get(a) == second.get(a) == "tie")
     return out
 
 
@@ -66,10 +68,9 @@ class ProxyJudge:
     "Offline reference-based proxy judge (labelled 'proxy')."
 
     label = "proxy: reference-fact recall / precision / order agreement"
-    failures: list = []  # an offline judge never fails to answer
-
     def __init__(self, margin: float = 0.05):
         self.margin = margin
+        self.failures = []  # an offline judge never fails to answer
 
     def compare(self, items: list[dict]) -> list[dict]:
         out = []

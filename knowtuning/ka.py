@@ -12,9 +12,9 @@ from .data import prompt, question, encode_prompt, encode_response, llama_factor
 from .runs import read_jsonl, write_json, write_jsonl, Stage
 
 # %% auto #0
-__all__ = ['KA', 'encode', 'ppl_reference', 'pack', 'batch_inputs', 'atom_ppls', 'ppl_packed', 'n_keep', 'select_difficult',
-           'ka_rows', 'write_ka_set', 'score_resumable', 'failure_rows', 'score_atoms', 'atom_rows', 'ka_stats',
-           'ka_from_set', 'ka_stage', 'plot_ka']
+__all__ = ['KA', 'encode', 'ppl_reference', 'pack', 'batch_inputs', 'atom_ppls', 'logps_packed', 'ppl_packed', 'n_keep',
+           'select_difficult', 'ka_rows', 'write_ka_set', 'score_resumable', 'failure_rows', 'score_atoms', 'atom_rows',
+           'ka_stats', 'ka_from_set', 'ka_stage', 'plot_ka']
 
 # %% ../nbs/06_ka.ipynb #06-ka-006
 def encode(tok, q: str, atoms: list[str], template: str = "alpaca"):
@@ -88,14 +88,12 @@ def atom_ppls(lp, lengths) -> list[float]:
 
 # %% ../nbs/06_ka.ipynb #06-ka-010f
 @torch.no_grad()
-def ppl_packed(
-    model, tok, questions, atom_lists, template: str = "alpaca", batch_questions: int = 8, progress=None
-) -> list[list[float]]:
-    "PPL of each atom given its question's prompt: one forward pass per question, batched."
+def logps_packed(model, enc: list, pad_id: int, batch_questions: int = 8, progress=None) -> list:
+    """For each (prompt ids, [continuation ids]) of `enc`: the log-probabilities of all its continuations' tokens, laid
+    end to end (a 1-D CPU tensor), each continuation seeing only the prompt. One forward pass per prompt, batched."""
     body, head = _body(model)
     dev, dtype = model.device, next(model.parameters()).dtype
-    enc = [encode(tok, q, a, template) for q, a in zip(questions, atom_lists)]
-    out = [None if atoms else [] for _, atoms in enc]
+    out = [None if conts else torch.zeros(0) for _, conts in enc]
     # longest first, so a batch holds sequences of similar length
     order = sorted(range(len(enc)), key=lambda i: -(len(enc[i][0]) + sum(map(len, enc[i][1]))))
     for b in range(0, len(order), batch_questions):
@@ -103,16 +101,23 @@ def ppl_packed(
         if not idx:
             continue
         packs = [pack(*enc[i]) for i in idx]
-        ids, pos, mask = batch_inputs(packs, tok.pad_token_id, dtype)
+        ids, pos, mask = batch_inputs(packs, pad_id, dtype)
         h = body(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev)).last_hidden_state
         for r, (i, (_, _, _, pred)) in enumerate(zip(idx, packs)):
             flat = [x for pr in pred for x in pr]
             targets = torch.tensor([t for a in enc[i][1] for t in a], device=dev)
-            lp = head(h[r, flat]).float().log_softmax(-1).gather(-1, targets[:, None])[:, 0]
-            out[i] = atom_ppls(lp, map(len, enc[i][1]))
+            out[i] = head(h[r, flat]).float().log_softmax(-1).gather(-1, targets[:, None])[:, 0].cpu()
         if progress is not None:
             progress.update(sum(len(enc[i][1]) for i in idx))
     return out
+
+def ppl_packed(
+    model, tok, questions, atom_lists, template: str = "alpaca", batch_questions: int = 8, progress=None
+) -> list[list[float]]:
+    "PPL of each atom given its question's prompt: one forward pass per question, batched."
+    enc = [encode(tok, q, a, template) for q, a in zip(questions, atom_lists)]
+    lps = logps_packed(model, enc, tok.pad_token_id, batch_questions, progress)
+    return [atom_ppls(lp, map(len, atoms)) for lp, (_, atoms) in zip(lps, enc)]
 
 # %% ../nbs/06_ka.ipynb #06-ka-014
 def n_keep(n: int, alpha: float) -> int:

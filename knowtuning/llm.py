@@ -8,7 +8,7 @@ import asyncio, concurrent.futures, hashlib, json, os, random, re, socket, sqlit
 import threading, time
 from contextlib import contextmanager
 from fastcore.basics import patch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 import httpx, openai
 from tqdm.auto import tqdm
@@ -39,21 +39,27 @@ class Cache:
         self._db.execute("PRAGMA busy_timeout=60000")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, model TEXT, text TEXT, "
-            "prompt_tokens INTEGER, completion_tokens INTEGER, created REAL)"
+            "prompt_tokens INTEGER, completion_tokens INTEGER, created REAL, fingerprint TEXT)"
         )
+        cols = [r[1] for r in self._db.execute("PRAGMA table_info(responses)")]
+        if "fingerprint" not in cols:  # a cache written before fingerprints were kept
+            self._db.execute("ALTER TABLE responses ADD COLUMN fingerprint TEXT")
 
     def get(self, key: str) -> dict | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT text, prompt_tokens, completion_tokens FROM responses WHERE key=?", (key,)
+                "SELECT text, prompt_tokens, completion_tokens, model, fingerprint FROM responses WHERE key=?", (key,)
             ).fetchone()
-        return None if row is None else {"text": row[0], "prompt_tokens": row[1], "completion_tokens": row[2]}
+        keys = ("text", "prompt_tokens", "completion_tokens", "model", "fingerprint")
+        return None if row is None else dict(zip(keys, row))
 
-    def put(self, key: str, model: str, text: str, prompt_tokens: int = 0, completion_tokens: int = 0):
+    def put(self, key: str, model: str, text: str, prompt_tokens=0, completion_tokens=0, fingerprint=None):
+        "Store an answer; `model` and `fingerprint` are what the endpoint said served it."
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO responses VALUES (?,?,?,?,?,?)",
-                (key, model, text, prompt_tokens, completion_tokens, time.time()),
+                "INSERT OR REPLACE INTO responses (key, model, text, prompt_tokens, completion_tokens, created, "
+                "fingerprint) VALUES (?,?,?,?,?,?,?)",
+                (key, model, text, prompt_tokens, completion_tokens, time.time(), fingerprint),
             )
 
     def __len__(self):
@@ -102,6 +108,14 @@ class Ledger:
     min_concurrency: int = 0  # the lowest it went
     batch_failed: int = 0  # requests a batch did not answer (then sent interactively)
     priced: bool = True  # False: the endpoint's price is unknown and cost_usd counts nothing
+    served: dict = field(default_factory=dict)  # {model id the endpoint reported: answers}, cached ones included
+    fingerprints: dict = field(default_factory=dict)  # {system_fingerprint it reported: answers}
+
+    def saw(self, model: str | None, fingerprint: str | None) -> None:
+        "Count one answer served by `model` with `fingerprint` (what the response said; None when it said nothing)."
+        self.served[model or "?"] = self.served.get(model or "?", 0) + 1
+        if fingerprint:
+            self.fingerprints[fingerprint] = self.fingerprints.get(fingerprint, 0) + 1
 
     def as_dict(self):
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -299,13 +313,16 @@ async def _one(self: LLMClient, api, r: Request, limit: AdaptiveLimit) -> str:
     params = self.params(r)
     if (hit := self.cache.get(key := self._key(r, params))) is not None:
         self.ledger.cache_hits += 1
+        self.ledger.saw(hit["model"], hit["fingerprint"])
         return hit["text"]
     resp = await self._send(api, r, params, limit)
     text = (resp.choices[0].message.content if r.prompt is None else resp.choices[0].text) or ""
     u = resp.usage
     p, c = (u.prompt_tokens or 0, u.completion_tokens or 0) if u else (0, 0)
-    self.cache.put(key, self.cfg.model, text, p, c)
+    served, fp = resp.model or self.cfg.model, getattr(resp, "system_fingerprint", None)
+    self.cache.put(key, served, text, p, c, fp)
     self._count(p, c)
+    self.ledger.saw(served, fp)
     return text
 
 # %% ../nbs/04_llm.ipynb #04-llm-011i
@@ -386,7 +403,7 @@ def complete(self: LLMClient, req) -> str:
 
 # %% ../nbs/04_llm.ipynb #04-llm-011b
 def ledgers(**users) -> dict | None:
-    "{name: calls, cache hits, retries, failures, tokens, cost and model} of each LLM client behind `users`."
+    "{name: calls, cache hits, retries, failures, tokens, cost, model asked for and models served} per LLM client."
     out = {}
     for name, u in users.items():
         c = u if isinstance(u, LLMClient) else getattr(u, "client", None)
@@ -405,8 +422,9 @@ def _batch_line(key: str, model: str, r: Request, params: dict) -> dict:
     return {"custom_id": key, "method": "POST", "url": url, "body": body}
 
 
-def _batch_answer(line: dict) -> tuple[str, str, int, int] | None:
-    "(key, text, prompt tokens, completion tokens) of one line of a batch's output file; None for a failed request."
+def _batch_answer(line: dict) -> tuple | None:
+    """(key, text, prompt tokens, completion tokens, served model, fingerprint) of one line of a batch's output file;
+    None for a failed request."""
     resp = line.get("response") or {}
     if line.get("error") or resp.get("status_code") != 200:
         return None
@@ -414,7 +432,8 @@ def _batch_answer(line: dict) -> tuple[str, str, int, int] | None:
     ch = body["choices"][0]
     text = ch["message"]["content"] if "message" in ch else ch["text"]
     u = body.get("usage") or {}
-    return line["custom_id"], text or "", u.get("prompt_tokens", 0), u.get("completion_tokens", 0)
+    p, c = u.get("prompt_tokens", 0), u.get("completion_tokens", 0)
+    return line["custom_id"], text or "", p, c, body.get("model"), body.get("system_fingerprint")
 
 
 def import_batch_output(cache: Cache, path, model: str) -> int:
@@ -424,7 +443,7 @@ def import_batch_output(cache: Cache, path, model: str) -> int:
 
     for line in read_jsonl(path):
         if got := _batch_answer(line):
-            cache.put(got[0], model, got[1], got[2], got[3])
+            cache.put(got[0], got[4] or model, *got[1:4], got[5])
             n += 1
     return n
 
@@ -482,8 +501,8 @@ async def _batch(self: LLMClient, api, reqs: list) -> None:
         if b.status == "completed" and b.output_file_id:
             text = (await api.files.content(b.output_file_id)).text
             got = [a for l in text.splitlines() if l.strip() and (a := _batch_answer(json.loads(l)))]
-        for key, text, p, c in got:
-            self.cache.put(key, self.cfg.model, text, p, c)
+        for key, text, p, c, served, fp in got:
+            self.cache.put(key, served or self.cfg.model, text, p, c, fp)
             self._count(p, c, self.cfg.batch_discount)
         self.ledger.batch_failed += len(lines) - len(got)
         (self._batch_state() / f"{tag}.id").unlink(missing_ok=True)  # ended: its answers are cached

@@ -216,22 +216,30 @@ def _plan_prefs(cfg, train: list[dict], add) -> None:
 
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-007ba3
 def _plan_eval(cfg, recs: list[dict], add) -> None:
-    "Evaluation's calls on one test set: decomposition and verification per system, the judge per comparison."
+    """Evaluation's calls on one test set: decomposition of every answer and of the references (facts' recall, the
+    probes), the references' revisions (the factuality probe), verification of the answers' facts, of the references'
+    facts against each answer and of abstention, per system; the judge per comparison."""
     from knowtuning.data import question
     from knowtuning.teacher import PROMPTS
     from knowtuning.atoms import split_atoms
     from knowtuning.judge import JUDGE
-    from knowtuning.facts import VERIFY
+    from knowtuning.facts import VERIFY, ABSTAIN
 
-    systems, gen = list(cfg.systems), _like_answer(cfg)
+    systems, gen, refs = list(cfg.systems), _like_answer(cfg), [r["output"] for r in recs]
     if cfg.teacher.backend == "llm":
         dec = [PROMPTS["decompose"].format(answer=gen(r)) for r in recs for _ in systems]
         add("eval", "teacher", dec, len(systems) * sum(_tok(gen(r)) for r in recs))
+        add("eval", "teacher", [PROMPTS["decompose"].format(answer=a) for a in refs], sum(map(_tok, refs)))
+        if cfg.eval.probe and "factuality" in cfg.kc.aspects:
+            revise = [PROMPTS["revise"].format(atoms=a) for a in refs]
+            add("eval", "teacher", revise, sum(_tok(a) + 3 * _n_atoms(a) for a in refs))
     if cfg.judge.backend != "llm":
         return
     facts = [(r, a["text"]) for r in recs for a in split_atoms(gen(r))]
     ver = [VERIFY.format(reference=r["output"], fact=f) for r, f in facts for _ in systems]
-    add("eval", "verifier", ver, 2 * len(systems) * len(facts))
+    ver += [VERIFY.format(reference=gen(r), fact=f) for r, f in facts for _ in systems]  # recall: reference facts
+    ver += [ABSTAIN.format(question=question(r), answer=gen(r)) for r in recs for _ in systems]
+    add("eval", "verifier", ver, 2 * len(ver))
     if "knowtuning" in systems:
         n_cmp = 2 * (len(systems) - 1)
         cmp = [JUDGE.format(question=question(r), reference=r["output"], a=gen(r), b=gen(r)) for r in recs]

@@ -11,9 +11,10 @@ from .metrics import excludes_zero
 from .judge import ASPECTS
 
 # %% auto #0
-__all__ = ['PROXY_NOTE', 'REPORT', 'to_markdown', 'to_csv', 'to_latex', 'write_table', 'metrics_table', 'diffs_table',
-           'judge_table', 'facts_table', 'ablation_table', 'build_tables', 'reading_notes', 'data_sources',
-           'plot_judge', 'plot_metrics', 'report_stage', 'combine_tables', 'combine_reports']
+__all__ = ['PROXY_NOTE', 'PROBE_NOTE', 'FACT_COLUMNS', 'REPORT', 'to_markdown', 'to_csv', 'to_latex', 'write_table',
+           'probe_table', 'atoms_table', 'metrics_table', 'diffs_table', 'judge_table', 'facts_table', 'ablation_table',
+           'build_tables', 'probe_notes', 'reading_notes', 'data_sources', 'served_models', 'plot_judge',
+           'plot_metrics', 'plot_probe', 'report_stage', 'combine_tables', 'combine_reports']
 
 # %% ../nbs/15_report.ipynb #15-report-006
 def _fmt(x, digits=4):
@@ -87,6 +88,53 @@ def _context(cfg, summary: dict) -> tuple[str, bool]:
     )
     return ctx, proxy
 
+# %% ../nbs/15_report.ipynb #15-report-009p
+PROBE_NOTE = (
+    "Judge-free probes from likelihoods (forward passes): a model *prefers* the reference when its per-token "
+    "log-probability given the prompt exceeds that of the worse answer built from the reference's atoms by KC's rules "
+    "(completeness: atoms deleted; factuality: atoms revised; logicality: atoms shuffled), identical for every model. "
+    "They show whether a model ranks reliable knowledge above its flawed versions, not that it generates better "
+    "answers."
+)
+
+def _main(summary: dict) -> str:
+    return summary.get("main", "knowtuning")
+
+def probe_table(summary: dict, ctx: str, offline: bool):
+    "Per test set, aspect and model: preference accuracy (per token, summed) and mean margin; Δ accuracy vs main."
+    rows, main = [], _main(summary)
+    for d, x in summary["datasets"].items():
+        p = x.get("probe") or {}
+        for a, models in p.get("aspects", {}).items():
+            for m, v in models.items():
+                dv = p["diffs"].get(a, {}).get(m)
+                delta = _diff(dv["accuracy"]) if dv else "–"
+                rows.append([d, v["pairs"], a, m, _ci(v["accuracy"]), _ci(v["accuracy_sum"]), _ci(v["margin"]), delta])
+    off = (" Offline, the perturbations follow the heuristic teacher's rules, the same as KC's training pairs: a "
+           "KC-trained system is probed on the kind of change it was trained on." if offline else "")
+    cap = (f"Knowledge-comparison probe: preference accuracy (share of questions, ± half 95% CI), per-token and "
+           f"summed (a deletion is shorter, so the summed form mostly measures length), mean per-token margin, and "
+           f"Δ accuracy = {main} − model (paired 95% interval; * excludes 0). {PROBE_NOTE}{off} {ctx}")
+    return ["dataset", "pairs", "aspect", "model", "accuracy", "accuracy (sum)", "margin / token",
+            f"Δ accuracy {main} − model"], rows, cap
+
+
+# %% ../nbs/15_report.ipynb #15-report-009q
+def atoms_table(summary: dict, ctx: str):
+    "Per test set and model: mean perplexity of the reference's difficult atoms (chosen by the base model, as KA does)."
+    rows, main = [], _main(summary)
+    for d, x in summary["datasets"].items():
+        p = x.get("probe") or {}
+        for m, v in p.get("atoms", {}).items():
+            dv = p.get("atoms_diffs", {}).get(m)
+            delta = _diff(dv) if dv else "–"
+            rows.append([d, p.get("questions", "?"), m, _ci(v), delta])
+    cap = (f"Fine-grained probe: mean perplexity, given the question, of each reference's difficult atoms (top-alpha "
+           f"by the base model's perplexity, selected exactly as KA selects them); lower = the model learned what was "
+           f"hard for the base model. Δ = {main} − model, paired 95% interval (negative: {main} lower). {ctx}")
+    return ["dataset", "questions", "model", "difficult-atom perplexity", f"Δ {main} − model"], rows, cap
+
+
 # %% ../nbs/15_report.ipynb #15-report-009a
 def metrics_table(cfg, summary: dict, ctx: str):
     rows = [
@@ -108,10 +156,11 @@ def diffs_table(summary: dict, ctx: str, main: str = "knowtuning"):
         for b, v in x.get("diffs", {}).items():
             rows.append(
                 [d, v["meteor"][3], f"{main} − {b}"]
-                + [_diff(v.get(k)) for k in ("meteor", "bertscore", "rougeL", "fact_precision")]
+                + [_diff(v.get(k)) for k in ("meteor", "bertscore", "rougeL", "precision", "f1_k", "ref_recall")]
             )
     return (
-        ["dataset", "n", "comparison", "Δ METEOR", "Δ BERTScore", "Δ ROUGE-L", "Δ fact precision"],
+        ["dataset", "n", "comparison", "Δ METEOR", "Δ BERTScore", "Δ ROUGE-L", "Δ fact precision", "Δ F1@K",
+         "Δ reference recall"],
         rows,
         "Paired differences with bootstrap 95% intervals over questions; * marks an interval that excludes 0 "
         f"(a difference these questions support, not a general claim). {ctx}",
@@ -127,48 +176,43 @@ def judge_table(summary: dict, ctx: str, proxy: bool):
             rows.append(
                 [d, x["n"], f"KnowTuning vs {b}"]
                 + [_wtl(asp[a], ci.get(a)) for a in ASPECTS]
+                + [" / ".join(f"{asp[a].get('flip', float('nan')):.0f}" for a in ASPECTS)]
                 + [f"{calls.get('judged', '?')} / {calls.get('failed', '?')}"]
             )
     cap = (
         f"Pairwise judge ({summary.get('judge', '?')}), win / tie / lose (%, ± half 95% CI), judged in both orders; "
         "an answer the judge could not give in the requested form (after one repair round) counts as a tie and "
-        f"is counted under 'judged / failed'{' — PROXY judge, not an LLM. ' + PROXY_NOTE if proxy else '.'} {ctx}"
+        "is counted under 'judged / failed'. Position flips (%, per aspect in column order): pairs whose two orders "
+        "disagreed, counted among the ties; a high flip rate means the judge followed positions, not answers"
+        f"{' — PROXY judge, not an LLM. ' + PROXY_NOTE if proxy else '.'} {ctx}"
     )
-    return ["dataset", "n", "comparison", *ASPECTS, "judged / failed"], rows, cap
+    return ["dataset", "n", "comparison", *ASPECTS, "position flips", "judged / failed"], rows, cap
 
 # %% ../nbs/15_report.ipynb #15-report-009c
+FACT_COLUMNS = {  # summary key: column
+    "facts_per_answer": "facts / answer", "correct_per_answer": "correct facts / answer",
+    "error_rate": "factual error rate", "factscore": "FActScore", "f1_k": "F1@K", "ref_recall": "reference recall",
+    "undecidable": "undecidable facts", "abstained": "abstained",
+}
+
 def facts_table(summary: dict, ctx: str):
     nan = float("nan")
     rows = [
-        [
-            d,
-            x["n"],
-            s,
-            v["facts"].get("facts_per_answer", nan),
-            v["facts"].get("correct_per_answer", nan),
-            v["facts"].get("error_rate", nan),
-            v["facts"].get("factscore", nan),
-            f"{v['facts'].get('verified', '?')} / {v['facts'].get('verify_failed', '?')}",
-        ]
+        [d, x["n"], s]
+        + [v["facts"].get(k, nan) for k in FACT_COLUMNS]
+        + [v["facts"].get("k", "?"), f"{v['facts'].get('verified', '?')} / {v['facts'].get('verify_failed', '?')}"]
         for d, x in summary["datasets"].items()
         for s, v in x["systems"].items()
     ]
     ver = summary.get("verifier", "")
     note = f" [PROXY] {PROXY_NOTE}" if "proxy" in ver else ""
-    return (
-        [
-            "dataset",
-            "n",
-            "system",
-            "facts / answer",
-            "correct facts / answer",
-            "factual error rate",
-            "FActScore",
-            "verified / failed",
-        ],
-        rows,
-        f"Fine-grained facts (verifier: {ver}{note}; an unparseable verdict counts as unsupported). {ctx}",
+    cap = (
+        f"Fine-grained facts (verifier: {ver}{note}). Error rate = unsupported / (supported + unsupported): an "
+        "undecidable fact (its share of all facts is shown) is never counted as an error; an unparseable verdict "
+        "counts as unsupported. F1@K as in SAFE, K per set in column K. Abstentions (answers that decline) are "
+        f"counted and left out of precision, error rate and FActScore; their F1@K is 0. {ctx}"
     )
+    return ["dataset", "n", "system", *FACT_COLUMNS.values(), "K", "verified / failed"], rows, cap
 
 # %% ../nbs/15_report.ipynb #15-report-009d
 def ablation_table(cfg, summary: dict, ctx: str):
@@ -181,10 +225,16 @@ def ablation_table(cfg, summary: dict, ctx: str):
     ]
     return ["dataset", "system", "METEOR", "BERTScore", "factual error rate"], rows, f"Ablation. {ctx}"
 
-def build_tables(cfg, summary: dict) -> dict:
-    "{name: (header, rows, caption)}: metrics, paired differences, judge, facts, ablation (when the run has wo_*)."
+def build_tables(cfg, summary: dict, served: str = "") -> dict:
+    """{name: (header, rows, caption)}: probes (when the run has them), metrics, paired differences, judge, facts,
+    ablation (when the run has wo_*). `served`: the models the endpoints reported (`served_models`), for captions."""
     ctx, proxy = _context(cfg, summary)
-    tables = {
+    ctx = f"{ctx}; {served}" if served else ctx
+    tables = {}
+    if any(x.get("probe") for x in summary["datasets"].values()):
+        tables["table_probe"] = probe_table(summary, ctx, summary.get("teacher") == "heuristic")
+        tables["table_probe_atoms"] = atoms_table(summary, ctx)
+    tables |= {
         "table_metrics": metrics_table(cfg, summary, ctx),
         "table_diffs": diffs_table(summary, ctx),
         "table_judge": judge_table(summary, ctx, proxy),
@@ -195,8 +245,29 @@ def build_tables(cfg, summary: dict) -> dict:
     return tables
 
 # %% ../nbs/15_report.ipynb #15-report-009b-2
+def probe_notes(summary: dict) -> list[str]:
+    "One line per test set with probes: the main system's preference accuracy per aspect against the base model's."
+    main, out = _main(summary), []
+    for d, x in summary["datasets"].items():
+        if not (p := x.get("probe")):
+            continue
+        parts = []
+        for a, models in p["aspects"].items():
+            if main in models and "base" in models:
+                dv = p["diffs"][a]["base"]["accuracy"]
+                star = " *" if excludes_zero(dv) else ""
+                parts.append(f"{a} {models[main]['accuracy'][0]:.0%} vs base {models['base']['accuracy'][0]:.0%}{star}")
+        at = p.get("atoms", {})
+        if main in at and "base" in at:
+            parts.append(f"difficult-atom perplexity {at[main][0]:.2f} vs base {at['base'][0]:.2f}"
+                         + (" *" if excludes_zero(p["atoms_diffs"]["base"]) else ""))
+        out.append(f"**Probes ({d}, {p['questions']} questions):** {main} prefers the reference over its perturbation: "
+                   + "; ".join(parts) + " (* the paired 95% interval excludes 0).")
+    return out
+
 def reading_notes(cfg, summary: dict, main: str = "knowtuning") -> list[str]:
-    "The report's first lines: what the run can and cannot support."
+    "The report's first lines: what the run can and cannot support; the probes' headline first."
+    main = summary.get("main", main)
     ns = {d: x["n"] for d, x in summary["datasets"].items()}
     offline = summary.get("teacher") == "heuristic" or "proxy" in summary.get("judge", "")
     out = [f"**How to read this report.** Test questions per set: {', '.join(f'{d} {n}' for d, n in ns.items())}."]
@@ -206,6 +277,7 @@ def reading_notes(cfg, summary: dict, main: str = "knowtuning") -> list[str]:
             "works and how the systems differ *under the proxies*; it is not a reproduction of the paper's "
             "results (run `paper-dolly` / `paper-medquad` with an LLM teacher and judge for that). " + PROXY_NOTE
         )
+    out += probe_notes(summary)
     sig = [
         f"{b} ({d}: {', '.join(k for k, v in m.items() if excludes_zero(v))})"
         for d, x in summary["datasets"].items()
@@ -242,6 +314,27 @@ def data_sources(manifest: dict) -> str:
             parts.append(f"{st.upper()} built here (teacher {s.get('teacher', '?')})")
     return ("Training data: " + "; ".join(parts) + ".") if parts else ""
 
+# %% ../nbs/15_report.ipynb #15-report-009c-5
+def served_models(manifest: dict) -> tuple[str, list[str]]:
+    """(a caption line naming the models and fingerprints each LLM role's endpoint reported, over every stage of the
+    run; a warning per role that was answered by more than one model or fingerprint)."""
+    roles = {}
+    for st in manifest.get("stages", {}).values():
+        for role, led in (st.get("llm") or {}).items():
+            r = roles.setdefault(role, {"served": {}, "fingerprints": {}})
+            for k in ("served", "fingerprints"):
+                for name, c in (led.get(k) or {}).items():
+                    r[k][name] = r[k].get(name, 0) + c
+    line = "; ".join(f"{role} served by {', '.join(r['served'])}"
+                     + (f" ({', '.join(r['fingerprints'])})" if r["fingerprints"] else "")
+                     for role, r in roles.items() if r["served"])
+    warn = [f"**Warning: the {role} changed within this run**: "
+            + ", ".join(f"{k} ({c} answers)" for d in (r["served"], r["fingerprints"]) if len(d) > 1 for k, c in d.items())
+            + ". Results judged by different model versions are not comparable; rerun the affected stages."
+            for role, r in roles.items() if len(r["served"]) > 1 or len(r["fingerprints"]) > 1]
+    return line, warn
+
+
 # %% ../nbs/15_report.ipynb #15-report-011
 def plot_judge(summary: dict, path: Path):
     "Stacked win / tie / lose bars per baseline and aspect: one panel per dataset with verdicts."
@@ -254,17 +347,19 @@ def plot_judge(summary: dict, path: Path):
     rows = max([len(x["judge"]) * 3 for _, x in ds] + [3])
     fig, axes = plt.subplots(1, max(len(ds), 1), figsize=(5.2 * max(len(ds), 1), 0.8 + 0.32 * rows), squeeze=False)
     for ax, (name, x) in zip(axes[0], ds):
-        labels, W, T, L = [], [], [], []
+        labels, W, T, L, F = [], [], [], [], []
         for b, asp in x["judge"].items():
             for a in ("completeness", "factuality", "logicality"):
                 labels.append(f"vs {b}: {a}")
                 W.append(asp[a]["win"])
                 T.append(asp[a]["tie"])
                 L.append(asp[a]["lose"])
+                F.append(asp[a].get("flip", 0.0))
         y = list(range(len(labels)))[::-1]
         ax.barh(y, W, color="#55a868", label="win")
         ax.barh(y, T, left=W, color="#cccccc", label="tie")
         ax.barh(y, L, left=[w + t for w, t in zip(W, T)], color="#c44e52", label="lose")
+        ax.barh(y, F, left=W, color="none", hatch="///", edgecolor="#666", lw=0, label="position flip (a tie)")
         ax.set_yticks(y, labels, fontsize=8)
         ax.set(xlabel="%", xlim=(0, 100), title=f"{name} (n={x['n']})")
     if not ds:
@@ -273,7 +368,7 @@ def plot_judge(summary: dict, path: Path):
     fig.suptitle(f"KnowTuning vs baselines, judge: {kind}", fontsize=10)
     if ds:
         handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -300,26 +395,60 @@ def plot_metrics(summary: dict, path: Path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+# %% ../nbs/15_report.ipynb #15-report-011b
+def plot_probe(summary: dict, path: Path):
+    "Preference accuracy (per token, 95% interval) of every model: one panel per aspect, test sets side by side."
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ds = [(d, x["probe"]) for d, x in summary["datasets"].items() if x.get("probe")]
+    aspects = list(dict.fromkeys(a for _, p in ds for a in p["aspects"]))
+    fig, axes = plt.subplots(1, max(len(aspects), 1), figsize=(4.2 * max(len(aspects), 1), 3.4), squeeze=False)
+    for ax, a in zip(axes[0], aspects):
+        models = list(dict.fromkeys(m for _, p in ds for m in p["aspects"].get(a, {})))
+        width = 0.8 / max(len(models), 1)
+        for k, m in enumerate(models):
+            for j, (d, p) in enumerate(ds):
+                if v := p["aspects"].get(a, {}).get(m):
+                    acc, lo, hi = v["accuracy"]
+                    ax.bar(j + k * width, acc, width, yerr=[[acc - lo], [hi - acc]], color=f"C{k}",
+                           label=m if j == 0 else None)
+        ax.axhline(0.5, color="#999", lw=0.8, ls="--")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ds))], [d for d, _ in ds], fontsize=8)
+        ax.set(ylim=(0, 1), title=a, ylabel="prefers the reference")
+    if aspects:
+        axes[0][0].legend(fontsize=7)
+    fig.suptitle("Knowledge-comparison probe: reference vs its perturbation (per-token log-probability)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
 # %% ../nbs/15_report.ipynb #15-report-013
 REPORT = Stage("report", ("eval",), ("name", "systems", "eval.bertscore_model", "student.model"))
 
 
 def report_stage(cfg, run) -> Path:
-    "Tables and figures from `eval/summary.json` into `report/`."
+    "Tables and figures from `eval/summary.json` into `report/`: the probes first."
 
     def make(out):
         summary = read_json(run.path("eval") / "summary.json")
-        tables = build_tables(cfg, summary)
+        served, warnings = served_models(run.manifest)
+        tables = build_tables(cfg, summary, served)
         for name, (h, r, cap) in tables.items():
             write_table(out, name, h, r, cap)
         plot_judge(summary, out / "judge.png")
         plot_judge(summary, out / "judge.svg")
         plot_metrics(summary, out / "metrics.png")
-        md = [f"# KnowTuning report: run `{run.dir.name}`", ""] + reading_notes(cfg, summary) + [""]
+        figs = ["![judge](judge.png)", "", "![metrics](metrics.png)", ""]
+        if "table_probe" in tables:
+            plot_probe(summary, out / "probe.png")
+            figs = ["![probe](probe.png)", ""] + figs
+        md = [f"# KnowTuning report: run `{run.dir.name}`", ""] + warnings + reading_notes(cfg, summary) + [""]
         md += [data_sources(run.manifest), ""]
         md += [(out / f"{n}.md").read_text() for n in tables]
-        md += ["![judge](judge.png)", "", "![metrics](metrics.png)", ""]
-        atomic_write(out / "report.md", "\n".join(md))
+        atomic_write(out / "report.md", "\n".join(md + figs))
 
     return run.build(REPORT, cfg, make)
 

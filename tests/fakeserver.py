@@ -4,13 +4,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 def _usage(p=10, c=5): return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-def completion(text, model="fake", usage=(10, 5)):
-    return {"id": "x", "object": "chat.completion", "created": 0, "model": model,
+def completion(text, model="fake", usage=(10, 5), fingerprint=None):
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": model, "system_fingerprint": fingerprint,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
             "usage": _usage(*usage)}
 
-def text_completion(text, model="fake", usage=(10, 5)):
-    return {"id": "x", "object": "text_completion", "created": 0, "model": model,
+def text_completion(text, model="fake", usage=(10, 5), fingerprint=None):
+    return {"id": "x", "object": "text_completion", "created": 0, "model": model, "system_fingerprint": fingerprint,
             "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
             "usage": _usage(*usage)}
 
@@ -22,6 +22,9 @@ class FakeServer:
         "`serial`: one request served at a time, each taking `delay` (a busy server: the wait grows with the queue)."
         self.script, self.default, self.stall, self.delay, self.usage = list(script), default, stall, delay, usage
         self.serial = threading.Lock() if serial else None
+        # what the answers say served them: (model, system_fingerprint); None = echo the requested model, no fingerprint.
+        # A test may change it mid-run (a provider upgrading the model behind an alias).
+        self.served = None
         self.requests, self.auth, self.in_flight, self.max_in_flight = [], [], 0, 0
         self.lock = threading.Lock()
         srv = self
@@ -43,8 +46,10 @@ class FakeServer:
                         self._send(action[0], {"error": {"message": "busy", "type": "injected"}}, {"Retry-After": str(action[1])})
                     elif isinstance(action, int):
                         self._send(action, {"error": {"message": f"injected {action}", "type": "injected"}})
-                    elif "prompt" in body: self._send(200, text_completion(action, body.get("model", "fake"), srv.usage(body, action)))
-                    else: self._send(200, completion(action, body.get("model", "fake"), srv.usage(body, action)))
+                    else:
+                        model, fp = srv.served or (body.get("model", "fake"), None)
+                        make = text_completion if "prompt" in body else completion
+                        self._send(200, make(action, model, srv.usage(body, action), fp))
                 finally:
                     with srv.lock: srv.in_flight -= 1
             def _send(self, code, obj, headers=None):
