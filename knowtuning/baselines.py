@@ -132,7 +132,8 @@ def facttune_prefs(cfg, rows: list[dict], stage: str, out: Path):
     flat = [s for ss in samples for s in ss]
     facts = [f or [] for f in teacher.decompose(flat)]
     verdicts, scorer = verify(facts, [r for r, ss in zip(refs, samples) for _ in ss], cfg.judge, verifier)
-    sc = [r["precision"] if r["facts"] else 0.0 for r in fact_scores(facts, verdicts)]
+    # precision over decided facts; a sample without any (no facts, or every fact undecidable) scores 0
+    sc = [r["precision"] if r["correct"] + r["unsupported"] else 0.0 for r in fact_scores(facts, verdicts)]
     k = len(samples[0]) if samples else 0
     scores = [sc[i * k : (i + 1) * k] for i in range(len(samples))]
     pairs, ties = best_worst_pairs(prompts, samples, scores)

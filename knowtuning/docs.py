@@ -55,7 +55,7 @@ SECTIONS = [
     ("Start here", ["index", "tutorial"]),
     ("Foundations", ["00_config", "01_data", "02_assets", "03_runs", "04_llm", "05_atoms", "05_teacher"]),
     ("The method", ["06_ka", "07_kc", "08_train", "09_baselines", "10_generate", "11_metrics", "12_facts", "13_judge",
-                    "14_evaluate", "15_report"]),
+                    "13a_probe", "14_evaluate", "15_report"]),
     ("Running and tooling", ["16_pipeline", "97_bench", "98_docs", "99_cli"]),
 ]
 

@@ -14,8 +14,8 @@ from .kc import build_pairs
 from .metrics import bootstrap_ci, paired_bootstrap
 
 # %% auto #0
-__all__ = ['probe_pairs', 'answer_logp_reference', 'score_probe', 'probe_items', 'kc_measures', 'difficult_ppl', 'probe_summary',
-           'probe_data', 'run_probes']
+__all__ = ['probe_pairs', 'answer_logp_reference', 'score_probe', 'probe_items', 'kc_measures', 'difficult_logppl',
+           'probe_summary', 'probe_data', 'run_probes']
 
 # %% ../nbs/13a_probe.ipynb #13a-probe-006
 def probe_pairs(questions, atom_lists, revisions, kc_cfg, seed: int) -> tuple[list[dict], dict]:
@@ -80,15 +80,14 @@ def kc_measures(items: list[dict], scores: list[dict]) -> list[dict]:
     return rows
 
 # %% ../nbs/13a_probe.ipynb #13a-probe-015
-def difficult_ppl(base_ppls: list, ppls: list, alpha: float) -> list[float]:
-    "Per question: mean perplexity under a model of the atoms KA would keep (top-`alpha` by the base model's ppl)."
+def difficult_logppl(base_ppls: list, ppls: list, alpha: float) -> list[float]:
+    """Per question: the mean log-perplexity under a model of the atoms KA would keep (top-`alpha` by the base model's
+    perplexity); NaN for a question without atoms."""
     out = []
     for b, p in zip(base_ppls, ppls):
         keep = select_difficult(b, alpha) if b else []
-        out.append(float(np.mean([p[j] for j in keep])) if keep else float("nan"))
+        out.append(float(np.mean([math.log(p[j]) for j in keep])) if keep else float("nan"))
     return out
-
-test_eq(difficult_ppl([[5.0, 9.0, 1.0]], [[4.0, 3.0, 2.0]], 0.5), [(4.0 + 3.0) / 2])  # the base's top-2 atoms
 
 # %% ../nbs/13a_probe.ipynb #13a-probe-016
 def _ci(xs, n, seed) -> list:
@@ -101,8 +100,9 @@ def _paired(x, y, n, seed) -> list:
     return [*paired_bootstrap(x[ok], y[ok], n, seed), int(ok.sum())]
 
 def probe_summary(kc_rows: dict, atom_ppl: dict, main: str, aspects, n: int = 1000, seed: int = 0) -> dict:
-    """`kc_rows`: {model: `kc_measures` rows}; `atom_ppl`: {model: `difficult_ppl`}. Per aspect and model: accuracy
-    (per-token and summed) and mean margins with 95% intervals; `main` minus every other model, paired per question."""
+    """`kc_rows`: {model: `kc_measures` rows}; `atom_ppl`: {model: `difficult_logppl`}. Per aspect and model: accuracy
+    (per-token and summed) and mean margins with 95% intervals; the difficult atoms' mean log-perplexity; `main` minus
+    every other model, paired per question."""
     out = {"aspects": {}, "diffs": {}, "atoms": {m: _ci(v, n, seed) for m, v in atom_ppl.items()}}
     others = [m for m in kc_rows if m != main]
     for a in aspects:
@@ -149,7 +149,7 @@ def run_probes(cfg, run, sets: dict, teacher, main: str) -> tuple[dict, list[dic
             ppls = [s["atoms"] for s in sc]
             base_ppls.setdefault(name, ppls)  # the base model comes first
             kc_rows.setdefault(name, {})[m] = rows = kc_measures(items, sc)
-            atom_ppl.setdefault(name, {})[m] = difficult_ppl(base_ppls[name], ppls, cfg.ka.alpha)
+            atom_ppl.setdefault(name, {})[m] = difficult_logppl(base_ppls[name], ppls, cfg.ka.alpha)
             csv_rows += [{"dataset": name, "model": m, **r} for r in rows]
         del model
     summ = {}

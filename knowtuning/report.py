@@ -120,20 +120,28 @@ def probe_table(summary: dict, ctx: str, offline: bool):
 
 
 # %% ../nbs/15_report.ipynb #15-report-009q
+def _exp(v: list) -> str:
+    "A mean log-perplexity [mean, low, high] as its geometric-mean perplexity with the interval."
+    return f"{math.exp(v[0]):.3f} ({math.exp(v[1]):.3f}, {math.exp(v[2]):.3f})" if v and not math.isnan(v[0]) else "–"
+
+def _ratio(v: list) -> str:
+    "A paired difference of log-perplexities [mean, low, high, n] as a ratio; * when its interval excludes 1."
+    if not v or math.isnan(v[0]):
+        return "–"
+    return f"×{math.exp(v[0]):.3f} ({math.exp(v[1]):.3f}, {math.exp(v[2]):.3f})" + (" *" if excludes_zero(v) else "")
+
 def atoms_table(summary: dict, ctx: str):
-    "Per test set and model: mean perplexity of the reference's difficult atoms (chosen by the base model, as KA does)."
+    "Per test set and model: perplexity of the reference's difficult atoms (chosen by the base model, as KA does)."
     rows, main = [], _main(summary)
     for d, x in summary["datasets"].items():
         p = x.get("probe") or {}
         for m, v in p.get("atoms", {}).items():
-            dv = p.get("atoms_diffs", {}).get(m)
-            delta = _diff(dv) if dv else "–"
-            rows.append([d, p.get("questions", "?"), m, _ci(v), delta])
-    cap = (f"Fine-grained probe: mean perplexity, given the question, of each reference's difficult atoms (top-alpha "
-           f"by the base model's perplexity, selected exactly as KA selects them); lower = the model learned what was "
-           f"hard for the base model. Δ = {main} − model, paired 95% interval (negative: {main} lower). {ctx}")
-    return ["dataset", "questions", "model", "difficult-atom perplexity", f"Δ {main} − model"], rows, cap
-
+            rows.append([d, p.get("questions", "?"), m, _exp(v), _ratio(p.get("atoms_diffs", {}).get(m))])
+    cap = (f"Fine-grained probe: perplexity, given the question, of each reference's difficult atoms (top-alpha by the "
+           f"base model's perplexity, selected exactly as KA selects them), geometric mean over questions with its 95% "
+           f"interval; lower = the model learned what was hard for the base model. Ratio = {main} / model, paired "
+           f"95% interval (below 1: {main} lower; * excludes 1). {ctx}")
+    return ["dataset", "questions", "model", "difficult-atom perplexity", f"{main} / model"], rows, cap
 
 # %% ../nbs/15_report.ipynb #15-report-009a
 def metrics_table(cfg, summary: dict, ctx: str):
@@ -259,7 +267,7 @@ def probe_notes(summary: dict) -> list[str]:
                 parts.append(f"{a} {models[main]['accuracy'][0]:.0%} vs base {models['base']['accuracy'][0]:.0%}{star}")
         at = p.get("atoms", {})
         if main in at and "base" in at:
-            parts.append(f"difficult-atom perplexity {at[main][0]:.2f} vs base {at['base'][0]:.2f}"
+            parts.append(f"difficult-atom perplexity {math.exp(at[main][0]):.2f} vs base {math.exp(at['base'][0]):.2f}"
                          + (" *" if excludes_zero(p["atoms_diffs"]["base"]) else ""))
         out.append(f"**Probes ({d}, {p['questions']} questions):** {main} prefers the reference over its perturbation: "
                    + "; ".join(parts) + " (* the paired 95% interval excludes 0).")

@@ -22,7 +22,8 @@ class FakeServer:
         "`serial`: one request served at a time, each taking `delay` (a busy server: the wait grows with the queue)."
         self.script, self.default, self.stall, self.delay, self.usage = list(script), default, stall, delay, usage
         self.serial = threading.Lock() if serial else None
-        # what the answers say served them: (model, system_fingerprint); None = echo the requested model, no fingerprint.
+        # what the answers say served them: (model, system_fingerprint), or a callable of the request body giving it;
+        # None = echo the requested model, no fingerprint.
         # A test may change it mid-run (a provider upgrading the model behind an alias).
         self.served = None
         self.requests, self.auth, self.in_flight, self.max_in_flight = [], [], 0, 0
@@ -47,7 +48,8 @@ class FakeServer:
                     elif isinstance(action, int):
                         self._send(action, {"error": {"message": f"injected {action}", "type": "injected"}})
                     else:
-                        model, fp = srv.served or (body.get("model", "fake"), None)
+                        served = srv.served(body) if callable(srv.served) else srv.served
+                        model, fp = served or (body.get("model", "fake"), None)
                         make = text_completion if "prompt" in body else completion
                         self._send(200, make(action, model, srv.usage(body, action), fp))
                 finally:

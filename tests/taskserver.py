@@ -15,7 +15,8 @@ def _words(s: str) -> set: return set(re.findall(r"[a-z]+", s.lower()))
 def classify(prompt: str) -> str:
     for kind, marker in (("decompose", "Break the answer below into atomic facts"), ("rewrite", "Write a new, more specific"),
                          ("rephrase", "Rephrase the following answer"), ("revise", "Revise each statement below"),
-                         ("judge", "You are comparing two answers"), ("verify", "Is the statement supported")):
+                         ("judge", "You are comparing two answers"), ("verify", "Is the statement supported"),
+                         ("abstain", "Does the answer decline")):
         if marker in prompt: return kind
     return "other"
 
@@ -37,21 +38,27 @@ def well_formed(kind: str, p: str) -> str:
     if kind == "verify":
         fact, ref = _words(_after(p.split("Is the statement")[0], "Statement:")), _words(_after(p.split("Statement:")[0], "Reference answer:"))
         return "True" if fact and len(fact & ref) / len(fact) >= 0.6 else "False"
+    if kind == "abstain":
+        return "Yes" if re.search(r"(?i)\bdo(?: not|n't) know\b", _after(p.split("Does the answer")[0], "Answer:")) else "No"
     return "ok"
 
 MALFORMED = {"decompose": "Here are the facts:", "rewrite": "Sure, here it is.", "rephrase": " ", "revise": "[]",
-             "judge": "Answer A is better.", "verify": "Maybe."}
+             "judge": "Answer A is better.", "verify": "Maybe.", "abstain": "Perhaps."}
 
 class TaskServer(FakeServer):
-    def __init__(self, malformed_every: int = 5, broken_every: int = 29, **kw):
-        self.kinds, self.repairs = Counter(), 0
+    def __init__(self, malformed_every: int = 5, broken_every: int = 29, upgrade_on: str = "", **kw):
+        "`upgrade_on`: from the first request of this kind on, answers report a new model and fingerprint."
+        self.kinds, self.repairs, self.upgrade_on, self.upgraded = Counter(), 0, upgrade_on, False
         self.malformed_every, self.broken_every = malformed_every, broken_every
         super().__init__(default=self.respond, usage=lambda body, text: (len(json.dumps(body)) // 4, max(1, len(text) // 4)), **kw)
+        self.served = lambda body: (body.get("model", "fake") + ("-v2" if self.upgraded else ""),
+                                    "fp_2" if self.upgraded else "fp_1")
     def respond(self, body) -> str:
         msgs = body.get("messages") or [{"content": body.get("prompt", "")}]
         p, repair = msgs[0]["content"], len(msgs) > 1
         kind = classify(p)
         self.kinds[kind] += 1
+        self.upgraded |= kind == self.upgrade_on
         self.repairs += repair
         h = _h(p)
         if kind in MALFORMED and h % self.broken_every == 0: return MALFORMED[kind]          # stays broken

@@ -27,10 +27,12 @@ def test_judge_self_ties_and_position_bias_cancels(release):
     from knowtuning.data import load_dataset, question
     ds = load_dataset("dolly_test", n=20)
     items = [{"question": question(r), "reference": r["output"], "x": r["output"], "y": r["output"]} for r in ds]
-    assert all(v == {a: "tie" for a in ASPECTS} for v in judge_both_orders(ProxyJudge().compare, items))
+    assert all({a: v[a] for a in ASPECTS} == {a: "tie" for a in ASPECTS} and not any(v[f"flip_{a}"] for a in ASPECTS)
+               for v in judge_both_orders(ProxyJudge().compare, items))
     first = lambda its: [{a: "A" for a in ASPECTS} for _ in its]
     other = [{**i, "y": "Something else entirely."} for i in items]
-    assert all(v == {a: "tie" for a in ASPECTS} for v in judge_both_orders(first, other))
+    assert all({a: v[a] for a in ASPECTS} == {a: "tie" for a in ASPECTS} and all(v[f"flip_{a}"] for a in ASPECTS)
+               for v in judge_both_orders(first, other))
 
 def test_facts_error_rate_rises_with_changed_numbers_and_entities(release):
     from knowtuning.data import load_dataset

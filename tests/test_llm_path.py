@@ -16,7 +16,9 @@ def llm_sets(url, cache):
 
 def test_llm_path_end_to_end(tmp_path):
     env = {"KNOWTUNING_RUNS": str(tmp_path / "runs"), "KT_TEST_KEY": SECRET}
-    with TaskServer(malformed_every=5, broken_every=11) as s:
+    # from the first abstention question on (evaluation), the server reports a new model and fingerprint: a provider
+    # upgrading the model behind an alias mid-run
+    with TaskServer(malformed_every=5, broken_every=11, upgrade_on="abstain") as s:
         sets = llm_sets(s.base_url, tmp_path / "cache.sqlite")
         r = kt("reproduce", "--preset", "smoke", *sets, env=env, cwd=tmp_path, timeout=1500)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -33,7 +35,14 @@ def test_llm_path_end_to_end(tmp_path):
                 assert led["calls"] > 0 and led["prompt_tokens"] > 0 and led["cost_usd"] > 0, (stage, role, led)
                 total += led["calls"]
         assert total == n_first, (total, n_first)           # nothing went to the server that the ledgers missed
-        assert set(s.kinds) >= {"decompose", "rewrite", "rephrase", "revise", "judge", "verify"}, s.kinds
+        assert set(s.kinds) >= {"decompose", "rewrite", "rephrase", "revise", "judge", "verify", "abstain"}, s.kinds
+        # the served model and fingerprint are in the ledgers; the change mid-run is a warning in the report
+        assert m["prefs_rlaif"]["llm"]["judge"]["served"] == {"judge-m": m["prefs_rlaif"]["llm"]["judge"]["calls"]}
+        assert m["prefs_rlaif"]["llm"]["judge"]["fingerprints"] == {"fp_1": m["prefs_rlaif"]["llm"]["judge"]["calls"]}
+        assert "judge-m-v2" in m["eval"]["llm"]["judge"]["served"], m["eval"]["llm"]["judge"]
+        report = (run / "report" / "report.md").read_text()
+        assert "Warning: the judge changed within this run" in report and "judge-m-v2" in report
+        assert "judge served by judge-m, judge-m-v2 (fp_1, fp_2)" in (run / "report" / "table_facts.md").read_text()
         # malformed answers were repaired; those that stayed malformed are recorded and counted in the tables
         assert s.repairs > 0
         fails = [json.loads(l) for l in (run / "eval" / "failures.jsonl").read_text().splitlines()]
