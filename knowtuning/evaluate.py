@@ -128,6 +128,8 @@ def judge_set(ds: dict, name: str, preds: dict, main: str, judge, cfg) -> list[d
         ds["judge_calls"][b] = {"judged": js["judged"], "failed": js["failed"]}
     return rows
 
+
+# %% ../nbs/14_evaluate.ipynb #14-evaluate-007ba1
 def reference_facts(teacher, preds: list[dict], name: str, k: int = 0) -> tuple[list, int]:
     "(the references' facts, by the evaluation's teacher; F1@K's K: `k`, or the median number of reference facts)."
     names = [f"{name} reference {r['index']}" for r in preds]

@@ -139,7 +139,8 @@ Does the answer decline to answer the question or say that it does not know? Rep
 ABSTAIN_PATTERNS = (
     r"\bi (?:do not|don't|really don't) know\b", r"\bi(?: am|'m) not (?:sure|certain|able)\b",
     r"\bi (?:cannot|can't|am unable to|'m unable to) (?:answer|help|provide|say)\b", r"\bas an ai\b",
-    r"\bno (?:information|answer) (?:is )?available\b", r"\bnot enough information\b", r"\bi have no (?:idea|information)\b",
+    r"\bno (?:information|answer) (?:is )?available\b", r"\bnot enough information\b",
+    r"\bi have no (?:idea|information)\b",
 )
 _ABSTAIN = re.compile("|".join(ABSTAIN_PATTERNS), re.I)
 

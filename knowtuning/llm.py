@@ -27,6 +27,7 @@ def cache_key(model: str, messages: list, params: dict, endpoint: str = "", salt
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
+# %% ../nbs/04_llm.ipynb #04-llm-006c
 class Cache:
     "Persistent {key: response} store shared safely by threads and processes."
 

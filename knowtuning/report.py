@@ -273,6 +273,8 @@ def probe_notes(summary: dict) -> list[str]:
                    + "; ".join(parts) + " (* the paired 95% interval excludes 0).")
     return out
 
+
+# %% ../nbs/15_report.ipynb #15-report-009b-2a
 def reading_notes(cfg, summary: dict, main: str = "knowtuning") -> list[str]:
     "The report's first lines: what the run can and cannot support; the probes' headline first."
     main = summary.get("main", main)
@@ -337,7 +339,8 @@ def served_models(manifest: dict) -> tuple[str, list[str]]:
                      + (f" ({', '.join(r['fingerprints'])})" if r["fingerprints"] else "")
                      for role, r in roles.items() if r["served"])
     warn = [f"**Warning: the {role} changed within this run**: "
-            + ", ".join(f"{k} ({c} answers)" for d in (r["served"], r["fingerprints"]) if len(d) > 1 for k, c in d.items())
+            + ", ".join(f"{k} ({c} answers)" for d in (r["served"], r["fingerprints"]) if len(d) > 1
+                        for k, c in d.items())
             + ". Results judged by different model versions are not comparable; rerun the affected stages."
             for role, r in roles.items() if len(r["served"]) > 1 or len(r["fingerprints"]) > 1]
     return line, warn

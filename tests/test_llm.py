@@ -146,3 +146,27 @@ def test_killed_batch_run_reattaches_without_resubmitting(tmp_path):
         assert c.complete_many(["a", "b", "c"]) == ["echo: a", "echo: b", "echo: c"]
         assert s.created == 1 and len(s.files) == 3 and s.interactive == 0  # re-attached: one upload, one batch
         assert c.batches[0]["id"] == "batch-1"
+
+def test_served_model_and_fingerprint_in_ledger_cache_and_old_caches(tmp_path):
+    "The model and system_fingerprint the endpoint reports reach the ledger, also for answers the cache gives back."
+    import sqlite3
+    from knowtuning.llm import Cache
+    old = tmp_path / "old.sqlite"  # a cache written before fingerprints were kept
+    db = sqlite3.connect(old)
+    db.execute("CREATE TABLE responses (key TEXT PRIMARY KEY, model TEXT, text TEXT, prompt_tokens INTEGER, "
+               "completion_tokens INTEGER, created REAL)")
+    db.execute("INSERT INTO responses VALUES ('k', 'm', 'hello', 1, 2, 0)")
+    db.commit()
+    db.close()
+    c = Cache(old)
+    assert c.get("k") == {"text": "hello", "prompt_tokens": 1, "completion_tokens": 2, "model": "m", "fingerprint": None}
+    with FakeServer() as s:
+        s.served = ("fake-2026-01-01", "fp_abc")
+        cl = client(tmp_path, s.base_url)
+        cl.complete_many(["a", "b"])
+        assert cl.ledger.served == {"fake-2026-01-01": 2} and cl.ledger.fingerprints == {"fp_abc": 2}
+        again = client(tmp_path, s.base_url)
+        again.complete_many(["a", "b"])
+        assert again.ledger.cache_hits == 2 and again.ledger.served == {"fake-2026-01-01": 2}
+        from knowtuning.llm import ledgers
+        assert ledgers(teacher=again)["teacher"]["fingerprints"] == {"fp_abc": 2}
