@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, BIN, kt
 
-TABLES = ["table_metrics", "table_diffs", "table_judge", "table_facts", "table_ablation"]
+TABLES = ["table_probe", "table_probe_atoms", "table_metrics", "table_diffs", "table_judge", "table_facts", "table_ablation"]
 
 def builds(run_dir: Path) -> dict:
     m = json.loads((run_dir / "manifest.json").read_text())["stages"]
@@ -57,6 +57,13 @@ def test_smoke_end_to_end_kill_resume_and_rerun(tmp_path):
     for t in TABLES:
         for ext in ("md", "csv", "tex"): assert (run_dir / "report" / f"{t}.{ext}").stat().st_size > 50
     assert (run_dir / "report" / "judge.png").exists() and (run_dir / "report" / "judge.svg").exists()
+    assert (run_dir / "report" / "probe.png").stat().st_size > 5000               # the probes lead the report
+    report = (run_dir / "report" / "report.md").read_text()
+    assert report.index("Knowledge-comparison probe") < report.index("Automatic metrics") and "**Probes (demo_test" in report
+    import csv
+    probe = list(csv.DictReader(open(run_dir / "eval" / "probe.csv")))
+    assert {r["model"] for r in probe} == {"base", "sft", "knowtuning", "rlaif", "facttune", "wo_factuality"}
+    assert {r["aspect"] for r in probe} == {"completeness", "factuality", "logicality"}
     for nb in ("06_ka", "07_kc", "08_train", "09_baselines", "10_generate", "14_evaluate", "15_report"):
         assert (run_dir / "notebooks" / f"{nb}.ipynb").exists()
     text = (run_dir / "report" / "table_judge.md").read_text()
