@@ -10,8 +10,8 @@ from .config import load_config, project_root
 from .runs import Run, runs_root
 
 # %% auto #0
-__all__ = ['BASELINES', 'training_order', 'steps', 'StepError', 'run_step', 'reproduce', 'plan', 'merge_plan', 'plan_cost',
-           'format_plan']
+__all__ = ['BASELINES', 'training_order', 'steps', 'StepError', 'stage_notebook', 'run_step', 'reproduce', 'plan', 'merge_plan',
+           'plan_cost', 'format_plan']
 
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-005
 def training_order(systems) -> list[str]:
@@ -66,10 +66,30 @@ def _stderr_to(path: Path):
 class StepError(RuntimeError):
     "A step's notebook raised: the message is the original error's, with the executed notebook to open."
 
+# %% ../nbs/16_pipeline.ipynb #16-pipeline-007s
+def stage_notebook(path):
+    """The notebook a step executes: its prose, its definitions (`#| export`), its parameters and its `#| pipeline`
+    cells. The examples and tests between them are left out: `make test` runs them, and a run should not pay for
+    them (they load, score and train toy models) at every step."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+
+    def keep(c) -> bool:
+        s = c.source.lstrip()
+        params = "parameters" in c.metadata.get("tags", [])
+        return c.cell_type == "markdown" or params or s.startswith(("#| export", "#| pipeline"))
+
+    nb.cells = [c for c in nb.cells if keep(c)]
+    note = (f"*Executed by `knowtuning reproduce`: the definitions and pipeline cells of `nbs/{Path(path).name}`; "
+            "its examples and tests are left out (`make test` runs them).*")
+    nb.cells.insert(0, nbformat.v4.new_markdown_cell(note))
+    return nb
+
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-007a
 def run_step(run: Run, step: str, notebook: str, extra: dict | None = None) -> Path:
-    """Execute one stage notebook with papermill for `run`. The executed copy is kept in `run/notebooks/`, and the
-    kernel's own stderr (jupyter's start-up chatter, native-library warnings, a crash's last words) in
+    """Execute one stage notebook (`stage_notebook`: without its examples) with papermill for `run`. The executed copy
+    is kept in `run/notebooks/`, and the kernel's own stderr (jupyter's start-up chatter, native-library warnings, a crash's last words) in
     `<notebook>.log` beside it. An error in the notebook becomes a `StepError` with the original message."""
     import papermill as pm
 
@@ -88,7 +108,7 @@ def run_step(run: Run, step: str, notebook: str, extra: dict | None = None) -> P
     try:
         with _stderr_to(out.with_suffix(".log")):
             pm.execute_notebook(
-                str(project_root() / "nbs" / notebook),
+                stage_notebook(project_root() / "nbs" / notebook),
                 str(out),
                 parameters=params,
                 kernel_name="python3",
