@@ -8,6 +8,7 @@ import dataclasses, os, typing, copy
 from dataclasses import dataclass, field, is_dataclass, asdict
 from pathlib import Path
 import re
+from typing import Literal
 import yaml
 
 # %% auto #0
@@ -23,15 +24,15 @@ class StudentCfg:
 
     model: str = "smollm2"  # 'smollm2' (embedded), 'tiny-random' (tests), a local folder or a hub name
     template: str = "alpaca"  # prompt template name, see `knowtuning.data.TEMPLATES`
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    quantize: str = "none"  # none | nf4 (QLoRA, CUDA only)
-    device: str = "auto"  # auto | cpu | cuda
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantize: Literal["none", "nf4"] = "none"  # nf4: QLoRA, CUDA only
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 @dataclass
 class LLMCfg:
     "An OpenAI-compatible chat endpoint, or the offline heuristic backend."
 
-    backend: str = "heuristic"  # heuristic | llm
+    backend: Literal["heuristic", "llm"] = "heuristic"
     base_url: str = "https://api.openai.com/v1"
     model: str = "gpt-4o-mini"
     api_key_env: str = "OPENAI_API_KEY"  # the *name* of the variable; the key itself never enters a config
@@ -42,7 +43,7 @@ class LLMCfg:
     max_retries: int = 5
     backoff: float = 1.0  # seconds; doubled per retry, with jitter
     cache: str = ""  # SQLite path; '' = $KNOWTUNING_HOME/llm_cache.sqlite
-    mode: str = "interactive"  # interactive | batch (the Batch API: about half the price, answers within 24 h)
+    mode: Literal["interactive", "batch"] = "interactive"  # batch: the Batch API, about half the price, answers within 24 h
     batch_poll: float = 30.0  # seconds between polls of a submitted batch
     batch_discount: float = 0.5  # batch price / interactive price (OpenAI: 0.5)
     prices: dict = field(default_factory=dict)  # {model: [usd per 1M input tokens, usd per 1M output tokens]}
@@ -67,7 +68,9 @@ class KACfg:
 class KCCfg:
     beta: float = 0.5  # fraction of atoms deleted for the completeness set
     revise: float = 0.5  # fraction of (perturbable) atoms revised for the factuality set
-    aspects: list = field(default_factory=lambda: ["completeness", "factuality", "logicality"])
+    aspects: list[Literal["completeness", "factuality", "logicality"]] = field(
+        default_factory=lambda: ["completeness", "factuality", "logicality"]
+    )
     source: str = "ours"  # ours (built here) | release (the release's <data.train>_KC file) | a KC set's name or path
 
 @dataclass
@@ -88,15 +91,18 @@ class TrainCfg:
     eval_holdout: int = 100  # SFT/KA: examples held out for eval (release --val_size 100)
     kc_eval_holdout: int = 0  # KC/RLAIF/FactTune: the release holds nothing out, keeps the final weights
     cutoff: int = 1024
-    scheduler: str = "cosine"
+    scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+        "cosine_with_min_lr", "warmup_stable_decay",
+    ] = "cosine"  # transformers' schedulers (those that need no extra arguments)
     kc_lr: float = 1e-5
     kc_batch_size: int = 16
     kc_epochs: float = 1.0
     dpo_beta: float = 0.1
     ftx: float = 0.2  # weight of the SFT term in the KC loss (release: --dpo_ftx 0.2)
-    reference: str = "base"  # base | ka: the DPO reference model
+    reference: Literal["base", "ka"] = "base"  # the DPO reference model
     lora: LoraCfg = field(default_factory=LoraCfg)
-    report_to: str = "none"  # none | tensorboard | wandb | mlflow (passed to transformers)
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"  # passed to transformers
     padding_free: bool = (
         True  # batches as one row of concatenated sequences (no pad tokens computed), same examples and loss
     )
@@ -119,7 +125,7 @@ class GenerateCfg:
     top_p: float = 0.7
     top_k: int = 50
     batch_size: int = 8
-    backend: str = "hf"  # hf (local transformers) | api (an OpenAI-compatible /v1/completions server, e.g. vLLM)
+    backend: Literal["hf", "api"] = "hf"  # hf: local transformers; api: an OpenAI-compatible /v1/completions server
     api: LLMCfg = field(default_factory=lambda: LLMCfg(backend="llm", model="{system}", concurrency=32, cache=""))
     # api.model may contain {system}: e.g. vLLM's --lora-modules name per system
 
@@ -150,13 +156,24 @@ class Config:
 
 # %% ../nbs/00_config.ipynb #00-config-008
 class ConfigError(ValueError):
-    "A config key is unknown or its value has the wrong type."
+    "A config key is unknown, or its value has the wrong type or is not one of the allowed values."
 
 
 _SCALARS = {"str": str, "int": int, "float": (int, float), "bool": bool, "list": list, "dict": dict}
 
 
 def _check(key, value, ann):
+    "`value` of config key `key` checked against its annotation: a type, a `Literal` set, or a list of `Literal`s."
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        _check(key, value, list)
+        for i, v in enumerate(value):
+            _check(f"{key}[{i}]", v, args[0]) if args else None
+        return value
     ann = ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
     want = _SCALARS.get(ann)
     if want is None:
