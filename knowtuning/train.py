@@ -431,39 +431,22 @@ def train_dpo(cfg, rows: list[dict], out, init_adapter, callbacks=()) -> Path:
     return _finish(trainer, out, t0, "KC (DPO + SFT term)")
 
 # %% ../nbs/08_train.ipynb #08-train-028
-TRAIN_FIELDS = (
-    "student.model",
-    "student.template",
-    "student.dtype",
-    "student.quantize",
-    "data.train",
-    "data.n_train",
-    "data.lenient",
-    "seed",
-    "train.lr",
-    "train.batch_size",
-    "train.epochs",
-    "train.max_steps",
-    "train.eval_holdout",
-    "train.kc_eval_holdout",
-    "train.save_steps",
-    "train.cutoff",
-    "train.scheduler",
-    "train.kc_lr",
-    "train.kc_batch_size",
-    "train.kc_epochs",
-    "train.dpo_beta",
-    "train.ftx",
-    "train.reference",
-    "train.lora",
-)
+TRAIN_FIELDS = {  # what a trained adapter depends on, per objective; speed-only keys are not fields
+    "common": ("student.model", "student.template", "student.dtype", "student.quantize", "data.train", "data.n_train",
+               "data.lenient", "seed", "train.max_steps", "train.save_steps", "train.cutoff", "train.scheduler",
+               "train.lora"),
+    "sft": ("train.lr", "train.batch_size", "train.epochs", "train.eval_holdout"),
+    "dpo": ("train.kc_lr", "train.kc_batch_size", "train.kc_epochs", "train.kc_eval_holdout", "train.dpo_beta",
+            "train.ftx", "train.reference"),
+}
 
 
 def train_spec(system: str) -> Stage:
-    "Stage `train_<system>`: it needs its starting adapter and its data stage; speed-only train keys are not fields."
+    """Stage `train_<system>`: it needs its starting adapter and its data stage; its fields are the common ones and its
+    objective's (an SFT system does not retrain when a DPO key changes, and the other way round)."""
     s = system_of(system)
     needs = ([f"train_{s.init}"] if s.init else []) + ([s.data_stage] if s.data_stage else [])
-    return Stage(f"train_{system}", tuple(needs), TRAIN_FIELDS)
+    return Stage(f"train_{system}", tuple(needs), TRAIN_FIELDS["common"] + TRAIN_FIELDS[s.objective])
 
 # %% ../nbs/08_train.ipynb #08-train-028a
 def _rows(cfg, run, system):

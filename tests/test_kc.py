@@ -115,7 +115,7 @@ def test_fingerprints_follow_the_declared_fields():
                   "train.per_device_batch=1", "train.padding_free=false", "train.gradient_checkpointing=true",
                   "ka.batch_questions=2", "generate.api.concurrency=2", "teacher.cache=/tmp/x.sqlite", "min_yield=0.5"):
         assert fps(speed) == base, speed
-    changes = {"ka.alpha=0.3": [KA], "kc.beta=0.3": [KC], "train.lr=3e-4": [train_spec("knowtuning"), train_spec("sft")],
+    changes = {"ka.alpha=0.3": [KA], "kc.beta=0.3": [KC], "train.lr=3e-4": [train_spec("sft")], "train.kc_lr=3e-5": [train_spec("knowtuning")],
                "generate.max_new_tokens=8": [gen_spec("knowtuning"), SAMPLES], "judge.backend=llm": [eval_spec(["sft", "knowtuning"]), prefs_spec("rlaif")],
                "teacher.model=other": [], "teacher.backend=llm": [KA, KC, eval_spec(["sft", "knowtuning"]), prefs_spec("rlaif")]}
     for key, must in changes.items():
@@ -124,3 +124,27 @@ def test_fingerprints_follow_the_declared_fields():
         assert {s.name for s in must} <= changed, (key, changed)
     # an offline teacher's model name changes nothing (it is not used)
     assert fps("teacher.model=other") == base
+
+def test_training_fingerprints_follow_the_objective():
+    "A DPO key retrains the KC-trained systems and what depends on them, never an SFT system; an SFT key reaches all."
+    from knowtuning.ka import KA
+    from knowtuning.kc import KC
+    from knowtuning.train import train_spec
+    from knowtuning.generate import gen_spec
+    from knowtuning.pipeline import training_order
+    from knowtuning.runs import stage_fingerprint
+    systems = ["sft", "ka", "knowtuning", "wo_ka", "wo_factuality"]
+
+    def chain(*ov):
+        cfg, fps = load_config("smoke", overrides=list(ov)), {}
+        for spec in [KA, KC] + [train_spec(s) for s in training_order(systems)] + [gen_spec(s) for s in systems]:
+            fps[spec.name] = stage_fingerprint(spec, cfg, {n: fps[n] for n in spec.needs})
+        return fps
+
+    base = chain()
+    changed = lambda *ov: {k for k, v in chain(*ov).items() if v != base[k]}
+    dpo = {f"{p}_{s}" for p in ("train", "gen") for s in ("knowtuning", "wo_ka", "wo_factuality")}
+    for key in ("train.kc_lr=3e-5", "train.dpo_beta=0.2", "train.ftx=0.1", "train.reference=ka"):
+        assert changed(key) == dpo, key
+    assert changed("train.lr=3e-4") == {f"{p}_{s}" for p in ("train", "gen") for s in systems}
+    assert changed("train.lora.r=4") == changed("train.lr=3e-4")
