@@ -193,15 +193,15 @@ def _n_atoms(answer: str) -> int:
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-007ba1
 def _plan_ka_kc(cfg, train: list[dict], add) -> None:
     "The teacher's calls in KA (decompose, rewrite) and KC (rephrase, revise), for the sets built here."
-    from math import ceil
     from knowtuning.data import question
+    from knowtuning.ka import n_keep
     from knowtuning.teacher import PROMPTS
     from knowtuning.atoms import split_atoms
 
     outs = [r["output"] for r in train]
     if cfg.ka.source == "ours":  # an existing set (e.g. the release's) costs nothing
         add("ka", "teacher", [PROMPTS["decompose"].format(answer=a) for a in outs], sum(map(_tok, outs)))
-        kept = [" ".join(a["text"] for a in split_atoms(o)[: ceil(cfg.ka.alpha * _n_atoms(o))]) for o in outs]
+        kept = [" ".join(a["text"] for a in split_atoms(o)[: n_keep(_n_atoms(o), cfg.ka.alpha)]) for o in outs]
         prompts = [PROMPTS["rewrite"].format(question=question(r), atoms=k) for r, k in zip(train, kept)]
         add("ka", "teacher", prompts, sum(_tok(question(r)) + _tok(k) + 10 for r, k in zip(train, kept)))
     if cfg.kc.source != "ours":
