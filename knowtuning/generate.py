@@ -13,7 +13,7 @@ from .data import encode_prompt, encode_example, question
 
 # %% auto #0
 __all__ = ['GEN_FIELDS', 'gen_kwargs', 'left_pad', 'prompt_ids', 'generate', 'api_client', 'adapter_fingerprint', 'generate_api',
-           'gen_spec', 'append_predictions', 'finish_predictions', 'system_generator', 'generate_stage']
+           'merged', 'gen_spec', 'append_predictions', 'finish_predictions', 'system_generator', 'generate_stage']
 
 # %% ../nbs/10_generate.ipynb #10-generate-005
 def gen_kwargs(g, tok) -> dict:
@@ -57,9 +57,11 @@ def generate(
     progress: bool = True,
     template: str = "alpaca",
     references: list[str] | None = None,
+    stats: dict | None = None,
 ) -> list[str]:
     """Completions for `prompts` (in input order), encoded by the template's encoder (cut with their `references` to
-    `g.cutoff` as llmtuner 0.5.3 does, when set), batched by length, left-padded."""
+    `g.cutoff` as llmtuner 0.5.3 does, when set), batched by length, left-padded. `stats` (a dict) receives the
+    tokens generated and the seconds it took."""
     bs = batch_size or g.batch_size
     enc_all = prompt_ids(tok, prompts, template, references, g.cutoff)
     order = sorted(range(len(prompts)), key=lambda i: -len(enc_all[i]))
@@ -80,6 +82,9 @@ def generate(
         bar.update(len(idx))
         bar.set_postfix(tok_s=f"{ntok / max(time.time() - t0, 1e-9):.1f}")
     bar.close()
+    if stats is not None:
+        stats["tokens"] = stats.get("tokens", 0) + ntok
+        stats["seconds"] = stats.get("seconds", 0.0) + time.time() - t0
     return out
 
 # %% ../nbs/10_generate.ipynb #10-generate-008
@@ -113,6 +118,15 @@ def generate_api(client, system: str, prompts: list[str], g, salt: str = "") -> 
         for i, p in enumerate(prompts)
     ]
     return [t.strip() for t in client.complete_many(reqs, f"generate {system}")]
+
+# %% ../nbs/10_generate.ipynb #10-generate-008m
+def merged(model, quantized: bool = False):
+    """`model` with its LoRA adapter merged into the weights (peft's `merge_and_unload`), so that generation runs
+    without the adapter's extra matrix products; a plain model, or a quantized one (merging would requantize it), as
+    it is. Merge a model loaded for generation: the adapter's files are untouched."""
+    if quantized or not hasattr(model, "merge_and_unload"):
+        return model
+    return model.merge_and_unload()
 
 # %% ../nbs/10_generate.ipynb #10-generate-010
 GEN_FIELDS = (
@@ -155,23 +169,24 @@ def finish_predictions(partial: Path, final: Path) -> None:
 # %% ../nbs/10_generate.ipynb #10-generate-010a2
 def system_generator(cfg, run, system: str):
     """(`answer(prompts, references, on_batch)`, API client or None): `system` answering locally or through
-    `generate.api` (the references only set where llmtuner 0.5.3 would cut a long prompt: `generate.cutoff`)."""
+    `generate.api` (the references only set where llmtuner 0.5.3 would cut a long prompt: `generate.cutoff`). Locally the
+    LoRA adapter is merged into the weights first (`merged`)."""
     from knowtuning.assets import load_model
 
     adapter = None if system == "base" else run.path(f"train_{system}") / "adapter"
     if cfg.generate.backend == "api":
         client, salt = api_client(cfg.generate.api, system), adapter_fingerprint(adapter)
 
-        def answer(prompts, references, on_batch):
+        def answer(prompts, references, on_batch, stats=None):
             on_batch(list(range(len(prompts))), generate_api(client, system, prompts, cfg.generate, salt=salt))
 
         return answer, client
     model, tok = load_model(cfg.student, adapter=adapter)
-    model.eval()
+    model = merged(model, cfg.student.quantize != "none").eval()
 
-    def answer(prompts, references, on_batch):
+    def answer(prompts, references, on_batch, stats=None):
         t = cfg.student.template
-        generate(model, tok, prompts, cfg.generate, on_batch=on_batch, template=t, references=references)
+        generate(model, tok, prompts, cfg.generate, on_batch=on_batch, template=t, references=references, stats=stats)
 
     return answer, None
 
@@ -184,7 +199,7 @@ def generate_stage(cfg, run, system: str) -> Path:
     def make(out):
         torch.manual_seed(cfg.seed)  # before the adapter is loaded, as generation's sampling depends on it
         answer, client = system_generator(cfg, run, system)
-        t0, n_new = time.time(), 0
+        t0, n_new, stats = time.time(), 0, {}
         for name in cfg.data.test:
             ds = load_dataset(name, lenient=cfg.data.lenient, n=cfg.data.n_test)
             key = dataset_key(name)  # a user's /abs/path.json stays inside the run
@@ -195,11 +210,14 @@ def generate_stage(cfg, run, system: str) -> Path:
             def save(idx, texts, todo=todo, ds=ds, path=path):
                 append_predictions(path, ds, [todo[j] for j in idx], texts)
 
-            answer([prompt(ds[i], cfg.student.template) for i in todo], [ds[i]["output"] for i in todo], save)
+            answer([prompt(ds[i], cfg.student.template) for i in todo], [ds[i]["output"] for i in todo], save, stats)
             n_new += len(todo)
             finish_predictions(path, out / f"{key}.jsonl")
         seconds = round(time.time() - t0, 2)
         llm = ledgers(generator=client) if client else None
-        run.update_stage(f"gen_{system}", generated=n_new, seconds_generating=seconds, llm=llm)
+        tok_s = stats["tokens"] / max(stats["seconds"], 1e-9) if stats else None
+        speed = {"tokens": stats["tokens"], "tok_s": round(tok_s, 2)} if stats else {}
+        merge = {"merged_adapter": client is None and system != "base" and cfg.student.quantize == "none"}
+        run.update_stage(f"gen_{system}", generated=n_new, seconds_generating=seconds, llm=llm, **speed, **merge)
 
     return run.build(gen_spec(system), cfg, make, [system])

@@ -36,6 +36,18 @@ def test_sft_loss_falls_over_20_steps(sft_adapter):
     assert all(b <= a + 0.02 for a, b in zip(losses, losses[1:])), losses
     assert (out / "loss.png").stat().st_size > 3000
 
+def test_merged_adapter_generates_the_same_greedy_answers(sft_adapter):
+    "Generation merges the LoRA adapter into the weights first: the greedy answers of a trained adapter do not change."
+    from knowtuning.generate import generate, merged
+    from knowtuning.config import GenerateCfg
+    cfg, out = sft_adapter
+    model, tok = load_model(cfg.student, adapter=out / "adapter")
+    g = GenerateCfg(max_new_tokens=16, batch_size=4)
+    prompts = [r["prompt"] for r in rows()]
+    unmerged = generate(model.eval(), tok, prompts, g, progress=False)
+    assert any(unmerged) and len(set(unmerged)) > 1          # a trained adapter that says different things
+    assert generate(merged(model).eval(), tok, prompts, g, progress=False) == unmerged
+
 def kc_trainer(cfg, adapter, reference, tmp_path, padding_free=True):
     from datasets import Dataset
     model, tok = load_model(cfg.student, adapter=adapter / "adapter", trainable=True)
