@@ -8,10 +8,10 @@ import importlib.util, os, shutil, tempfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['DEBIAN_WORDNET', 'LEXNAMES', 'SMOLLM2_GGUF', 'FIXES', 'home', 'dir_size', 'atomic_dir', 'nltk_data_dir',
-           'wordnet_dir', 'ensure_wordnet', 'use_nltk_data', 'smollm2_gguf', 'load_gguf_smollm2', 'smollm2_dir',
-           'tiny_llama_dir', 'resolve_model', 'pick_device', 'load_kwargs', 'load_model', 'minilm_dir', 'setup',
-           'doctor', 'format_doctor']
+__all__ = ['DEBIAN_WORDNET', 'LEXNAMES', 'SMOLLM2_GGUF', 'OUR_PROGRAMS', 'FIXES', 'home', 'dir_size', 'atomic_dir',
+           'nltk_data_dir', 'wordnet_dir', 'ensure_wordnet', 'use_nltk_data', 'smollm2_gguf', 'load_gguf_smollm2',
+           'smollm2_dir', 'tiny_llama_dir', 'resolve_model', 'pick_device', 'load_kwargs', 'available_cores',
+           'torch_neighbours', 'use_cpu_cores', 'load_model', 'minilm_dir', 'setup', 'doctor', 'format_doctor']
 
 # %% ../nbs/02_assets.ipynb #02-assets-005
 def home() -> Path:
@@ -220,12 +220,81 @@ def load_kwargs(scfg, device: str) -> dict:
     return kw
 
 
+# %% ../nbs/02_assets.ipynb #02-assets-014u
+def available_cores() -> int:
+    "CPU cores this process may run on: its affinity mask, capped by a cgroup v2 CPU quota when there is one."
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            n = min(n, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+def _cpu_ticks(pid: int) -> int:
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(f[11]) + int(f[12])  # utime + stime
+
+# %% ../nbs/02_assets.ipynb #02-assets-014v
+OUR_PROGRAMS = ("knowtuning", "ipykernel", "pytest", "nbdev_test", "papermill")
+
+def torch_neighbours(seconds: float = 0.3) -> list[tuple[int, str]]:
+    "(pid, command) of other processes of ours with torch loaded that used over a third of a core in `seconds`."
+    import time
+
+    skip, pid = {os.getpid()}, os.getppid()
+    while pid > 1:  # ancestors wait for us: not neighbours
+        skip.add(pid)
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    cands = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) in skip:
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            if any(p in cmd for p in OUR_PROGRAMS) and "libtorch" in (d / "maps").read_text():
+                cands.append((int(d.name), cmd, _cpu_ticks(int(d.name))))
+        except (OSError, ValueError, IndexError):
+            continue
+    if not cands:
+        return []
+    time.sleep(seconds)
+    busy = []
+    for p, cmd, t in cands:
+        try:
+            if _cpu_ticks(p) - t > os.sysconf("SC_CLK_TCK") * seconds / 3:
+                busy.append((p, cmd[:120]))
+        except (OSError, ValueError, IndexError):
+            continue
+    return busy
+
+# %% ../nbs/02_assets.ipynb #02-assets-014w
+_WARNED = []
+
+def use_cpu_cores() -> int:
+    """Set torch's CPU threads to `available_cores()`; warn once when a busy torch process of ours shares them
+    (not inside a multi-process launch, whose processes share the cores by design). Returns the thread count."""
+    import sys, torch
+
+    n = available_cores()
+    torch.set_num_threads(n)
+    if not _WARNED and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        _WARNED.append(True)
+        for pid, cmd in torch_neighbours():
+            print(f"knowtuning: warning: another busy torch process shares these {n} cores (pid {pid}: {cmd}); two "
+                  "torch jobs on the same cores slow each other about 10x", file=sys.stderr)
+    return n
+
 # %% ../nbs/02_assets.ipynb #02-assets-014c
 def load_model(scfg, adapter=None, trainable: bool = False):
     "Model and tokenizer for a `StudentCfg`, optionally with a LoRA adapter folder applied."
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, device = resolve_model(scfg.model), pick_device(scfg.device)
+    if device == "cpu":
+        use_cpu_cores()
     model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs(scfg, device))
     if scfg.quantize == "none":
         model = model.to(device)

@@ -4,14 +4,14 @@
 
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-003
 from __future__ import annotations
-import contextlib, os, sys, time
+import contextlib, os, re, sys, time
 from pathlib import Path
 from .config import load_config, project_root
 from .runs import Run, runs_root
 
 # %% auto #0
-__all__ = ['BASELINES', 'training_order', 'steps', 'StepError', 'stage_notebook', 'run_step', 'reproduce', 'plan', 'merge_plan',
-           'plan_cost', 'format_plan']
+__all__ = ['BASELINES', 'training_order', 'steps', 'StepError', 'stage_notebook', 'ProgressRelay', 'run_step', 'reproduce',
+           'plan', 'merge_plan', 'plan_cost', 'format_plan']
 
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-005
 def training_order(systems) -> list[str]:
@@ -86,11 +86,48 @@ def stage_notebook(path):
     nb.cells.insert(0, nbformat.v4.new_markdown_cell(note))
     return nb
 
+# %% ../nbs/16_pipeline.ipynb #16-pipeline-007p
+class ProgressRelay:
+    """papermill's `stderr_file` for a step: the newest progress bar (tqdm's text bar) that the step's notebook prints
+    is shown on the console, in place on a terminal, else as a line every `every` seconds. Everything else stays in
+    the executed notebook."""
+
+    BAR = re.compile(r"\d+%\|.*\||\d+it \[")
+
+    def __init__(self, prefix: str, out=None, every: float = 30.0):
+        self.prefix, self.out, self.every = prefix, out or sys.stdout, every
+        self.tty, self.last, self.shown = self.out.isatty(), 0.0, False
+
+    def write(self, s: str) -> None:
+        line = next((p.strip() for p in reversed(re.split(r"[\r\n]", s)) if p.strip()), "")
+        if not self.BAR.search(line):
+            return
+        if self.tty:
+            import shutil
+
+            self.out.write(("\r" + self.prefix + line)[: shutil.get_terminal_size().columns - 1] + "\x1b[K")
+        elif time.time() - self.last >= self.every:
+            self.out.write(("\n" if not self.shown else "") + f"    {line}\n")
+            self.last = time.time()
+        self.shown = True
+        self.out.flush()
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def close(self) -> str:
+        "Clear the bar; the prefix to print before the step's timing line."
+        if self.tty and self.shown:
+            self.out.write("\r\x1b[K")
+            return self.prefix
+        return "    " if self.shown else ""
+
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-007a
-def run_step(run: Run, step: str, notebook: str, extra: dict | None = None) -> Path:
+def run_step(run: Run, step: str, notebook: str, extra: dict | None = None, progress=None) -> Path:
     """Execute one stage notebook (`stage_notebook`: without its examples) with papermill for `run`. The executed copy
     is kept in `run/notebooks/`, and the kernel's own stderr (jupyter's start-up chatter, native-library warnings, a crash's last words) in
-    `<notebook>.log` beside it. An error in the notebook becomes a `StepError` with the original message."""
+    `<notebook>.log` beside it; `progress` (a `ProgressRelay`) receives what the notebook prints to stderr, as it
+    prints it. An error in the notebook becomes a `StepError` with the original message."""
     import papermill as pm
 
     os.environ["IN_TEST"] = "1"  # notebooks must not re-export the package during runs
@@ -115,6 +152,7 @@ def run_step(run: Run, step: str, notebook: str, extra: dict | None = None) -> P
                 cwd=str(run.dir),
                 progress_bar=False,
                 log_output=False,
+                stderr_file=progress,
             )
     except pm.PapermillExecutionError as e:
         raise StepError(f"step {step} failed: {e.ename}: {e.evalue}\n(executed notebook: {out})") from None
@@ -141,12 +179,14 @@ def reproduce(
     )
     for i, (step, nb, extra) in enumerate(todo, 1):
         s0 = time.time()
-        log(f"[{i}/{len(todo)}] {step:9s} ... ", end="") if log is print else log(f"[{i}/{len(todo)}] {step}")
-        run_step(run, step, nb, extra)
+        head = f"[{i}/{len(todo)}] {step:9s} ... "
+        log(head, end="") if log is print else log(f"[{i}/{len(todo)}] {step}")
+        relay = ProgressRelay(head) if log is print else None
+        run_step(run, step, nb, extra, relay)
         done_t.append(time.time() - s0)
         el = time.time() - t0
         eta = sum(done_t) / len(done_t) * (len(todo) - i)
-        log(f"{done_t[-1]:7.1f} s   elapsed {_hms(el)}   remaining ~{_hms(eta)}")
+        log((relay.close() if relay else "") + f"{done_t[-1]:7.1f} s   elapsed {_hms(el)}   remaining ~{_hms(eta)}")
     run.update_stage("pipeline", seconds=round(time.time() - t0, 2), steps=[s for s, _, _ in todo])
     return run
 

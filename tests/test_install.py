@@ -1,4 +1,5 @@
 "The package works however it is installed: a wheel in a fresh virtualenv, run from an empty directory."
+import pytest
 import os, shutil, subprocess, sys, sysconfig
 from pathlib import Path
 from conftest import ROOT, BIN
@@ -8,6 +9,7 @@ def run(cmd, **kw):
     assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
 
+@pytest.mark.slow  # builds a wheel, a venv, and a smoke run
 def test_wheel_in_a_fresh_venv_from_an_empty_directory(tmp_path):
     src = tmp_path / "src"                      # build from a copy of the tracked files: nothing lands in the checkout
     for f in run(["git", "ls-files"], cwd=ROOT).stdout.split():

@@ -85,6 +85,7 @@ def test_ka_ppl_resumes_after_interruption(tmp_path, monkeypatch):
     out = ka_stage(cfg, run)
     assert len(seen) == 2 and len(read_jsonl(out / "ppl.jsonl")) == 6  # only the 2 unfinished questions were scored
 
+@pytest.mark.slow  # a real transformers server as the teacher
 def test_ka_with_llm_teacher_on_local_server(tmp_path):
     from knowtuning.llm import serve_local
     with serve_local("smollm2", log=tmp_path / "serve.log") as srv:

@@ -11,6 +11,7 @@ def client(tmp_path, base_url, **kw):
                  **{"timeout": 1.0, "backoff": 0.01, "max_retries": 4, **kw})
     return LLMClient(cfg, stage="test", progress=False)
 
+@pytest.mark.slow  # a real transformers server
 def test_real_transformers_serve_in_order_and_warm_cache(tmp_path):
     with serve_local("smollm2", log=tmp_path / "serve.log") as srv:
         prompts = [user(f"Complete the sentence: My favourite number is {i} because", name=f"q{i}", max_tokens=12) for i in range(8)]

@@ -102,6 +102,7 @@ def test_api_key_never_written(tmp_path):
     assert leaks == []
     assert "KT_TEST_KEY" in (tmp_path / "runs" / "smoke" / "config.yaml").read_text()   # only the variable's name
 
+@pytest.mark.slow  # builds the site, executing the tutorial's smoke run
 def test_docs_site_in_headless_chromium(tmp_path):
     "The Sphinx site, served on loopback: math typeset offline, search finds a term, no nbdev directives, a real page."
     import shutil, socket
