@@ -43,7 +43,7 @@ class LLMCfg:
     max_retries: int = 5
     backoff: float = 1.0  # seconds; doubled per retry, with jitter
     cache: str = ""  # SQLite path; '' = $KNOWTUNING_HOME/llm_cache.sqlite
-    mode: Literal["interactive", "batch"] = "interactive"  # batch: the Batch API, about half the price, answers within 24 h
+    mode: Literal["interactive", "batch"] = "interactive"  # batch: the Batch API (about half the price, within 24 h)
     batch_poll: float = 30.0  # seconds between polls of a submitted batch
     batch_discount: float = 0.5  # batch price / interactive price (OpenAI: 0.5)
     prices: dict = field(default_factory=dict)  # {model: [usd per 1M input tokens, usd per 1M output tokens]}
@@ -159,6 +159,7 @@ class ConfigError(ValueError):
     "A config key is unknown, or its value has the wrong type or is not one of the allowed values."
 
 
+# %% ../nbs/00_config.ipynb #00-config-008b
 _SCALARS = {"str": str, "int": int, "float": (int, float), "bool": bool, "list": list, "dict": dict}
 
 

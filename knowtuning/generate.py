@@ -60,8 +60,7 @@ def generate(
     stats: dict | None = None,
 ) -> list[str]:
     """Completions for `prompts` (in input order), encoded by the template's encoder (cut with their `references` to
-    `g.cutoff` as llmtuner 0.5.3 does, when set), batched by length, left-padded. `stats` (a dict) receives the
-    tokens generated and the seconds it took."""
+    `g.cutoff` as llmtuner 0.5.3 does, when set), batched by length, left-padded; `stats` gets tokens and seconds."""
     bs = batch_size or g.batch_size
     enc_all = prompt_ids(tok, prompts, template, references, g.cutoff)
     order = sorted(range(len(prompts)), key=lambda i: -len(enc_all[i]))
@@ -169,8 +168,8 @@ def finish_predictions(partial: Path, final: Path) -> None:
 # %% ../nbs/10_generate.ipynb #10-generate-010a2
 def system_generator(cfg, run, system: str):
     """(`answer(prompts, references, on_batch)`, API client or None): `system` answering locally or through
-    `generate.api` (the references only set where llmtuner 0.5.3 would cut a long prompt: `generate.cutoff`). Locally the
-    LoRA adapter is merged into the weights first (`merged`)."""
+    `generate.api` (the references only set where llmtuner 0.5.3 would cut a long prompt: `generate.cutoff`).
+    Locally the LoRA adapter is merged into the weights first (`merged`)."""
     from knowtuning.assets import load_model
 
     adapter = None if system == "base" else run.path(f"train_{system}") / "adapter"

@@ -125,9 +125,9 @@ class ProgressRelay:
 # %% ../nbs/16_pipeline.ipynb #16-pipeline-007a
 def run_step(run: Run, step: str, notebook: str, extra: dict | None = None, progress=None) -> Path:
     """Execute one stage notebook (`stage_notebook`: without its examples) with papermill for `run`. The executed copy
-    is kept in `run/notebooks/`, and the kernel's own stderr (jupyter's start-up chatter, native-library warnings, a crash's last words) in
-    `<notebook>.log` beside it; `progress` (a `ProgressRelay`) receives what the notebook prints to stderr, as it
-    prints it. An error in the notebook becomes a `StepError` with the original message."""
+    is kept in `run/notebooks/`, and the kernel's own stderr (jupyter's start-up chatter, native-library warnings, a
+    crash's last words) in `<notebook>.log` beside it; `progress` (a `ProgressRelay`) receives what the notebook
+    prints to stderr, as it prints it. An error in the notebook becomes a `StepError` with the original message."""
     import papermill as pm
 
     os.environ["IN_TEST"] = "1"  # notebooks must not re-export the package during runs
