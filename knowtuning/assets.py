@@ -274,12 +274,17 @@ def torch_neighbours(seconds: float = 0.3) -> list[tuple[int, str]]:
 _WARNED = []
 
 def use_cpu_cores() -> int:
-    """Set torch's CPU threads to `available_cores()`; warn once when a busy torch process of ours shares them
-    (not inside a multi-process launch, whose processes share the cores by design). Returns the thread count."""
+    """Set torch's CPU threads to `available_cores()`, shared among the processes of a launch on this machine
+    (`LOCAL_WORLD_SIZE`); `OMP_NUM_THREADS`, where the user or the launcher set it (torchrun sets 1), is kept. Warn
+    once when a busy torch process of ours shares the cores (not inside a multi-process launch, whose processes share
+    them by design). Returns the thread count."""
     import sys, torch
 
-    n = available_cores()
-    torch.set_num_threads(n)
+    if os.environ.get("OMP_NUM_THREADS"):
+        n = torch.get_num_threads()
+    else:
+        n = max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(n)
     if not _WARNED and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         _WARNED.append(True)
         for pid, cmd in torch_neighbours():
