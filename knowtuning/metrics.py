@@ -33,16 +33,21 @@ def rouge_l(predictions, references) -> list[float]:
 
 
 def bertscore(predictions, references, model: str = "minilm", batch_size: int = 32) -> list[float]:
-    "BERTScore F1 (not rescaled)."
+    """BERTScore F1 (not rescaled). An empty prediction or reference scores 0: no token of one matches the other
+    (bert_score itself fails on empty strings with transformers 5)."""
     import bert_score
     from knowtuning.assets import minilm_dir
 
     mt, nl = (str(minilm_dir()), 6) if model == "minilm" else (model, None)
     kw = {"num_layers": nl} if nl else {"lang": "en"}
-    _, _, f = bert_score.score(
-        list(predictions), list(references), model_type=mt, batch_size=batch_size, verbose=False, **kw
-    )
-    return f.tolist()
+    pairs = [(i, p, r) for i, (p, r) in enumerate(zip(predictions, references)) if p.strip() and r.strip()]
+    out = [0.0] * len(predictions)
+    if pairs:
+        idx, ps, rs = zip(*pairs)
+        _, _, f = bert_score.score(list(ps), list(rs), model_type=mt, batch_size=batch_size, verbose=False, **kw)
+        for i, x in zip(idx, f.tolist()):
+            out[i] = x
+    return out
 
 # %% ../nbs/11_metrics.ipynb #11-metrics-009
 def bootstrap_ci(xs, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:

@@ -340,9 +340,16 @@ def dpo_features(tok, rows: list[dict], template: str, cutoff: int) -> list[dict
     return out
 
 # %% ../nbs/08_train.ipynb #08-train-024a
-def _finish(trainer, out: Path, t0: float, title: str) -> Path:
-    "Save the adapter (every process takes part: ZeRO-3 gathers the weights) and, on the main process only, the log."
-    trainer.save_model(str(out / "adapter"))
+def _finish(trainer, out: Path, t0: float, title: str, checkpoint: str | None = None) -> Path:
+    """Save the adapter (every process takes part: ZeRO-3 gathers the weights), or copy it from a `checkpoint` that
+    training had already finished, and, on the main process only, the log."""
+    if checkpoint is None:
+        trainer.save_model(str(out / "adapter"))
+    elif is_main():  # the checkpoint's adapter was written by the same `save_model`; its optimizer state is not needed
+        (out / "adapter").mkdir(parents=True, exist_ok=True)
+        for f in Path(checkpoint).iterdir():
+            if f.is_file() and not f.name.startswith(_TRAINING_STATE):
+                shutil.copy2(f, out / "adapter" / f.name)
     if not is_main():
         return out / "adapter"
     a, hist = trainer.args, trainer.state.log_history
@@ -363,6 +370,9 @@ def _finish(trainer, out: Path, t0: float, title: str) -> Path:
     )
     return out / "adapter"
 
+_TRAINING_STATE = ("optimizer", "scheduler", "rng_state", "trainer_state", "training_args", "latest", "zero_to_fp32")
+
+
 def _resume(ckdir: Path) -> str | None:
     """The newest complete checkpoint in `ckdir` (its `trainer_state.json`, written last, is there), else None. A
     checkpoint cut short by a kill is skipped; every process of a job picks the same one."""
@@ -372,6 +382,21 @@ def _resume(ckdir: Path) -> str | None:
     last = max(done, key=lambda d: int(d.name.split("-")[-1]))
     print(f"rank {os.environ.get('RANK', '0')}: resuming from {last.name}", flush=True)
     return str(last)
+
+
+def _train(trainer, out: Path, t0: float, title: str) -> Path:
+    """Train, resuming from the newest complete checkpoint. A checkpoint at the last step (killed before the stage was
+    committed) is finished: transformers 5.23 would resume from it and take one step more than `max_steps`."""
+    from transformers import TrainerState
+
+    ck = _resume(out / "checkpoints")
+    if ck:
+        state = TrainerState.load_from_json(str(Path(ck) / "trainer_state.json"))
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            trainer.state = state
+            return _finish(trainer, out, t0, title, checkpoint=ck)
+    trainer.train(resume_from_checkpoint=ck)
+    return _finish(trainer, out, t0, title)
 
 # %% ../nbs/08_train.ipynb #08-train-024b
 def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=()) -> Path:
@@ -401,8 +426,7 @@ def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=()) -> Pa
         callbacks=[GradGuard(), *callbacks],
     )
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=_resume(out / "checkpoints"))
-    return _finish(trainer, out, t0, "SFT")
+    return _train(trainer, out, t0, "SFT")
 
 # %% ../nbs/08_train.ipynb #08-train-024c
 def train_dpo(cfg, rows: list[dict], out, init_adapter, callbacks=()) -> Path:
@@ -427,8 +451,7 @@ def train_dpo(cfg, rows: list[dict], out, init_adapter, callbacks=()) -> Path:
         callbacks=[GradGuard(), *callbacks],
     )
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=_resume(out / "checkpoints"))
-    return _finish(trainer, out, t0, "KC (DPO + SFT term)")
+    return _train(trainer, out, t0, "KC (DPO + SFT term)")
 
 # %% ../nbs/08_train.ipynb #08-train-028
 TRAIN_FIELDS = {  # what a trained adapter depends on, per objective; speed-only keys are not fields

@@ -32,3 +32,78 @@ if RELEASE_DATA.is_dir(): os.environ.setdefault("KNOWTUNING_RELEASE_DATA", str(R
 def shared():
     if not SHARED.is_dir(): pytest.skip("../shared is absent")
     return SHARED
+
+# --- one smoke run, shared by every test that only reads it -------------------------------------------------------
+# The smoke preset on the 2-layer random student (the machinery is under test, not the model), every LLM role on a
+# scripted loopback server, training in two real processes (torchrun, gloo), killed once training has written its
+# first checkpoint and then resumed. Tests of the pipeline, the LLM path, the launcher and the report read it.
+SECRET = "sk-test-" + "c0ffee11deadbeef" * 2
+SMOKE_OVR = ["student.model=tiny-random", "train.per_device_batch=1"]
+TORCHRUN = "torchrun --nproc_per_node 2"
+
+def llm_sets(url, cache) -> list:
+    out = []
+    for role, model in (("teacher", "teacher-m"), ("judge", "judge-m")):
+        out += ["--set", f"{role}.backend=llm", "--set", f"{role}.base_url={url}", "--set", f"{role}.model={model}",
+                "--set", f"{role}.api_key_env=KT_TEST_KEY", "--set", f"{role}.cache={cache}",
+                "--set", f"{role}.prices={{{model}: [2.0, 8.0]}}", "--set", f"{role}.backoff=0.01"]
+    return out
+
+def builds(run_dir: Path) -> dict:
+    import json
+    m = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    return {k: (v.get("builds"), v.get("built")) for k, v in m.items() if "builds" in v}
+
+def outside_files(root: Path, run_dir: Path) -> set:
+    "Every file a run could wrongly write to: the checkout (minus its environment), the asset cache, `root`."
+    from knowtuning.assets import home
+    skip = {".venv", ".git", "_docs", "runs", "__pycache__", ".pytest_cache", ".ipynb_checkpoints"}
+    files = {p for p in ROOT.rglob("*") if p.is_file() and not skip & set(p.relative_to(ROOT).parts)}
+    files |= {p for p in home().rglob("*") if p.is_file()}
+    return files | {p for p in root.rglob("*") if p.is_file() and run_dir not in p.parents}
+
+def trainers() -> str:
+    "Training processes still alive (a killed pipeline must not leave any behind)."
+    r = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True)
+    return "\n".join(l for l in r.stdout.splitlines() if "knowtuning.cli train-run" in l or "torchrun" in l)
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    "The shared smoke run (see above): a namespace with its folder, the server, the command and what each part saw."
+    import signal, time
+    from types import SimpleNamespace
+    sys.path.insert(0, str(ROOT / "tests"))
+    from taskserver import TaskServer
+    root = tmp_path_factory.mktemp("smoke_run")
+    env = {**os.environ, "KNOWTUNING_RUNS": str(root / "runs"), "KT_TEST_KEY": SECRET}
+    run_dir = root / "runs" / "smoke"
+    # from the first abstention question on (evaluation), the server reports a new model and fingerprint: a provider
+    # upgrading the model behind an alias mid-run
+    with TaskServer(malformed_every=5, broken_every=11, upgrade_on="abstain") as s:
+        sets = llm_sets(s.base_url, root / "llm-cache" / "cache.sqlite") + [a for o in SMOKE_OVR for a in ("--set", o)]
+        cmd = [str(BIN / "knowtuning"), "reproduce", "--preset", "smoke", *sets, "--launcher", TORCHRUN]
+        outside = outside_files(root, run_dir)
+        # 1. start, and kill the whole process group once training has written its first checkpoint
+        p = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        t0 = time.time()
+        while (not list(run_dir.glob(".train_*.partial/checkpoints/checkpoint-*")) and time.time() - t0 < 600
+               and p.poll() is None):
+            time.sleep(0.5)
+        assert p.poll() is None, p.stdout.read().decode()[-3000:]
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        t0 = time.time()
+        while trainers() and time.time() - t0 < 60:     # the launcher dies with its kernel, and its workers
+            time.sleep(1)
+        killed = SimpleNamespace(trainers=trainers(), builds=builds(run_dir),
+                                 partial=[p.name for p in run_dir.glob(".train_*.partial")],
+                                 report=(run_dir / "report").exists())
+        # 2. restart: completes without redoing finished stages
+        t0 = time.time()
+        r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=1500)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        yield SimpleNamespace(dir=run_dir, root=root, server=s, cmd=cmd, sets=sets, env=env, killed=killed,
+                              resumed=r, resume_s=time.time() - t0, requests=len(s.requests),
+                              new_outside={f for f in outside_files(root, run_dir) - outside
+                                           if root / "llm-cache" not in f.parents})   # the cache's folder is chosen

@@ -33,11 +33,15 @@ def well_formed(kind: str, p: str) -> str:
         a, b = _after(p.split("Answer B:")[0], "Answer A:"), _after(p.split("Judge each aspect:")[0], "Answer B:")
         ref = _words(_after(p.split("Answer A:")[0], "Reference answer:"))
         ca, cb = len(_words(a) & ref), len(_words(b) & ref)
-        v = "A" if ca > cb else "B" if cb > ca else "tie"
+        # no overlap either way (a random model's samples): the answer with the larger hash, the same in both orders
+        v = "A" if ca > cb else "B" if cb > ca else "tie" if a == b else "A" if _h(a) > _h(b) else "B"
         return json.dumps({"completeness": v, "factuality": v, "logicality": "tie", "overall": v})
     if kind == "verify":
-        fact, ref = _words(_after(p.split("Is the statement")[0], "Statement:")), _words(_after(p.split("Statement:")[0], "Reference answer:"))
-        return "True" if fact and len(fact & ref) / len(fact) >= 0.6 else "False"
+        st = _after(p.split("Is the statement")[0], "Statement:")
+        fact, ref = _words(st), _words(_after(p.split("Statement:")[0], "Reference answer:"))
+        # supported when most of its words are in the reference; one unrelated statement in three too (by hash), so
+        # that a random model's samples still get different scores
+        return "True" if fact and (len(fact & ref) / len(fact) >= 0.6 or _h(st) % 3 == 0) else "False"
     if kind == "abstain":
         return "Yes" if re.search(r"(?i)\bdo(?: not|n't) know\b", _after(p.split("Does the answer")[0], "Answer:")) else "No"
     return "ok"

@@ -3,19 +3,14 @@ process, a killed rank resumes, the shipped accelerate/DeepSpeed configs resolve
 import json, os, shutil, signal, subprocess, time
 from pathlib import Path
 import pytest, yaml
-from conftest import ROOT, BIN, kt
+from conftest import ROOT, BIN, SMOKE_OVR, kt
 from knowtuning.config import load_config
 from knowtuning.runs import Run
 
 # the smoke preset on the 2-layer random model: the process machinery is what is tested, not the model
-OVR = ["student.model=tiny-random", "train.per_device_batch=1"]
+OVR = SMOKE_OVR
 SYSTEMS = ["sft", "ka", "knowtuning", "wo_factuality"]   # the smoke preset's own systems, dependencies first
-TORCHRUN = "torchrun --nproc_per_node 2"
 ENV = {"OMP_NUM_THREADS": "1"}
-
-
-def sets(ovr):
-    return [a for o in ovr for a in ("--set", o)]
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +34,11 @@ def history(run_dir, system):
     return [h for h in json.loads((run_dir / f"train_{system}" / "log_history.json").read_text()) if "loss" in h]
 
 
-def test_two_processes_train_like_one(base_run, tmp_path):
-    two, one = copy_run(base_run, tmp_path / "two"), copy_run(base_run, tmp_path / "one")
-    # the training step of `reproduce`, through the launcher: every system of the preset in two processes
-    r = kt("train", "--preset", "smoke", *sets(OVR), "--launcher", TORCHRUN, "--runs-dir", two.parent, env=ENV,
-           timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    r1 = kt("train-run", one, *SYSTEMS, env=ENV, timeout=900)            # the same systems in one process
+def test_two_processes_train_like_one(smoke_run, tmp_path):
+    "The shared smoke run trained every system in two processes; the same systems from its KA/KC data in one process."
+    two, one = smoke_run.dir, tmp_path / "smoke"
+    shutil.copytree(two, one, ignore=lambda d, names: [n for n in names if Path(d) == two and "train_" in n])
+    r1 = kt("train-run", one, *SYSTEMS, env={**smoke_run.env, **ENV}, timeout=900)
     assert r1.returncode == 0, r1.stdout[-3000:] + r1.stderr[-3000:]
     m2, m1 = (json.loads((d / "manifest.json").read_text())["stages"] for d in (two, one))
     assert not list(two.glob(".*.partial")), "a stage was left uncommitted"

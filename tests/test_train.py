@@ -1,4 +1,4 @@
-import json, math
+import json, math, shutil
 from pathlib import Path
 import pytest, torch
 import torch.nn.functional as F
@@ -155,6 +155,20 @@ def test_killed_run_resumes_from_checkpoint(tmp_path):
     train_sft(cfg, rows(), tmp_path, callbacks=[c])
     assert c.n == 2                                       # steps 5 and 6 only
     assert json.loads((tmp_path / "train_stats.json").read_text())["steps"] == 6
+
+def test_killed_after_the_last_checkpoint_takes_no_extra_step(tmp_path):
+    "Killed between the last checkpoint and the commit: the rerun finishes from it (transformers would train a step more)."
+    cfg = load_config("smoke", overrides=TINY + ["train.max_steps=2", "train.save_steps=1"])
+    train_sft(cfg, rows(), tmp_path / "a")
+    b = tmp_path / "b" / "checkpoints"
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "checkpoint-2", b / "checkpoint-2")
+    c = CountSteps()
+    train_sft(cfg, rows(), tmp_path / "b", callbacks=[c])
+    assert c.n == 0 and json.loads((tmp_path / "b" / "train_stats.json").read_text())["steps"] == 2
+    steps = lambda d: [h["step"] for h in json.loads((d / "log_history.json").read_text()) if "loss" in h]
+    assert steps(tmp_path / "b") == steps(tmp_path / "a") == [1, 2]
+    f = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "b" / f).read_bytes() == (tmp_path / "a" / f).read_bytes()
 
 def test_grad_guard_catches_zero_lora_grads():
     lin = torch.nn.Linear(2, 2)
