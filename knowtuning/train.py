@@ -18,8 +18,9 @@ from .config import system_of, ConfigError
 
 # %% auto #0
 __all__ = ['TRAIN_FIELDS', 'lora_config', 'accumulation', 'checkpoint_args', 'trl_config', 'check_launch', 'knowtuning_loss',
-           'sequence_logps', 'check_padding_free', 'KCTrainer', 'GradGuard', 'plot_losses', 'sft_features',
-           'dpo_features', 'train_sft', 'train_dpo', 'train_spec', 'train_stage', 'launch_command', 'train_systems']
+           'sequence_logps', 'compact_lm_head', 'check_padding_free', 'KCTrainer', 'GradGuard', 'plot_losses',
+           'sft_features', 'dpo_features', 'train_sft', 'train_dpo', 'train_spec', 'train_stage', 'launch_command',
+           'train_systems']
 
 # %% ../nbs/08_train.ipynb #08-train-006
 def lora_config(lc):
@@ -139,6 +140,25 @@ def sequence_logps(model, batch: dict, padding_free: bool = True):
     tgt = (flat_labels[0, 1:] != -100).to(lp.dtype)
     zeros = torch.zeros(len(lens), dtype=lp.dtype, device=lp.device)
     return zeros.index_add(0, seq, lp * tgt), zeros.index_add(0, seq, tgt).long()
+
+# %% ../nbs/08_train.ipynb #08-train-013d
+def compact_lm_head() -> None:
+    """Make trl's fused LM head project only the positions that have a label on the CPU too (as it does where Triton
+    runs). Applied when this module is imported; trl 1.16 decides per call through `trl.trainer.utils._use_triton`."""
+    import trl.trainer.utils as tu
+
+    if getattr(tu._use_triton, "knowtuning", False):
+        return
+    on_triton = tu._use_triton
+
+    def compact(device) -> bool:
+        return device.type == "cpu" or on_triton(device)
+
+    compact.knowtuning = True
+    tu._use_triton = compact
+
+
+compact_lm_head()
 
 # %% ../nbs/08_train.ipynb #08-train-015
 def check_padding_free(model, tok, tol: float = 0.1) -> float:
@@ -370,6 +390,8 @@ def _finish(trainer, out: Path, t0: float, title: str, checkpoint: str | None = 
     )
     return out / "adapter"
 
+
+# %% ../nbs/08_train.ipynb #08-train-024a2
 _TRAINING_STATE = ("optimizer", "scheduler", "rng_state", "trainer_state", "training_args", "latest", "zero_to_fp32")
 
 
