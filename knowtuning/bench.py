@@ -62,7 +62,7 @@ def bench_generate(n: int = 16, new_tokens: int = 32) -> dict:
         "one_by_one_tok_s": ntok(out1) / t1,
         "ratio": (ntok(outb) / tb) / (ntok(out1) / t1),
         "same_outputs": sum(a == b for a, b in zip(outb, out1)),
-        "target": 2.0,
+        "target": 4.0,  # the goal (issue 24)
     }
 
 def _qa(n: int):
@@ -111,16 +111,20 @@ VARIANTS = {
 }
 
 # %% ../nbs/97_bench.ipynb #97-bench-004c
+def _train_loss(hist: list) -> float:
+    return next(h["train_loss"] for h in hist if "train_loss" in h)
+
+
 def _ratios(res: dict, key: str) -> dict:
     res["ratio"] = res["ours"][key] / res["trl_default"][key]
     res["ratio_padding_free"] = res["ours"][key] / res["padded"][key]
-    res["target"] = 1.3
+    res["target"] = 2.0  # the goal (issue 24), not what we happen to reach
     return res
 
 def bench_sft(n: int = 32, batch: int = 4) -> dict:
     """SFT training tokens/s over one epoch: ours (padding-free, no checkpointing) vs padded vs trl's defaults
     (padded, checkpointing)."""
-    from knowtuning.train import train_sft
+    from knowtuning.train import train_sft, compact_lm_head
 
     data, rows = _train_rows(n)
     res = {"data": data, "examples": len(rows), "batch": batch}
@@ -140,17 +144,20 @@ def bench_sft(n: int = 32, batch: int = 4) -> dict:
             ],
         )
         d = Path(tempfile.mkdtemp())
+        compact_lm_head(name != "trl_default")  # trl's default projects every position on a CPU
         _, wall = _timed(lambda: train_sft(cfg, rows, d))
+        compact_lm_head()
         hist = json.loads((d / "log_history.json").read_text())
         toks, t = max(h.get("num_tokens", 0) for h in hist), _train_time(hist)  # trl counts real (non-pad) tokens
-        res[name] = {"train_seconds": t, "wall_seconds": wall, "real_tokens": toks, "tokens_s": toks / t}
+        res[name] = {"train_seconds": t, "wall_seconds": wall, "real_tokens": toks, "tokens_s": toks / t,
+                     "train_loss": _train_loss(hist)}  # the same examples and steps: the losses must agree
     return _ratios(res, "tokens_s")
 
 # %% ../nbs/97_bench.ipynb #97-bench-004d
 def bench_dpo(pairs: int = 24, batch: int = 4) -> dict:
     """KC (DPO + SFT term) pairs/s over one epoch (the release's kc_epochs): ours (padding-free, precomputed
     reference, no checkpointing) vs padded vs trl's defaults."""
-    from knowtuning.train import train_dpo, train_sft
+    from knowtuning.train import train_dpo, train_sft, compact_lm_head
 
     data, rows = _pairs(pairs)
     base = load_config("smoke", overrides=["train.max_steps=1", "train.save_steps=1000", "train.eval_holdout=0"])
@@ -175,9 +182,13 @@ def bench_dpo(pairs: int = 24, batch: int = 4) -> dict:
             ],
         )
         d = Path(tempfile.mkdtemp())
+        compact_lm_head(name != "trl_default")  # trl's default projects every position on a CPU
         _, wall = _timed(lambda: train_dpo(cfg, rows, d, d0 / "adapter"))  # wall includes the reference precompute
+        compact_lm_head()
+        hist = json.loads((d / "log_history.json").read_text())
         res[name] = {
-            "train_seconds": _train_time(json.loads((d / "log_history.json").read_text())),
+            "train_seconds": _train_time(hist),
+            "train_loss": _train_loss(hist),
             "wall_seconds": wall,
             "pairs_s": len(rows) / wall,
         }

@@ -142,19 +142,21 @@ def sequence_logps(model, batch: dict, padding_free: bool = True):
     return zeros.index_add(0, seq, lp * tgt), zeros.index_add(0, seq, tgt).long()
 
 # %% ../nbs/08_train.ipynb #08-train-013d
-def compact_lm_head() -> None:
+def compact_lm_head(on: bool = True) -> None:
     """Make trl's fused LM head project only the positions that have a label on the CPU too (as it does where Triton
-    runs). Applied when this module is imported; trl 1.16 decides per call through `trl.trainer.utils._use_triton`."""
+    runs); `on=False` restores trl's own choice (the bench's trl-default baseline). Applied when this module is
+    imported; trl 1.16 decides per call through `trl.trainer.utils._use_triton`."""
     import trl.trainer.utils as tu
 
-    if getattr(tu._use_triton, "knowtuning", False):
+    trl_choice = getattr(tu._use_triton, "trl_choice", tu._use_triton)
+    if not on:
+        tu._use_triton = trl_choice
         return
-    on_triton = tu._use_triton
 
     def compact(device) -> bool:
-        return device.type == "cpu" or on_triton(device)
+        return device.type == "cpu" or trl_choice(device)
 
-    compact.knowtuning = True
+    compact.trl_choice = trl_choice
     tu._use_triton = compact
 
 
