@@ -121,6 +121,8 @@ def _ratios(res: dict, key: str) -> dict:
     res["target"] = 2.0  # the goal (issue 24), not what we happen to reach
     return res
 
+
+# %% ../nbs/97_bench.ipynb #97-bench-004c2
 def bench_sft(n: int = 32, batch: int = 4) -> dict:
     """SFT training tokens/s over one epoch: ours (padding-free, no checkpointing) vs padded vs trl's defaults
     (padded, checkpointing)."""
