@@ -284,23 +284,22 @@ COMMANDS = {  # name: (function, help, adds the arguments)
 
 
 # %% ../nbs/99_cli.ipynb #99-cli-007b
-COMMANDS |= {  # the pipeline: all steps, one step, one system
+from .runs import STEPS
+
+_STEP_ARGS = {"train": _launch_args, "baselines": _launch_args, "report": _report_args}
+COMMANDS |= {  # the pipeline: all steps, then one command per step of `knowtuning.runs.STEPS`, then one system
     "reproduce": (
         cmd_reproduce,
         "run every stage notebook with papermill: data, KA, KC, training, evaluation, report",
         _reproduce_args,
     ),
-    "ka": (_step_cmd("ka"), "stage KA: decompose, perplexity filter, rewrite (06_ka.ipynb)", _cfg_args),
-    "kc": (_step_cmd("kc"), "stage KC: delete / revise / shuffle preference pairs (07_kc.ipynb)", _cfg_args),
-    "train": (_step_cmd("train"), "train every system of the config but baselines (08_train.ipynb)", _launch_args),
-    "baselines": (_step_cmd("baselines"), "RLAIF / FactTune preferences and systems (09_baselines)", _launch_args),
-    "generate": (_step_cmd("generate"), "every system's answers to the test sets (10_generate.ipynb)", _cfg_args),
-    "evaluate": (_step_cmd("evaluate"), "metrics, facts and the judge for every system (14_evaluate.ipynb)", _cfg_args),
-    "report": (
-        cmd_report,
-        "paper-shaped tables and figures (15_report.ipynb); --combine RUN_DIR ... joins runs",
-        _report_args,
-    ),
+}
+COMMANDS |= {
+    s.name: (cmd_report if s.name == "report" else _step_cmd(s.name), f"{s.help} ({s.notebook})",
+             _STEP_ARGS.get(s.name, _cfg_args))
+    for s in STEPS
+}
+COMMANDS |= {
     "train-system": (
         cmd_train_system,
         "train systems in this process (what torchrun / accelerate launch start in each process)",
@@ -308,6 +307,7 @@ COMMANDS |= {  # the pipeline: all steps, one step, one system
     ),
     "train-run": (cmd_train_run, "train systems of a run folder here (what --launcher starts)", _train_run_args),
 }
+
 
 # %% ../nbs/99_cli.ipynb #99-cli-007a
 def parser() -> argparse.ArgumentParser:

@@ -51,12 +51,12 @@ _CHECK = ("window.addEventListener('load', () => { const im = [...document.image
           "0));\n"
           "document.body.dataset.images = String(im.length); });")
 
-SECTIONS = [
+SECTIONS = [  # the site's table of contents: every notebook once (tests/test_sync.py checks)
     ("Start here", ["index", "tutorial"]),
-    ("Foundations", ["00_config", "01_data", "02_assets", "03_runs", "04_llm", "05_atoms", "05_teacher"]),
-    ("The method", ["06_ka", "07_kc", "08_train", "09_baselines", "10_generate", "11_metrics", "12_facts", "13_judge",
-                    "13a_probe", "14_evaluate", "15_report"]),
-    ("Running and tooling", ["16_pipeline", "97_bench", "98_docs", "99_cli"]),
+    ("Foundations", ["00_config", "01_runs", "02_assets", "03_data", "04_llm", "05_atoms", "06_teacher"]),
+    ("Shared tools", ["07_generate", "08_metrics", "09_facts", "10_judge"]),
+    ("The method", ["11_ka", "12_kc", "13_train", "14_baselines", "15_probe", "16_evaluate", "17_report"]),
+    ("Running and tooling", ["18_pipeline", "97_bench", "98_docs", "99_cli"]),
 ]
 
 CONF = """project = "knowtuning"

@@ -57,7 +57,7 @@ def test_two_processes_train_like_one(smoke_run, tmp_path):
         if "loss/dpo" in h1[0]:                                          # KC's parts, gathered over both processes
             assert abs(h2[0]["loss/dpo"] - h1[0]["loss/dpo"]) <= 1e-4 * h1[0]["loss/dpo"], (s, h2[0], h1[0])
     # the stage notebook ran as the record, and relayed the launcher's output
-    nb = (two / "notebooks" / "08_train.ipynb").read_text()
+    nb = (two / "notebooks" / "13_train.ipynb").read_text()
     assert "train-run" in nb and "torchrun" in nb
 
 

@@ -17,8 +17,8 @@ def test_a_killed_run_resumes_without_redoing_finished_stages(smoke_run):
     for s, b in k.builds.items(): assert after[s] == b, (s, b, after[s])  # not rebuilt
     out = smoke_run.resumed.stdout + smoke_run.resumed.stderr
     assert "IPKernelApp" not in out                                       # kernel chatter goes to the step logs
-    assert (run / "notebooks" / "08_train.log").exists()
-    for nb in ("06_ka", "07_kc", "08_train", "09_baselines", "10_generate", "14_evaluate", "15_report"):
+    assert (run / "notebooks" / "13_train.log").exists()
+    for nb in ("11_ka", "12_kc", "13_train", "14_baselines", "07_generate", "16_evaluate", "17_report"):
         assert (run / "notebooks" / f"{nb}.ipynb").exists()
     assert {"train_sft", "train_ka", "train_knowtuning", "train_rlaif", "train_facttune", "train_wo_factuality",
             "samples_sft", "prefs_rlaif", "prefs_facttune", "gen_knowtuning", "eval", "report"} <= set(after)
@@ -86,16 +86,16 @@ def test_docs_site_in_headless_chromium(tmp_path):
         tut = dom("tutorial.html")                          # the executed tutorial, with its figures
         assert 'data-images-ok="true"' in tut, tut[-500:]
         assert int(tut.split('data-images="')[1].split('"')[0]) >= 3
-        ka = dom("06_ka.html")                              # math typeset by the site's own MathJax
+        ka = dom("11_ka.html")                              # math typeset by the site's own MathJax
         assert ka.count('class="MathJax"') >= 5 and 'class="MathJax_Display"' in ka
         assert "#| export" not in ka and "default_exp" not in ka
         found = dom("search.html?q=perplexity")             # Sphinx's offline search
-        assert "Search finished" in found and 'href="06_ka.html' in found, found[-1500:]
+        assert "Search finished" in found and 'href="11_ka.html' in found, found[-1500:]
         api = dom("api.html")                               # the API reference from the docstrings
         assert "ppl_packed" in api and "one forward pass per question" in api
-        shot = site / "06_ka.png"
+        shot = site / "11_ka.png"
         subprocess.run([chromium, *flags, "--window-size=1280,1400", f"--screenshot={shot}",
-                        f"http://127.0.0.1:{port}/06_ka.html"], capture_output=True, timeout=120)
+                        f"http://127.0.0.1:{port}/11_ka.html"], capture_output=True, timeout=120)
         img = mpimg.imread(shot)
         assert img.shape[0] >= 1000 and img[..., :3].std() > 0.1     # a rendered page, not a blank one
     finally:

@@ -66,7 +66,7 @@ def test_a_student_trained_on_references_prefers_them_and_learns_their_hard_atom
         per = lambda rs: [r for r in rs if r["aspect"] == a]
         assert acc(per(rows)) >= acc(per(base_rows)), a
     # the difficult atoms are less perplexing after training: on most questions, and on average in log space (one
-    # question's rise, an atom scored as if it opened the answer, is measured and explained in 13a_probe)
+    # question's rise, an atom scored as if it opened the answer, is measured and explained in 15_probe)
     ok = [(b, s) for b, s in zip(base_hard, hard) if not math.isnan(b)]
     assert len(ok) == 6 and sum(s < b for b, s in ok) >= 4
     assert sum(s for _, s in ok) < sum(b for b, _ in ok) - 0.3

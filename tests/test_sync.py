@@ -46,3 +46,22 @@ def test_readme_starts_with_the_two_setup_commands():
     block = text.split("```sh", 1)[1].split("```", 1)[0].strip().splitlines()
     assert [l.split()[0:2] for l in block] == [["make", "demo"], ["make", "test"]]
     assert (ROOT / ".ci" / "run").read_text().strip().endswith("make test")
+
+def _has_parameters(nb_path) -> bool:
+    import json
+    cells = json.loads(nb_path.read_text())["cells"]
+    return any("parameters" in c.get("metadata", {}).get("tags", []) for c in cells)
+
+def test_every_notebook_is_listed_once_and_stage_notebooks_are_steps():
+    "The docs' table of contents names every notebook once; a notebook with papermill parameters is a step of STEPS."
+    from knowtuning.docs import SECTIONS
+    from knowtuning.runs import STEPS
+    nbs = sorted(p for p in (ROOT / "nbs").glob("*.ipynb"))
+    listed = [n for _, names in SECTIONS for n in names]
+    assert sorted(listed) == sorted(p.stem for p in nbs), set(listed) ^ {p.stem for p in nbs}
+    steps = {s.notebook for s in STEPS}
+    staged = {p.name for p in nbs if p.stem[0].isdigit() and _has_parameters(p)}  # the tutorial is no step
+    assert staged - steps == set(), f"stage notebooks missing from knowtuning.runs.STEPS: {staged - steps}"
+    assert steps <= {p.name for p in nbs}, steps - {p.name for p in nbs}
+    numbers = [p.stem.split("_")[0] for p in nbs if p.stem[0].isdigit()]
+    assert len(numbers) == len(set(numbers)), f"notebook numbers used twice: {numbers}"
