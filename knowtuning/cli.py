@@ -249,11 +249,11 @@ def _serve_args(p):
 def cmd_docs(a):
     from knowtuning.docs import build_site
 
-    print(build_site(execute_tutorial=not a.no_tutorial))
+    print(build_site(execute=not a.no_execute))
     return 0
 
 def _docs_args(p):
-    p.add_argument("--no-tutorial", action="store_true", help="do not execute the tutorial notebook")
+    p.add_argument("--no-execute", action="store_true", help="pages without outputs: no notebook is run")
 
 def cmd_readme(a):
     from knowtuning.docs import write_readme

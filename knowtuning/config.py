@@ -135,6 +135,7 @@ class EvalCfg:
     bootstrap: int = 1000
     gamma: int = 0  # FActScore length penalty (10 in FActScore; 0 = off)
     k: int = 0  # F1@K's K (SAFE); 0 = the median number of reference facts per question of each test set
+    main: str = "knowtuning"  # the system compared with every other: paired differences, the judge, the probes
     probe: bool = True  # the knowledge-awareness probes (forward passes of the base model and every system)
 
 @dataclass

@@ -11,7 +11,8 @@ from .config import project_root
 from .runs import atomic_write
 
 # %% auto #0
-__all__ = ['SECTIONS', 'CONF', 'readme_text', 'write_readme', 'readme_in_sync', 'clean_notebook', 'stage_site', 'build_site']
+__all__ = ['SECTIONS', 'CONF', 'EXECUTION', 'SKIPPED', 'readme_text', 'write_readme', 'readme_in_sync', 'clean_notebook',
+           'package_hash', 'stage_site', 'executed_tutorial', 'build_site']
 
 # %% ../nbs/98_docs.ipynb #98-docs-005
 def _strip_directives(src: str) -> str:
@@ -61,7 +62,6 @@ SECTIONS = [  # the site's table of contents: every notebook once (tests/test_sy
 
 CONF = """project = "knowtuning"
 extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.mathjax"]
-nb_execution_mode = "off"
 myst_enable_extensions = ["dollarmath", "amsmath"]
 myst_heading_anchors = 3
 html_theme = "furo"
@@ -76,20 +76,38 @@ suppress_warnings = ["myst.header", "mystnb.unknown_mime_type", "misc.highlighti
 exclude_patterns = ["_build"]
 """
 
+EXECUTION = """nb_execution_mode = {mode!r}
+nb_execution_cache_path = {cache!r}
+nb_execution_excludepatterns = ["tutorial.ipynb"]   # executed beforehand, with papermill
+nb_execution_timeout = 1800
+nb_execution_raise_on_error = True
+nb_execution_show_tb = True
+"""
+
+
 # %% ../nbs/98_docs.ipynb #98-docs-008a
+SKIPPED = r"^#\|\s*(eval:\s*false|slow|gpu|network)\b"  # not run by `make test` either
+
 def clean_notebook(nb):
-    "The notebook as a reader sees it: `#| hide` / `#| default_exp` cells dropped, `#|` lines removed."
+    """The notebook as a reader sees it: `#| hide` cells removed from the page (they still run: imports and test
+    helpers), `#| default_exp` cells dropped, `#|` lines removed; cells `make test` skips (`#| eval: false`, the
+    slow, GPU and network flags) are shown but not executed. `#| pipeline` cells run: they show the smoke run."""
     cells = []
     for c in nb.cells:
         if c.cell_type == "code":
-            if re.search(r"^#\|\s*(hide|default_exp)\b", c.source, re.M):
-                continue
-            c.source = _strip_directives(c.source).strip()
+            tags = c.metadata.setdefault("tags", [])
+            if re.search(r"^#\|\s*hide\b", c.source, re.M):
+                tags.append("remove-cell")
+            if re.search(SKIPPED, c.source, re.M):
+                tags.append("skip-execution")
+            drop = re.search(r"^#\|\s*default_exp\b", c.source, re.M)
+            c.source = "" if drop else _strip_directives(c.source).strip()
             if not c.source:
                 continue
         cells.append(c)
     nb.cells = cells
     return nb
+
 
 # %% ../nbs/98_docs.ipynb #98-docs-008b
 def _api_page(pkg: Path) -> str:
@@ -109,26 +127,56 @@ def _toctree(pages: list[str]) -> str:
             out.append(f"```{{toctree}}\n:caption: {title}\n:maxdepth: 1\n\n" + "\n".join(have) + "\n```")
     return "\n\n".join(out)
 
-def stage_site(src: Path, notebooks: dict[str, Path]) -> Path:
-    "Write the Sphinx source folder: cleaned notebooks, the API page, conf.py and the offline MathJax."
+def package_hash() -> str:
+    "sha256 of the package's modules: in every executed page, so the cache reruns a page when the code it uses changes."
+    import hashlib
+
+    pkg = Path(importlib.util.find_spec("knowtuning").origin).parent
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(pkg.glob("*.py")))).hexdigest()[:16]
+
+def stage_site(src: Path, notebooks: dict[str, Path], execution: str = "") -> Path:
+    """Write the Sphinx source folder: cleaned notebooks, the API page, conf.py (+ `execution`, myst-nb's execution
+    settings) and the offline MathJax."""
     import jupyter_server_mathjax
 
     src.mkdir(parents=True, exist_ok=True)
+    key = nbformat.v4.new_code_cell(f"# knowtuning {package_hash()}", metadata={"tags": ["remove-cell"]})
     for stem, path in notebooks.items():
         nb = clean_notebook(nbformat.read(path, as_version=4))
+        if execution and any(c.cell_type == "code" for c in nb.cells):
+            nb.cells.insert(0, key)
         if stem == "index":
             nb.cells.append(nbformat.v4.new_markdown_cell(_toctree(list(notebooks))))
         nbformat.write(nb, src / f"{stem}.ipynb")
     (src / "api.md").write_text(_api_page(Path(importlib.util.find_spec("knowtuning").origin).parent))
-    (src / "conf.py").write_text(CONF)
+    (src / "conf.py").write_text(CONF + execution)
     static = src / "_static"
     shutil.copytree(Path(jupyter_server_mathjax.__file__).parent / "static", static / "mathjax", dirs_exist_ok=True)
     (static / "check-images.js").write_text(_CHECK)
     return src
 
 # %% ../nbs/98_docs.ipynb #98-docs-008ba
-def build_site(out=None, execute_tutorial: bool = True) -> Path:
-    "Build the docs site into `_docs/`: quarto + nbdev when quarto is installed, else Sphinx (offline)."
+def executed_tutorial(path: Path, cache: Path) -> Path:
+    """The tutorial executed with papermill as run `smoke` in `cache/runs` (the run the stage pages then show),
+    reused while the tutorial and the package are unchanged; new code gets a fresh run."""
+    import hashlib, papermill as pm
+
+    out = cache / f"tutorial-{hashlib.sha256(path.read_bytes() + package_hash().encode()).hexdigest()[:16]}.ipynb"
+    if not out.exists():
+        shutil.rmtree(cache / "runs", ignore_errors=True)
+        for old in cache.glob("tutorial-*.ipynb"):
+            old.unlink()
+        part = cache / "tutorial.partial.ipynb"
+        pm.execute_notebook(str(path), str(part), parameters={"run_name": "smoke"}, kernel_name="python3",
+                            cwd=str(cache), progress_bar=False)
+        part.rename(out)
+    return out
+
+def build_site(out=None, execute: bool = True, cache=None) -> Path:
+    """Build the docs site into `_docs/`: quarto + nbdev when quarto is installed, else Sphinx (offline). `execute`:
+    the pages show their outputs. The tutorial runs first (`executed_tutorial`: the smoke run every stage page's
+    pipeline cells then read), then myst-nb runs every notebook, keeping the results in jupyter-cache in `cache`
+    (default `.docs-cache/` of the checkout): a page whose code and package are unchanged is not run again."""
     import os, sys, tempfile
 
     root = project_root()
@@ -137,32 +185,22 @@ def build_site(out=None, execute_tutorial: bool = True) -> Path:
         subprocess.run(["nbdev_docs"], cwd=root, check=True)
         return out
     notebooks = {p.stem: p for p in sorted((root / "nbs").glob("*.ipynb")) if not p.name.startswith("_")}
+    cache = Path(cache or root / ".docs-cache").resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ["IN_TEST"] = "1"  # the notebooks must not re-export the package
+    os.environ["KNOWTUNING_RUNS"] = str(cache / "runs")  # the pages' runs stay in the cache folder
+    if execute and "tutorial" in notebooks:
+        notebooks["tutorial"] = executed_tutorial(notebooks["tutorial"], cache)
     with tempfile.TemporaryDirectory(prefix="knowtuning-docs-") as tmp:
         tmp = Path(tmp)
-        if execute_tutorial and "tutorial" in notebooks:
-            import papermill as pm
-
-            os.environ["IN_TEST"] = "1"
-            os.environ["KNOWTUNING_RUNS"] = str(tmp / "runs")
-            pm.execute_notebook(
-                str(notebooks["tutorial"]),
-                str(tmp / "tutorial.ipynb"),
-                kernel_name="python3",
-                cwd=str(tmp),
-                progress_bar=False,
-            )
-            notebooks["tutorial"] = tmp / "tutorial.ipynb"
-        src = stage_site(tmp / "src", notebooks)
+        src = stage_site(tmp / "src", notebooks, EXECUTION.format(mode="cache", cache=str(cache)) if execute else "")
         # build inside the temporary folder (myst-nb writes `jupyter_execute/` beside the output), then publish
-        r = subprocess.run(
-            [sys.executable, "-m", "sphinx", "-b", "html", "-q", str(src), str(tmp / "html")],
-            capture_output=True,
-            text=True,
-            cwd=tmp,
-        )
+        r = subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", str(src), str(tmp / "html")],
+                           capture_output=True, text=True, cwd=tmp)
         if r.returncode:
             raise RuntimeError(f"sphinx-build failed:\n{r.stderr[-3000:]}")
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(tmp / "html", out)
     return out
+

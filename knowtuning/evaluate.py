@@ -6,13 +6,14 @@
 from __future__ import annotations
 import csv, io
 import numpy as np
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from .runs import read_jsonl, write_json, write_jsonl, atomic_write, Stage
+from .runs import read_json, read_jsonl, write_json, write_jsonl, atomic_write, Stage
 from .metrics import paired_bootstrap
 
 # %% auto #0
-__all__ = ['summarize_judge', 'identical_share', 'paired_diffs', 'score_system', 'judge_against', 'eval_spec', 'judge_set',
-           'reference_facts', 'evaluate_set', 'evaluate_stage']
+__all__ = ['summarize_judge', 'identical_share', 'paired_diffs', 'SetSummary', 'Summary', 'score_system', 'judge_against',
+           'eval_spec', 'judge_set', 'reference_facts', 'evaluate_set', 'evaluate_stage']
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-005
 def _csv(rows: list[dict]) -> str:
@@ -53,6 +54,54 @@ def paired_diffs(scores: dict, main: str, n: int = 1000, seed: int = 0) -> dict:
             ok = ~(np.isnan(x) | np.isnan(y))
             out[b][k] = [*paired_bootstrap(x[ok], y[ok], n, seed), int(ok.sum())]
     return out
+
+# %% ../nbs/16_evaluate.ipynb #16-evaluate-006e
+@dataclass
+class SetSummary:
+    "One test set: metrics and facts per system, differences and judge rates against the main system, probes."
+
+    source: str = ""  # the test set as the config names it (a name or a path)
+    n: int = 0  # questions
+    has_references: bool = True
+    systems: dict = field(default_factory=dict)  # system: {metric: [mean, low, high], "facts": {...}}
+    diffs: dict = field(default_factory=dict)  # baseline: {measure: [main - baseline, low, high, n]}
+    judge: dict = field(default_factory=dict)  # baseline: {aspect: {win, tie, lose, flip} in %}
+    judge_ci: dict = field(default_factory=dict)  # baseline: {aspect: {win: [rate, low, high], ...}}
+    judge_calls: dict = field(default_factory=dict)  # baseline: {judged, failed}
+    identical: dict = field(default_factory=dict)  # "a = b": share of questions with the same answer
+    probe: dict | None = None  # the probes' summary (knowtuning.probe), when the set has references
+
+
+@dataclass
+class Summary:
+    "`eval/summary.json`: what `evaluate_stage` writes and the report reads."
+
+    main: str = "knowtuning"  # the system compared with every other (`eval.main`)
+    teacher: str = ""  # the roles' labels
+    judge: str = ""
+    verifier: str = ""
+    offline: list = field(default_factory=list)  # roles that were offline proxies: teacher, judge, verifier
+    datasets: dict = field(default_factory=dict)  # test set name: SetSummary
+
+    def save(self, path) -> Path:
+        return write_json(path, asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "summary") -> "Summary":
+        "From a dict as written by `save`; an unknown key is an error naming where it is."
+        def check(kind, d, at):
+            bad = set(d) - {f.name for f in fields(kind)}
+            if bad:
+                raise ValueError(f"{where}: unknown key(s) {sorted(bad)} in {at} (known: {[f.name for f in fields(kind)]})")
+            return d
+        d = check(cls, dict(d), "the summary")
+        sets = {k: SetSummary(**check(SetSummary, v, f"datasets.{k}")) for k, v in d.pop("datasets", {}).items()}
+        return cls(**d, datasets=sets)
+
+    @classmethod
+    def load(cls, path) -> "Summary":
+        return cls.from_dict(read_json(path), str(path))
+
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-007
 def _failed(client_user, before: int) -> int:
@@ -117,15 +166,15 @@ def eval_spec(systems) -> Stage:
     )
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-007ba
-def judge_set(ds: dict, name: str, preds: dict, main: str, judge, cfg) -> list[dict]:
+def judge_set(ds: SetSummary, name: str, preds: dict, main: str, judge, cfg) -> list[dict]:
     "`main` against every other system on one test set: rates, CIs and call counts go into `ds`; the verdict rows."
     rows = []
     for b in (s for s in preds if s != main):
         vs, js = judge_against(preds[main], preds[b], judge, cfg, f"{name}: {main} vs {b}")
         keys = [{"dataset": name, "system": main, "baseline": b, "index": x["index"]} for x in preds[main]]
         rows += [{**k, **v} for k, v in zip(keys, vs)]
-        ds["judge"][b], ds["judge_ci"][b] = js["rates"], js["ci"]
-        ds["judge_calls"][b] = {"judged": js["judged"], "failed": js["failed"]}
+        ds.judge[b], ds.judge_ci[b] = js["rates"], js["ci"]
+        ds.judge_calls[b] = {"judged": js["judged"], "failed": js["failed"]}
     return rows
 
 
@@ -136,7 +185,7 @@ def reference_facts(teacher, preds: list[dict], name: str, k: int = 0) -> tuple[
     facts = [f or [] for f in teacher.decompose([r["reference"] for r in preds], names)]
     return facts, k or max(1, int(np.median([len(f) for f in facts] or [1])))
 
-def evaluate_set(run, source: str, cfg, main: str, teacher, judge, verifier) -> tuple[dict, list, list, list]:
+def evaluate_set(run, source: str, cfg, main: str, teacher, judge, verifier) -> tuple[SetSummary, list, list, list]:
     """(summary, per-example rows, verdict rows, the references' facts or None) of one test set: metrics and facts per
     system, paired diffs, judge."""
     from knowtuning.data import dataset_key
@@ -145,25 +194,25 @@ def evaluate_set(run, source: str, cfg, main: str, teacher, judge, verifier) -> 
     preds = {s: read_jsonl(run.path(f"gen_{s}") / f"{name}.jsonl") for s in systems}
     has_ref = all(r["reference"].strip() for r in preds[systems[0]])
     ref_facts, k = reference_facts(teacher, preds[systems[0]], name, cfg.eval.k) if has_ref else (None, 0)
-    ds = dict(source=source, n=len(preds[systems[0]]), has_references=has_ref, systems={}, judge={}, judge_ci={})
-    ds["judge_calls"], scores, per_ex = {}, {}, []
+    ds, scores, per_ex = SetSummary(source, len(preds[systems[0]]), has_ref), {}, []
     for s in systems:
-        rows, scores[s], ds["systems"][s] = score_system(preds[s], ref_facts, teacher, verifier, cfg, f"{name}: {s}", k)
+        rows, scores[s], ds.systems[s] = score_system(preds[s], ref_facts, teacher, verifier, cfg, f"{name}: {s}", k)
         per_ex += [{"dataset": name, "system": s, **r} for r in rows]
     answers = [(s, [r["prediction"] for r in preds[s]]) for s in systems]
     pairs = [(a, x, b, y) for i, (a, x) in enumerate(answers) for b, y in answers[i + 1 :]]
-    ds["identical"] = {f"{a} = {b}": identical_share(x, y) for a, x, b, y in pairs}
+    ds.identical = {f"{a} = {b}": identical_share(x, y) for a, x, b, y in pairs}
     verdicts = []
     if main in systems and has_ref:
-        ds["diffs"] = paired_diffs(scores, main, cfg.eval.bootstrap, cfg.seed)
+        ds.diffs = paired_diffs(scores, main, cfg.eval.bootstrap, cfg.seed)
     if main in systems and (has_ref or cfg.judge.backend == "llm"):
         verdicts = judge_set(ds, name, preds, main, judge, cfg)
     questions = [r["question"] for r in preds[systems[0]]]
     return ds, per_ex, verdicts, (questions, ref_facts) if has_ref else None
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-007bb
-def evaluate_stage(cfg, run, main: str = "knowtuning") -> Path:
-    "Metrics, facts, judge verdicts and probes for every system (needs the gen_<system> and train_<system> stages)."
+def evaluate_stage(cfg, run, main: str | None = None) -> Path:
+    """Metrics, facts, judge verdicts and probes for every system (needs the gen_<system> and train_<system> stages);
+    `main` (default `eval.main`) is compared with every other system."""
     from knowtuning.facts import make_verifier, verifier_label
     from knowtuning.judge import make_judge
     from knowtuning.teacher import make_teacher
@@ -174,26 +223,29 @@ def evaluate_stage(cfg, run, main: str = "knowtuning") -> Path:
     def make(out):
         teacher, judge = make_teacher(cfg.teacher, "eval", cfg.seed), make_judge(cfg.judge, "eval")
         verifier = make_verifier(cfg.judge, "eval")
-        summary = dict(judge=judge.label, teacher=teacher.label, verifier=verifier_label(cfg.judge), main=main)
-        summary["datasets"], per_ex, verdict_rows, probe_sets = {}, [], [], {}
+        offline = [r for r, c in (("teacher", cfg.teacher), ("judge", cfg.judge), ("verifier", cfg.judge))
+                   if c.backend != "llm"]
+        summary = Summary(main, teacher.label, judge.label, verifier_label(cfg.judge), offline)
+        per_ex, verdict_rows, probe_sets = [], [], {}
         for source in cfg.data.test:
             ds, rows, verdicts, refs = evaluate_set(run, source, cfg, main, teacher, judge, verifier)
-            summary["datasets"][dataset_key(source)] = ds
+            summary.datasets[dataset_key(source)] = ds
             per_ex, verdict_rows = per_ex + rows, verdict_rows + verdicts
             if refs:
                 probe_sets[dataset_key(source)] = refs
         if cfg.eval.probe and probe_sets:
             probes, probe_rows = run_probes(cfg, run, probe_sets, teacher, main)
             for name, p in probes.items():
-                summary["datasets"][name]["probe"] = p
+                summary.datasets[name].probe = p
             atomic_write(out / "probe.csv", _csv(probe_rows))
         atomic_write(out / "per_example.csv", _csv(per_ex))
         write_jsonl(out / "verdicts.jsonl", verdict_rows)
         roles = (("teacher", teacher), ("judge", judge), ("verifier", verifier))
         failures = [{"role": k, **f} for k, u in roles for f in (getattr(u, "failures", None) or [])]
         write_jsonl(out / "failures.jsonl", failures)
-        write_json(out / "summary.json", summary)
+        summary.save(out / "summary.json")
         llm = ledgers(teacher=teacher, judge=judge, verifier=verifier)
         run.update_stage("eval", llm=llm, judge=judge.label, failures=len(failures))
 
+    main = main or cfg.eval.main
     return run.build(eval_spec(cfg.systems), cfg, make, [main])

@@ -10,8 +10,8 @@ from .config import load_config, project_root
 from .runs import STEPS, Run, runs_root
 
 # %% auto #0
-__all__ = ['BASELINES', 'training_order', 'steps', 'StepError', 'stage_notebook', 'ProgressRelay', 'run_step', 'reproduce',
-           'plan', 'merge_plan', 'plan_cost', 'format_plan']
+__all__ = ['BASELINES', 'TEXT_BARS', 'training_order', 'steps', 'StepError', 'stage_notebook', 'ProgressRelay', 'run_step',
+           'reproduce', 'plan', 'merge_plan', 'plan_cost', 'format_plan']
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-005
 def training_order(systems) -> list[str]:
@@ -61,6 +61,11 @@ class StepError(RuntimeError):
     "A step's notebook raised: the message is the original error's, with the executed notebook to open."
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-007s
+TEXT_BARS = """# text progress bars on stderr, which the console relays (ProgressRelay), instead of notebook widgets
+import tqdm.auto, tqdm.autonotebook, tqdm.std
+tqdm.auto.tqdm = tqdm.autonotebook.tqdm = tqdm.std.tqdm
+tqdm.auto.trange = tqdm.autonotebook.trange = tqdm.std.trange"""
+
 def stage_notebook(path):
     """The notebook a step executes: its prose, its definitions (`#| export`), its parameters and its `#| pipeline`
     cells. The examples and tests between them are left out: `make test` runs them, and a run should not pay for
@@ -78,6 +83,7 @@ def stage_notebook(path):
     note = (f"*Executed by `knowtuning reproduce`: the definitions and pipeline cells of `nbs/{Path(path).name}`; "
             "its examples and tests are left out (`make test` runs them).*")
     nb.cells.insert(0, nbformat.v4.new_markdown_cell(note))
+    nb.cells.insert(1, nbformat.v4.new_code_cell(TEXT_BARS))
     return nb
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-007p

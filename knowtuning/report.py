@@ -9,6 +9,7 @@ from pathlib import Path
 from .runs import read_json, atomic_write, write_json, Stage
 from .metrics import excludes_zero
 from .judge import ASPECTS
+from .evaluate import Summary
 
 # %% auto #0
 __all__ = ['PROXY_NOTE', 'PROBE_NOTE', 'FACT_COLUMNS', 'REPORT', 'to_markdown', 'to_csv', 'to_latex', 'write_table',
@@ -78,10 +79,10 @@ PROXY_NOTE = (
     "the proxy judge itself."
 )
 
-def _context(cfg, summary: dict) -> tuple[str, bool]:
-    judge, teacher = summary.get("judge", ""), summary.get("teacher", "")
-    proxy = "proxy" in judge
-    offline = " (rule-based, offline)" if teacher == "heuristic" else ""
+def _context(cfg, summary: Summary) -> tuple[str, bool]:
+    judge, teacher = summary.judge, summary.teacher
+    proxy = "judge" in summary.offline
+    offline = " (rule-based, offline)" if "teacher" in summary.offline else ""
     ctx = (
         f"preset {cfg.name}; student {cfg.student.model}; teacher {teacher}{offline}; "
         f"judge {judge}{' [PROXY]' if proxy else ''}"
@@ -97,14 +98,12 @@ PROBE_NOTE = (
     "answers."
 )
 
-def _main(summary: dict) -> str:
-    return summary.get("main", "knowtuning")
 
-def probe_table(summary: dict, ctx: str, offline: bool):
+def probe_table(summary: Summary, ctx: str, offline: bool):
     "Per test set, aspect and model: preference accuracy (per token, summed) and mean margin; Δ accuracy vs main."
-    rows, main = [], _main(summary)
-    for d, x in summary["datasets"].items():
-        p = x.get("probe") or {}
+    rows, main = [], summary.main
+    for d, x in summary.datasets.items():
+        p = x.probe or {}
         for a, models in p.get("aspects", {}).items():
             for m, v in models.items():
                 dv = p["diffs"].get(a, {}).get(m)
@@ -132,11 +131,11 @@ def _ratio(v: list) -> str:
         return "–"
     return f"×{math.exp(v[0]):.3f} ({math.exp(v[1]):.3f}, {math.exp(v[2]):.3f})" + (" *" if excludes_zero(v) else "")
 
-def atoms_table(summary: dict, ctx: str):
+def atoms_table(summary: Summary, ctx: str):
     "Per test set and model: perplexity of the reference's difficult atoms (chosen by the base model, as KA does)."
-    rows, main = [], _main(summary)
-    for d, x in summary["datasets"].items():
-        p = x.get("probe") or {}
+    rows, main = [], summary.main
+    for d, x in summary.datasets.items():
+        p = x.probe or {}
         for m, v in p.get("atoms", {}).items():
             rows.append([d, p.get("questions", "?"), m, _exp(v), _ratio(p.get("atoms_diffs", {}).get(m))])
     cap = (f"Fine-grained probe: perplexity, given the question, of each reference's difficult atoms (top-alpha by the "
@@ -146,11 +145,11 @@ def atoms_table(summary: dict, ctx: str):
     return ["dataset", "questions", "model", "difficult-atom perplexity", f"{main} / model"], rows, cap
 
 # %% ../nbs/17_report.ipynb #17-report-009a
-def metrics_table(cfg, summary: dict, ctx: str):
+def metrics_table(cfg, summary: Summary, ctx: str):
     rows = [
-        [d, x["n"], s, _ci(v["meteor"]), _ci(v["bertscore"]), _ci(v["rougeL"])]
-        for d, x in summary["datasets"].items()
-        for s, v in x["systems"].items()
+        [d, x.n, s, _ci(v["meteor"]), _ci(v["bertscore"]), _ci(v["rougeL"])]
+        for d, x in summary.datasets.items()
+        for s, v in x.systems.items()
         if "meteor" in v
     ]
     bs = (
@@ -160,10 +159,10 @@ def metrics_table(cfg, summary: dict, ctx: str):
     )
     return ["dataset", "n", "system", "METEOR", bs, "ROUGE-L"], rows, f"Automatic metrics (mean ± half 95% CI). {ctx}"
 
-def diffs_table(summary: dict, ctx: str, main: str = "knowtuning"):
-    rows = []
-    for d, x in summary["datasets"].items():
-        for b, v in x.get("diffs", {}).items():
+def diffs_table(summary: Summary, ctx: str):
+    rows, main = [], summary.main
+    for d, x in summary.datasets.items():
+        for b, v in x.diffs.items():
             rows.append(
                 [d, v["meteor"][3], f"{main} − {b}"]
                 + [_diff(v.get(k)) for k in ("meteor", "bertscore", "rougeL", "precision", "f1_k", "ref_recall")]
@@ -177,20 +176,20 @@ def diffs_table(summary: dict, ctx: str, main: str = "knowtuning"):
     )
 
 # %% ../nbs/17_report.ipynb #17-report-009b
-def judge_table(summary: dict, ctx: str, proxy: bool):
+def judge_table(summary: Summary, ctx: str, proxy: bool):
     rows = []
-    for d, x in summary["datasets"].items():
-        for b, asp in x.get("judge", {}).items():
-            ci = x.get("judge_ci", {}).get(b, {})
-            calls = x.get("judge_calls", {}).get(b, {})
+    for d, x in summary.datasets.items():
+        for b, asp in x.judge.items():
+            ci = x.judge_ci.get(b, {})
+            calls = x.judge_calls.get(b, {})
             rows.append(
-                [d, x["n"], f"KnowTuning vs {b}"]
+                [d, x.n, f"{summary.main} vs {b}"]
                 + [_wtl(asp[a], ci.get(a)) for a in ASPECTS]
                 + [" / ".join(f"{asp[a].get('flip', float('nan')):.0f}" for a in ASPECTS)]
                 + [f"{calls.get('judged', '?')} / {calls.get('failed', '?')}"]
             )
     cap = (
-        f"Pairwise judge ({summary.get('judge', '?')}), win / tie / lose (%, ± half 95% CI), judged in both orders; "
+        f"Pairwise judge ({summary.judge}), win / tie / lose (%, ± half 95% CI), judged in both orders; "
         "an answer the judge could not give in the requested form (after one repair round) counts as a tie and "
         "is counted under 'judged / failed'. Position flips (%, per aspect in column order): pairs whose two orders "
         "disagreed, counted among the ties; a high flip rate means the judge followed positions, not answers"
@@ -205,17 +204,17 @@ FACT_COLUMNS = {  # summary key: column
     "undecidable": "undecidable facts", "abstained": "abstained",
 }
 
-def facts_table(summary: dict, ctx: str):
+def facts_table(summary: Summary, ctx: str):
     nan = float("nan")
     rows = [
-        [d, x["n"], s]
+        [d, x.n, s]
         + [v["facts"].get(k, nan) for k in FACT_COLUMNS]
         + [v["facts"].get("k", "?"), f"{v['facts'].get('verified', '?')} / {v['facts'].get('verify_failed', '?')}"]
-        for d, x in summary["datasets"].items()
-        for s, v in x["systems"].items()
+        for d, x in summary.datasets.items()
+        for s, v in x.systems.items()
     ]
-    ver = summary.get("verifier", "")
-    note = f" [PROXY] {PROXY_NOTE}" if "proxy" in ver else ""
+    ver = summary.verifier
+    note = f" [PROXY] {PROXY_NOTE}" if "verifier" in summary.offline else ""
     cap = (
         f"Fine-grained facts (verifier: {ver}{note}). Error rate = unsupported / (supported + unsupported): an "
         "undecidable fact (its share of all facts is shown) is never counted as an error; an unparseable verdict "
@@ -225,24 +224,24 @@ def facts_table(summary: dict, ctx: str):
     return ["dataset", "n", "system", *FACT_COLUMNS.values(), "K", "verified / failed"], rows, cap
 
 # %% ../nbs/17_report.ipynb #17-report-009d
-def ablation_table(cfg, summary: dict, ctx: str):
+def ablation_table(cfg, summary: Summary, ctx: str):
     abl = [s for s in cfg.systems if s.startswith("wo_")]
     rows = [
         [d, s, v["meteor"][0], v["bertscore"][0], v["facts"].get("error_rate", float("nan"))]
-        for d, x in summary["datasets"].items()
-        for s in ["knowtuning"] + abl
-        if (v := x["systems"].get(s)) and "meteor" in v
+        for d, x in summary.datasets.items()
+        for s in [summary.main] + abl
+        if (v := x.systems.get(s)) and "meteor" in v
     ]
     return ["dataset", "system", "METEOR", "BERTScore", "factual error rate"], rows, f"Ablation. {ctx}"
 
-def build_tables(cfg, summary: dict, served: str = "") -> dict:
+def build_tables(cfg, summary: Summary, served: str = "") -> dict:
     """{name: (header, rows, caption)}: probes (when the run has them), metrics, paired differences, judge, facts,
     ablation (when the run has wo_*). `served`: the models the endpoints reported (`served_models`), for captions."""
     ctx, proxy = _context(cfg, summary)
     ctx = f"{ctx}; {served}" if served else ctx
     tables = {}
-    if any(x.get("probe") for x in summary["datasets"].values()):
-        tables["table_probe"] = probe_table(summary, ctx, summary.get("teacher") == "heuristic")
+    if any(x.probe for x in summary.datasets.values()):
+        tables["table_probe"] = probe_table(summary, ctx, "teacher" in summary.offline)
         tables["table_probe_atoms"] = atoms_table(summary, ctx)
     tables |= {
         "table_metrics": metrics_table(cfg, summary, ctx),
@@ -255,11 +254,11 @@ def build_tables(cfg, summary: dict, served: str = "") -> dict:
     return tables
 
 # %% ../nbs/17_report.ipynb #17-report-009b-2
-def probe_notes(summary: dict) -> list[str]:
+def probe_notes(summary: Summary) -> list[str]:
     "One line per test set with probes: the main system's preference accuracy per aspect against the base model's."
-    main, out = _main(summary), []
-    for d, x in summary["datasets"].items():
-        if not (p := x.get("probe")):
+    main, out = summary.main, []
+    for d, x in summary.datasets.items():
+        if not (p := x.probe):
             continue
         parts = []
         for a, models in p["aspects"].items():
@@ -278,11 +277,11 @@ def probe_notes(summary: dict) -> list[str]:
 
 
 # %% ../nbs/17_report.ipynb #17-report-009b-2a
-def reading_notes(cfg, summary: dict, main: str = "knowtuning") -> list[str]:
+def reading_notes(cfg, summary: Summary) -> list[str]:
     "The report's first lines: what the run can and cannot support; the probes' headline first."
-    main = summary.get("main", main)
-    ns = {d: x["n"] for d, x in summary["datasets"].items()}
-    offline = summary.get("teacher") == "heuristic" or "proxy" in summary.get("judge", "")
+    main = summary.main
+    ns = {d: x.n for d, x in summary.datasets.items()}
+    offline = bool({"teacher", "judge"} & set(summary.offline))
     out = [f"**How to read this report.** Test questions per set: {', '.join(f'{d} {n}' for d, n in ns.items())}."]
     if offline:
         out.append(
@@ -293,8 +292,8 @@ def reading_notes(cfg, summary: dict, main: str = "knowtuning") -> list[str]:
     out += probe_notes(summary)
     sig = [
         f"{b} ({d}: {', '.join(k for k, v in m.items() if excludes_zero(v))})"
-        for d, x in summary["datasets"].items()
-        for b, m in x.get("diffs", {}).items()
+        for d, x in summary.datasets.items()
+        for b, m in x.diffs.items()
         if any(excludes_zero(v) for v in m.values())
     ]
     out.append(
@@ -307,8 +306,8 @@ def reading_notes(cfg, summary: dict, main: str = "knowtuning") -> list[str]:
     )
     same = [
         f"{pair} on {share:.0%} of {d}"
-        for d, x in summary["datasets"].items()
-        for pair, share in x.get("identical", {}).items()
+        for d, x in summary.datasets.items()
+        for pair, share in x.identical.items()
         if share >= 0.5
     ]
     if same:
@@ -350,19 +349,19 @@ def served_models(manifest: dict) -> tuple[str, list[str]]:
 
 
 # %% ../nbs/17_report.ipynb #17-report-011
-def plot_judge(summary: dict, path: Path):
+def plot_judge(summary: Summary, path: Path):
     "Stacked win / tie / lose bars per baseline and aspect: one panel per dataset with verdicts."
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ds = [(n, x) for n, x in summary["datasets"].items() if x.get("judge")]
-    rows = max([len(x["judge"]) * 3 for _, x in ds] + [3])
+    ds = [(n, x) for n, x in summary.datasets.items() if x.judge]
+    rows = max([len(x.judge) * 3 for _, x in ds] + [3])
     fig, axes = plt.subplots(1, max(len(ds), 1), figsize=(5.2 * max(len(ds), 1), 0.8 + 0.32 * rows), squeeze=False)
     for ax, (name, x) in zip(axes[0], ds):
         labels, W, T, L, F = [], [], [], [], []
-        for b, asp in x["judge"].items():
+        for b, asp in x.judge.items():
             for a in ("completeness", "factuality", "logicality"):
                 labels.append(f"vs {b}: {a}")
                 W.append(asp[a]["win"])
@@ -375,11 +374,11 @@ def plot_judge(summary: dict, path: Path):
         ax.barh(y, L, left=[w + t for w, t in zip(W, T)], color="#c44e52", label="lose")
         ax.barh(y, F, left=W, color="none", hatch="///", edgecolor="#666", lw=0, label="position flip (a tie)")
         ax.set_yticks(y, labels, fontsize=8)
-        ax.set(xlabel="%", xlim=(0, 100), title=f"{name} (n={x['n']})")
+        ax.set(xlabel="%", xlim=(0, 100), title=f"{name} (n={x.n})")
     if not ds:
         axes[0][0].set_axis_off()
-    kind = "proxy" if "proxy" in summary.get("judge", "") else "LLM"
-    fig.suptitle(f"KnowTuning vs baselines, judge: {kind}", fontsize=10)
+    kind = "proxy" if "judge" in summary.offline else "LLM"
+    fig.suptitle(f"{summary.main} vs the other systems, judge: {kind}", fontsize=10)
     if ds:
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
@@ -388,7 +387,7 @@ def plot_judge(summary: dict, path: Path):
     plt.close(fig)
 
 # %% ../nbs/17_report.ipynb #17-report-011a
-def plot_metrics(summary: dict, path: Path):
+def plot_metrics(summary: Summary, path: Path):
     "METEOR with its 95% interval, per test set and system."
     import matplotlib
 
@@ -396,10 +395,10 @@ def plot_metrics(summary: dict, path: Path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    ds = [(n, x) for n, x in summary["datasets"].items() if any("meteor" in v for v in x["systems"].values())]
-    width = 0.8 / max(1, len(ds[0][1]["systems"]) if ds else 1)
+    ds = [(n, x) for n, x in summary.datasets.items() if any("meteor" in v for v in x.systems.values())]
+    width = 0.8 / max(1, len(ds[0][1].systems) if ds else 1)
     for j, (n, x) in enumerate(ds):
-        for k, (s, v) in enumerate(x["systems"].items()):
+        for k, (s, v) in enumerate(x.systems.items()):
             m, lo, hi = v["meteor"]
             ax.bar(j + k * width, m, width, yerr=[[m - lo], [hi - m]], label=s if j == 0 else None, color=f"C{k}")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ds))], [n for n, _ in ds])
@@ -410,14 +409,14 @@ def plot_metrics(summary: dict, path: Path):
     plt.close(fig)
 
 # %% ../nbs/17_report.ipynb #17-report-011b
-def plot_probe(summary: dict, path: Path):
+def plot_probe(summary: Summary, path: Path):
     "Preference accuracy (per token, 95% interval) of every model: one panel per aspect, test sets side by side."
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ds = [(d, x["probe"]) for d, x in summary["datasets"].items() if x.get("probe")]
+    ds = [(d, x.probe) for d, x in summary.datasets.items() if x.probe]
     aspects = list(dict.fromkeys(a for _, p in ds for a in p["aspects"]))
     fig, axes = plt.subplots(1, max(len(aspects), 1), figsize=(4.2 * max(len(aspects), 1), 3.4), squeeze=False)
     for ax, a in zip(axes[0], aspects):
@@ -447,7 +446,7 @@ def report_stage(cfg, run) -> Path:
     "Tables and figures from `eval/summary.json` into `report/`: the probes first."
 
     def make(out):
-        summary = read_json(run.path("eval") / "summary.json")
+        summary = Summary.load(run.path("eval") / "summary.json")
         served, warnings = served_models(run.manifest)
         tables = build_tables(cfg, summary, served)
         for name, (h, r, cap) in tables.items():
@@ -467,10 +466,10 @@ def report_stage(cfg, run) -> Path:
     return run.build(REPORT, cfg, make)
 
 # %% ../nbs/17_report.ipynb #17-report-013b
-def combine_tables(named_summaries: list[tuple[str, dict]]) -> dict:
+def combine_tables(named_summaries: list[tuple[str, Summary]]) -> dict:
     "{name: (header, rows, caption)}: METEOR / BERTScore / factual error rate, a column per (run, test set)."
-    cols = [(run, d, x) for run, s in named_summaries for d, x in s["datasets"].items()]
-    systems = list(dict.fromkeys(sy for _, _, x in cols for sy in x["systems"]))
+    cols = [(run, d, x) for run, s in named_summaries for d, x in s.datasets.items()]
+    systems = list(dict.fromkeys(sy for _, _, x in cols for sy in x.systems))
     measures = {
         "meteor": lambda v: v["meteor"][0] if "meteor" in v else float("nan"),
         "bertscore": lambda v: v["bertscore"][0] if "bertscore" in v else float("nan"),
@@ -478,12 +477,12 @@ def combine_tables(named_summaries: list[tuple[str, dict]]) -> dict:
     }
     header = ["system"] + [f"{run}: {d}" for run, d, _ in cols]
     runs = ", ".join(
-        f"{run} (judge {s.get('judge', '?')}, verifier {s.get('verifier', '?')})" for run, s in named_summaries
+        f"{run} (judge {s.judge}, verifier {s.verifier})" for run, s in named_summaries
     )
     out = {}
     for m, get in measures.items():
         rows = [
-            [sy] + [get(x["systems"][sy]) if sy in x["systems"] else float("nan") for _, _, x in cols] for sy in systems
+            [sy] + [get(x.systems[sy]) if sy in x.systems else float("nan") for _, _, x in cols] for sy in systems
         ]
         out[f"combined_{m}"] = (header, rows, f"{m} per system and test set, both domains. Runs: {runs}")
     return out
@@ -495,7 +494,7 @@ def combine_reports(run_dirs, out) -> Path:
     for d in map(Path, run_dirs):
         if not (d / "eval" / "summary.json").exists():
             raise RuntimeError(f"{d}: no eval/summary.json; run `knowtuning evaluate` for that run first")
-        named.append((d.name, read_json(d / "eval" / "summary.json")))
+        named.append((d.name, Summary.load(d / "eval" / "summary.json")))
     out = Path(out)
     tables = combine_tables(named)
     for name, (h, r, cap) in tables.items():

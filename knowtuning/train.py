@@ -17,10 +17,10 @@ from .runs import write_json, Stage, YieldError, processes, is_main
 from .config import system_of, ConfigError
 
 # %% auto #0
-__all__ = ['TRAIN_FIELDS', 'lora_config', 'accumulation', 'checkpoint_args', 'trl_config', 'check_launch', 'knowtuning_loss',
-           'sequence_logps', 'compact_lm_head', 'check_padding_free', 'KCTrainer', 'GradGuard', 'plot_losses',
-           'sft_features', 'dpo_features', 'train_sft', 'train_dpo', 'train_spec', 'train_stage', 'launch_command',
-           'train_systems']
+__all__ = ['PACK_TOKENS', 'TRAIN_FIELDS', 'lora_config', 'accumulation', 'checkpoint_args', 'trl_config', 'check_launch',
+           'knowtuning_loss', 'pack_groups', 'sequence_logps', 'compact_lm_head', 'check_padding_free', 'KCTrainer',
+           'GradGuard', 'plot_losses', 'sft_features', 'dpo_features', 'train_sft', 'train_dpo', 'train_spec',
+           'train_stage', 'launch_command', 'train_systems']
 
 # %% ../nbs/13_train.ipynb #13-train-006
 def lora_config(lc):
@@ -116,10 +116,98 @@ def knowtuning_loss(pol_c, pol_r, ref_c, ref_r, chosen_len, beta: float = 0.1, f
     sft = (-pol_c / chosen_len.to(pol_c.dtype).clamp(min=1)).mean()
     return dpo + ftx * sft, dpo, sft
 
+# %% ../nbs/13_train.ipynb #13-train-011b
+PACK_TOKENS = 512  # tokens per packed row at most: see the note below and `make bench`
+
+def pack_groups(lens: list[int], cap: int = PACK_TOKENS) -> list[slice]:
+    "Consecutive rows in groups of at most `cap` tokens (a longer row is a group of its own)."
+    out, start, tot = [], 0, 0
+    for i, n in enumerate(lens):
+        if i > start and tot + n > cap:
+            out.append(slice(start, i))
+            start, tot = i, 0
+        tot += n
+    return out + [slice(start, len(lens))] if lens else out
+
+
+def _dense_attention(model) -> bool:
+    "Does the model take a dense (4D) attention mask? sdpa and eager do; flash attention's varlen kernels do not."
+    return getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+
+
+def _shared_prompts(ids, keep, answer):
+    """[(prompt, chosen answer, rejected answer)] token lists of a [chosen..., rejected...] batch whose pairs share
+    their prompt (as trl's preference batches do); None when a pair's prompts differ."""
+    B, out = ids.size(0) // 2, []
+    for i in range(B):
+        rows = [ids[r][keep[r]].tolist() for r in (i, B + i)]
+        starts = [int(answer[r][keep[r]].nonzero()[0]) if answer[r].any() else len(x) for r, x in zip((i, B + i), rows)]
+        if ids.size(0) != 2 * B or not starts[0] or starts[0] != starts[1] or rows[0][: starts[0]] != rows[1][: starts[1]]:
+            return None
+        out.append((rows[0][: starts[0]], rows[0][starts[0] :], rows[1][starts[1] :]))
+    return out
+
+
+def _pair_pack(prompt, chosen, rejected):
+    """One pair as a packed sequence: the prompt without its last token, then [last prompt token, chosen] and
+    [last prompt token, rejected], each branch seeing the prompt and itself (`knowtuning.ka.pack`). The last prompt
+    token is repeated so that every answer token is predicted by the position just before it, as trl's fused LM
+    head expects. Returns (ids, positions, allowed, labels aligned with the positions that predict them)."""
+    from knowtuning.ka import pack
+
+    head, last = prompt[:-1], prompt[-1:]
+    ids, pos, allowed, _ = pack(head, [last + chosen, last + rejected])
+    labels = [-100] * len(head)
+    for a in (chosen, rejected):
+        labels += a + [-100]
+    return ids, pos, allowed, labels
+
+
+# %% ../nbs/13_train.ipynb #13-train-011c
+def _pair_logps(model, pairs: list, pack_tokens: int = PACK_TOKENS):
+    "(summed log-probs, answer tokens) of [chosen..., rejected...]: pairs packed with shared prompts, a row per group."
+    from knowtuning.ka import batch_inputs
+
+    dev, dtype = model.device, next(model.parameters()).dtype
+    packs = [_pair_pack(*p) for p in pairs]
+    sums, ns = [], []
+    for g in pack_groups([len(p[0]) for p in packs], pack_tokens):
+        group = packs[g]
+        ids, pos, mask = batch_inputs([(sum((p[0] for p in group), []), sum((p[1] for p in group), []),
+                                        torch.block_diag(*[p[2] for p in group]), None)], 0, dtype)
+        labels = torch.tensor([sum((p[3] for p in group), [])], device=dev)
+        lp = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), shift_labels=labels,
+                   use_cache=False, fused_lm_head=True).log_probs[0]
+        s = 0
+        for prompt, c, r in pairs[g]:
+            s += len(prompt) - 1
+            for a in (c, r):
+                sums.append(lp[s : s + len(a)].sum())  # the branch's first position predicts a[0]
+                ns.append(len(a))
+                s += len(a) + 1
+    B = len(pairs)
+    order = [2 * i for i in range(B)] + [2 * i + 1 for i in range(B)]  # back to [chosen..., rejected...]
+    return torch.stack([sums[k] for k in order]), torch.tensor([ns[k] for k in order], device=dev)
+
+
 # %% ../nbs/13_train.ipynb #13-train-012
-def sequence_logps(model, batch: dict, padding_free: bool = True):
+def _packed_logps(model, ids, keep, labels):
+    "(summed answer log-probs, answer tokens) per row, the rows' real tokens concatenated into one sequence."
+    lens = keep.sum(1)
+    pos = torch.cat([torch.arange(n, device=ids.device) for n in lens.tolist()])[None]
+    flat_labels = labels[keep][None].masked_fill(pos == 0, -100)  # a row's first token has no left context
+    out = model(input_ids=ids[keep][None], position_ids=pos, labels=flat_labels, use_cache=False, fused_lm_head=True)
+    lp = out.log_probs[0]
+    seq = torch.repeat_interleave(torch.arange(len(lens), device=ids.device), lens)[1:]  # each target token's row
+    tgt = (flat_labels[0, 1:] != -100).to(lp.dtype)
+    zeros = torch.zeros(len(lens), dtype=lp.dtype, device=lp.device)
+    return zeros.index_add(0, seq, lp * tgt), zeros.index_add(0, seq, tgt).long()
+
+
+def sequence_logps(model, batch: dict, padding_free: bool = True, pack_tokens: int = PACK_TOKENS):
     """(summed log-prob of the answer tokens, number of answer tokens) for each row of a right-padded trl preference
-    batch."""
+    batch [chosen..., rejected...]; padding-free: the rows packed, at most `pack_tokens` per packed sequence, and with
+    sdpa or eager attention each pair's prompt computed once for both answers (`_pair_logps`)."""
     ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
     labels = ids.masked_fill(cm == 0, -100)
     if not padding_free:
@@ -128,18 +216,11 @@ def sequence_logps(model, batch: dict, padding_free: bool = True):
         lp = lp[:, -smask.size(1) :] * smask  # (prompt-learning adapters prepend virtual tokens: keep the real ones)
         return lp.sum(1), smask.sum(1)
     keep = am.bool()
-    lens = keep.sum(1)
-    pos = torch.cat([torch.arange(n, device=ids.device) for n in lens.tolist()])[None]
-    flat_labels = labels[keep][None].masked_fill(pos == 0, -100)  # a row's first token has no left context
-    lp = model(
-        input_ids=ids[keep][None], position_ids=pos, labels=flat_labels, use_cache=False, fused_lm_head=True
-    ).log_probs[0]
-    seq = torch.repeat_interleave(torch.arange(len(lens), device=ids.device), lens)[
-        1:
-    ]  # which row each target token is in
-    tgt = (flat_labels[0, 1:] != -100).to(lp.dtype)
-    zeros = torch.zeros(len(lens), dtype=lp.dtype, device=lp.device)
-    return zeros.index_add(0, seq, lp * tgt), zeros.index_add(0, seq, tgt).long()
+    if _dense_attention(model) and (pairs := _shared_prompts(ids, keep, cm.bool())) is not None:
+        return _pair_logps(model, pairs, pack_tokens)
+    parts = [_packed_logps(model, ids[g], keep[g], labels[g]) for g in pack_groups(keep.sum(1).tolist(), pack_tokens)]
+    return torch.cat([s for s, _ in parts]), torch.cat([n for _, n in parts])
+
 
 # %% ../nbs/13_train.ipynb #13-train-013d
 def compact_lm_head(on: bool = True) -> None:
@@ -565,7 +646,7 @@ def train_systems(cfg, run, systems) -> dict:
         proc = subprocess.Popen(cmd, **kw)
         tail = deque(maxlen=30)
         for line in proc.stdout:
-            print(line, end="", flush=True)
+            print(line, end="", file=sys.stderr, flush=True)  # the console shows its progress bars (ProgressRelay)
             tail.append(line)
         if proc.wait():
             raise RuntimeError(f"training through '{cfg.train.launcher}' exited {proc.returncode}:\n" + "".join(tail))

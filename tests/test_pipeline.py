@@ -27,6 +27,18 @@ def test_a_killed_run_resumes_without_redoing_finished_stages(smoke_run):
         assert (stages[f"train_{s}"]["processes"], stages[f"train_{s}"]["effective_batch"]) == (2, 2), s
     print(f"resumed run: {smoke_run.resume_s:.0f} s")
 
+def test_the_console_shows_progress_inside_the_long_steps(smoke_run):
+    "Not a tty: at least one progress-bar line inside train, baselines and generate, before their timing line."
+    from knowtuning.pipeline import ProgressRelay
+    lines = smoke_run.resumed.stdout.splitlines()
+    for step in ("train", "baselines", "generate"):
+        i = next(n for n, l in enumerate(lines) if l.startswith("[") and f"] {step} " in l)
+        j = next(n for n in range(i, len(lines)) if " s   elapsed " in lines[n])
+        bars = [l for l in lines[i + 1 : j + 1] if ProgressRelay.BAR.search(l)]
+        assert bars, (step, lines[i : j + 1])
+        assert len(bars) < 40, (step, len(bars))                # a line every 30 s, not every update
+    assert "\r" not in smoke_run.resumed.stdout and "\x1b[" not in smoke_run.resumed.stdout
+
 def test_the_report_leads_with_the_probes(smoke_run):
     rep = smoke_run.dir / "report"
     for t in TABLES:
@@ -65,7 +77,9 @@ def test_docs_site_in_headless_chromium(tmp_path):
     import matplotlib.image as mpimg
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium: pytest.skip("chromium is not installed (tools/install.sh installs Debian's chromium)")
-    r = kt("docs", env={"KNOWTUNING_RUNS": str(tmp_path)}, timeout=1500)
+    t0 = time.time()
+    r = kt("docs", env={"KNOWTUNING_RUNS": str(tmp_path)}, timeout=2400)
+    print(f"make docs: {time.time() - t0:.0f} s")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     site = ROOT / "_docs"
     assert not (ROOT / "jupyter_execute").exists()       # nothing of the build lands in the checkout but _docs/
@@ -93,9 +107,16 @@ def test_docs_site_in_headless_chromium(tmp_path):
         assert "Search finished" in found and 'href="11_ka.html' in found, found[-1500:]
         api = dom("api.html")                               # the API reference from the docstrings
         assert "ppl_packed" in api and "one forward pass per question" in api
-        shot = site / "11_ka.png"
+        for page, tables, images in (("11_ka", 1, 1), ("12_kc", 0, 0), ("13_train", 0, 1), ("17_report", 3, 1)):
+            html = dom(f"{page}.html")                      # executed pages: outputs under the code
+            n_out, n_tab, n_img = html.count('class="cell_output'), html.count("<table"), html.count("<img")
+            print(f"{page}: {n_out} output areas, {n_tab} tables, {n_img} images")
+            assert n_out >= 3 and n_tab >= tables and n_img >= images, (page, n_out, n_tab, n_img)
+        assert all(f"== {a} ==" in dom("12_kc.html") for a in ("completeness", "factuality", "logicality"))
+        shot = site / "11_ka.png"                           # the perplexity table under the scorer's code
         subprocess.run([chromium, *flags, "--window-size=1280,1400", f"--screenshot={shot}",
-                        f"http://127.0.0.1:{port}/11_ka.html"], capture_output=True, timeout=120)
+                        f"http://127.0.0.1:{port}/11_ka.html#filtering-the-difficult-atoms"], capture_output=True,
+                       timeout=120)
         img = mpimg.imread(shot)
         assert img.shape[0] >= 1000 and img[..., :3].std() > 0.1     # a rendered page, not a blank one
     finally:
