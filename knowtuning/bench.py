@@ -202,18 +202,9 @@ def bench_dpo(pairs: int = 24, batch: int = 4) -> dict:
         pre = str(name != "trl_default").lower()
         cfg = load_config(
             "smoke",
-            overrides=ov
-            + [
-                f"train.precompute_ref={pre}",
-                "train.max_steps=-1",
-                "train.kc_epochs=1",
-                f"train.per_device_batch={batch}",
-                f"train.kc_batch_size={batch}",
-                "train.cutoff=1024",
-                "train.save_steps=1000",
-                "train.eval_holdout=0",
-                "train.logging_steps=1000",
-            ],
+            overrides=ov + [f"train.precompute_ref={pre}", "train.max_steps=-1", "train.kc_epochs=1",
+                             f"train.per_device_batch={batch}", f"train.kc_batch_size={batch}", "train.cutoff=1024",
+                             "train.save_steps=1000", "train.eval_holdout=0", "train.logging_steps=1000"],
         )
         d = Path(tempfile.mkdtemp())
         compact_lm_head(name != "trl_default")  # trl's default projects every position on a CPU

@@ -127,6 +127,8 @@ def _toctree(pages: list[str]) -> str:
             out.append(f"```{{toctree}}\n:caption: {title}\n:maxdepth: 1\n\n" + "\n".join(have) + "\n```")
     return "\n\n".join(out)
 
+
+# %% ../nbs/98_docs.ipynb #98-docs-008b2
 def package_hash() -> str:
     "sha256 of the package's modules: in every executed page, so the cache reruns a page when the code it uses changes."
     import hashlib
@@ -172,6 +174,8 @@ def executed_tutorial(path: Path, cache: Path) -> Path:
         part.rename(out)
     return out
 
+
+# %% ../nbs/98_docs.ipynb #98-docs-008ba2
 def build_site(out=None, execute: bool = True, cache=None) -> Path:
     """Build the docs site into `_docs/`: quarto + nbdev when quarto is installed, else Sphinx (offline). `execute`:
     the pages show their outputs. The tutorial runs first (`executed_tutorial`: the smoke run every stage page's

@@ -72,6 +72,7 @@ class SetSummary:
     probe: dict | None = None  # the probes' summary (knowtuning.probe), when the set has references
 
 
+# %% ../nbs/16_evaluate.ipynb #16-evaluate-006e2
 @dataclass
 class Summary:
     "`eval/summary.json`: what `evaluate_stage` writes and the report reads."
@@ -92,7 +93,8 @@ class Summary:
         def check(kind, d, at):
             bad = set(d) - {f.name for f in fields(kind)}
             if bad:
-                raise ValueError(f"{where}: unknown key(s) {sorted(bad)} in {at} (known: {[f.name for f in fields(kind)]})")
+                known = [f.name for f in fields(kind)]
+                raise ValueError(f"{where}: unknown key(s) {sorted(bad)} in {at} (known: {known})")
             return d
         d = check(cls, dict(d), "the summary")
         sets = {k: SetSummary(**check(SetSummary, v, f"datasets.{k}")) for k, v in d.pop("datasets", {}).items()}

@@ -135,14 +135,17 @@ def _dense_attention(model) -> bool:
     return getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
 
 
+# %% ../nbs/13_train.ipynb #13-train-011b2
 def _shared_prompts(ids, keep, answer):
     """[(prompt, chosen answer, rejected answer)] token lists of a [chosen..., rejected...] batch whose pairs share
     their prompt (as trl's preference batches do); None when a pair's prompts differ."""
     B, out = ids.size(0) // 2, []
     for i in range(B):
         rows = [ids[r][keep[r]].tolist() for r in (i, B + i)]
-        starts = [int(answer[r][keep[r]].nonzero()[0]) if answer[r].any() else len(x) for r, x in zip((i, B + i), rows)]
-        if ids.size(0) != 2 * B or not starts[0] or starts[0] != starts[1] or rows[0][: starts[0]] != rows[1][: starts[1]]:
+        starts = [int(answer[r][keep[r]].nonzero()[0]) if answer[r].any() else len(x)
+                  for r, x in zip((i, B + i), rows)]
+        same = starts[0] == starts[1] and rows[0][: starts[0]] == rows[1][: starts[1]]
+        if ids.size(0) != 2 * B or not starts[0] or not same:
             return None
         out.append((rows[0][: starts[0]], rows[0][starts[0] :], rows[1][starts[1] :]))
     return out
