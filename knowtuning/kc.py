@@ -8,7 +8,7 @@ import json, random
 from pathlib import Path
 from .data import prompt, question, llama_factory_entry
 from .runs import read_jsonl, write_json, write_jsonl, Stage
-from .config import ASPECTS
+from .config import ASPECTS, KCCfg
 
 # %% auto #0
 __all__ = ['KC', 'delete_atoms', 'revise_atoms', 'shuffle_atoms', 'perturb', 'build_pairs', 'write_kc_set', 'kc_items',
@@ -48,20 +48,21 @@ def shuffle_atoms(atoms: list[str], rng: random.Random):
     return [atoms[i] for i in perm], {"permutation": perm}
 
 # %% ../nbs/12_kc.ipynb #12-kc-009
-def perturb(aspect: str, atoms: list[str], revisions, beta: float, revise: float, rng: random.Random):
-    "The worse answer's atoms for `aspect` and how they were made, or (None, why not)."
+def perturb(aspect: str, atoms: list[str], revisions, kc: KCCfg, rng: random.Random):
+    """The worse answer's atoms for `aspect` and how they were made, or (None, why not): `kc.beta` of the atoms
+    deleted, `kc.revise` of the revisable ones replaced by the teacher's `revisions`, or the atoms shuffled."""
     if aspect == "completeness":
-        return delete_atoms(atoms, beta, rng)
+        return delete_atoms(atoms, kc.beta, rng)
     if aspect == "factuality":
-        return (None, "revision failed") if revisions is None else revise_atoms(atoms, revisions, revise, rng)
+        return (None, "revision failed") if revisions is None else revise_atoms(atoms, revisions, kc.revise, rng)
     return shuffle_atoms(atoms, rng)
 
 # %% ../nbs/12_kc.ipynb #12-kc-009c
-def build_pairs(
-    items: list[dict], rephrased: list, revisions: list, beta: float, revise: float, seed: int, aspects=ASPECTS
-) -> tuple[list[dict], dict]:
-    """`items`: [{'index', 'question', 'answer', 'atoms'}]. Returns the pairs (one row per question and aspect, with
-    the details of the construction) and per-aspect counts of pairs, drops and reasons."""
+def build_pairs(items: list[dict], rephrased: list, revisions: list, kc: KCCfg, seed: int) -> tuple[list[dict], dict]:
+    """`items`: [{'index', 'question', 'answer', 'atoms'}], with the rephrased answers and the teacher's revisions of
+    their atoms. Returns the pairs for the aspects in `kc.aspects` (one row per question and aspect, with the details
+    of the construction) and per-aspect counts of pairs, drops and reasons."""
+    aspects = tuple(kc.aspects)
     rows, stats = [], {a: {"pairs": 0, "dropped": 0, "reasons": {}} for a in aspects}
     stats["unperturbable_atoms"] = 0
     for it, chosen, revs in zip(items, rephrased, revisions):
@@ -70,7 +71,7 @@ def build_pairs(
             stats["unperturbable_atoms"] += sum(r is None for r in revs)
         for aspect in aspects:
             rng = random.Random(f"{seed}:{aspect}:{it['index']}")
-            res, info = (None, "rephrase failed") if chosen is None else perturb(aspect, atoms, revs, beta, revise, rng)
+            res, info = (None, "rephrase failed") if chosen is None else perturb(aspect, atoms, revs, kc, rng)
             st = stats[aspect]
             if res is None:
                 st["dropped"] += 1
@@ -164,14 +165,14 @@ def kc_stage(cfg, run) -> Path:
         items, names = kc_items(arows), [r["record"] for r in arows if r["atoms"]]
         teacher = make_teacher(cfg.teacher, "kc", cfg.seed)
         reph = teacher.rephrase([it["answer"] for it in items], [it["atoms"] for it in items], names)
-        revise = "factuality" in cfg.kc.aspects
-        revs = teacher.revise([it["atoms"] for it in items], names) if revise else [None] * len(items)
-        rows, stats = build_pairs(items, reph, revs, cfg.kc.beta, cfg.kc.revise, cfg.seed, tuple(cfg.kc.aspects))
+        factual = "factuality" in cfg.kc.aspects  # only then does the teacher revise atoms
+        revs = teacher.revise([it["atoms"] for it in items], names) if factual else [None] * len(items)
+        rows, stats = build_pairs(items, reph, revs, cfg.kc, cfg.seed)
         stats.update(questions=len(items), teacher=teacher.label, pairs=len(rows))
         write_kc_set(out, rows, cfg.student.template)
         write_json(out / "stats.json", stats)
         failures = failure_rows("rephrase", names, reph, teacher, "the teacher returned no rephrased answer")
-        if revise:
+        if factual:
             failures += failure_rows("revise", names, revs, teacher, "the teacher returned no revision")
         write_jsonl(out / "failures.jsonl", failures)
         run.update_stage("kc", stats=stats, llm=ledgers(teacher=teacher))

@@ -62,9 +62,13 @@ class StepError(RuntimeError):
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-007s
 TEXT_BARS = """# text progress bars on stderr, which the console relays (ProgressRelay), instead of notebook widgets
-import tqdm.auto, tqdm.autonotebook, tqdm.std
+import os, warnings, tqdm.std
+with warnings.catch_warnings():  # "IProgress not found": the widgets are what we replace
+    warnings.simplefilter("ignore")
+    import tqdm.auto, tqdm.autonotebook
 tqdm.auto.tqdm = tqdm.autonotebook.tqdm = tqdm.std.tqdm
-tqdm.auto.trange = tqdm.autonotebook.trange = tqdm.std.trange"""
+tqdm.auto.trange = tqdm.autonotebook.trange = tqdm.std.trange
+os.environ["KNOWTUNING_TEXT_PROGRESS"] = "1"  # training too (knowtuning.train._text_progress)"""
 
 def stage_notebook(path):
     """The notebook a step executes: its prose, its definitions (`#| export`), its parameters and its `#| pipeline`

@@ -24,8 +24,7 @@ def probe_pairs(questions, atom_lists, revisions, kc_cfg, seed: int) -> tuple[li
     items = [dict(index=i, question=q, answer=" ".join(a), atoms=a)
              for i, (q, a) in enumerate(zip(questions, atom_lists)) if a and len(a) >= 2]
     revs = [revisions[it["index"]] for it in items]
-    return build_pairs(items, [it["answer"] for it in items], revs, kc_cfg.beta, kc_cfg.revise, seed,
-                       tuple(kc_cfg.aspects))
+    return build_pairs(items, [it["answer"] for it in items], revs, kc_cfg, seed)
 
 # %% ../nbs/15_probe.ipynb #15-probe-009
 @torch.no_grad()

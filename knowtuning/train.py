@@ -492,10 +492,22 @@ def _resume(ckdir: Path) -> str | None:
     return str(last)
 
 
+def _text_progress(trainer) -> None:
+    """Inside a pipeline step (`KNOWTUNING_TEXT_PROGRESS`, set by the step's first cell) show training progress as a
+    text bar on stderr, which the console relays, instead of the HTML table transformers uses in notebooks."""
+    from transformers.trainer_callback import ProgressCallback
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    if os.environ.get("KNOWTUNING_TEXT_PROGRESS") and trainer.pop_callback(NotebookProgressCallback):
+        trainer.add_callback(ProgressCallback)
+
+
 def _train(trainer, out: Path, t0: float, title: str) -> Path:
     """Train, resuming from the newest complete checkpoint. A checkpoint at the last step (killed before the stage was
     committed) is finished: transformers 5.23 would resume from it and take one step more than `max_steps`."""
     from transformers import TrainerState
+
+    _text_progress(trainer)
 
     ck = _resume(out / "checkpoints")
     if ck:

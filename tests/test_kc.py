@@ -1,7 +1,7 @@
 import filecmp, json
 from collections import Counter
 import pytest
-from knowtuning.config import load_config
+from knowtuning.config import KCCfg, load_config
 from knowtuning.data import load_dataset, question
 from knowtuning.ka import ka_stage
 from knowtuning.kc import build_pairs, kc_stage
@@ -14,7 +14,7 @@ def test_constructions_on_200_dolly_answers(release):
     atoms = t.decompose([r["output"] for r in ds])
     items = [{"index": i, "question": question(r), "answer": r["output"], "atoms": a} for i, (r, a) in enumerate(zip(ds, atoms)) if a]
     revs = t.revise([it["atoms"] for it in items])
-    rows, stats = build_pairs(items, t.rephrase([i["answer"] for i in items], [i["atoms"] for i in items]), revs, 0.5, 0.5, seed=0)
+    rows, stats = build_pairs(items, t.rephrase([i["answer"] for i in items], [i["atoms"] for i in items]), revs, KCCfg(beta=0.5, revise=0.5), seed=0)
     by = Counter(r["aspect"] for r in rows)
     assert by["completeness"] >= 150 and by["factuality"] >= 150 and by["logicality"] >= 150
     for r in rows:

