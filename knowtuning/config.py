@@ -125,6 +125,7 @@ class GenerateCfg:
     top_p: float = 0.7
     top_k: int = 50
     batch_size: int = 8
+    batch_tokens: int = 0  # > 0: fewer prompts per batch when they are long (rows x (prompt + new tokens) at most)
     backend: Literal["hf", "api"] = "hf"  # hf: local transformers; api: an OpenAI-compatible /v1/completions server
     api: LLMCfg = field(default_factory=lambda: LLMCfg(backend="llm", model="{system}", concurrency=32, cache=""))
     # api.model may contain {system}: e.g. vLLM's --lora-modules name per system

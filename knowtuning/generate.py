@@ -47,27 +47,21 @@ def prompt_ids(tok, prompts: list[str], template: str = "alpaca", references=Non
 
 # %% ../nbs/07_generate.ipynb #07-generate-005a
 @torch.no_grad()
-def generate(
-    model,
-    tok,
-    prompts: list[str],
-    g,
-    batch_size: int | None = None,
-    on_batch=None,
-    progress: bool = True,
-    template: str = "alpaca",
-    references: list[str] | None = None,
-    stats: dict | None = None,
-) -> list[str]:
+def generate(model, tok, prompts: list[str], g, batch_size: int | None = None, on_batch=None, progress: bool = True,
+             template: str = "alpaca", references: list[str] | None = None, stats: dict | None = None) -> list[str]:
     """Completions for `prompts` (in input order), encoded by the template's encoder (cut with their `references` to
-    `g.cutoff` as llmtuner 0.5.3 does, when set), batched by length, left-padded; `stats` gets tokens and seconds."""
+    `g.cutoff` as llmtuner 0.5.3 does, when set), batched by length (at most `batch_size` prompts and, when
+    `g.batch_tokens` is set, that many prompt + new tokens per batch), left-padded; `stats` gets tokens and seconds."""
     bs = batch_size or g.batch_size
     enc_all = prompt_ids(tok, prompts, template, references, g.cutoff)
     order = sorted(range(len(prompts)), key=lambda i: -len(enc_all[i]))
     out, kw, ntok, t0 = [None] * len(prompts), gen_kwargs(g, tok), 0, time.time()
     bar = tqdm(total=len(prompts), desc="generate", unit="ans", disable=not progress)
-    for b in range(0, len(order), bs):
-        idx = order[b : b + bs]
+    b = 0
+    while b < len(order):  # longest prompts first: a batch of at most `bs` rows and `g.batch_tokens` tokens
+        room = g.batch_tokens // (len(enc_all[order[b]]) + g.max_new_tokens) if g.batch_tokens else bs
+        idx = order[b : b + max(1, min(bs, room))]
+        b += len(idx)
         enc = {k: v.to(model.device) for k, v in left_pad([enc_all[i] for i in idx], tok.pad_token_id).items()}
         seqs = model.generate(**enc, **kw)[:, enc["input_ids"].shape[1] :]
         texts = []
@@ -191,27 +185,31 @@ def system_generator(cfg, run, system: str):
 
 # %% ../nbs/07_generate.ipynb #07-generate-010a3
 def generate_stage(cfg, run, system: str) -> Path:
-    "Predictions of `system` on every test set of `cfg`."
+    "Predictions of `system` on every test set of `cfg`, all sets' questions batched together."
     from knowtuning.data import load_dataset, prompt, dataset_key
     from knowtuning.llm import ledgers
 
     def make(out):
         torch.manual_seed(cfg.seed)  # before the adapter is loaded, as generation's sampling depends on it
         answer, client = system_generator(cfg, run, system)
-        t0, n_new, stats = time.time(), 0, {}
-        for name in cfg.data.test:
+        t0, stats, sets = time.time(), {}, []
+        for name in cfg.data.test:  # every set's unanswered questions, answered together: fuller batches
             ds = load_dataset(name, lenient=cfg.data.lenient, n=cfg.data.n_test)
-            key = dataset_key(name)  # a user's /abs/path.json stays inside the run
-            path = out / f"{key}.partial.jsonl"
+            path = out / f"{dataset_key(name)}.partial.jsonl"  # a user's /abs/path.json stays inside the run
             done = {r["index"] for r in read_jsonl(path)}
-            todo = [i for i in range(len(ds)) if i not in done]
+            sets.append((ds, path, [i for i in range(len(ds)) if i not in done]))
+        todo = [(k, i) for k, (_, _, left) in enumerate(sets) for i in left]
 
-            def save(idx, texts, todo=todo, ds=ds, path=path):
-                append_predictions(path, ds, [todo[j] for j in idx], texts)
+        def save(idx, texts):
+            for j, text in zip(idx, texts):
+                k, i = todo[j]
+                append_predictions(sets[k][1], sets[k][0], [i], [text])
 
-            answer([prompt(ds[i], cfg.student.template) for i in todo], [ds[i]["output"] for i in todo], save, stats)
-            n_new += len(todo)
-            finish_predictions(path, out / f"{key}.jsonl")
+        recs = [sets[k][0][i] for k, i in todo]
+        answer([prompt(r, cfg.student.template) for r in recs], [r["output"] for r in recs], save, stats)
+        for name, (_, path, _) in zip(cfg.data.test, sets):
+            finish_predictions(path, out / f"{dataset_key(name)}.jsonl")
+        n_new = len(todo)
         seconds = round(time.time() - t0, 2)
         llm = ledgers(generator=client) if client else None
         tok_s = stats["tokens"] / max(stats["seconds"], 1e-9) if stats else None
