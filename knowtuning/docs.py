@@ -63,6 +63,7 @@ SECTIONS = [  # the site's table of contents: every notebook once (tests/test_sy
 CONF = """project = "knowtuning"
 extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.mathjax"]
 myst_enable_extensions = ["dollarmath", "amsmath"]
+nb_render_markdown_format = "myst"   # Markdown outputs (the pages' tables) rendered with tables
 myst_heading_anchors = 3
 html_theme = "furo"
 html_title = "knowtuning"
