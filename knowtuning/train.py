@@ -132,7 +132,8 @@ def pack_groups(lens: list[int], cap: int = PACK_TOKENS) -> list[slice]:
 
 def _dense_attention(model) -> bool:
     "Does the model take a dense (4D) attention mask? sdpa and eager do; flash attention's varlen kernels do not."
-    return getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+    config = getattr(getattr(model, "module", model), "config", None)  # DDP wraps the model in `.module`
+    return getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
 
 
 # %% ../nbs/13_train.ipynb #13-train-011b2
@@ -171,7 +172,8 @@ def _pair_logps(model, pairs: list, pack_tokens: int = PACK_TOKENS):
     "(summed log-probs, answer tokens) of [chosen..., rejected...]: pairs packed with shared prompts, a row per group."
     from knowtuning.ka import batch_inputs
 
-    dev, dtype = model.device, next(model.parameters()).dtype
+    p0 = next(model.parameters())
+    dev, dtype = p0.device, p0.dtype
     packs = [_pair_pack(*p) for p in pairs]
     sums, ns = [], []
     for g in pack_groups([len(p[0]) for p in packs], pack_tokens):
@@ -219,6 +221,8 @@ def sequence_logps(model, batch: dict, padding_free: bool = True, pack_tokens: i
         lp = lp[:, -smask.size(1) :] * smask  # (prompt-learning adapters prepend virtual tokens: keep the real ones)
         return lp.sum(1), smask.sum(1)
     keep = am.bool()
+    if hasattr(model, "module"):  # DistributedDataParallel expects one forward per backward: one packed row
+        pack_tokens = 1 << 30
     if _dense_attention(model) and (pairs := _shared_prompts(ids, keep, cm.bool())) is not None:
         return _pair_logps(model, pairs, pack_tokens)
     parts = [_packed_logps(model, ids[g], keep[g], labels[g]) for g in pack_groups(keep.sum(1).tolist(), pack_tokens)]

@@ -14,6 +14,7 @@ from knowtuning.judge import LLMJudge, ASPECTS
 from knowtuning.llm import LLMClient
 from knowtuning.evaluate import score_system, judge_against
 from knowtuning.report import facts_table, judge_table
+from knowtuning.evaluate import Summary
 
 
 def _probe(model, tok, items, base_ppls=None, alpha=0.5):
@@ -98,7 +99,7 @@ def test_undecidable_and_abstention_reach_the_facts_table(tmp_path):
     assert math.isnan(rows[0]["error_rate"]) and math.isnan(rows[1]["precision"]) and rows[1]["f1_k"] == 0.0
     f = summ["facts"]
     assert f["abstained"] == 1 and f["undecidable"] == 1.0 and math.isnan(f["error_rate"])
-    h, table, cap = facts_table({"verifier": "llm:v", "datasets": {"t": {"n": 2, "systems": {"kt": summ}}}}, "ctx")
+    h, table, cap = facts_table(Summary.from_dict({"verifier": "llm:v", "datasets": {"t": {"n": 2, "systems": {"kt": summ}}}}), "ctx")
     row = dict(zip(h, table[0]))
     assert row["undecidable facts"] == 1.0 and row["abstained"] == 1 and row["K"] == 2
     assert "never counted as an error" in cap
@@ -116,5 +117,5 @@ def test_a_judge_that_always_prefers_position_a_flips_every_pair(tmp_path):
     for a in ASPECTS:
         assert js["rates"][a]["win"] == 0.0 and js["rates"][a]["lose"] == 0.0 and js["rates"][a]["flip"] == 100.0
     ds = {"n": 5, "judge": {"base": js["rates"]}, "judge_ci": {"base": js["ci"]}, "judge_calls": {"base": js}}
-    h, rows, cap = judge_table({"judge": "llm:biased", "datasets": {"t": ds}}, "ctx", False)
+    h, rows, cap = judge_table(Summary.from_dict({"judge": "llm:biased", "datasets": {"t": ds}}), "ctx", False)
     assert dict(zip(h, rows[0]))["position flips"] == "100 / 100 / 100 / 100" and "Position flips" in cap
