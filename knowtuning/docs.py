@@ -74,6 +74,7 @@ mathjax2_config = {"tex2jax": {"processClass": "tex2jax_process|mathjax_process|
                                "ignoreClass": "tex2jax_ignore|mathjax_ignore"}}
 autodoc_member_order = "bysource"
 suppress_warnings = ["myst.header", "mystnb.unknown_mime_type", "misc.highlighting_failure"]
+nb_output_stderr = "remove"   # warnings and progress bars of the executed pages: the console's, not the reader's
 exclude_patterns = ["_build"]
 """
 
@@ -162,10 +163,13 @@ def stage_site(src: Path, notebooks: dict[str, Path], execution: str = "") -> Pa
 def executed_tutorial(path: Path, cache: Path) -> Path:
     """The tutorial executed with papermill as run `smoke` in `cache/runs` (the run the stage pages then show),
     reused while the tutorial and the package are unchanged; new code gets a fresh run."""
-    import hashlib, papermill as pm
+    import hashlib, time, papermill as pm
 
     out = cache / f"tutorial-{hashlib.sha256(path.read_bytes() + package_hash().encode()).hexdigest()[:16]}.ipynb"
     if not out.exists():
+        t0 = time.time()
+        print("docs: executing the tutorial (the smoke run the stage pages read; about 5 minutes on 2 CPU cores)",
+              flush=True)
         shutil.rmtree(cache / "runs", ignore_errors=True)
         for old in cache.glob("tutorial-*.ipynb"):
             old.unlink()
@@ -173,8 +177,24 @@ def executed_tutorial(path: Path, cache: Path) -> Path:
         pm.execute_notebook(str(path), str(part), parameters={"run_name": "smoke"}, kernel_name="python3",
                             cwd=str(cache), progress_bar=False)
         part.rename(out)
+        print(f"docs: tutorial executed in {time.time() - t0:.0f} s", flush=True)
     return out
 
+
+# %% ../nbs/98_docs.ipynb #98-docs-008ba-sphinx
+def _sphinx(src: Path, html: Path) -> str | None:
+    """Run sphinx-build, relaying myst-nb's per-page lines (executing, cached, seconds) and warnings as they come;
+    `None` on success, else the build's output."""
+    import sys
+
+    cmd = [sys.executable, "-u", "-m", "sphinx", "-b", "html", str(src), str(html)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=html.parent)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if "[mystnb" in line or "WARNING" in line or "ERROR" in line:
+            print(f"docs: {line.rstrip()}", flush=True)
+    return None if p.wait() == 0 else "".join(lines)
 
 # %% ../nbs/98_docs.ipynb #98-docs-008ba2
 def build_site(out=None, execute: bool = True, cache=None) -> Path:
@@ -200,10 +220,9 @@ def build_site(out=None, execute: bool = True, cache=None) -> Path:
         tmp = Path(tmp)
         src = stage_site(tmp / "src", notebooks, EXECUTION.format(mode="cache", cache=str(cache)) if execute else "")
         # build inside the temporary folder (myst-nb writes `jupyter_execute/` beside the output), then publish
-        r = subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", str(src), str(tmp / "html")],
-                           capture_output=True, text=True, cwd=tmp)
-        if r.returncode:
-            raise RuntimeError(f"sphinx-build failed:\n{r.stderr[-3000:]}")
+        log = _sphinx(src, tmp / "html")
+        if log is not None:
+            raise RuntimeError(f"sphinx-build failed:\n{log[-3000:]}")
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(tmp / "html", out)

@@ -89,7 +89,7 @@ def trl_config(cfg, kind: str, output_dir, has_eval: bool = False, n_proc: int |
         bf16=cuda and cfg.student.dtype in ("auto", "bfloat16"),
         fp16=False,
         dataloader_num_workers=0,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5 name (the old one warns)
         ddp_find_unused_parameters=False,  # LoRA uses every trainable parameter: skip DDP's extra graph walk
     )
     # our template encoder truncates every example to `train.cutoff` the way llmtuner 0.5.3 did (prompt and answer
@@ -415,7 +415,8 @@ def plot_losses(log_history: list, path: Path, title: str = ""):
     if ev:
         ax.plot(*zip(*ev), label="eval", marker="o")
     ax.set(xlabel="step", ylabel="loss", title=title)
-    ax.legend()
+    if tr or ev:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
