@@ -139,6 +139,17 @@ def padding_limit(lens: list[list[int]], batch: int, trl_passes: int, our_passes
     return trl_passes * padded / draws / (our_passes * real)
 
 
+def _lengths(rows: list[dict], keys: tuple) -> list[list[int]]:
+    "Token lengths of each row's prompt + `keys` completions under the embedded student's tokenizer (cutoff 1024)."
+    from transformers import AutoTokenizer
+    from knowtuning.assets import resolve_model
+    from knowtuning.data import encode_example
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    return [[min(1024, sum(map(len, encode_example(tok, r["prompt"], r[k])))) for k in keys] for r in rows]
+
+
+# %% ../nbs/97_bench.ipynb #97-bench-004c0
 LOSS_RTOL = 1e-4  # the same examples and steps: the variants' train losses must agree to this (relative)
 
 
@@ -151,17 +162,6 @@ def _ratios(res: dict, key: str) -> dict:
     res["loss_gap"] = max(abs(res[v]["train_loss"] - ref) / abs(ref) for v in ("ours", "padded"))
     res["equal_loss"] = res["loss_gap"] <= LOSS_RTOL  # a speed-up at a different loss is not a speed-up
     return res
-
-
-def _lengths(rows: list[dict], keys: tuple) -> list[list[int]]:
-    "Token lengths of each row's prompt + `keys` completions under the embedded student's tokenizer (cutoff 1024)."
-    from transformers import AutoTokenizer
-    from knowtuning.assets import resolve_model
-    from knowtuning.data import encode_example
-
-    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
-    return [[min(1024, sum(map(len, encode_example(tok, r["prompt"], r[k])))) for k in keys] for r in rows]
-
 
 # %% ../nbs/97_bench.ipynb #97-bench-004c2
 def bench_sft(n: int = 32, batch: int = 4) -> dict:
@@ -335,8 +335,9 @@ def main(argv=None):
         res[name] = BENCHES[name]()
         print(json.dumps(res[name], indent=1), flush=True)
         (out / "results.json").write_text(json.dumps(res, indent=1))
-    lines = [f"| benchmark | ratio | limit (padding + recomputation) | of the limit | loss gap (tolerance {LOSS_RTOL:g}) "
-             "| target |", "|---|---|---|---|---|---|"]
+    head = "| benchmark | ratio | limit (padding + recomputation) | of the limit |"
+    head += f" loss gap (tolerance {LOSS_RTOL:g}) |"
+    lines = [head + " target |", "|---|---|---|---|---|---|"]
     for name in a.only:
         r = res[name]
         lim = f"{r['limit']:.2f}x | {r['of_limit']:.0%}" if "limit" in r else "- | -"

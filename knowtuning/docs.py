@@ -60,6 +60,7 @@ SECTIONS = [  # the site's table of contents: every notebook once (tests/test_sy
     ("Running and tooling", ["18_pipeline", "97_bench", "98_docs", "99_cli"]),
 ]
 
+# %% ../nbs/98_docs.ipynb #98-docs-008-conf
 CONF = """project = "knowtuning"
 extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.mathjax"]
 myst_enable_extensions = ["dollarmath", "amsmath"]
@@ -193,7 +194,7 @@ def _sphinx(src: Path, html: Path) -> str | None:
     for line in p.stdout:
         lines.append(line)
         if "[mystnb" in line or "WARNING" in line or "ERROR" in line:
-            print(f"docs: {line.rstrip()}", flush=True)
+            print(f"docs: {line.rstrip().replace(f'{src}/', '')}", flush=True)
     return None if p.wait() == 0 else "".join(lines)
 
 # %% ../nbs/98_docs.ipynb #98-docs-008ba2

@@ -252,8 +252,8 @@ compact_lm_head()
 
 # %% ../nbs/13_train.ipynb #13-train-015
 def check_padding_free(model, tok, tol: float = 0.1) -> float:
-    """Mean |difference| of per-token log-probs of a sequence scored alone vs packed after another; raises if above
-    `tol`."""
+    """Mean absolute difference of per-token log-probs of a sequence scored alone vs packed after another; raises if
+    above `tol`."""
     a, b = (
         tok(t)["input_ids"]
         for t in (
