@@ -62,10 +62,55 @@ def outside_files(root: Path, run_dir: Path) -> set:
     files |= {p for p in home().rglob("*") if p.is_file()}
     return files | {p for p in root.rglob("*") if p.is_file() and run_dir not in p.parents}
 
-def trainers() -> str:
-    "Training processes still alive (a killed pipeline must not leave any behind)."
-    r = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True)
-    return "\n".join(l for l in r.stdout.splitlines() if "knowtuning.cli train-run" in l or "torchrun" in l)
+def tree(pid: int) -> list[int]:
+    "pid and its descendants, across sessions (the kernel runs in its own)."
+    kids = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo += kids.get(out[-1], [])
+    return out
+
+def signal_all(pids, sig) -> None:
+    for q in pids:
+        try:
+            os.kill(q, sig)
+        except ProcessLookupError:
+            pass
+
+def freeze(pid: int) -> list[int]:
+    "SIGSTOP pid's process tree, children forked meanwhile included; returns the tree."
+    import signal
+    seen = []
+    while new := [q for q in tree(pid) if q not in seen]:
+        signal_all(new, signal.SIGSTOP)
+        seen += new
+    return seen
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
+
+def alive(pids) -> list[str]:
+    out = []
+    for q in pids:
+        try:
+            st = Path(f"/proc/{q}/stat").read_text()
+        except OSError:
+            continue
+        if st.rsplit(")", 1)[1].split()[0] != "Z":  # a zombie has exited; only its parent has not reaped it
+            out.append(cmdline(q)[:200])
+    return out
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
@@ -83,20 +128,33 @@ def smoke_run(tmp_path_factory):
         sets = llm_sets(s.base_url, root / "llm-cache" / "cache.sqlite") + [a for o in SMOKE_OVR for a in ("--set", o)]
         cmd = [str(BIN / "knowtuning"), "reproduce", "--preset", "smoke", *sets, "--launcher", TORCHRUN]
         outside = outside_files(root, run_dir)
-        # 1. start, and kill the whole process group once training has written its first checkpoint
+        # 1. start, and kill the run in the middle of a training, once it has written a checkpoint. The run's
+        # process tree is frozen first (SIGSTOP): a 2-step training on the random student finishes within the
+        # poll's interval, so the state is checked, frozen, before anything is killed. Then every process but the
+        # kernel is killed (as a machine-wide kill would); the kernel, its parent gone, must exit by itself.
         p = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              start_new_session=True)
-        t0 = time.time()
-        while (not list(run_dir.glob(".train_*.partial/checkpoints/checkpoint-*")) and time.time() - t0 < 600
-               and p.poll() is None):
-            time.sleep(0.5)
-        assert p.poll() is None, p.stdout.read().decode()[-3000:]
-        os.killpg(p.pid, signal.SIGKILL)
+        t0, procs = time.time(), []
+        mid_training = lambda: list(run_dir.glob(".train_*.partial/checkpoints/checkpoint-*"))
+        while not procs and time.time() - t0 < 600 and p.poll() is None:
+            time.sleep(0.2)
+            if mid_training():
+                frozen = freeze(p.pid)
+                if mid_training():   # still mid-training once frozen; else it finished meanwhile: wait for the next
+                    procs = frozen
+                else:
+                    signal_all(frozen, signal.SIGCONT)
+        if not procs:                   # nothing left behind by a failed start
+            signal_all(tree(p.pid), signal.SIGKILL)
+            raise AssertionError(f"no training was caught mid-way:\n{p.communicate()[0].decode()[-3000:]}")
+        kernels = [q for q in procs if "ipykernel" in cmdline(q)]
+        signal_all([q for q in procs if q not in kernels], signal.SIGKILL)
+        signal_all(kernels, signal.SIGCONT)
         p.wait()
         t0 = time.time()
-        while trainers() and time.time() - t0 < 60:     # the launcher dies with its kernel, and its workers
+        while alive(procs) and time.time() - t0 < 60:
             time.sleep(1)
-        killed = SimpleNamespace(trainers=trainers(), builds=builds(run_dir),
+        killed = SimpleNamespace(trainers=alive(procs), builds=builds(run_dir),
                                  partial=[p.name for p in run_dir.glob(".train_*.partial")],
                                  report=(run_dir / "report").exists())
         # 2. restart: completes without redoing finished stages

@@ -4,14 +4,14 @@ does no work. The docs site (slow tier) runs the single-process smoke preset on 
 import csv, json, os, subprocess, sys, time
 from pathlib import Path
 import pytest
-from conftest import ROOT, BIN, SECRET, kt, builds, trainers
+from conftest import ROOT, BIN, SECRET, kt, builds
 
 TABLES = ["table_probe", "table_probe_atoms", "table_metrics", "table_diffs", "table_judge", "table_facts", "table_ablation"]
 SYSTEMS = ["sft", "knowtuning", "rlaif", "facttune", "wo_factuality"]
 
 def test_a_killed_run_resumes_without_redoing_finished_stages(smoke_run):
     k, run = smoke_run.killed, smoke_run.dir
-    assert not k.trainers, k.trainers                                     # no training process outlived the kill
+    assert not k.trainers, k.trainers                                     # no process of the run outlived the kill
     assert {"ka", "kc"} <= set(k.builds) and not k.report and k.partial
     after = builds(run)
     for s, b in k.builds.items(): assert after[s] == b, (s, b, after[s])  # not rebuilt
