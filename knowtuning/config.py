@@ -15,7 +15,7 @@ import yaml
 __all__ = ['ASPECTS', 'SYSTEMS', 'StudentCfg', 'LLMCfg', 'DataCfg', 'KACfg', 'KCCfg', 'LoraCfg', 'TrainCfg', 'GenerateCfg',
            'EvalCfg', 'Config', 'ConfigError', 'from_dict', 'yaml_load', 'parse_override', 'set_dotted', 'deep_merge',
            'project_root', 'configs_dir', 'presets', 'load_config', 'to_dict', 'to_yaml', 'System', 'system_of',
-           'system_deps']
+           'system_deps', 'training_order']
 
 # %% ../nbs/00_config.ipynb #00-config-006
 @dataclass
@@ -321,13 +321,16 @@ ASPECTS = ("completeness", "factuality", "logicality")
 
 @dataclass(frozen=True)
 class System:
-    "A trained system: objective, the system it continues from, the rows it trains on, the KC aspect it drops."
+    """A trained system: objective, the system it continues from, the rows it trains on, the KC aspect it drops, and
+    for a control the systems whose training budget (`steps` or `tokens`) it matches."""
 
     name: str
     objective: str  # sft | dpo (DPO + the release's SFT term)
     init: str | None = None  # the system whose adapter it continues from; None: the base model
     data: str = "train"  # train | ka | kc | rlaif | facttune
     drops: str | None = None  # ablations: the KC aspect left out
+    match: tuple = ()  # controls: train as long as these systems together (after them)
+    budget: str = ""  # steps | tokens (supervised tokens seen), with `match`
 
     @property
     def data_stage(self) -> str | None:
@@ -345,6 +348,9 @@ SYSTEMS = {
         *[System(f"wo_{a}", "dpo", "ka", "kc", drops=a) for a in ASPECTS],
         System("rlaif", "dpo", "sft", "rlaif"),
         System("facttune", "dpo", "sft", "facttune"),
+        System("sft_ka_steps", "sft", match=("ka",), budget="steps"),
+        System("sft_ka_tokens", "sft", match=("ka",), budget="tokens"),
+        System("sft_kt_steps", "sft", match=("ka", "knowtuning"), budget="steps"),
     ]
 }
 
@@ -356,6 +362,18 @@ def system_of(name: str) -> System:
 
 # %% ../nbs/00_config.ipynb #00-config-021a
 def system_deps(name: str) -> list[str]:
-    "The systems `name` needs trained first, in order."
-    init = system_of(name).init
-    return (system_deps(init) + [init]) if init else []
+    "The systems `name` needs trained first, in order: its starting adapter's chain, and for a control what it matches."
+    s, out = system_of(name), []
+    for d in ([s.init] if s.init else []) + list(s.match):
+        out += [x for x in system_deps(d) + [d] if x not in out]
+    return out
+
+
+def training_order(systems) -> list[str]:
+    "Every system to train, dependencies first, each once ('base' is the untrained model)."
+    out = []
+    for s in systems:
+        if s == "base":
+            continue
+        out += [x for x in system_deps(s) + [s] if x not in out]
+    return out

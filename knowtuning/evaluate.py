@@ -9,7 +9,7 @@ import numpy as np
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from .runs import read_json, read_jsonl, write_json, write_jsonl, atomic_write, Stage
-from .metrics import paired_bootstrap
+from .metrics import paired_diff
 
 # %% auto #0
 __all__ = ['summarize_judge', 'identical_share', 'paired_diffs', 'SetSummary', 'Summary', 'score_system', 'judge_against',
@@ -45,15 +45,9 @@ def identical_share(a: list[str], b: list[str]) -> float:
 
 
 def paired_diffs(scores: dict, main: str, n: int = 1000, seed: int = 0) -> dict:
-    "{baseline: {measure: [mean diff, low, high, questions]}}: `main` minus every other system, paired per question."
-    out = {}
-    for b in (s for s in scores if s != main):
-        out[b] = {}
-        for k in scores[main]:
-            x, y = np.asarray(scores[main][k], dtype=float), np.asarray(scores[b][k], dtype=float)
-            ok = ~(np.isnan(x) | np.isnan(y))
-            out[b][k] = [*paired_bootstrap(x[ok], y[ok], n, seed), int(ok.sum())]
-    return out
+    "{baseline: {measure: [mean diff, low, high, questions, MDE]}}: `main` minus every other system, per question."
+    return {b: {k: paired_diff(scores[main][k], scores[b][k], n, seed) for k in scores[main]}
+            for b in scores if b != main}
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-006e
 @dataclass
@@ -64,7 +58,7 @@ class SetSummary:
     n: int = 0  # questions
     has_references: bool = True
     systems: dict = field(default_factory=dict)  # system: {metric: [mean, low, high], "facts": {...}}
-    diffs: dict = field(default_factory=dict)  # baseline: {measure: [main - baseline, low, high, n]}
+    diffs: dict = field(default_factory=dict)  # baseline: {measure: [main - baseline, low, high, n, MDE]}
     judge: dict = field(default_factory=dict)  # baseline: {aspect: {win, tie, lose, flip} in %}
     judge_ci: dict = field(default_factory=dict)  # baseline: {aspect: {win: [rate, low, high], ...}}
     judge_calls: dict = field(default_factory=dict)  # baseline: {judged, failed}

@@ -88,12 +88,14 @@ def atom_ppls(lp, lengths) -> list[float]:
 
 # %% ../nbs/11_ka.ipynb #11-ka-010f
 @torch.no_grad()
-def logps_packed(model, enc: list, pad_id: int, batch_questions: int = 8, progress=None) -> list:
+def logps_packed(model, enc: list, pad_id: int, batch_questions: int = 8, progress=None, also: int | None = None):
     """For each (prompt ids, [continuation ids]) of `enc`: the log-probabilities of all its continuations' tokens, laid
-    end to end (a 1-D CPU tensor), each continuation seeing only the prompt. One forward pass per prompt, batched."""
+    end to end (a 1-D CPU tensor), each continuation seeing only the prompt. One forward pass per prompt, batched.
+    With token id `also`: a (tokens x 2) tensor, column 1 the log-probability of `also` at the same positions (the
+    probe reads EOS there: how likely the model is to stop at each point of an answer)."""
     body, head = _body(model)
     dev, dtype = model.device, next(model.parameters()).dtype
-    out = [None if conts else torch.zeros(0) for _, conts in enc]
+    out = [None if conts else torch.zeros(0) if also is None else torch.zeros(0, 2) for _, conts in enc]
     # longest first, so a batch holds sequences of similar length
     order = sorted(range(len(enc)), key=lambda i: -(len(enc[i][0]) + sum(map(len, enc[i][1]))))
     for b in range(0, len(order), batch_questions):
@@ -106,7 +108,9 @@ def logps_packed(model, enc: list, pad_id: int, batch_questions: int = 8, progre
         for r, (i, (_, _, _, pred)) in enumerate(zip(idx, packs)):
             flat = [x for pr in pred for x in pr]
             targets = torch.tensor([t for a in enc[i][1] for t in a], device=dev)
-            out[i] = head(h[r, flat]).float().log_softmax(-1).gather(-1, targets[:, None])[:, 0].cpu()
+            lsm = head(h[r, flat]).float().log_softmax(-1)
+            lp = lsm.gather(-1, targets[:, None])[:, 0]
+            out[i] = (lp if also is None else torch.stack([lp, lsm[:, also]], 1)).cpu()
         if progress is not None:
             progress.update(sum(len(enc[i][1]) for i in idx))
     return out

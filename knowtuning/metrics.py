@@ -4,12 +4,12 @@
 
 # %% ../nbs/08_metrics.ipynb #08-metrics-003
 from __future__ import annotations
-import re
+import math, re
 import numpy as np
 
 # %% auto #0
-__all__ = ['tokenize', 'meteor', 'rouge_l', 'bertscore', 'bootstrap_ci', 'all_metrics', 'paired_bootstrap', 'excludes_zero',
-           'rate_cis']
+__all__ = ['Z_MDE', 'tokenize', 'meteor', 'rouge_l', 'bertscore', 'bootstrap_ci', 'all_metrics', 'paired_bootstrap',
+           'excludes_zero', 'rate_cis', 'mde', 'n_needed', 'paired_diff']
 
 # %% ../nbs/08_metrics.ipynb #08-metrics-005
 def tokenize(s: str) -> list[str]:
@@ -86,3 +86,24 @@ def excludes_zero(ci) -> bool:
 def rate_cis(labels: list[str], n: int = 1000, seed: int = 0) -> dict[str, tuple[float, float, float]]:
     "{label: (percent, low, high)} for win / tie / lose, bootstrap over examples."
     return {k: tuple(100 * x for x in bootstrap_ci([l == k for l in labels], n, seed)) for k in ("win", "tie", "lose")}
+
+# %% ../nbs/08_metrics.ipynb #08-metrics-010e
+Z_MDE = 1.959964 + 0.841621  # z_0.975 + z_0.8: two-sided 5% level, power 0.8
+
+
+def mde(diffs) -> float:
+    "Minimum detectable effect (power 0.8, two-sided 0.05) of the mean of paired differences `diffs`."
+    d = np.asarray(diffs, dtype=float)
+    return float(Z_MDE * d.std(ddof=1) / math.sqrt(len(d))) if len(d) >= 2 else float("nan")
+
+
+def n_needed(sd: float, effect: float) -> int:
+    "Questions a paired comparison with standard deviation `sd` needs to detect `effect` (power 0.8, 0.05)."
+    return math.ceil((Z_MDE * sd / abs(effect)) ** 2)
+
+
+def paired_diff(a, b, n: int = 1000, seed: int = 0) -> list:
+    "[mean of a - b, low, high, questions, MDE] over the questions where both are defined (paired bootstrap)."
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    ok = ~(np.isnan(a) | np.isnan(b))
+    return [*paired_bootstrap(a[ok], b[ok], n, seed), int(ok.sum()), mde(a[ok] - b[ok])]

@@ -6,28 +6,14 @@
 from __future__ import annotations
 import contextlib, os, re, sys, time
 from pathlib import Path
-from .config import load_config, project_root
+from .config import load_config, project_root, training_order
 from .runs import STEPS, Run, runs_root
 
 # %% auto #0
-__all__ = ['BASELINES', 'TEXT_BARS', 'training_order', 'steps', 'StepError', 'stage_notebook', 'ProgressRelay', 'run_step',
-           'reproduce', 'plan', 'merge_plan', 'plan_cost', 'format_plan']
+__all__ = ['BASELINES', 'TEXT_BARS', 'steps', 'StepError', 'stage_notebook', 'ProgressRelay', 'run_step', 'reproduce', 'plan',
+           'merge_plan', 'plan_cost', 'format_plan']
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-005
-def training_order(systems) -> list[str]:
-    "Every system to train, dependencies first, each once."
-    from knowtuning.config import system_deps
-
-    out = []
-    for s in systems:
-        if s == "base":
-            continue
-        for x in system_deps(s) + [s]:
-            if x not in out:
-                out.append(x)
-    return out
-
-
 BASELINES = ("rlaif", "facttune")  # systems trained on preferences over the SFT model's own samples
 
 def steps(cfg) -> list[tuple[str, str, dict]]:
@@ -36,7 +22,6 @@ def steps(cfg) -> list[tuple[str, str, dict]]:
     extra = {"train": {"systems": [s for s in training_order(cfg.systems) if s not in BASELINES]},
              "baselines": {"kinds": kinds}}
     return [(s.name, s.notebook, extra.get(s.name, {})) for s in STEPS]
-
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-007
 def _hms(s: float) -> str:

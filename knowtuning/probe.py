@@ -8,14 +8,15 @@ import math
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from .config import system_of, training_order
 from .data import prompt, encode_prompt, encode_response
 from .ka import encode, logps_packed, atom_ppls, select_difficult
 from .kc import build_pairs
-from .metrics import bootstrap_ci, paired_bootstrap
+from .metrics import bootstrap_ci, paired_diff
 
 # %% auto #0
-__all__ = ['probe_pairs', 'answer_logp_reference', 'score_probe', 'probe_items', 'kc_measures', 'difficult_logppl',
-           'probe_summary', 'probe_data', 'run_probes']
+__all__ = ['probe_pairs', 'answer_logp_reference', 'stop_points', 'score_probe', 'probe_items', 'kc_measures', 'difficult_logppl',
+           'stop_logp', 'probe_summary', 'probe_data', 'probe_pairs_of', 'run_probes']
 
 # %% ../nbs/15_probe.ipynb #15-probe-006
 def probe_pairs(questions, atom_lists, revisions, kc_cfg, seed: int) -> tuple[list[dict], dict]:
@@ -35,20 +36,33 @@ def answer_logp_reference(model, tok, question: str, answer: str, template: str 
     return logits.log_softmax(-1).gather(-1, torch.tensor(a, device=model.device)[:, None]).sum().item(), len(a)
 
 # %% ../nbs/15_probe.ipynb #15-probe-010
+def stop_points(tok, atoms: list[str], ref_ids: list[int]) -> list[int]:
+    "Token offsets in `ref_ids` (the atoms laid end to end) after each atom but the last, where the tokens split there."
+    out = []
+    for j in range(1, len(atoms)):
+        pre = encode_response(tok, " ".join(atoms[:j]), eos=False)
+        if ref_ids[: len(pre)] == pre:
+            out.append(len(pre))
+    return out
+
+
 def score_probe(model, tok, items: list[dict], template: str = "alpaca", batch_questions: int = 8, progress=None):
     """`items`: [{question, answers: [texts], atoms: [texts]}]. Per item: `answers` as [(log p, tokens)] (EOS
-    included) and `atoms` as perplexities, all after the item's prompt: one packed forward pass per item."""
+    included), `atoms` as perplexities, all after the item's prompt, and `stops`: log p(EOS) after each of the first
+    answer's atoms but the last (`stop_points`). One packed forward pass per item."""
     enc = []
     for it in items:
         p, atom_ids = encode(tok, it["question"], it["atoms"], template)
         enc.append((p, [encode_response(tok, a) for a in it["answers"]] + atom_ids))
-    lps = logps_packed(model, enc, tok.pad_token_id, batch_questions, progress)
+    lps = logps_packed(model, enc, tok.pad_token_id, batch_questions, progress, also=tok.eos_token_id)
     out = []
-    for it, lp, (_, conts) in zip(items, lps, enc):
-        n = len(it["answers"])
+    for it, t, (_, conts) in zip(items, lps, enc):
+        n, lp = len(it["answers"]), t[:, 0]
         spans = lp.split([len(c) for c in conts]) if conts else []
         answers = [(float(s.sum()), len(s)) for s in spans[:n]]
-        out.append({"answers": answers, "atoms": atom_ppls(lp[sum(len(c) for c in conts[:n]):], map(len, conts[n:]))})
+        stops = [float(t[j, 1]) for j in stop_points(tok, it["atoms"], conts[0])] if n else []
+        atoms = atom_ppls(lp[sum(len(c) for c in conts[:n]) :], map(len, conts[n:]))
+        out.append({"answers": answers, "atoms": atoms, "stops": stops})
     return out
 
 # %% ../nbs/15_probe.ipynb #15-probe-013
@@ -93,30 +107,46 @@ def _ci(xs, n, seed) -> list:
     xs = np.asarray(xs, dtype=float)
     return list(bootstrap_ci(xs[~np.isnan(xs)], n, seed))
 
-def _paired(x, y, n, seed) -> list:
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    ok = ~(np.isnan(x) | np.isnan(y))
-    return [*paired_bootstrap(x[ok], y[ok], n, seed), int(ok.sum())]
+def stop_logp(scores: list[dict]) -> list[float]:
+    "Per question: the mean log p(EOS) after the reference's atoms but the last (NaN: no stop point)."
+    return [float(np.mean(s["stops"])) if s["stops"] else float("nan") for s in scores]
 
-def probe_summary(kc_rows: dict, atom_ppl: dict, main: str, aspects, n: int = 1000, seed: int = 0) -> dict:
-    """`kc_rows`: {model: `kc_measures` rows}; `atom_ppl`: {model: `difficult_logppl`}. Per aspect and model: accuracy
-    (per-token and summed) and mean margins with 95% intervals; the difficult atoms' mean log-perplexity; `main` minus
-    every other model, paired per question."""
-    out = {"aspects": {}, "diffs": {}, "atoms": {m: _ci(v, n, seed) for m, v in atom_ppl.items()}}
-    others = [m for m in kc_rows if m != main]
+def _kc_values(kc_rows: dict, aspect: str) -> dict:
+    "{model: {accuracy, accuracy_sum, margin, margin_sum: per-question values}} of one aspect."
+    per = {m: [r for r in rs if r["aspect"] == aspect] for m, rs in kc_rows.items()}
+    return {m: {"accuracy": [float(r["margin_mean"] > 0) for r in rs],
+                "accuracy_sum": [float(r["margin_sum"] > 0) for r in rs],
+                "margin": [r["margin_mean"] for r in rs], "margin_sum": [r["margin_sum"] for r in rs]}
+            for m, rs in per.items()}
+
+# %% ../nbs/15_probe.ipynb #15-probe-016a
+def probe_summary(kc_rows: dict, atom_ppl: dict, main: str, aspects, n: int = 1000, seed: int = 0, stops=None,
+                  pairs=()) -> dict:
+    """`kc_rows`: {model: `kc_measures` rows}; `atom_ppl`: {model: `difficult_logppl`}; `stops`: {model: `stop_logp`}.
+    Per aspect and model: accuracy (per-token and summed) and mean margins with 95% intervals; the difficult atoms'
+    mean log-perplexity; the mean stop log-probability; `main` minus every other model and `a` minus `b` for each
+    (a, b) of `pairs`, paired per question, with n and MDE."""
+    stops = stops or {}
+    out = {"aspects": {}, "diffs": {}, "atoms": {m: _ci(v, n, seed) for m, v in atom_ppl.items()},
+           "stops": {m: _ci(v, n, seed) for m, v in stops.items()}, "pairs": {}}
+    pairs = [(a, b) for a, b in pairs if a in kc_rows and b in kc_rows]
+    for p in pairs:
+        out["pairs"][f"{p[0]} − {p[1]}"] = {"margin": {}}
     for a in aspects:
-        per = {m: [r for r in rs if r["aspect"] == a] for m, rs in kc_rows.items()}
-        vals = {m: {"accuracy": [float(r["margin_mean"] > 0) for r in rs],
-                    "accuracy_sum": [float(r["margin_sum"] > 0) for r in rs],
-                    "margin": [r["margin_mean"] for r in rs], "margin_sum": [r["margin_sum"] for r in rs]}
-                for m, rs in per.items()}
-        out["aspects"][a] = {m: {k: _ci(x, n, seed) for k, x in v.items()} | {"pairs": len(per[m])}
+        vals = _kc_values(kc_rows, a)
+        out["aspects"][a] = {m: {k: _ci(x, n, seed) for k, x in v.items()} | {"pairs": len(v["margin"])}
                              for m, v in vals.items()}
         if main in vals:
-            out["diffs"][a] = {b: {k: _paired(vals[main][k], vals[b][k], n, seed) for k in ("accuracy", "margin")}
-                               for b in others}
-    if main in atom_ppl:
-        out["atoms_diffs"] = {b: _paired(atom_ppl[main], atom_ppl[b], n, seed) for b in atom_ppl if b != main}
+            out["diffs"][a] = {b: {k: paired_diff(vals[main][k], vals[b][k], n, seed) for k in ("accuracy", "margin")}
+                               for b in vals if b != main}
+        for x, y in pairs:
+            out["pairs"][f"{x} − {y}"]["margin"][a] = paired_diff(vals[x]["margin"], vals[y]["margin"], n, seed)
+    for name, d in (("atoms", atom_ppl), ("stops", stops)):
+        if main in d:
+            out[f"{name}_diffs"] = {b: paired_diff(d[main], d[b], n, seed) for b in d if b != main}
+        for x, y in pairs:
+            if x in d and y in d:
+                out["pairs"][f"{x} − {y}"][name] = paired_diff(d[x], d[y], n, seed)
     return out
 
 # %% ../nbs/15_probe.ipynb #15-probe-019
@@ -129,14 +159,29 @@ def probe_data(teacher, cfg, questions: list[str], atoms: list[list[str]], label
     return probe_items(questions, atoms, pairs), pairs, counts
 
 # %% ../nbs/15_probe.ipynb #15-probe-020
+def probe_pairs_of(models: list[str]) -> list[tuple[str, str]]:
+    """The comparisons that separate each stage's effect, beyond `main` against every model: each continued system
+    against the system it continues from (`knowtuning − ka`: what KC added), `ka − sft` (the release's protocol), and
+    each step-matched control's matched system against it (`ka − sft_ka_steps`: what KA adds beyond training longer)."""
+    out = [("ka", "sft")] if {"ka", "sft"} <= set(models) else []
+    for m in models:
+        s = system_of(m) if m != "base" else None
+        if s and s.init and s.init in models:
+            out.append((m, s.init))
+        if s and s.match and s.match[-1] in models:
+            out.append((s.match[-1], m))
+    return out
+
+
 def run_probes(cfg, run, sets: dict, teacher, main: str) -> tuple[dict, list[dict]]:
     """`sets`: {test set: (questions, the references' atoms)}. ({set: probe summary}, probe.csv rows) for the base
-    model and every system of `cfg` (each loaded once, its LoRA adapter from the run)."""
+    model and every system the run trains (`systems` and what they need: `ka` is probed whenever KnowTuning is), each
+    loaded once, its LoRA adapter from the run."""
     from knowtuning.assets import load_model
 
     data = {name: probe_data(teacher, cfg, q, r, name) for name, (q, r) in sets.items()}
-    models = ["base"] + [s for s in cfg.systems if s != "base"]
-    kc_rows, atom_ppl, base_ppls, csv_rows = {}, {}, {}, []
+    models = ["base"] + training_order(cfg.systems)
+    kc_rows, atom_ppl, stops, base_ppls, csv_rows = {}, {}, {}, {}, []
     for m in models:
         adapter = None if m == "base" else run.path(f"train_{m}") / "adapter"
         model, tok = load_model(cfg.student, adapter=adapter)
@@ -149,10 +194,12 @@ def run_probes(cfg, run, sets: dict, teacher, main: str) -> tuple[dict, list[dic
             base_ppls.setdefault(name, ppls)  # the base model comes first
             kc_rows.setdefault(name, {})[m] = rows = kc_measures(items, sc)
             atom_ppl.setdefault(name, {})[m] = difficult_logppl(base_ppls[name], ppls, cfg.ka.alpha)
+            stops.setdefault(name, {})[m] = stop_logp(sc)
             csv_rows += [{"dataset": name, "model": m, **r} for r in rows]
         del model
     summ = {}
     for name, (items, _, counts) in data.items():
-        s = probe_summary(kc_rows[name], atom_ppl[name], main, cfg.kc.aspects, cfg.eval.bootstrap, cfg.seed)
+        s = probe_summary(kc_rows[name], atom_ppl[name], main, cfg.kc.aspects, cfg.eval.bootstrap, cfg.seed,
+                          stops=stops[name], pairs=probe_pairs_of(models))
         summ[name] = {"questions": sum(bool(it["aspects"]) for it in items), "counts": counts, **s}
     return summ, csv_rows

@@ -11,8 +11,8 @@ from .config import LLMCfg
 from .llm import LLMClient, user, complete_parsed, parse_list, parse_json, ParseError
 
 # %% auto #0
-__all__ = ['PROMPTS', 'perturb', 'HeuristicTeacher', 'parse_rewrite', 'parse_text', 'revision_parser', 'LLMTeacher',
-           'make_teacher', 'failure_rows']
+__all__ = ['PROMPTS', 'perturb', 'atom_question', 'HeuristicTeacher', 'parse_rewrite', 'parse_text', 'revision_parser',
+           'LLMTeacher', 'make_teacher', 'failure_rows']
 
 # %% ../nbs/06_teacher.ipynb #06-teacher-009
 _AUX = re.compile(r"\b(is|are|was|were|can|could|will|would|should|may|might|must|has|have|had|does|do|did)( not)?\b")
@@ -101,15 +101,38 @@ def perturb(atom: str, rng: random.Random, pool=()) -> tuple[str, str] | None:
             return r, op
     return None
 
+# %% ../nbs/06_teacher.ipynb #06-teacher-011a
+_DET = set("the a an this that these those its their his her our your my of in on at to for with by from and or "
+           "each every some many most".split())
+_PRON = set("it they he she we i you this these those there which".split())
+
+
+def _verb_at(words: list[str]) -> int | None:
+    "Index of the word (after the first) that reads as the finite verb of a simple declarative sentence, or None."
+    wn = wordnet()
+    for i in range(1, min(len(words), 9)):
+        w, prev = words[i].lower().strip(",;:"), words[i - 1].lower().strip(",;:")
+        if _AUX.fullmatch(w):
+            return i
+        if not w.isalpha() or prev in _DET or not wn.morphy(w, "v"):
+            continue
+        if w.endswith(("s", "ed")) or not wn.synsets(w, "n") or prev.endswith("s") or prev in _PRON:
+            return i
+    return None
+
+
+def atom_question(atom: str) -> str:
+    """A question that `atom` answers: its subject replaced by *What* (*Who* for he / she). Without a recognisable
+    verb, a question about the atom's first words."""
+    words = atom.strip().rstrip(".!?").split()
+    i = _verb_at(words) if len(words) >= 3 else None
+    if i is not None:
+        wh = "Who" if " ".join(words[:i]).lower() in ("he", "she") else "What"
+        return f"{wh} {' '.join(words[i:])}?"
+    head = " ".join(words[:4])
+    return f"What is true of {head[0].lower() + head[1:]}?"
+
 # %% ../nbs/06_teacher.ipynb #06-teacher-012
-_REWRITE_Q = [
-    "{q} Explain the specific details.",
-    'Regarding the question "{q}", what are the key facts?',
-    "{q} Give the precise facts involved.",
-    "What specific facts answer this: {q}",
-]
-
-
 class HeuristicTeacher:
     "Deterministic offline teacher (labelled 'heuristic' in every output)."
 
@@ -122,11 +145,9 @@ class HeuristicTeacher:
         return [[a["text"] for a in split_atoms(x, self.max_atoms)] for x in answers]
 
     def rewrite(self, questions, atom_lists, names=None) -> list:
-        out = []
-        for q, atoms in zip(questions, atom_lists):
-            t = _REWRITE_Q[sum(map(ord, q)) % len(_REWRITE_Q)]
-            out.append({"question": t.format(q=q.strip()), "answer": " ".join(atoms)} if atoms else None)
-        return out
+        "Per question: a question asking for each of its difficult atoms, answered by those atoms (None: no atoms)."
+        return [{"question": " ".join(map(atom_question, atoms)), "answer": " ".join(atoms)} if atoms else None
+                for atoms in atom_lists]
 
     def rephrase(self, answers, atom_lists, names=None) -> list:
         return [" ".join(atoms) if atoms else a for a, atoms in zip(answers, atom_lists)]

@@ -19,8 +19,8 @@ from .config import system_of, ConfigError
 # %% auto #0
 __all__ = ['PACK_TOKENS', 'TRAIN_FIELDS', 'lora_config', 'accumulation', 'checkpoint_args', 'trl_config', 'check_launch',
            'knowtuning_loss', 'pack_groups', 'sequence_logps', 'compact_lm_head', 'check_padding_free', 'KCTrainer',
-           'GradGuard', 'plot_losses', 'sft_features', 'dpo_features', 'train_sft', 'train_dpo', 'train_spec',
-           'train_stage', 'launch_command', 'train_systems']
+           'GradGuard', 'AspectLogps', 'plot_losses', 'sft_features', 'dpo_features', 'budget_steps', 'train_sft',
+           'train_dpo', 'train_spec', 'train_stage', 'launch_command', 'train_systems']
 
 # %% ../nbs/13_train.ipynb #13-train-006
 def lora_config(lc):
@@ -61,8 +61,9 @@ def checkpoint_args(t, has_eval: bool) -> dict:
     )
 
 # %% ../nbs/13_train.ipynb #13-train-006b
-def trl_config(cfg, kind: str, output_dir, has_eval: bool = False, n_proc: int | None = None):
-    "SFTConfig (kind 'sft') or DPOConfig (kind 'dpo') from our config: the only place trl arguments are set."
+def trl_config(cfg, kind: str, output_dir, has_eval: bool = False, n_proc: int | None = None, max_steps=None):
+    """SFTConfig (kind 'sft') or DPOConfig (kind 'dpo') from our config: the only place trl arguments are set.
+    `max_steps`: a step-matched control's budget (else `train.max_steps`)."""
     from trl import SFTConfig, DPOConfig
 
     t = cfg.train
@@ -76,7 +77,7 @@ def trl_config(cfg, kind: str, output_dir, has_eval: bool = False, n_proc: int |
         data_seed=cfg.seed,
         learning_rate=t.kc_lr if dpo else t.lr,
         num_train_epochs=t.kc_epochs if dpo else t.epochs,
-        max_steps=t.max_steps,
+        max_steps=t.max_steps if max_steps is None else max_steps,
         per_device_train_batch_size=per,
         per_device_eval_batch_size=per,
         gradient_accumulation_steps=accum,
@@ -400,6 +401,43 @@ class GradGuard(TrainerCallback):
                 "(bitsandbytes 4-bit trap? see nbs/13_train.ipynb, Guards)"
             )
 
+# %% ../nbs/13_train.ipynb #13-train-020b
+class AspectLogps(TrainerCallback):
+    """Per aspect, the policy's mean per-token log-prob of up to `per_aspect` chosen and rejected answers (the first
+    pairs of that aspect), at step 0 and at `points` evenly spaced steps; written to `path` on the main process."""
+
+    def __init__(self, feats: list[dict], aspects: list[str], collator, path, per_aspect: int = 8, points: int = 4,
+                 padding_free: bool = True):
+        by = {}
+        for f, a in zip(feats, aspects):
+            if len(by.setdefault(a, [])) < per_aspect:
+                by[a].append(f)
+        self.by, self.collator, self.path, self.points, self.pf = by, collator, Path(path), points, padding_free
+        self.rows = []
+
+    @torch.no_grad()
+    def _log(self, model, step: int):
+        was = model.training
+        model.eval()
+        for a, fs in self.by.items():
+            b = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in self.collator(fs).items()}
+            s, n = sequence_logps(model, b, self.pf)
+            per = (s / n.clamp(min=1)).float().cpu()
+            c, r = per.chunk(2)
+            self.rows.append({"step": step, "aspect": a, "chosen": c.mean().item(), "rejected": r.mean().item()})
+        model.train(was)
+        if is_main():
+            write_json(self.path, self.rows)
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if state.global_step == 0 and model is not None:
+            self._log(model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        every = max(1, state.max_steps // self.points)
+        if model is not None and (state.global_step % every == 0 or state.global_step == state.max_steps):
+            self._log(model, state.global_step)
+
 # %% ../nbs/13_train.ipynb #13-train-022
 def plot_losses(log_history: list, path: Path, title: str = ""):
     import matplotlib
@@ -451,9 +489,10 @@ def dpo_features(tok, rows: list[dict], template: str, cutoff: int) -> list[dict
     return out
 
 # %% ../nbs/13_train.ipynb #13-train-024a
-def _finish(trainer, out: Path, t0: float, title: str, checkpoint: str | None = None) -> Path:
+def _finish(trainer, out: Path, t0: float, title: str, checkpoint: str | None = None, epoch_tokens: int = 0) -> Path:
     """Save the adapter (every process takes part: ZeRO-3 gathers the weights), or copy it from a `checkpoint` that
-    training had already finished, and, on the main process only, the log."""
+    training had already finished, and, on the main process only, the log and the stats (`supervised_tokens`: the
+    answer tokens trained on, `epoch_tokens` per epoch times the epochs run)."""
     if checkpoint is None:
         trainer.save_model(str(out / "adapter"))
     elif is_main():  # the checkpoint's adapter was written by the same `save_model`; its optimizer state is not needed
@@ -472,6 +511,7 @@ def _finish(trainer, out: Path, t0: float, title: str, checkpoint: str | None = 
         {
             "seconds": round(time.time() - t0, 2),
             "steps": trainer.state.global_step,
+            "supervised_tokens": round(epoch_tokens * (trainer.state.epoch or 0)),
             "best_checkpoint": trainer.state.best_model_checkpoint,
             "processes": n,
             "per_device_batch": a.per_device_train_batch_size,
@@ -507,7 +547,7 @@ def _text_progress(trainer) -> None:
         trainer.add_callback(ProgressCallback)
 
 
-def _train(trainer, out: Path, t0: float, title: str) -> Path:
+def _train(trainer, out: Path, t0: float, title: str, epoch_tokens: int = 0) -> Path:
     """Train, resuming from the newest complete checkpoint. A checkpoint at the last step (killed before the stage was
     committed) is finished: transformers 5.23 would resume from it and take one step more than `max_steps`."""
     from transformers import TrainerState
@@ -519,13 +559,26 @@ def _train(trainer, out: Path, t0: float, title: str) -> Path:
         state = TrainerState.load_from_json(str(Path(ck) / "trainer_state.json"))
         if state.max_steps > 0 and state.global_step >= state.max_steps:
             trainer.state = state
-            return _finish(trainer, out, t0, title, checkpoint=ck)
+            return _finish(trainer, out, t0, title, checkpoint=ck, epoch_tokens=epoch_tokens)
     trainer.train(resume_from_checkpoint=ck)
-    return _finish(trainer, out, t0, title)
+    return _finish(trainer, out, t0, title, epoch_tokens=epoch_tokens)
+
+# %% ../nbs/13_train.ipynb #13-train-024a3
+def budget_steps(args, n_rows: int, epoch_tokens: int, kind: str, amount: int) -> int:
+    """Optimizer steps for a control's budget: `amount` steps, or the steps in which SFT on `n_rows` rows of
+    `epoch_tokens` supervised tokens per epoch sees `amount` supervised tokens (whole batches, at least 1)."""
+    if kind == "steps":
+        return max(1, int(amount))
+    if kind != "tokens":
+        raise ValueError(f"unknown training budget {kind!r} (steps | tokens)")
+    batches = math.ceil(n_rows / (args.per_device_train_batch_size * args.world_size))
+    per_epoch = math.ceil(batches / args.gradient_accumulation_steps)  # as transformers counts an epoch's steps
+    return max(1, round(amount / max(epoch_tokens, 1) * per_epoch))
 
 # %% ../nbs/13_train.ipynb #13-train-024b
-def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=()) -> Path:
-    "LoRA SFT on prompt/completion rows (loss on completions only); returns the adapter folder."
+def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=(), budget: tuple | None = None) -> Path:
+    """LoRA SFT on prompt/completion rows (loss on completions only); returns the adapter folder. `budget`: a
+    control's ('steps', n) or ('tokens', n), trained for that many optimizer steps or supervised tokens."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(cfg.student, adapter=init_adapter, trainable=True)
@@ -533,7 +586,11 @@ def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=()) -> Pa
     train, ev = _split(feats, cfg.train.eval_holdout, cfg.seed)
     if cfg.train.padding_free:
         check_padding_free(model, tok)
+    epoch_tokens = sum(sum(f["completion_mask"]) for f in train)
     args = trl_config(cfg, "sft", out / "checkpoints", has_eval=ev is not None)
+    if budget:  # a control: its steps from the budget of the systems it matches
+        steps = budget_steps(args, len(train), epoch_tokens, *budget)
+        args = trl_config(cfg, "sft", out / "checkpoints", has_eval=ev is not None, max_steps=steps)
     # trl's padding-free collator, passed directly: trl's `padding_free` flag refuses `max_length`
     collator = (
         DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)
@@ -551,7 +608,7 @@ def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=()) -> Pa
         callbacks=[GradGuard(), *callbacks],
     )
     t0 = time.time()
-    return _train(trainer, out, t0, "SFT")
+    return _train(trainer, out, t0, "SFT", epoch_tokens)
 
 # %% ../nbs/13_train.ipynb #13-train-024c
 def train_dpo(cfg, rows: list[dict], out, init_adapter, callbacks=()) -> Path:
@@ -575,6 +632,10 @@ def train_dpo(cfg, rows: list[dict], out, init_adapter, callbacks=()) -> Path:
         padding_free=cfg.train.padding_free,
         callbacks=[GradGuard(), *callbacks],
     )
+    if any("aspect" in r for r in rows):
+        aspects = [r.get("aspect", "unknown") for r in rows]
+        pf = cfg.train.padding_free
+        trainer.add_callback(AspectLogps(feats, aspects, trainer.data_collator, out / "aspect_logps.json", padding_free=pf))
     t0 = time.time()
     return _train(trainer, out, t0, "KC (DPO + SFT term)")
 
@@ -590,10 +651,11 @@ TRAIN_FIELDS = {  # what a trained adapter depends on, per objective; speed-only
 
 
 def train_spec(system: str) -> Stage:
-    """Stage `train_<system>`: it needs its starting adapter and its data stage; its fields are the common ones and its
-    objective's (an SFT system does not retrain when a DPO key changes, and the other way round)."""
+    """Stage `train_<system>`: it needs its starting adapter, the systems a control matches and its data stage; its
+    fields are the common ones and its objective's (an SFT system does not retrain when a DPO key changes, and the
+    other way round)."""
     s = system_of(system)
-    needs = ([f"train_{s.init}"] if s.init else []) + ([s.data_stage] if s.data_stage else [])
+    needs = [f"train_{d}" for d in ([s.init] if s.init else []) + list(s.match)] + ([s.data_stage] if s.data_stage else [])
     return Stage(f"train_{system}", tuple(needs), TRAIN_FIELDS["common"] + TRAIN_FIELDS[s.objective])
 
 # %% ../nbs/13_train.ipynb #13-train-028a
@@ -617,6 +679,21 @@ def _rows(cfg, run, system):
         return [r for r in rows if r["aspect"] != system.drops]
     return read_jsonl(run.path(f"prefs_{data}") / "pairs.jsonl")
 
+def _budget(run, system) -> tuple | None:
+    "A control's budget: ('steps' | 'tokens', the total that the systems it matches trained for), else None."
+    if not system.match:
+        return None
+    key = "steps" if system.budget == "steps" else "supervised_tokens"
+    total = 0
+    for m in system.match:
+        st = json.loads((run.path(f"train_{m}") / "train_stats.json").read_text())
+        if key not in st:
+            raise ValueError(f"{run.path(f'train_{m}')}/train_stats.json has no '{key}' (trained by an older "
+                             f"version): delete that folder so that {m} retrains, then train {system.name}")
+        total += st[key]
+    return system.budget, total
+
+
 def train_stage(cfg, run, system: str) -> Path:
     "Train `system` (and nothing else) in `run`; its data and starting adapter must exist. Returns the adapter folder."
     spec, sys_ = train_spec(system), system_of(system)
@@ -628,7 +705,7 @@ def train_stage(cfg, run, system: str) -> Path:
             raise YieldError(f"train_{system}: no training rows in {sys_.data_stage or cfg.data.train}")
         init_dir = run.path(f"train_{sys_.init}") / "adapter" if sys_.init else None
         if sys_.objective == "sft":
-            train_sft(cfg, rows, out, init_dir)
+            train_sft(cfg, rows, out, init_dir, budget=_budget(run, sys_))
         else:
             train_dpo(cfg, rows, out, init_dir)
         if is_main():  # the other processes wrote no stats
