@@ -354,13 +354,13 @@ SYSTEMS = {
     ]
 }
 
+# %% ../nbs/00_config.ipynb #00-config-021a
 def system_of(name: str) -> System:
     "The system called `name`; an error naming the known ones otherwise."
     if name not in SYSTEMS:
         raise ConfigError(f"unknown system {name!r} (have: {', '.join(SYSTEMS)})")
     return SYSTEMS[name]
 
-# %% ../nbs/00_config.ipynb #00-config-021a
 def system_deps(name: str) -> list[str]:
     "The systems `name` needs trained first, in order: its starting adapter's chain, and for a control what it matches."
     s, out = system_of(name), []

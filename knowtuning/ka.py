@@ -12,9 +12,9 @@ from .data import prompt, question, encode_prompt, encode_response, llama_factor
 from .runs import read_jsonl, write_json, write_jsonl, Stage
 
 # %% auto #0
-__all__ = ['KA', 'encode', 'ppl_reference', 'pack', 'batch_inputs', 'atom_ppls', 'logps_packed', 'ppl_packed', 'n_keep',
-           'select_difficult', 'ka_rows', 'write_ka_set', 'score_resumable', 'score_atoms', 'atom_rows', 'ka_stats',
-           'ka_from_set', 'ka_stage', 'plot_ka']
+__all__ = ['SCORE_PACK_TOKENS', 'SCORE_BATCH_TOKENS', 'KA', 'encode', 'ppl_reference', 'pack', 'batch_inputs', 'atom_ppls',
+           'segments', 'batches', 'logps_packed', 'ppl_packed', 'n_keep', 'select_difficult', 'ka_rows', 'write_ka_set',
+           'score_resumable', 'score_atoms', 'atom_rows', 'ka_stats', 'ka_from_set', 'ka_stage', 'plot_ka']
 
 # %% ../nbs/11_ka.ipynb #11-ka-006
 def encode(tok, q: str, atoms: list[str], template: str = "alpaca"):
@@ -87,33 +87,67 @@ def atom_ppls(lp, lengths) -> list[float]:
     return res
 
 # %% ../nbs/11_ka.ipynb #11-ka-010f
+SCORE_PACK_TOKENS = 512  # continuation tokens per packed row at most (a longer continuation gets a row of its own)
+SCORE_BATCH_TOKENS = 8192  # rows x longest row per forward pass at most
+
+
+def segments(enc: list, pack_tokens: int = SCORE_PACK_TOKENS) -> list[tuple[int, list[int]]]:
+    """(item, [continuation indices]) rows: each item's continuations in order, cut into runs of at most `pack_tokens`
+    tokens (a longer continuation alone). 0: one row per item, however long (every continuation in one pack)."""
+    out = []
+    for i, (_, conts) in enumerate(enc):
+        cur, size = [], 0
+        for j, c in enumerate(conts):
+            if cur and pack_tokens and size + len(c) > pack_tokens:
+                out.append((i, cur))
+                cur, size = [], 0
+            cur.append(j)
+            size += len(c)
+        if cur:
+            out.append((i, cur))
+    return out
+
+
+def batches(lengths: list[int], rows: int, tokens: int) -> list[list[int]]:
+    "Indices, longest first, in batches of at most `rows` rows and `tokens` = rows x longest (0: no token cap)."
+    out, cur = [], []
+    for k in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        if cur and (len(cur) == rows or (tokens and (len(cur) + 1) * lengths[cur[0]] > tokens)):
+            out.append(cur)
+            cur = []
+        cur.append(k)
+    return out + ([cur] if cur else [])
+
+# %% ../nbs/11_ka.ipynb #11-ka-010g
 @torch.no_grad()
-def logps_packed(model, enc: list, pad_id: int, batch_questions: int = 8, progress=None, also: int | None = None):
+def logps_packed(model, enc: list, pad_id: int, batch_questions: int = 8, progress=None, also: int | None = None,
+                 pack_tokens: int = SCORE_PACK_TOKENS, batch_tokens: int = SCORE_BATCH_TOKENS) -> list:
     """For each (prompt ids, [continuation ids]) of `enc`: the log-probabilities of all its continuations' tokens, laid
-    end to end (a 1-D CPU tensor), each continuation seeing only the prompt. One forward pass per prompt, batched.
-    With token id `also`: a (tokens x 2) tensor, column 1 the log-probability of `also` at the same positions (the
-    probe reads EOS there: how likely the model is to stop at each point of an answer)."""
+    end to end (a 1-D CPU tensor), each continuation seeing only the prompt. Packed rows of at most `pack_tokens`
+    continuation tokens (`segments`), batched by `batch_questions` rows and `batch_tokens`. With token id `also`: a
+    (tokens x 2) tensor, column 1 the log-probability of `also` at the same positions (the probe reads EOS there)."""
     body, head = _body(model)
     dev, dtype = model.device, next(model.parameters()).dtype
-    out = [None if conts else torch.zeros(0) if also is None else torch.zeros(0, 2) for _, conts in enc]
-    # longest first, so a batch holds sequences of similar length
-    order = sorted(range(len(enc)), key=lambda i: -(len(enc[i][0]) + sum(map(len, enc[i][1]))))
-    for b in range(0, len(order), batch_questions):
-        idx = [i for i in order[b : b + batch_questions] if enc[i][1]]
-        if not idx:
-            continue
-        packs = [pack(*enc[i]) for i in idx]
+    segs = segments(enc, pack_tokens)
+    lens = [len(enc[i][0]) + sum(len(enc[i][1][j]) for j in js) for i, js in segs]
+    got = {}
+    for b in batches(lens, batch_questions, batch_tokens):
+        packs = [pack(enc[segs[k][0]][0], [enc[segs[k][0]][1][j] for j in segs[k][1]]) for k in b]
         ids, pos, mask = batch_inputs(packs, pad_id, dtype)
         h = body(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev)).last_hidden_state
-        for r, (i, (_, _, _, pred)) in enumerate(zip(idx, packs)):
+        for r, (k, (_, _, _, pred)) in enumerate(zip(b, packs)):
+            i, js = segs[k]
             flat = [x for pr in pred for x in pr]
-            targets = torch.tensor([t for a in enc[i][1] for t in a], device=dev)
+            targets = torch.tensor([t for j in js for t in enc[i][1][j]], device=dev)
             lsm = head(h[r, flat]).float().log_softmax(-1)
             lp = lsm.gather(-1, targets[:, None])[:, 0]
-            out[i] = (lp if also is None else torch.stack([lp, lsm[:, also]], 1)).cpu()
+            got[i, js[0]] = (lp if also is None else torch.stack([lp, lsm[:, also]], 1)).cpu()
         if progress is not None:
-            progress.update(sum(len(enc[i][1]) for i in idx))
-    return out
+            progress.update(sum(len(segs[k][1]) for k in b))
+    starts, empty = {}, torch.zeros(0) if also is None else torch.zeros(0, 2)
+    for i, js in segs:
+        starts.setdefault(i, []).append(js[0])
+    return [torch.cat([got[i, j] for j in starts[i]]) if conts else empty for i, (_, conts) in enumerate(enc)]
 
 def ppl_packed(
     model, tok, questions, atom_lists, template: str = "alpaca", batch_questions: int = 8, progress=None

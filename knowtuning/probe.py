@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from .config import system_of, training_order
+from .config import SYSTEMS, system_of, training_order
 from .data import prompt, encode_prompt, encode_response
 from .ka import encode, logps_packed, atom_ppls, select_difficult
 from .kc import build_pairs
@@ -16,7 +16,7 @@ from .metrics import bootstrap_ci, paired_diff
 
 # %% auto #0
 __all__ = ['probe_pairs', 'answer_logp_reference', 'stop_points', 'score_probe', 'probe_items', 'kc_measures', 'difficult_logppl',
-           'stop_logp', 'probe_summary', 'probe_data', 'probe_pairs_of', 'run_probes']
+           'stop_logp', 'probe_summary', 'probe_data', 'probe_pairs_of', 'probe_scores', 'run_probes']
 
 # %% ../nbs/15_probe.ipynb #15-probe-006
 def probe_pairs(questions, atom_lists, revisions, kc_cfg, seed: int) -> tuple[list[dict], dict]:
@@ -165,7 +165,7 @@ def probe_pairs_of(models: list[str]) -> list[tuple[str, str]]:
     each step-matched control's matched system against it (`ka − sft_ka_steps`: what KA adds beyond training longer)."""
     out = [("ka", "sft")] if {"ka", "sft"} <= set(models) else []
     for m in models:
-        s = system_of(m) if m != "base" else None
+        s = system_of(m) if m in SYSTEMS else None
         if s and s.init and s.init in models:
             out.append((m, s.init))
         if s and s.match and s.match[-1] in models:
@@ -173,17 +173,14 @@ def probe_pairs_of(models: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def run_probes(cfg, run, sets: dict, teacher, main: str) -> tuple[dict, list[dict]]:
-    """`sets`: {test set: (questions, the references' atoms)}. ({set: probe summary}, probe.csv rows) for the base
-    model and every system the run trains (`systems` and what they need: `ka` is probed whenever KnowTuning is), each
-    loaded once, its LoRA adapter from the run."""
+def probe_scores(cfg, data: dict, adapters: dict) -> dict:
+    """`data`: {set: `probe_data`}; `adapters`: {model: LoRA adapter folder, None for the base model}, the base model
+    first (its atom perplexities choose the difficult atoms). {set: {model: {kc: `kc_measures` rows, atoms:
+    `difficult_logppl`, stops: `stop_logp`}}}, each model loaded once."""
     from knowtuning.assets import load_model
 
-    data = {name: probe_data(teacher, cfg, q, r, name) for name, (q, r) in sets.items()}
-    models = ["base"] + training_order(cfg.systems)
-    kc_rows, atom_ppl, stops, base_ppls, csv_rows = {}, {}, {}, {}, []
-    for m in models:
-        adapter = None if m == "base" else run.path(f"train_{m}") / "adapter"
+    out, base_ppls = {name: {} for name in data}, {}
+    for m, adapter in adapters.items():
         model, tok = load_model(cfg.student, adapter=adapter)
         model.eval()
         for name, (items, _, _) in data.items():
@@ -191,15 +188,25 @@ def run_probes(cfg, run, sets: dict, teacher, main: str) -> tuple[dict, list[dic
             sc = score_probe(model, tok, items, cfg.student.template, cfg.ka.batch_questions, bar)
             bar.close()
             ppls = [s["atoms"] for s in sc]
-            base_ppls.setdefault(name, ppls)  # the base model comes first
-            kc_rows.setdefault(name, {})[m] = rows = kc_measures(items, sc)
-            atom_ppl.setdefault(name, {})[m] = difficult_logppl(base_ppls[name], ppls, cfg.ka.alpha)
-            stops.setdefault(name, {})[m] = stop_logp(sc)
-            csv_rows += [{"dataset": name, "model": m, **r} for r in rows]
+            base_ppls.setdefault(name, ppls)
+            atoms = difficult_logppl(base_ppls[name], ppls, cfg.ka.alpha)
+            out[name][m] = {"kc": kc_measures(items, sc), "atoms": atoms, "stops": stop_logp(sc)}
         del model
-    summ = {}
+    return out
+
+# %% ../nbs/15_probe.ipynb #15-probe-020b
+def run_probes(cfg, run, sets: dict, teacher, main: str) -> tuple[dict, list[dict]]:
+    """`sets`: {test set: (questions, the references' atoms)}. ({set: probe summary}, probe.csv rows) for the base
+    model and every system the run trains (`systems` and what they need: `ka` is probed whenever KnowTuning is)."""
+    data = {name: probe_data(teacher, cfg, q, r, name) for name, (q, r) in sets.items()}
+    models = ["base"] + training_order(cfg.systems)
+    scores = probe_scores(cfg, data, {m: None if m == "base" else run.path(f"train_{m}") / "adapter" for m in models})
+    summ, csv_rows = {}, []
     for name, (items, _, counts) in data.items():
-        s = probe_summary(kc_rows[name], atom_ppl[name], main, cfg.kc.aspects, cfg.eval.bootstrap, cfg.seed,
-                          stops=stops[name], pairs=probe_pairs_of(models))
+        sc = scores[name]
+        s = probe_summary({m: v["kc"] for m, v in sc.items()}, {m: v["atoms"] for m, v in sc.items()}, main,
+                          cfg.kc.aspects, cfg.eval.bootstrap, cfg.seed, stops={m: v["stops"] for m, v in sc.items()},
+                          pairs=probe_pairs_of(models))
         summ[name] = {"questions": sum(bool(it["aspects"]) for it in items), "counts": counts, **s}
+        csv_rows += [{"dataset": name, "model": m, **r} for m, v in sc.items() for r in v["kc"]]
     return summ, csv_rows

@@ -12,10 +12,11 @@ from .judge import ASPECTS
 from .evaluate import Summary
 
 # %% auto #0
-__all__ = ['PROXY_NOTE', 'PROBE_NOTE', 'FACT_COLUMNS', 'REPORT', 'to_markdown', 'to_csv', 'to_latex', 'write_table',
-           'probe_table', 'atoms_table', 'metrics_table', 'diffs_table', 'judge_table', 'facts_table', 'ablation_table',
-           'build_tables', 'probe_notes', 'reading_notes', 'data_sources', 'served_models', 'plot_judge',
-           'plot_metrics', 'plot_probe', 'report_stage', 'combine_tables', 'combine_reports']
+__all__ = ['PROXY_NOTE', 'PROBE_NOTE', 'STAGE_NOTES', 'FACT_COLUMNS', 'REPORT', 'to_markdown', 'to_csv', 'to_latex',
+           'write_table', 'probe_table', 'atoms_table', 'stages_table', 'metrics_table', 'diffs_table', 'judge_table',
+           'facts_table', 'ablation_table', 'build_tables', 'probe_notes', 'reading_notes', 'data_sources',
+           'served_models', 'plot_judge', 'plot_metrics', 'plot_probe', 'report_stage', 'combine_tables',
+           'combine_reports']
 
 # %% ../nbs/17_report.ipynb #17-report-006
 def _fmt(x, digits=4):
@@ -60,11 +61,16 @@ def write_table(out: Path, name: str, header, rows, caption: str):
 def _ci(v):
     return f"{v[0]:.4f} ± {(v[2] - v[1]) / 2:.4f}" if v and not math.isnan(v[0]) else "–"
 
+def _mde(v, fmt=lambda x: f"{x:.4f}") -> str:
+    "' [MDE 0.0123]' for [mean, low, high, n, MDE]: the smallest difference these n questions could detect."
+    return f" [MDE {fmt(v[4])}]" if len(v) > 4 and not math.isnan(v[4]) else ""
+
 def _diff(v) -> str:
-    "'+0.0123 (-0.0040, +0.0290) *' for [mean, low, high, n]; the star when the interval excludes 0."
+    """'+0.0123 (-0.0040, +0.0290) * [MDE 0.0210]' for [mean, low, high, n, MDE]; the star when the interval
+    excludes 0."""
     if not v or math.isnan(v[0]):
         return "–"
-    return f"{v[0]:+.4f} ({v[1]:+.4f}, {v[2]:+.4f})" + (" *" if excludes_zero(v) else "")
+    return f"{v[0]:+.4f} ({v[1]:+.4f}, {v[2]:+.4f})" + (" *" if excludes_zero(v) else "") + _mde(v)
 
 def _wtl(asp: dict, ci: dict | None) -> str:
     if ci is None:
@@ -129,20 +135,55 @@ def _ratio(v: list) -> str:
     "A paired difference of log-perplexities [mean, low, high, n] as a ratio; * when its interval excludes 1."
     if not v or math.isnan(v[0]):
         return "–"
-    return f"×{math.exp(v[0]):.3f} ({math.exp(v[1]):.3f}, {math.exp(v[2]):.3f})" + (" *" if excludes_zero(v) else "")
+    star = " *" if excludes_zero(v) else ""
+    ratio = f"×{math.exp(v[0]):.3f} ({math.exp(v[1]):.3f}, {math.exp(v[2]):.3f}){star}"
+    return ratio + _mde(v, lambda x: f"×{math.exp(x):.3f}")
 
 def atoms_table(summary: Summary, ctx: str):
-    "Per test set and model: perplexity of the reference's difficult atoms (chosen by the base model, as KA does)."
+    """Per test set and model: perplexity of the reference's difficult atoms (chosen by the base model, as KA does),
+    and the log-probability of stopping after one of the reference's atoms (all but the last)."""
     rows, main = [], summary.main
     for d, x in summary.datasets.items():
         p = x.probe or {}
         for m, v in p.get("atoms", {}).items():
-            rows.append([d, p.get("questions", "?"), m, _exp(v), _ratio(p.get("atoms_diffs", {}).get(m))])
+            ad, st = p.get("atoms_diffs", {}).get(m), p.get("stops", {}).get(m)
+            n = ad[3] if ad else p.get("questions", "?")  # paired n: questions with difficult atoms under both
+            rows.append([d, n, m, _exp(v), _ratio(ad), _ci(st) if st else "–", _diff(p.get("stops_diffs", {}).get(m))])
     cap = (f"Fine-grained probe: perplexity, given the question, of each reference's difficult atoms (top-alpha by the "
            f"base model's perplexity, selected exactly as KA selects them), geometric mean over questions with its 95% "
            f"interval; lower = the model learned what was hard for the base model. Ratio = {main} / model, paired "
            f"95% interval (below 1: {main} lower; * excludes 1). {ctx}")
-    return ["dataset", "questions", "model", "difficult-atom perplexity", f"{main} / model"], rows, cap
+    cap += (" Stop = mean log-probability of EOS right after one of the reference's atoms other than the last "
+            f"(higher: the model would end a complete answer early); Δ stop = {main} − model, paired.")
+    return ["dataset", "n", "model", "difficult-atom perplexity", f"{main} / model", "stop log p", "Δ stop"], rows, cap
+
+# %% ../nbs/17_report.ipynb #17-report-009q2
+STAGE_NOTES = {  # what each comparison of `probe_pairs_of` isolates
+    "ka − sft": "the release's protocol (KA's set is twice SFT's, same epochs: KA also trains longer)",
+    "ka − sft_ka_steps": "what the KA set adds at equal optimizer steps",
+    "ka − sft_ka_tokens": "what the KA set adds at equal supervised tokens",
+    "knowtuning − ka": "what KC adds to the KA model",
+    "knowtuning − sft_kt_steps": "KnowTuning against SFT trained as many steps as KA and KC together",
+}
+
+
+def stages_table(summary: Summary, ctx: str):
+    "Per test set: what each stage adds, and each system against its step-matched control, on every probe measure."
+    rows = []
+    for d, x in summary.datasets.items():
+        p = x.probe or {}
+        aspects = list(p.get("aspects", {}))
+        for label, v in p.get("pairs", {}).items():
+            margins = [_diff(v["margin"].get(a)) for a in aspects]
+            rows.append([d, label, STAGE_NOTES.get(label, ""), *margins, _diff(v.get("stops")), _ratio(v.get("atoms"))])
+    aspects = list(dict.fromkeys(a for x in summary.datasets.values() for a in (x.probe or {}).get("aspects", {})))
+    cap = ("What each stage adds, from the probes: Δ per-token margin per aspect, Δ stop log-probability after an "
+           "atom, and the ratio of difficult-atom perplexities, for a − b, paired per question, 95% interval "
+           "(* excludes 0; for the ratio, 1), and beside it the minimum detectable effect (MDE: the smallest true "
+           "difference these n questions detect with power 0.8). An interval that includes 0 rules out differences "
+           f"larger than about the MDE, not all differences. {ctx}")
+    header = ["dataset", "a − b", "isolates", *[f"Δ margin {a}" for a in aspects], "Δ stop", "difficult-atom a / b"]
+    return header, rows, cap
 
 # %% ../nbs/17_report.ipynb #17-report-009a
 def metrics_table(cfg, summary: Summary, ctx: str):
@@ -243,6 +284,8 @@ def build_tables(cfg, summary: Summary, served: str = "") -> dict:
     if any(x.probe for x in summary.datasets.values()):
         tables["table_probe"] = probe_table(summary, ctx, "teacher" in summary.offline)
         tables["table_probe_atoms"] = atoms_table(summary, ctx)
+        if any((x.probe or {}).get("pairs") for x in summary.datasets.values()):
+            tables["table_probe_stages"] = stages_table(summary, ctx)
     tables |= {
         "table_metrics": metrics_table(cfg, summary, ctx),
         "table_diffs": diffs_table(summary, ctx),

@@ -635,7 +635,8 @@ def train_dpo(cfg, rows: list[dict], out, init_adapter, callbacks=()) -> Path:
     if any("aspect" in r for r in rows):
         aspects = [r.get("aspect", "unknown") for r in rows]
         pf = cfg.train.padding_free
-        trainer.add_callback(AspectLogps(feats, aspects, trainer.data_collator, out / "aspect_logps.json", padding_free=pf))
+        path = out / "aspect_logps.json"
+        trainer.add_callback(AspectLogps(feats, aspects, trainer.data_collator, path, padding_free=pf))
     t0 = time.time()
     return _train(trainer, out, t0, "KC (DPO + SFT term)")
 
@@ -655,7 +656,8 @@ def train_spec(system: str) -> Stage:
     fields are the common ones and its objective's (an SFT system does not retrain when a DPO key changes, and the
     other way round)."""
     s = system_of(system)
-    needs = [f"train_{d}" for d in ([s.init] if s.init else []) + list(s.match)] + ([s.data_stage] if s.data_stage else [])
+    needs = [f"train_{d}" for d in ([s.init] if s.init else []) + list(s.match)]
+    needs += [s.data_stage] if s.data_stage else []
     return Stage(f"train_{system}", tuple(needs), TRAIN_FIELDS["common"] + TRAIN_FIELDS[s.objective])
 
 # %% ../nbs/13_train.ipynb #13-train-028a
@@ -679,21 +681,6 @@ def _rows(cfg, run, system):
         return [r for r in rows if r["aspect"] != system.drops]
     return read_jsonl(run.path(f"prefs_{data}") / "pairs.jsonl")
 
-def _budget(run, system) -> tuple | None:
-    "A control's budget: ('steps' | 'tokens', the total that the systems it matches trained for), else None."
-    if not system.match:
-        return None
-    key = "steps" if system.budget == "steps" else "supervised_tokens"
-    total = 0
-    for m in system.match:
-        st = json.loads((run.path(f"train_{m}") / "train_stats.json").read_text())
-        if key not in st:
-            raise ValueError(f"{run.path(f'train_{m}')}/train_stats.json has no '{key}' (trained by an older "
-                             f"version): delete that folder so that {m} retrains, then train {system.name}")
-        total += st[key]
-    return system.budget, total
-
-
 def train_stage(cfg, run, system: str) -> Path:
     "Train `system` (and nothing else) in `run`; its data and starting adapter must exist. Returns the adapter folder."
     spec, sys_ = train_spec(system), system_of(system)
@@ -713,6 +700,21 @@ def train_stage(cfg, run, system: str) -> Path:
             run.update_stage(f"train_{system}", examples=len(rows), **st)
 
     return run.build(spec, cfg, make, [system]) / "adapter"
+
+# %% ../nbs/13_train.ipynb #13-train-028a1
+def _budget(run, system) -> tuple | None:
+    "A control's budget: ('steps' | 'tokens', the total that the systems it matches trained for), else None."
+    if not system.match:
+        return None
+    key = "steps" if system.budget == "steps" else "supervised_tokens"
+    total = 0
+    for m in system.match:
+        st = json.loads((run.path(f"train_{m}") / "train_stats.json").read_text())
+        if key not in st:
+            raise ValueError(f"{run.path(f'train_{m}')}/train_stats.json has no '{key}' (trained by an older "
+                             f"version): delete that folder so that {m} retrains, then train {system.name}")
+        total += st[key]
+    return system.budget, total
 
 # %% ../nbs/13_train.ipynb #13-train-028n
 def launch_command(cfg, run, systems) -> list[str]:
