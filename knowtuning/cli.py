@@ -117,11 +117,28 @@ def _data_args(p):
     p.add_argument("--dest", default=None, help="fetch-release: target folder (default: $KNOWTUNING_HOME/release)")
     p.add_argument("--only", default=None, metavar="NAME,...", help="fetch-release: only these files (default: all)")
 
+# %% ../nbs/99_cli.ipynb #99-cli-005a-2
+def _plan_args(p):
+    _cfg_args(p)
+    p.add_argument("--effect", type=float, default=None, help="also: the test questions this probe effect needs")
+    p.add_argument("--from-run", default=None, metavar="RUN_DIR", help="--effect: the run whose variances to use")
+
 def cmd_plan(a):
-    "The estimated LLM calls, tokens and cost of a config, per stage and role."
+    """The estimated LLM calls, tokens and cost of a config, per stage and role; with --effect D --from-run RUN, the
+    test questions each probe comparison of RUN would need to detect a difference of D (power 0.8, level 0.05)."""
     from knowtuning.pipeline import plan, format_plan
 
     print(format_plan(plan(_load_cfg(a))))
+    if a.effect is not None:
+        from knowtuning.evaluate import Summary
+        from knowtuning.report import sample_sizes, to_markdown
+
+        if not a.from_run:
+            print("error: --effect needs --from-run RUN_DIR (a run with probes)", file=sys.stderr)
+            return 2
+        rows = sample_sizes(Summary.load(Path(a.from_run) / "eval" / "summary.json"), a.effect)
+        head = ["test set", "comparison", "measure", "n", "MDE", f"n for {a.effect:g}"]
+        print(to_markdown(head, rows, f"Questions per test set that a probe difference of {a.effect:g} needs"))
     return 0
 
 # %% ../nbs/99_cli.ipynb #99-cli-005b
@@ -273,7 +290,7 @@ COMMANDS = {  # name: (function, help, adds the arguments)
         _data_args,
     ),
     "readme": (cmd_readme, "render README.md from nbs/index.ipynb", None),
-    "plan": (cmd_plan, "estimated LLM calls, tokens and cost per stage and role, before running", _cfg_args),
+    "plan": (cmd_plan, "estimated LLM calls, tokens and cost per stage and role, before running", _plan_args),
     "serve": (
         cmd_serve,
         "serve the embedded SmolLM2 (or a local model) with `transformers serve` on 127.0.0.1",

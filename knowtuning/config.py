@@ -67,6 +67,9 @@ class KACfg:
 @dataclass
 class KCCfg:
     beta: float = 0.5  # fraction of atoms deleted for the completeness set
+    # delete: the release's rule (a beta fraction of the atoms, at random); truncate: the last beta fraction, so the
+    # rejected answer is the chosen one stopped early (a remedy for early stopping: nbs/19_study.ipynb)
+    completeness: Literal["delete", "truncate"] = "delete"
     revise: float = 0.5  # fraction of (perturbable) atoms revised for the factuality set
     aspects: list[Literal["completeness", "factuality", "logicality"]] = field(
         default_factory=lambda: ["completeness", "factuality", "logicality"]

@@ -310,7 +310,7 @@ def ka_from_set(cfg, run, out: Path, name: str) -> None:
 def ka_stage(cfg, run) -> Path:
     "Build the KA set for `cfg` in `run` (a `knowtuning.runs.Run`); returns the stage folder."
     from knowtuning.data import load_dataset, set_source
-    from knowtuning.teacher import failure_rows, make_teacher
+    from knowtuning.teacher import HeuristicTeacher, failure_rows, make_teacher
     from knowtuning.llm import ledgers
     from knowtuning.runs import require_yield
 
@@ -344,7 +344,8 @@ def ka_stage(cfg, run) -> Path:
         files = [out / "stats.json", out / "failures.jsonl"]
         require_yield("ka", n_rw, len(ds), "rewritten pairs", cfg.min_yield, reasons, files)
 
-    return run.build(KA, cfg, make)
+    # the heuristic teacher's rules are code, not config: a change of them (its `rules` tag) rebuilds the KA set
+    return run.build(KA, cfg, make, [HeuristicTeacher.rules] if cfg.teacher.backend == "heuristic" else [])
 
 # %% ../nbs/11_ka.ipynb #11-ka-021
 def plot_ka(rows, out: Path):

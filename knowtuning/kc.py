@@ -11,8 +11,8 @@ from .runs import read_jsonl, write_json, write_jsonl, Stage
 from .config import ASPECTS, KCCfg
 
 # %% auto #0
-__all__ = ['KC', 'delete_atoms', 'revise_atoms', 'shuffle_atoms', 'perturb', 'build_pairs', 'write_kc_set', 'kc_items',
-           'kc_from_set', 'kc_stage', 'set_profile', 'compare_sets', 'format_comparison']
+__all__ = ['KC', 'delete_atoms', 'revise_atoms', 'truncate_atoms', 'shuffle_atoms', 'perturb', 'build_pairs', 'write_kc_set',
+           'kc_items', 'kc_from_set', 'kc_stage', 'set_profile', 'compare_sets', 'format_comparison']
 
 # %% ../nbs/12_kc.ipynb #12-kc-006
 def delete_atoms(atoms: list[str], beta: float, rng: random.Random):
@@ -35,6 +35,15 @@ def revise_atoms(atoms: list[str], revisions: list, fraction: float, rng: random
     out = [revisions[i][0] if i in pick else a for i, a in enumerate(atoms)]
     return out, {"revised": pick, "ops": [revisions[i][1] for i in pick]}
 
+# %% ../nbs/12_kc.ipynb #12-kc-006a
+def truncate_atoms(atoms: list[str], beta: float):
+    "Completeness, `kc.completeness: truncate`: drop the last beta fraction (at least one, keeping at least one)."
+    n = len(atoms)
+    if n < 2:
+        return None, "fewer than 2 atoms"
+    k = max(1, min(n - 1, round(beta * n)))
+    return atoms[: n - k], {"deleted": list(range(n - k, n))}
+
 
 def shuffle_atoms(atoms: list[str], rng: random.Random):
     "Logicality: a permutation other than the identity (one that changes the text)."
@@ -50,9 +59,10 @@ def shuffle_atoms(atoms: list[str], rng: random.Random):
 # %% ../nbs/12_kc.ipynb #12-kc-009
 def perturb(aspect: str, atoms: list[str], revisions, kc: KCCfg, rng: random.Random):
     """The worse answer's atoms for `aspect` and how they were made, or (None, why not): `kc.beta` of the atoms
-    deleted, `kc.revise` of the revisable ones replaced by the teacher's `revisions`, or the atoms shuffled."""
+    deleted (at random, the release's rule; or the last ones with `kc.completeness: truncate`), `kc.revise` of the
+    revisable ones replaced by the teacher's `revisions`, or the atoms shuffled."""
     if aspect == "completeness":
-        return delete_atoms(atoms, kc.beta, rng)
+        return truncate_atoms(atoms, kc.beta) if kc.completeness == "truncate" else delete_atoms(atoms, kc.beta, rng)
     if aspect == "factuality":
         return (None, "revision failed") if revisions is None else revise_atoms(atoms, revisions, kc.revise, rng)
     return shuffle_atoms(atoms, rng)
@@ -119,7 +129,8 @@ def write_kc_set(out: Path, rows: list[dict], template: str = "alpaca", name: st
 KC = Stage(
     "kc",
     needs=("ka",),
-    fields=("kc.beta", "kc.revise", "kc.aspects", "kc.source", "student.template", "teacher", "seed"),
+    fields=("kc.beta", "kc.completeness", "kc.revise", "kc.aspects", "kc.source", "student.template", "teacher",
+            "seed"),
 )
 
 # %% ../nbs/12_kc.ipynb #12-kc-013a

@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_probe.ipynb #15-probe-003
 from __future__ import annotations
-import math
+import dataclasses, math
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -151,11 +151,13 @@ def probe_summary(kc_rows: dict, atom_ppl: dict, main: str, aspects, n: int = 10
 
 # %% ../nbs/15_probe.ipynb #15-probe-019
 def probe_data(teacher, cfg, questions: list[str], atoms: list[list[str]], label: str):
-    "(items to score, probe pairs, KC counts) of one test set from its references' atoms; the teacher revises them."
+    """(items to score, probe pairs, KC counts) of one test set from its references' atoms; the teacher revises them.
+    Completeness is always probed with the release's random deletion, whatever `kc.completeness` trains on."""
     names = [f"{label} reference {i}" for i in range(len(atoms))]
     factual = "factuality" in cfg.kc.aspects
     revs = teacher.revise(atoms, names) if factual else [None] * len(atoms)
-    pairs, counts = probe_pairs(questions, atoms, revs, cfg.kc, cfg.seed)
+    kc = dataclasses.replace(cfg.kc, completeness="delete")
+    pairs, counts = probe_pairs(questions, atoms, revs, kc, cfg.seed)
     return probe_items(questions, atoms, pairs), pairs, counts
 
 # %% ../nbs/15_probe.ipynb #15-probe-020

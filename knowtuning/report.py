@@ -7,16 +7,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from .runs import read_json, atomic_write, write_json, Stage
-from .metrics import excludes_zero
+from .metrics import Z_MDE, excludes_zero, n_needed
 from .judge import ASPECTS
 from .evaluate import Summary
 
 # %% auto #0
 __all__ = ['PROXY_NOTE', 'PROBE_NOTE', 'STAGE_NOTES', 'FACT_COLUMNS', 'REPORT', 'to_markdown', 'to_csv', 'to_latex',
-           'write_table', 'probe_table', 'atoms_table', 'stages_table', 'metrics_table', 'diffs_table', 'judge_table',
-           'facts_table', 'ablation_table', 'build_tables', 'probe_notes', 'reading_notes', 'data_sources',
-           'served_models', 'plot_judge', 'plot_metrics', 'plot_probe', 'report_stage', 'combine_tables',
-           'combine_reports']
+           'write_table', 'probe_table', 'atoms_table', 'stages_table', 'sample_sizes', 'metrics_table', 'diffs_table',
+           'judge_table', 'facts_table', 'ablation_table', 'build_tables', 'probe_notes', 'reading_notes',
+           'data_sources', 'served_models', 'plot_judge', 'plot_metrics', 'plot_probe', 'report_stage',
+           'combine_tables', 'combine_reports']
 
 # %% ../nbs/17_report.ipynb #17-report-006
 def _fmt(x, digits=4):
@@ -185,6 +185,23 @@ def stages_table(summary: Summary, ctx: str):
     header = ["dataset", "a − b", "isolates", *[f"Δ margin {a}" for a in aspects], "Δ stop", "difficult-atom a / b"]
     return header, rows, cap
 
+# %% ../nbs/17_report.ipynb #17-report-009t
+def sample_sizes(summary: Summary, effect: float) -> list[list]:
+    """[test set, comparison, measure, n, MDE, n for `effect`] for every probe margin difference of a run (`main` −
+    each model, and the stage comparisons), from each difference's n and MDE."""
+    rows, main = [], summary.main
+    for d, x in summary.datasets.items():
+        p = x.probe or {}
+        comps = {f"{main} − {b}": {a: v[b]["margin"] for a, v in p.get("diffs", {}).items() if b in v}
+                 for b in {b for v in p.get("diffs", {}).values() for b in v}}
+        comps |= {label: v["margin"] for label, v in p.get("pairs", {}).items()}
+        for label, per in sorted(comps.items()):
+            for a, v in per.items():
+                if len(v) > 4 and v[3] >= 2 and not math.isnan(v[4]):
+                    sd = v[4] * math.sqrt(v[3]) / Z_MDE
+                    rows.append([d, label, f"Δ margin {a}", v[3], round(v[4], 4), n_needed(sd, effect)])
+    return rows
+
 # %% ../nbs/17_report.ipynb #17-report-009a
 def metrics_table(cfg, summary: Summary, ctx: str):
     rows = [
@@ -316,6 +333,12 @@ def probe_notes(summary: Summary) -> list[str]:
                          + (" *" if excludes_zero(p["atoms_diffs"]["base"]) else ""))
         out.append(f"**Probes ({d}, {p['questions']} questions):** {main} prefers the reference over its perturbation: "
                    + "; ".join(parts) + " (* the paired 95% interval excludes 0).")
+        stages = [f"{label} {_diff(v['margin']['completeness'])}" for label, v in p.get("pairs", {}).items()
+                  if "completeness" in v["margin"]]
+        if stages:
+            out.append(f"**Completeness margin, stage by stage ({d}; a − b, 95% interval, MDE):** " + "; ".join(stages)
+                       + ". Step-matched controls (`sft_ka_steps`, `sft_kt_steps`) separate what a stage teaches from "
+                       "training longer; the release's `ka − sft` mixes both.")
     return out
 
 

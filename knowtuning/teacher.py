@@ -137,6 +137,7 @@ class HeuristicTeacher:
     "Deterministic offline teacher (labelled 'heuristic' in every output)."
 
     label = "heuristic"
+    rules = "2026-12 atom questions"  # changes when the rules' outputs change: KA and KC rebuild (their fingerprints)
 
     def __init__(self, cfg: LLMCfg | None = None, stage: str = "teacher", seed: int = 0, max_atoms: int = 0):
         self.seed, self.max_atoms, self.failures = seed, max_atoms, []

@@ -511,7 +511,7 @@ def _finish(trainer, out: Path, t0: float, title: str, checkpoint: str | None = 
         {
             "seconds": round(time.time() - t0, 2),
             "steps": trainer.state.global_step,
-            "supervised_tokens": round(epoch_tokens * (trainer.state.epoch or 0)),
+            **({"supervised_tokens": round(epoch_tokens * (trainer.state.epoch or 0))} if epoch_tokens else {}),
             "best_checkpoint": trainer.state.best_model_checkpoint,
             "processes": n,
             "per_device_batch": a.per_device_train_batch_size,

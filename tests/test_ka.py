@@ -65,6 +65,25 @@ def test_ka_stage_outputs_load_with_datasets(tmp_path):
     # unchanged config: the stage is skipped
     built = run.manifest["stages"]["ka"]["built"]
     ka_stage(cfg, run); assert run.manifest["stages"]["ka"]["built"] == built and run.manifest["stages"]["ka"]["builds"] == 1
+    # the rewritten question asks about the kept atoms; it is not the original question in a template (issue 31)
+    originals = {r["source"]: r["instruction"] for r in rows if r["kind"] == "original"}
+    for r in rows:
+        if r["kind"] == "rewritten":
+            assert originals[r["source"]] not in r["instruction"], r
+            assert r["instruction"].count("?") == len([a for a in atoms[r["source"]]["atoms"] if a["kept"]])
+
+
+def test_ka_rebuilds_when_the_heuristic_rules_change(tmp_path, monkeypatch):
+    "The heuristic teacher's rules are code: a new `rules` tag rebuilds the KA set of an otherwise unchanged config."
+    from knowtuning.teacher import HeuristicTeacher
+    cfg = load_config("smoke", overrides=["data.n_train=3"])
+    run = Run(cfg, tmp_path)
+    ka_stage(cfg, run)
+    ka_stage(cfg, run)
+    assert run.manifest["stages"]["ka"]["builds"] == 1
+    monkeypatch.setattr(HeuristicTeacher, "rules", "a later version")
+    ka_stage(cfg, run)
+    assert run.manifest["stages"]["ka"]["builds"] == 2
 
 def test_ka_ppl_resumes_after_interruption(tmp_path, monkeypatch):
     import knowtuning.ka as ka
@@ -110,3 +129,17 @@ def test_ka_with_llm_teacher_on_local_server(tmp_path):
     assert sum(r["kind"] == "rewritten" for r in rows) == stats["rewritten"]
     led = run.manifest["stages"]["ka"]["llm"]["teacher"]
     assert led["calls"] >= 16 and led["prompt_tokens"] > 0
+
+def test_packed_equals_reference_on_long_answers(smol):
+    "Rows of at most pack_tokens (and one pack per question) give the one-forward-per-continuation values on 1,500+ tokens."
+    from knowtuning.bench import _long_items, _score_variants
+    model, tok = smol
+    items = _long_items(tok, 1, 1500) + _long_items(tok, 2, 40)
+    assert max(len(tok(a)["input_ids"]) for a in items[0]["answers"]) >= 1500
+    ref = _score_variants(model, tok, items, 0, 0, reference=True)
+    for pack_tokens, batch_tokens in ((512, 8192), (0, 0), (64, 600)):
+        got = _score_variants(model, tok, items, pack_tokens, batch_tokens)
+        for r, g in zip(ref, got):
+            assert r.shape == g.shape
+            assert abs(float(r.sum() - g.sum())) <= 1e-4 * abs(float(r.sum())), (pack_tokens, float(r.sum()), float(g.sum()))
+            assert float((r - g).abs().max()) < 2e-3, (pack_tokens, float((r - g).abs().max()))
