@@ -15,7 +15,7 @@ import yaml
 __all__ = ['ASPECTS', 'SYSTEMS', 'StudentCfg', 'LLMCfg', 'DataCfg', 'KACfg', 'KCCfg', 'LoraCfg', 'TrainCfg', 'GenerateCfg',
            'EvalCfg', 'Config', 'ConfigError', 'from_dict', 'yaml_load', 'parse_override', 'set_dotted', 'deep_merge',
            'project_root', 'configs_dir', 'presets', 'load_config', 'to_dict', 'to_yaml', 'System', 'system_of',
-           'system_deps', 'training_order']
+           'system_deps', 'training_order', 'test_size']
 
 # %% ../nbs/00_config.ipynb #00-config-006
 @dataclass
@@ -54,6 +54,7 @@ class DataCfg:
     test: list = field(default_factory=lambda: ["demo_test"])
     n_train: int = 0  # 0 = all
     n_test: int = 0
+    n_test_sets: dict = field(default_factory=dict)  # {test set: n}: that set's first n records, instead of n_test
     lenient: bool = False  # skip bad records (and report them) instead of failing
 
 # %% ../nbs/00_config.ipynb #00-config-006a
@@ -380,3 +381,8 @@ def training_order(systems) -> list[str]:
             continue
         out += [x for x in system_deps(s) + [s] if x not in out]
     return out
+
+# %% ../nbs/00_config.ipynb #00-config-021b
+def test_size(data: DataCfg, name: str) -> int:
+    "How many of test set `name`'s first records a run uses: `data.n_test_sets[name]`, else `data.n_test` (0: all)."
+    return data.n_test_sets.get(name, data.n_test)

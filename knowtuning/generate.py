@@ -137,6 +137,7 @@ GEN_FIELDS = (
     "generate.api",
     "data.test",
     "data.n_test",
+    "data.n_test_sets",
     "data.lenient",
     "seed",
 )
@@ -187,6 +188,7 @@ def system_generator(cfg, run, system: str):
 def generate_stage(cfg, run, system: str) -> Path:
     "Predictions of `system` on every test set of `cfg`, all sets' questions batched together."
     from knowtuning.data import load_dataset, prompt, dataset_key
+    from knowtuning.config import test_size
     from knowtuning.llm import ledgers
 
     def make(out):
@@ -194,7 +196,7 @@ def generate_stage(cfg, run, system: str) -> Path:
         answer, client = system_generator(cfg, run, system)
         t0, stats, sets = time.time(), {}, []
         for name in cfg.data.test:  # every set's unanswered questions, answered together: fuller batches
-            ds = load_dataset(name, lenient=cfg.data.lenient, n=cfg.data.n_test)
+            ds = load_dataset(name, lenient=cfg.data.lenient, n=test_size(cfg.data, name))
             path = out / f"{dataset_key(name)}.partial.jsonl"  # a user's /abs/path.json stays inside the run
             done = {r["index"] for r in read_jsonl(path)}
             sets.append((ds, path, [i for i in range(len(ds)) if i not in done]))

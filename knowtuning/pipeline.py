@@ -6,7 +6,7 @@
 from __future__ import annotations
 import contextlib, os, re, sys, time
 from pathlib import Path
-from .config import load_config, project_root, training_order
+from .config import load_config, project_root, test_size, training_order
 from .runs import STEPS, Run, runs_root
 
 # %% auto #0
@@ -300,7 +300,7 @@ def plan(cfg) -> list[dict]:
     from knowtuning.data import load_dataset
 
     train = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train).records
-    tests = [load_dataset(n, lenient=cfg.data.lenient, n=cfg.data.n_test).records for n in cfg.data.test]
+    tests = [load_dataset(n, lenient=cfg.data.lenient, n=test_size(cfg.data, n)).records for n in cfg.data.test]
     rows = []
     add = _adder(cfg, rows)
     if cfg.teacher.backend == "llm":

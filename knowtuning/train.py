@@ -434,8 +434,8 @@ class AspectLogps(TrainerCallback):
             self._log(model, 0)
 
     def on_step_end(self, args, state, control, model=None, **kw):
-        every = max(1, state.max_steps // self.points)
-        if model is not None and (state.global_step % every == 0 or state.global_step == state.max_steps):
+        at = {math.ceil(k * state.max_steps / self.points) for k in range(1, self.points + 1)}
+        if model is not None and state.global_step in at:
             self._log(model, state.global_step)
 
 # %% ../nbs/13_train.ipynb #13-train-022
