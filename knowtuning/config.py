@@ -307,6 +307,8 @@ def load_config(preset: str | None = None, file=None, overrides=(), **kw) -> Con
         d = deep_merge(d, _read_yaml(file))
     if isinstance(overrides, dict):
         overrides = list(overrides.items())
+    if isinstance(overrides, str):  # papermill's `-p overrides ka.alpha=0.3` passes one string, not a list
+        overrides = [overrides]
     for o in overrides:
         k, v = parse_override(o) if isinstance(o, str) else o
         set_dotted(d, k, v)

@@ -214,7 +214,7 @@ def evaluate_stage(cfg, run, main: str | None = None) -> Path:
     from knowtuning.teacher import make_teacher
     from knowtuning.llm import ledgers
     from knowtuning.data import dataset_key
-    from knowtuning.probe import run_probes
+    from knowtuning.probe import run_probes  # (imports here: evaluation's modules load torch and the metrics)
 
     def make(out):
         teacher, judge = make_teacher(cfg.teacher, "eval", cfg.seed), make_judge(cfg.judge, "eval")
@@ -222,7 +222,7 @@ def evaluate_stage(cfg, run, main: str | None = None) -> Path:
         offline = [r for r, c in (("teacher", cfg.teacher), ("judge", cfg.judge), ("verifier", cfg.judge))
                    if c.backend != "llm"]
         summary = Summary(main, teacher.label, judge.label, verifier_label(cfg.judge), offline)
-        per_ex, verdict_rows, probe_sets = [], [], {}
+        per_ex, verdict_rows, probe_sets, probes = [], [], {}, {}
         for source in cfg.data.test:
             ds, rows, verdicts, refs = evaluate_set(run, source, cfg, main, teacher, judge, verifier)
             summary.datasets[dataset_key(source)] = ds
@@ -240,8 +240,8 @@ def evaluate_stage(cfg, run, main: str | None = None) -> Path:
         failures = [{"role": k, **f} for k, u in roles for f in (getattr(u, "failures", None) or [])]
         write_jsonl(out / "failures.jsonl", failures)
         summary.save(out / "summary.json")
-        llm = ledgers(teacher=teacher, judge=judge, verifier=verifier)
-        run.update_stage("eval", llm=llm, judge=judge.label, failures=len(failures))
+        llm, cost = ledgers(teacher=teacher, judge=judge, verifier=verifier), {d: p["cost"] for d, p in probes.items()}
+        run.update_stage("eval", llm=llm, judge=judge.label, failures=len(failures), probe=cost)
 
     main = main or cfg.eval.main
     return run.build(eval_spec(cfg.systems), cfg, make, [main])

@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_probe.ipynb #15-probe-003
 from __future__ import annotations
-import dataclasses, math
+import dataclasses, math, time
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -49,20 +49,20 @@ def stop_points(tok, atoms: list[str], ref_ids: list[int]) -> list[int]:
 def score_probe(model, tok, items: list[dict], template: str = "alpaca", batch_questions: int = 8, progress=None):
     """`items`: [{question, answers: [texts], atoms: [texts]}]. Per item: `answers` as [(log p, tokens)] (EOS
     included), `atoms` as perplexities, all after the item's prompt, and `stops`: log p(EOS) after each of the first
-    answer's atoms but the last (`stop_points`). One packed forward pass per item."""
+    answer's atoms but the last (`stop_points`), and `tokens` (prompt and continuations). Packed forward passes."""
     enc = []
     for it in items:
         p, atom_ids = encode(tok, it["question"], it["atoms"], template)
         enc.append((p, [encode_response(tok, a) for a in it["answers"]] + atom_ids))
     lps = logps_packed(model, enc, tok.pad_token_id, batch_questions, progress, also=tok.eos_token_id)
     out = []
-    for it, t, (_, conts) in zip(items, lps, enc):
+    for it, t, (p, conts) in zip(items, lps, enc):
         n, lp = len(it["answers"]), t[:, 0]
         spans = lp.split([len(c) for c in conts]) if conts else []
         answers = [(float(s.sum()), len(s)) for s in spans[:n]]
         stops = [float(t[j, 1]) for j in stop_points(tok, it["atoms"], conts[0])] if n else []
         atoms = atom_ppls(lp[sum(len(c) for c in conts[:n]) :], map(len, conts[n:]))
-        out.append({"answers": answers, "atoms": atoms, "stops": stops})
+        out.append({"answers": answers, "atoms": atoms, "stops": stops, "tokens": len(p) + sum(map(len, conts))})
     return out
 
 # %% ../nbs/15_probe.ipynb #15-probe-013
@@ -178,7 +178,8 @@ def probe_pairs_of(models: list[str]) -> list[tuple[str, str]]:
 def probe_scores(cfg, data: dict, adapters: dict) -> dict:
     """`data`: {set: `probe_data`}; `adapters`: {model: LoRA adapter folder, None for the base model}, the base model
     first (its atom perplexities choose the difficult atoms). {set: {model: {kc: `kc_measures` rows, atoms:
-    `difficult_logppl`, stops: `stop_logp`}}}, each model loaded once."""
+    `difficult_logppl`, stops: `stop_logp`, seconds, tokens}}}, each model loaded once (`seconds` and `tokens`:
+    the scoring's time and the prompt and continuation tokens it scored)."""
     from knowtuning.assets import load_model
 
     out, base_ppls = {name: {} for name in data}, {}
@@ -187,12 +188,15 @@ def probe_scores(cfg, data: dict, adapters: dict) -> dict:
         model.eval()
         for name, (items, _, _) in data.items():
             bar = tqdm(total=sum(len(it["answers"]) + len(it["atoms"]) for it in items), desc=f"probe {m} {name}")
+            t0 = time.perf_counter()
             sc = score_probe(model, tok, items, cfg.student.template, cfg.ka.batch_questions, bar)
+            seconds = round(time.perf_counter() - t0, 2)
             bar.close()
             ppls = [s["atoms"] for s in sc]
             base_ppls.setdefault(name, ppls)
             atoms = difficult_logppl(base_ppls[name], ppls, cfg.ka.alpha)
-            out[name][m] = {"kc": kc_measures(items, sc), "atoms": atoms, "stops": stop_logp(sc)}
+            out[name][m] = {"kc": kc_measures(items, sc), "atoms": atoms, "stops": stop_logp(sc), "seconds": seconds,
+                            "tokens": sum(s["tokens"] for s in sc)}
         del model
     return out
 
@@ -209,6 +213,7 @@ def run_probes(cfg, run, sets: dict, teacher, main: str) -> tuple[dict, list[dic
         s = probe_summary({m: v["kc"] for m, v in sc.items()}, {m: v["atoms"] for m, v in sc.items()}, main,
                           cfg.kc.aspects, cfg.eval.bootstrap, cfg.seed, stops={m: v["stops"] for m, v in sc.items()},
                           pairs=probe_pairs_of(models))
-        summ[name] = {"questions": sum(bool(it["aspects"]) for it in items), "counts": counts, **s}
+        cost = {m: {"seconds": v["seconds"], "tokens": v["tokens"]} for m, v in sc.items()}
+        summ[name] = {"questions": sum(bool(it["aspects"]) for it in items), "counts": counts, "cost": cost, **s}
         csv_rows += [{"dataset": name, "model": m, **r} for m, v in sc.items() for r in v["kc"]]
     return summ, csv_rows

@@ -48,7 +48,7 @@ def test_the_report_leads_with_the_probes(smoke_run):
     report = (rep / "report.md").read_text()
     assert report.index("Knowledge-comparison probe") < report.index("Automatic metrics") and "**Probes (demo_test" in report
     probe = list(csv.DictReader(open(smoke_run.dir / "eval" / "probe.csv")))
-    assert {r["model"] for r in probe} == {"base", *SYSTEMS}
+    assert {r["model"] for r in probe} == {"base", "ka", *SYSTEMS}  # every trained system, ka included
     assert {r["aspect"] for r in probe} == {"completeness", "factuality", "logicality"}
     text = (rep / "table_judge.md").read_text()
     assert "preset smoke" in text and "student tiny-random" in text and "llm:judge-m" in text
