@@ -130,10 +130,13 @@ def test_ka_with_llm_teacher_on_local_server(tmp_path):
     led = run.manifest["stages"]["ka"]["llm"]["teacher"]
     assert led["calls"] >= 16 and led["prompt_tokens"] > 0
 
-def test_packed_equals_reference_on_long_answers(smol):
+def test_packed_equals_reference_on_long_answers():
     "Rows of at most pack_tokens (and one pack per question) give the one-forward-per-continuation values on 1,500+ tokens."
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from knowtuning.assets import tiny_llama_dir
     from knowtuning.bench import _long_items, _score_variants
-    model, tok = smol
+    # the random tiny Llama (SmolLM2's tokenizer): equality does not depend on the weights (SmolLM2: the tests above)
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_llama_dir()).eval(), AutoTokenizer.from_pretrained(tiny_llama_dir())
     items = _long_items(tok, 1, 1500) + _long_items(tok, 2, 40)
     # the long reference and its atom-deleted version, a few atoms: the one-pack scorer stays affordable here
     items[0] = dict(items[0], answers=items[0]["answers"][:2], atoms=items[0]["atoms"][:4])
