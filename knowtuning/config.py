@@ -114,6 +114,7 @@ class TrainCfg:
         False  # trl turns it on by default: saves memory on big models, costs ~1/3 more compute
     )
     precompute_ref: bool = True  # DPO: reference log-probs computed once before training, not every step
+    aspect_logps: int = 8  # KC: chosen/rejected log-probs of this many pairs per aspect, logged at 4 steps; 0: off
     k_samples: int = 4  # RLAIF / FactTune: answers sampled per question from the SFT model
     save_steps: float = 0.1  # < 1: a fraction of the total steps (release: save and eval every 10%)
     logging_steps: int = 1

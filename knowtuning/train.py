@@ -632,11 +632,12 @@ def train_dpo(cfg, rows: list[dict], out, init_adapter, callbacks=()) -> Path:
         padding_free=cfg.train.padding_free,
         callbacks=[GradGuard(), *callbacks],
     )
-    if any("aspect" in r for r in rows):
+    if cfg.train.aspect_logps and any("aspect" in r for r in rows):
         aspects = [r.get("aspect", "unknown") for r in rows]
         pf = cfg.train.padding_free
         path = out / "aspect_logps.json"
-        trainer.add_callback(AspectLogps(feats, aspects, trainer.data_collator, path, padding_free=pf))
+        n = cfg.train.aspect_logps
+        trainer.add_callback(AspectLogps(feats, aspects, trainer.data_collator, path, n, padding_free=pf))
     t0 = time.time()
     return _train(trainer, out, t0, "KC (DPO + SFT term)")
 

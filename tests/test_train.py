@@ -200,17 +200,17 @@ def test_step_matched_controls_train_as_long_as_what_they_match(tmp_path):
     from knowtuning.runs import Run
     from knowtuning.ka import ka_stage
     from knowtuning.kc import kc_stage
-    cfg = load_config("smoke", overrides=TINY + ["data.n_train=6", "train.max_steps=-1", "train.epochs=2",
-                                                 "train.batch_size=2", "train.per_device_batch=2", "train.kc_batch_size=2"])
+    cfg = load_config("smoke", overrides=TINY + ["data.n_train=4", "train.max_steps=-1", "train.epochs=2",
+                                                 "train.batch_size=2", "train.per_device_batch=2", "train.kc_batch_size=4"])
     run = Run(cfg, tmp_path)
     ka_stage(cfg, run); kc_stage(cfg, run)
     for system in ("sft", "ka", "sft_ka_steps", "sft_ka_tokens", "knowtuning", "sft_kt_steps"):
         train_stage(cfg, run, system)
     st = {s: json.loads((run.path(f"train_{s}") / "train_stats.json").read_text())
           for s in ("sft", "ka", "sft_ka_steps", "sft_ka_tokens", "knowtuning", "sft_kt_steps")}
-    assert st["sft"]["steps"] == 6 and st["ka"]["steps"] == 12          # 6 rows vs 12 (KA adds as many), 2 epochs
-    assert st["sft_ka_steps"]["steps"] == 12                             # 4 epochs of the 6 original rows
-    assert st["sft_kt_steps"]["steps"] == 12 + st["knowtuning"]["steps"]
+    assert st["sft"]["steps"] == 4 and st["ka"]["steps"] == 8            # 4 rows vs 8 (KA adds as many), 2 epochs
+    assert st["sft_ka_steps"]["steps"] == 8                              # 4 epochs of the 4 original rows
+    assert st["sft_kt_steps"]["steps"] == 8 + st["knowtuning"]["steps"]
     per_step = st["sft_ka_tokens"]["supervised_tokens"] / st["sft_ka_tokens"]["steps"]
     assert abs(st["sft_ka_tokens"]["supervised_tokens"] - st["ka"]["supervised_tokens"]) <= per_step, st
     assert st["sft_ka_tokens"]["supervised_tokens"] != st["sft"]["supervised_tokens"]
