@@ -345,11 +345,11 @@ def main(argv=None) -> int:
     from knowtuning.data import DataError
     from knowtuning.config import ConfigError
     from knowtuning.pipeline import StepError
-    from knowtuning.runs import YieldError
+    from knowtuning.runs import RunLocked, YieldError
 
     try:
         return a.fn(a) or 0
-    except (DataError, ConfigError, StepError, YieldError) as e:
+    except (DataError, ConfigError, StepError, YieldError, RunLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

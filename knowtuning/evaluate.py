@@ -8,7 +8,7 @@ import csv, io
 import numpy as np
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from .runs import read_json, read_jsonl, write_json, write_jsonl, atomic_write, Stage
+from .runs import read_json, read_jsonl, write_json, write_jsonl, atomic_write, phase, Stage
 from .metrics import paired_diff
 
 # %% auto #0
@@ -189,9 +189,11 @@ def evaluate_set(run, source: str, cfg, main: str, teacher, judge, verifier) -> 
     systems, name = list(cfg.systems), dataset_key(source)
     preds = {s: read_jsonl(run.path(f"gen_{s}") / f"{name}.jsonl") for s in systems}
     has_ref = all(r["reference"].strip() for r in preds[systems[0]])
+    phase(f"{name}: the references' facts") if has_ref else None
     ref_facts, k = reference_facts(teacher, preds[systems[0]], name, cfg.eval.k) if has_ref else (None, 0)
     ds, scores, per_ex = SetSummary(source, len(preds[systems[0]]), has_ref), {}, []
     for s in systems:
+        phase(f"{name}: {s}: metrics, facts")
         rows, scores[s], ds.systems[s] = score_system(preds[s], ref_facts, teacher, verifier, cfg, f"{name}: {s}", k)
         per_ex += [{"dataset": name, "system": s, **r} for r in rows]
     answers = [(s, [r["prediction"] for r in preds[s]]) for s in systems]
@@ -201,6 +203,7 @@ def evaluate_set(run, source: str, cfg, main: str, teacher, judge, verifier) -> 
     if main in systems and has_ref:
         ds.diffs = paired_diffs(scores, main, cfg.eval.bootstrap, cfg.seed)
     if main in systems and (has_ref or cfg.judge.backend == "llm"):
+        phase(f"{name}: judge ({cfg.judge.backend}), {main} against each other system in both orders")
         verdicts = judge_set(ds, name, preds, main, judge, cfg)
     questions = [r["question"] for r in preds[systems[0]]]
     return ds, per_ex, verdicts, (questions, ref_facts) if has_ref else None
@@ -230,6 +233,7 @@ def evaluate_stage(cfg, run, main: str | None = None) -> Path:
             if refs:
                 probe_sets[dataset_key(source)] = refs
         if cfg.eval.probe and probe_sets:
+            phase(f"probes: {', '.join(probe_sets)}")
             probes, probe_rows = run_probes(cfg, run, probe_sets, teacher, main)
             for name, p in probes.items():
                 summary.datasets[name].probe = p

@@ -14,6 +14,7 @@ import httpx, openai
 from tqdm.auto import tqdm
 from .config import LLMCfg
 from .assets import home
+from .runs import phase
 
 # %% auto #0
 __all__ = ['RETRYABLE', 'REPAIR', 'cache_key', 'Cache', 'Request', 'user', 'LLMError', 'Ledger', 'is_loopback', 'model_price',
@@ -352,6 +353,8 @@ async def _many(self: LLMClient, reqs, desc):
         )
         if self.cfg.mode == "batch":
             await self._batch(api, reqs)  # what it answered is cached now; the rest goes interactively below
+        if self.progress:
+            phase(f"{desc or self.stage}: {len(reqs)} calls to {self.cfg.model} at {self.cfg.base_url}")
         bar = tqdm(total=len(reqs), desc=desc or self.stage, disable=not self.progress or len(reqs) < 2, unit="req")
         t0 = time.time()
 

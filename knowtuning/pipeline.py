@@ -4,7 +4,8 @@
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-003
 from __future__ import annotations
-import contextlib, os, re, sys, time
+import contextlib, os, re, sys, threading, time
+from fastcore.basics import patch
 from pathlib import Path
 from .config import load_config, project_root, test_size, training_order
 from .runs import STEPS, Run, runs_root
@@ -53,6 +54,8 @@ with warnings.catch_warnings():  # "IProgress not found": the widgets are what w
     import tqdm.auto, tqdm.autonotebook
 tqdm.auto.tqdm = tqdm.autonotebook.tqdm = tqdm.std.tqdm
 tqdm.auto.trange = tqdm.autonotebook.trange = tqdm.std.trange
+# a bar writes every 5 s while it moves: tqdm's adaptive `miniters` would stay silent for minutes after fast first steps
+tqdm.std.tqdm.__init__ = __import__("functools").partialmethod(tqdm.std.tqdm.__init__, miniters=1, mininterval=5.0)
 os.environ["KNOWTUNING_TEXT_PROGRESS"] = "1"  # training too (knowtuning.train._text_progress)"""
 
 def stage_notebook(path):
@@ -77,35 +80,67 @@ def stage_notebook(path):
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-007p
 class ProgressRelay:
-    """papermill's `stderr_file` for a step: the newest progress bar (tqdm's text bar) that the step's notebook prints
-    is shown on the console, in place on a terminal, else as a line every `every` seconds. Everything else stays in
-    the executed notebook."""
+    """papermill's `stderr_file` for a step: the newest progress line the step's notebook prints (a tqdm text bar, or
+    a `phase(...)` line from a part without a bar) is shown on the console, in place on a terminal, else as a line at
+    most every `every` seconds. A heartbeat thread makes sure the console never goes quiet for longer than 30 s:
+    with nothing new it repeats the newest line with the time since it arrived. Everything else stays in the
+    executed notebook."""
 
-    BAR = re.compile(r"\d+%\|.*\||\d+it \[")
+    BAR = re.compile(r"\d+%\|.*\||\d+it \[|^\[phase\] ")
 
-    def __init__(self, prefix: str, out=None, every: float = 30.0):
+    def __init__(self, prefix: str, out=None, every: float = 25.0, heartbeat: bool = True):
         self.prefix, self.out, self.every = prefix, out or sys.stdout, every
-        self.tty, self.last, self.shown = self.out.isatty(), 0.0, False
+        self.tty, self.last, self.shown, self.line, self.t_line = self.out.isatty(), 0.0, False, "", time.time()
+        self.t0, self._stop, self._lock = time.time(), threading.Event(), threading.Lock()
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True) if heartbeat and every > 0 else None
+        if self._beat:
+            self._beat.start()
 
     def write(self, s: str) -> None:
-        line = next((p.strip() for p in reversed(re.split(r"[\r\n]", s)) if p.strip()), "")
-        if not self.BAR.search(line):
-            return
+        line = next((p.strip() for p in reversed(re.split(r"[\r\n]", s)) if self.BAR.search(p.strip())), "")
+        if line:
+            with self._lock:
+                self.line, self.t_line = line.removeprefix("[phase] "), time.time()
+                self._show(self.line)
+
+    def _show(self, line: str, force: bool = False) -> None:
         if self.tty:
             import shutil
 
-            self.out.write(("\r" + self.prefix + line)[: shutil.get_terminal_size().columns - 1] + "\x1b[K")
-        elif time.time() - self.last >= self.every:
+            text = f"\r{self.prefix}[{_hms(time.time() - self.t0)}] {line}"
+            self.out.write(text[: shutil.get_terminal_size().columns - 1] + "\x1b[K")
+        elif force or time.time() - self.last >= self.every:
             self.out.write(("\n" if not self.shown else "") + f"    {line}\n")
             self.last = time.time()
+        else:
+            return
         self.shown = True
         self.out.flush()
 
-    def flush(self) -> None:
-        self.out.flush()
+# %% ../nbs/18_pipeline.ipynb #18-pipeline-007pb
+@patch
+def _heartbeat(self: ProgressRelay) -> None:
+    "Every few seconds: on a terminal redraw the line (its clock moves); else print it when `every` s have passed."
+    while not self._stop.wait(min(self.every / 6, 5.0)):
+        with self._lock:
+            if time.time() - self.last < self.every and not self.tty:
+                continue
+            quiet = time.time() - self.t_line
+            what = self.line or "running"
+            self._show(what + (f"  (no news for {_hms(quiet)})" if self.line and quiet >= self.every else ""),
+                       force=True)
 
-    def close(self) -> str:
-        "Clear the bar; the prefix to print before the step's timing line."
+
+@patch
+def flush(self: ProgressRelay) -> None:
+    self.out.flush()
+
+
+@patch
+def close(self: ProgressRelay) -> str:
+    "Stop the heartbeat, clear the bar; the prefix to print before the step's timing line."
+    self._stop.set()
+    with self._lock:
         if self.tty and self.shown:
             self.out.write("\r\x1b[K")
             return self.prefix
@@ -123,6 +158,7 @@ def run_step(run: Run, step: str, notebook: str, extra: dict | None = None, prog
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     (run.dir / "notebooks").mkdir(exist_ok=True)
     out = run.dir / "notebooks" / notebook
+    attempt = out.with_name(f".{out.stem}.running.ipynb")  # the kept record is replaced only by a finished step
     params = {
         "preset": None,
         "config_file": str((run.dir / "config.yaml").resolve()),
@@ -135,7 +171,7 @@ def run_step(run: Run, step: str, notebook: str, extra: dict | None = None, prog
         with _stderr_to(out.with_suffix(".log")):
             pm.execute_notebook(
                 stage_notebook(project_root() / "nbs" / notebook),
-                str(out),
+                str(attempt),
                 parameters=params,
                 kernel_name="python3",
                 cwd=str(run.dir),
@@ -144,7 +180,10 @@ def run_step(run: Run, step: str, notebook: str, extra: dict | None = None, prog
                 stderr_file=progress,
             )
     except pm.PapermillExecutionError as e:
-        raise StepError(f"step {step} failed: {e.ename}: {e.evalue}\n(executed notebook: {out})") from None
+        failed = attempt.replace(out.with_name(f"{out.stem}.failed.ipynb"))
+        raise StepError(f"step {step} failed: {e.ename}: {e.evalue}\n(executed notebook: {failed})") from None
+    attempt.replace(out)
+    out.with_name(f"{out.stem}.failed.ipynb").unlink(missing_ok=True)  # a finished step has no failure to show
     return out
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-007b
@@ -166,17 +205,21 @@ def reproduce(
         f"run {run.dir}  ({len(todo)} steps; preset {cfg.name}, student {cfg.student.model}, "
         f"teacher {cfg.teacher.backend}, judge {cfg.judge.backend})"
     )
-    for i, (step, nb, extra) in enumerate(todo, 1):
-        s0 = time.time()
-        head = f"[{i}/{len(todo)}] {step:9s} ... "
-        log(head, end="") if log is print else log(f"[{i}/{len(todo)}] {step}")
-        relay = ProgressRelay(head) if log is print else None
-        run_step(run, step, nb, extra, relay)
-        done_t.append(time.time() - s0)
-        el = time.time() - t0
-        eta = sum(done_t) / len(done_t) * (len(todo) - i)
-        log((relay.close() if relay else "") + f"{done_t[-1]:7.1f} s   elapsed {_hms(el)}   remaining ~{_hms(eta)}")
-    run.update_stage("pipeline", seconds=round(time.time() - t0, 2), steps=[s for s, _, _ in todo])
+    with run.lock():  # one writer for the whole run; the step notebooks' kernels are this job
+        for i, (step, nb, extra) in enumerate(todo, 1):
+            s0 = time.time()
+            head = f"[{i}/{len(todo)}] {step:9s} ... "
+            log(head, end="") if log is print else log(f"[{i}/{len(todo)}] {step}")
+            relay = ProgressRelay(head) if log is print else None
+            try:
+                run_step(run, step, nb, extra, relay)
+            except BaseException:
+                relay and relay.close() and print(flush=True)
+                raise
+            done_t.append(time.time() - s0)
+            el, eta = time.time() - t0, sum(done_t) / len(done_t) * (len(todo) - i)
+            log((relay.close() if relay else "") + f"{done_t[-1]:7.1f} s   elapsed {_hms(el)}   remaining ~{_hms(eta)}")
+        run.update_stage("pipeline", seconds=round(time.time() - t0, 2), steps=[s for s, _, _ in todo])
     return run
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-007b-2

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_runs.ipynb #01-runs-003
 from __future__ import annotations
-import hashlib, json, os, platform, shutil, subprocess, tempfile, time
+import contextlib, hashlib, json, os, platform, shutil, subprocess, tempfile, time
 from contextlib import contextmanager
 from fastcore.basics import patch
 from dataclasses import dataclass
@@ -12,9 +12,10 @@ from pathlib import Path
 from .config import Config, LLMCfg, to_yaml, project_root
 
 # %% auto #0
-__all__ = ['LLM_IDENTITY', 'STEPS', 'atomic_write', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'fingerprint',
-           'file_hash', 'Stage', 'config_value', 'stage_fingerprint', 'Step', 'step_of', 'command_for', 'runs_root',
-           'versions', 'processes', 'is_main', 'barrier', 'Run', 'YieldError', 'require_yield']
+__all__ = ['LLM_IDENTITY', 'STEPS', 'LOCK_ENV', 'atomic_write', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl',
+           'fingerprint', 'file_hash', 'Stage', 'config_value', 'stage_fingerprint', 'Step', 'step_of', 'command_for',
+           'runs_root', 'versions', 'processes', 'is_main', 'barrier', 'phase', 'RunLocked', 'folder_lock', 'Run',
+           'YieldError', 'require_yield']
 
 # %% ../nbs/01_runs.ipynb #01-runs-006
 def atomic_write(path, data: str | bytes) -> Path:
@@ -168,6 +169,70 @@ def barrier() -> None:
 
         PartialState().wait_for_everyone()
 
+# %% ../nbs/01_runs.ipynb #01-runs-013s
+def phase(msg: str) -> None:
+    """Say which part of a step is running. A pipeline step's console shows it as its progress line (parts without
+    a progress bar: facts, judging, metrics, the report); in a notebook it is one line of stderr."""
+    import sys
+
+    print(f"[phase] {msg}", file=sys.stderr, flush=True)
+
+# %% ../nbs/01_runs.ipynb #01-runs-013m
+LOCK_ENV = "KNOWTUNING_RUN_LOCK"
+
+
+class RunLocked(RuntimeError):
+    "Another process is writing this run folder."
+
+
+def _lock_info(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _holder(info: dict) -> str:
+    return (f"process {info.get('pid')} on {info.get('host')} since {info.get('started')}"
+            f" ({info.get('command', '?')})")
+
+
+@contextmanager
+def folder_lock(folder, log=print):
+    """Hold the one-writer lock of a run folder; re-entrant within one job (same `LOCK_ENV` token). Raises
+    `RunLocked` naming the holder when another process holds it."""
+    import fcntl, socket, sys, uuid
+
+    path = Path(folder) / ".lock"
+    token = os.environ.get(LOCK_ENV)
+    if token and _lock_info(path).get("token") == token:
+        yield  # a process of the job that holds the lock (a papermill kernel, a launcher's rank, a nested build)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLocked(f"run folder {folder} is in use by {_holder(_lock_info(path))}; wait for it to finish "
+                            "or stop it (a dead holder's lock is released by the system)") from None
+        if (old := _lock_info(path)).get("pid"):
+            log(f"taking over the lock of {folder} left by {_holder(old)}, which is no longer running")
+        token = uuid.uuid4().hex
+        info = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    command=" ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:200],
+                    token=token)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        prev, os.environ[LOCK_ENV] = os.environ.get(LOCK_ENV), token
+        try:
+            yield
+        finally:
+            os.environ.pop(LOCK_ENV) if prev is None else os.environ.update({LOCK_ENV: prev})
+            os.ftruncate(fd, 0)  # released cleanly: nothing to take over
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
 # %% ../nbs/01_runs.ipynb #01-runs-013a
 class Run:
     "A run folder: resolved config, manifest, and atomically written, fingerprinted stage folders."
@@ -177,12 +242,17 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         if not is_main():
             return
-        atomic_write(self.dir / "config.yaml", to_yaml(cfg))
-        m = self.manifest
-        m.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
-        m.setdefault("stages", {})
-        m.update(versions=versions(), git_commit=_git_commit())
-        self._save(m)
+        with self.lock():  # a folder in use by another command is refused here, before anything is written
+            atomic_write(self.dir / "config.yaml", to_yaml(cfg))
+            m = self.manifest
+            m.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
+            m.setdefault("stages", {})
+            m.update(versions=versions(), git_commit=_git_commit())
+            self._save(m)
+
+    def lock(self):
+        "The folder's one-writer lock (`folder_lock`); the non-main processes of a multi-process job never lock."
+        return folder_lock(self.dir) if is_main() else contextlib.nullcontext()
 
     @property
     def manifest(self) -> dict:
@@ -225,25 +295,33 @@ def stage(self: Run, stage: str, fp: str):
     if self.done(stage, fp):
         yield None
         return
-    tmp = self.dir / f".{stage}.partial"
-    tmp.mkdir(parents=True, exist_ok=True)  # kept across a crash: stages may resume from what is in it
-    t0 = time.time()
-    yield tmp
-    barrier()  # every process has finished its part
-    if is_main():
-        write_json(tmp / "_done.json", {"fingerprint": fp})  # no timestamp: reruns are byte-identical
-        final = self.path(stage)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        self.update_stage(
-            stage,
-            fingerprint=fp,
-            seconds=round(time.time() - t0, 2),
-            built=time.strftime("%Y-%m-%dT%H:%M:%S"),
-            builds=self.manifest.get("stages", {}).get(stage, {}).get("builds", 0) + 1,
-        )
+    with self.lock():
+        phase(f"building {stage}")
+        tmp = self.dir / f".{stage}.partial"
+        tmp.mkdir(parents=True, exist_ok=True)  # kept across a crash: stages may resume from what is in it
+        t0 = time.time()
+        yield tmp
+        barrier()  # every process has finished its part
+        if is_main():
+            self._commit(stage, fp, tmp, t0)
     barrier()  # committed before any process goes on to a stage that needs it
+
+
+@patch
+def _commit(self: Run, stage: str, fp: str, tmp: Path, t0: float):
+    "Move a built stage into place and record it in the manifest (main process, lock held)."
+    write_json(tmp / "_done.json", {"fingerprint": fp})  # no timestamp: reruns are byte-identical
+    final = self.path(stage)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    self.update_stage(
+        stage,
+        fingerprint=fp,
+        seconds=round(time.time() - t0, 2),
+        built=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        builds=self.manifest.get("stages", {}).get(stage, {}).get("builds", 0) + 1,
+    )
 
 # %% ../nbs/01_runs.ipynb #01-runs-014x
 @patch

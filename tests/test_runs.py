@@ -1,0 +1,57 @@
+"One writer per run folder, with real concurrent processes; a failed step never replaces a finished step's record."
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+import pytest
+from conftest import kt
+
+HOLD = """import sys, time
+from knowtuning.config import load_config
+from knowtuning.runs import Run
+run = Run(load_config("smoke"), sys.argv[1], "twin")
+with run.stage("ka", "fp") as d:
+    print("building", flush=True)
+    time.sleep(120)
+"""
+
+
+def _holder(root: Path):
+    env = {k: v for k, v in os.environ.items() if k != "KNOWTUNING_RUN_LOCK"}
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(root)], stdout=subprocess.PIPE, text=True, env=env)
+    assert p.stdout.readline().strip() == "building"
+    return p
+
+
+def test_a_second_writer_is_refused_at_once_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    p = _holder(tmp_path)
+    try:
+        before = (tmp_path / "twin" / "config.yaml").read_text()
+        t0 = time.time()
+        r = kt("reproduce", "--preset", "tiny", "--run", "twin", "--runs-dir", tmp_path, timeout=120)
+        assert r.returncode != 0 and time.time() - t0 < 60, r
+        lock = json.loads((tmp_path / "twin" / ".lock").read_text())
+        assert f"in use by process {p.pid} on {lock['host']} since {lock['started']}" in r.stderr + r.stdout, r
+        assert (tmp_path / "twin" / "config.yaml").read_text() == before  # the tiny config did not replace smoke's
+        assert not (tmp_path / "twin" / "notebooks").exists()
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    r = subprocess.run([sys.executable, "-c", "from knowtuning.config import load_config; from knowtuning.runs import "
+                        f"Run; Run(load_config('smoke'), {str(tmp_path)!r}, 'twin')"], capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != "KNOWTUNING_RUN_LOCK"})
+    assert r.returncode == 0 and f"left by process {p.pid} on " in r.stdout and "no longer running" in r.stdout, r
+    assert (tmp_path / "twin" / ".lock").read_text() == ""  # released cleanly: nothing left to take over
+
+
+def test_a_failed_step_keeps_the_finished_steps_notebook_and_the_failed_one_beside_it(tmp_path):
+    from knowtuning.config import load_config
+    from knowtuning.pipeline import StepError, run_step
+    from knowtuning.runs import Run
+
+    run = Run(load_config("smoke"), tmp_path, "r")
+    good = run_step(run, "report", "17_report.ipynb")  # no eval stage yet: the report step has nothing to do
+    kept = good.read_bytes()
+    (run.dir / "config.yaml").write_text("train: {lr: [not, a, number]}\n")  # the next attempt fails
+    with pytest.raises(StepError, match="17_report.failed.ipynb"):
+        run_step(run, "report", "17_report.ipynb")
+    assert good.read_bytes() == kept and (run.dir / "notebooks" / "17_report.failed.ipynb").exists()
+    assert not list((run.dir / "notebooks").glob(".*running*"))
