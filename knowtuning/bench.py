@@ -9,8 +9,8 @@ from pathlib import Path
 from .config import load_config, LLMCfg
 
 # %% auto #0
-__all__ = ['VARIANTS', 'LOSS_RTOL', 'BENCHES', 'bench_ppl', 'bench_long', 'bench_generate', 'padding_limit', 'bench_sft',
-           'bench_dpo', 'latency_server', 'bench_llm', 'results_lines', 'main']
+__all__ = ['VARIANTS', 'LOSS_RTOL', 'BENCHES', 'bench_ppl', 'bench_long', 'bench_generate', 'bench_sft', 'bench_dpo',
+           'latency_server', 'bench_llm', 'results_lines', 'main']
 
 # %% ../nbs/97_bench.ipynb #97-bench-004
 def _timed(f):
@@ -186,31 +186,6 @@ def _train_loss(hist: list) -> float:
     return next(h["train_loss"] for h in hist if "train_loss" in h)
 
 
-def padding_limit(lens: list[list[int]], batch: int, trl_passes: int, our_passes: int, draws: int = 200) -> float:
-    """The speed-up over trl's defaults that removing padding and recomputation alone allows: trl computes
-    `trl_passes` forward-equivalents over padded batches, ours `our_passes` over the real tokens. `lens[i]`: example
-    i's sequence lengths (SFT: one; KC: chosen and rejected, padded together); batches drawn at random, as the trainer
-    draws them (the mean over `draws` shuffles). An estimate: it counts a LoRA backward as one forward and leaves out
-    the LM head and fixed per-step costs."""
-    rng, real, padded = random.Random(0), sum(map(sum, lens)), 0
-    for _ in range(draws):
-        order = rng.sample(range(len(lens)), len(lens))
-        for i in range(0, len(order), batch):
-            rows = [lens[j] for j in order[i : i + batch]]
-            padded += max(max(r) for r in rows) * sum(len(r) for r in rows)
-    return trl_passes * padded / draws / (our_passes * real)
-
-
-def _lengths(rows: list[dict], keys: tuple) -> list[list[int]]:
-    "Token lengths of each row's prompt + `keys` completions under the embedded student's tokenizer (cutoff 1024)."
-    from transformers import AutoTokenizer
-    from knowtuning.assets import resolve_model
-    from knowtuning.data import encode_example
-
-    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
-    return [[min(1024, sum(map(len, encode_example(tok, r["prompt"], r[k])))) for k in keys] for r in rows]
-
-
 # %% ../nbs/97_bench.ipynb #97-bench-004c0
 LOSS_RTOL = 1e-4  # the same examples and steps: the variants' train losses must agree to this (relative)
 
@@ -219,7 +194,6 @@ def _ratios(res: dict, key: str) -> dict:
     res["ratio"] = res["ours"][key] / res["trl_default"][key]
     res["ratio_padding_free"] = res["ours"][key] / res["padded"][key]
     res["target"] = 2.0  # the goal (issue 24), not what we happen to reach
-    res["of_limit"] = res["ratio"] / res["limit"]
     ref = res["trl_default"]["train_loss"]
     res["loss_gap"] = max(abs(res[v]["train_loss"] - ref) / abs(ref) for v in ("ours", "padded"))
     res["equal_loss"] = res["loss_gap"] <= LOSS_RTOL  # a speed-up at a different loss is not a speed-up
@@ -233,8 +207,6 @@ def bench_sft(n: int = 32, batch: int = 4) -> dict:
 
     data, rows = _train_rows(n)
     res = {"data": data, "examples": len(rows), "batch": batch}
-    # trl: forward, backward and the checkpointed forward again on padded batches; ours: forward and backward
-    res["limit"] = padding_limit(_lengths(rows, ("completion",)), batch, 3, 2)
     for name, ov in VARIANTS.items():
         cfg = load_config(
             "smoke",
@@ -271,9 +243,6 @@ def bench_dpo(pairs: int = 24, batch: int = 4) -> dict:
     d0 = Path(tempfile.mkdtemp())
     train_sft(base, [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows], d0)
     res = {"data": data, "pairs": len(rows), "batch": batch}
-    # trl: the policy's three passes and the reference's forward every step, padded; ours: two passes and the
-    # reference's forward once, on the real tokens
-    res["limit"] = padding_limit(_lengths(rows, ("chosen", "rejected")), batch, 4, 3)
     for name, ov in VARIANTS.items():
         pre = str(name != "trl_default").lower()
         cfg = load_config(
@@ -385,14 +354,12 @@ BENCHES = {"ppl": bench_ppl, "long": bench_long, "generate": bench_generate, "sf
 # %% ../nbs/97_bench.ipynb #97-bench-004h0
 def results_lines(res: dict, names: list[str]) -> list[str]:
     "The results table of `make bench` (results.md), with the notes of the generate and long-answer benches."
-    head = "| benchmark | ratio | limit (padding + recomputation) | of the limit |"
-    head += f" loss gap (tolerance {LOSS_RTOL:g}) |"
-    lines = [head + " target |", "|---|---|---|---|---|---|"]
+    head = f"| benchmark | ratio | loss gap (tolerance {LOSS_RTOL:g}) | target |"
+    lines = [head, "|---|---|---|---|"]
     for name in names:
         r = res[name]
-        lim = f"{r['limit']:.2f}x | {r['of_limit']:.0%}" if "limit" in r else "- | -"
         gap = f"{r['loss_gap']:.1e} ({'equal' if r['equal_loss'] else 'NOT EQUAL'})" if "loss_gap" in r else "-"
-        lines.append(f"| {name} | {r['ratio']:.2f}x | {lim} | {gap} | {r.get('target', '-')} |")
+        lines.append(f"| {name} | {r['ratio']:.2f}x | {gap} | {r.get('target', '-')} |")
     if "generate" in res:
         g = res["generate"]
         lines.append(f"\nThe demo's generate step, as the pipeline runs it: {g['pipeline_tok_s']:.1f} tok/s, "

@@ -17,6 +17,16 @@ __all__ = ['ASPECTS', 'SYSTEMS', 'StudentCfg', 'LLMCfg', 'DataCfg', 'KACfg', 'KC
            'project_root', 'configs_dir', 'presets', 'load_config', 'to_dict', 'to_yaml', 'System', 'system_of',
            'system_deps', 'training_order', 'test_size']
 
+# %% ../nbs/00_config.ipynb #00-config-004r
+import logging
+
+
+def _no_hub_kernel_warning(record: logging.LogRecord) -> bool:
+    return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_no_hub_kernel_warning)
+
 # %% ../nbs/00_config.ipynb #00-config-006
 @dataclass
 class StudentCfg:

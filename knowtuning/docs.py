@@ -73,7 +73,10 @@ html_static_path = ["_static"]
 html_js_files = ["check-images.js"]
 mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"   # MathJax 2.7, served by the site itself
 mathjax2_config = {"tex2jax": {"processClass": "tex2jax_process|mathjax_process|math|output_area",
-                               "ignoreClass": "tex2jax_ignore|mathjax_ignore"}}
+                               "ignoreClass": "tex2jax_ignore|mathjax_ignore"},
+                   # the offline copy (jupyter_server_mathjax) ships the STIX-Web fonts only, not MathJax's TeX ones
+                   "HTML-CSS": {"availableFonts": [], "preferredFont": None, "webFont": "STIX-Web", "imageFont": None},
+                   "SVG": {"font": "STIX-Web"}}
 autodoc_member_order = "bysource"
 suppress_warnings = ["myst.header", "mystnb.unknown_mime_type", "misc.highlighting_failure"]
 nb_output_stderr = "remove"   # warnings and progress bars of the executed pages: the console's, not the reader's

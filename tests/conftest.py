@@ -165,3 +165,34 @@ def smoke_run(tmp_path_factory):
                               resumed=r, resume_s=time.time() - t0, requests=len(s.requests),
                               new_outside={f for f in outside_files(root, run_dir) - outside
                                            if root / "llm-cache" not in f.parents})   # the cache's folder is chosen
+
+# --- headless Chromium on a loopback static server -----------------------------------------------------------------
+def chromium_or_skip():
+    import shutil
+    c = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not c: pytest.skip("chromium is not installed (tools/install.sh installs Debian's chromium)")
+    return c
+
+class StaticSite:
+    "A folder served on loopback by http.server; `failed()` lists the requests that were not answered 200/304."
+    def __init__(self, folder, tmp):
+        import socket
+        self.folder, self.tmp, self.log = Path(folder), Path(tmp), Path(tmp) / "http.log"
+        with socket.socket() as so:
+            so.bind(("127.0.0.1", 0)); self.port = so.getsockname()[1]
+        self.proc = subprocess.Popen([sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
+                                      "--directory", str(folder)], stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
+        import time; time.sleep(0.8)
+    def url(self, page): return f"http://127.0.0.1:{self.port}/{page}"
+    def failed(self):
+        return [l for l in self.log.read_text().splitlines() if '"GET ' in l and not any(f'" {c} ' in l for c in (200, 304))
+                and "favicon.ico" not in l]
+    def close(self): self.proc.terminate(); self.proc.wait()
+
+def chromium(url, tmp, *extra, budget=10000):
+    "The DOM of `url` after `budget` ms of virtual time in headless Chromium (`extra`: e.g. --screenshot=...)."
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={Path(tmp) / 'chromium-profile'}", f"--virtual-time-budget={budget}"]
+    return subprocess.run([chromium_or_skip(), *flags, *(extra or ("--dump-dom",)), url], capture_output=True,
+                          text=True, timeout=180).stdout

@@ -55,3 +55,21 @@ def test_a_failed_step_keeps_the_finished_steps_notebook_and_the_failed_one_besi
         run_step(run, "report", "17_report.ipynb")
     assert good.read_bytes() == kept and (run.dir / "notebooks" / "17_report.failed.ipynb").exists()
     assert not list((run.dir / "notebooks").glob(".*running*"))
+
+
+def test_the_readmes_papermill_run_of_a_stage_notebook(tmp_path):
+    "The README's direct papermill command (one `-p overrides key=value` string) builds the stage in the run folder."
+    import shlex
+    from conftest import ROOT, BIN
+
+    lines = [l for l in (ROOT / "README.md").read_text().splitlines() if l.startswith("papermill nbs/11_ka.ipynb")]
+    assert lines, "the README shows no direct papermill run of 11_ka"
+    cmd = shlex.split(lines[0].replace("runs/mine", str(tmp_path / "mine")))
+    (tmp_path / "mine" / "notebooks").mkdir(parents=True)
+    before = {p: p.stat().st_mtime for p in (ROOT / "knowtuning").glob("*.py")}
+    r = subprocess.run([str(BIN / cmd[0]), *cmd[1:], "-p", "runs_dir", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "alpha: 0.3" in (tmp_path / "mine" / "config.yaml").read_text()
+    assert (tmp_path / "mine" / "ka" / "_done.json").exists() and (tmp_path / "mine" / "notebooks" / "11_ka.ipynb").exists()
+    assert {p: p.stat().st_mtime for p in (ROOT / "knowtuning").glob("*.py")} == before  # no re-export under papermill
