@@ -27,14 +27,19 @@ def _csv(rows: list[dict]) -> str:
 
 
 def summarize_judge(verdicts: list[dict]) -> dict:
-    "Win / tie / lose percentages per aspect, and `flip`: the share (%) of ties whose two orders disagreed."
+    """Per aspect: win / tie / lose, % of all pairs (a pair with an unparsed order is a tie); `flip`, % of the parsed
+    pairs whose two orders disagreed; `position`, % of the parsed pairs whose two orders preferred the same position
+    (opposite answers: pure position bias, a subset of the flips); `failed`, pairs with an unparsed order."""
     from knowtuning.judge import ASPECTS
 
-    n = len(verdicts)
-    pct = lambda k: round(100 * k / n, 1) if n else float("nan")
-    out = {a: {k: pct(sum(v[a] == k for v in verdicts)) for k in ("win", "tie", "lose")} for a in ASPECTS}
+    ok = [v for v in verdicts if not v.get("failed")]
+    pct = lambda k, n: round(100 * k / n, 1) if n else float("nan")
+    out = {a: {k: pct(sum(v[a] == k for v in verdicts), len(verdicts)) for k in ("win", "tie", "lose")}
+           for a in ASPECTS}
     for a in ASPECTS:
-        out[a]["flip"] = pct(sum(bool(v.get(f"flip_{a}")) for v in verdicts))
+        out[a]["flip"] = pct(sum(bool(v.get(f"flip_{a}")) for v in ok), len(ok))
+        out[a]["position"] = pct(sum(bool(v.get(f"position_{a}")) for v in ok), len(ok))
+        out[a]["failed"] = len(verdicts) - len(ok)
     return out
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-006b
@@ -121,8 +126,10 @@ def score_system(preds: list[dict], ref_facts, teacher, verifier, cfg, label: st
     fs = fact_scores(facts, v, cfg.eval.gamma, k, abst, rv)
     cols = ("facts", "correct", "unsupported", "undecidable", "abstained", "precision", "error_rate", "factscore",
             "f1_k", "ref_recall")
-    rows = [{"index": r["index"], **{c: round(m[c][i], 6) for c in m}, **{c: fs[i][c] for c in cols}}
-            for i, r in enumerate(preds)]
+    word = {True: "supported", False: "unsupported", None: "undecidable"}
+    rows = [{"index": r["index"], **{c: round(m[c][i], 6) for c in m}, **{c: fs[i][c] for c in cols},
+             "fact_verdicts": [[f, word[x] if has_ref else "unverified"] for f, x in zip(facts[i], v[i])]}
+            for i, r in enumerate(preds)]  # fact_verdicts: eval/answers.jsonl (the answer browser), not the CSV
     summary = {c: bootstrap_ci(m[c], cfg.eval.bootstrap, cfg.seed) for c in m}
     summary["facts"] = aggregate_facts(fs) if has_ref else {
         "facts_per_answer": sum(len(f) for f in facts) / max(len(facts), 1), "abstained": sum(abst)}
@@ -238,6 +245,9 @@ def evaluate_stage(cfg, run, main: str | None = None) -> Path:
             for name, p in probes.items():
                 summary.datasets[name].probe = p
             atomic_write(out / "probe.csv", _csv(probe_rows))
+        write_jsonl(out / "answers.jsonl", [{"dataset": r["dataset"], "system": r["system"], "index": r["index"],
+                                             "abstained": r["abstained"], "facts": r.pop("fact_verdicts")}
+                                            for r in per_ex])  # each answer's facts and their verdicts
         atomic_write(out / "per_example.csv", _csv(per_ex))
         write_jsonl(out / "verdicts.jsonl", verdict_rows)
         roles = (("teacher", teacher), ("judge", judge), ("verifier", verifier))

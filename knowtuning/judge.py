@@ -16,16 +16,23 @@ __all__ = ['ASPECTS', 'JUDGE', 'combine', 'judge_both_orders', 'proxy_scores', '
 ASPECTS = (*KC_ASPECTS, "overall")  # the judge adds an overall verdict to the three aspects
 
 
-def combine(first: dict, second: dict) -> dict:
-    """Verdicts for system X from two judgements: `first` with X as A, `second` with X as B.
-    Each maps aspect -> 'A' | 'B' | 'tie'. Win only if X is preferred in both orders; `flip_<aspect>` is True when
-    the two orders disagree (neither a consistent preference nor a tie in both)."""
-    out = {}
+def combine(first: dict | None, second: dict | None) -> dict:
+    """Verdicts for system X from two judgements: `first` with X as A, `second` with X as B, each mapping aspect ->
+    'A' | 'B' | 'tie', or None where the judge's answer could not be parsed (`failed`: counted as a tie, never as
+    a flip). Win only if X is preferred in both orders. Per aspect also: `order_<aspect>`, which system each order
+    preferred ('x' | 'y' | 'tie' | 'failed'); `flip_<aspect>`, the two parsed orders disagree (not both the same
+    preference, not both tie); `position_<aspect>`, both orders preferred the same *position*: opposite systems, a
+    pure position bias (a subset of the flips)."""
+    failed = first is None or second is None
+    out = {"failed": failed}
     for a in ASPECTS:
-        x1, x2 = first.get(a) == "A", second.get(a) == "B"
-        y1, y2 = first.get(a) == "B", second.get(a) == "A"
+        f, s = (first or {}).get(a), (second or {}).get(a)
+        x1, x2, y1, y2 = f == "A", s == "B", f == "B", s == "A"
         out[a] = "win" if x1 and x2 else "lose" if y1 and y2 else "tie"
-        out[f"flip_{a}"] = out[a] == "tie" and not (first.get(a) == second.get(a) == "tie")
+        out[f"order_{a}"] = ["failed" if first is None else {"A": "x", "B": "y"}.get(f, "tie"),
+                             "failed" if second is None else {"A": "y", "B": "x"}.get(s, "tie")]
+        out[f"flip_{a}"] = not failed and out[a] == "tie" and not f == s == "tie"
+        out[f"position_{a}"] = not failed and f == s and f in ("A", "B")
     return out
 
 
@@ -133,7 +140,7 @@ class LLMJudge:
             for i, it in enumerate(items)
         ]
         got = complete_parsed(self.client, reqs, parse, "judge")
-        return [g or {a: "tie" for a in ASPECTS} for g in got]
+        return got  # None where the answer could not be parsed (recorded in `failures`; `combine` counts it)
 
 # %% ../nbs/10_judge.ipynb #10-judge-012a-2
 def make_judge(cfg, stage: str = "judge"):

@@ -6,17 +6,18 @@
 from __future__ import annotations
 import math
 from pathlib import Path
-from .runs import read_json, atomic_write, write_json, Stage
+from .runs import read_json, read_jsonl, atomic_write, write_json, Stage
 from .metrics import Z_MDE, excludes_zero, n_needed
 from .judge import ASPECTS
 from .evaluate import Summary
 
 # %% auto #0
-__all__ = ['PROXY_NOTE', 'PROBE_NOTE', 'STAGE_NOTES', 'FACT_COLUMNS', 'REPORT', 'to_markdown', 'to_csv', 'to_latex',
-           'write_table', 'probe_table', 'atoms_table', 'stages_table', 'sample_sizes', 'metrics_table', 'diffs_table',
-           'judge_table', 'facts_table', 'ablation_table', 'build_tables', 'probe_notes', 'reading_notes',
-           'data_sources', 'served_models', 'plot_judge', 'plot_metrics', 'plot_probe', 'report_stage',
-           'combine_tables', 'combine_reports']
+__all__ = ['PROXY_NOTE', 'PROBE_NOTE', 'STAGE_NOTES', 'FACT_COLUMNS', 'ANSWERS_CSS', 'ANSWERS_JS', 'ANSWERS_HTML', 'REPORT',
+           'to_markdown', 'to_csv', 'to_latex', 'write_table', 'probe_table', 'atoms_table', 'stages_table',
+           'sample_sizes', 'metrics_table', 'diffs_table', 'judge_table', 'facts_table', 'ablation_table',
+           'build_tables', 'probe_notes', 'reading_notes', 'data_sources', 'served_models', 'plot_judge',
+           'plot_metrics', 'plot_probe', 'browser_data', 'answers_html', 'report_stage', 'combine_tables',
+           'combine_reports']
 
 # %% ../nbs/17_report.ipynb #17-report-006
 def _fmt(x, digits=4):
@@ -243,17 +244,20 @@ def judge_table(summary: Summary, ctx: str, proxy: bool):
             rows.append(
                 [d, x.n, f"{summary.main} vs {b}"]
                 + [_wtl(asp[a], ci.get(a)) for a in ASPECTS]
-                + [" / ".join(f"{asp[a].get('flip', float('nan')):.0f}" for a in ASPECTS)]
+                + [" / ".join(f"{asp[a].get('flip', math.nan):.0f} ({asp[a].get('position', math.nan):.0f})"
+                              for a in ASPECTS)]
                 + [f"{calls.get('judged', '?')} / {calls.get('failed', '?')}"]
             )
     cap = (
         f"Pairwise judge ({summary.judge}), win / tie / lose (%, ± half 95% CI), judged in both orders; "
         "an answer the judge could not give in the requested form (after one repair round) counts as a tie and "
-        "is counted under 'judged / failed'. Position flips (%, per aspect in column order): pairs whose two orders "
-        "disagreed, counted among the ties; a high flip rate means the judge followed positions, not answers"
+        "is counted under 'judged / failed' (and not as a flip). Flips (%, per aspect in column order, of the pairs "
+        "judged in both orders): pairs whose two orders disagreed, counted among the ties; in brackets the pure "
+        "position flips, both orders preferring the answer in the same place; a high rate means the judge followed "
+        "positions, not answers"
         f"{' — PROXY judge, not an LLM. ' + PROXY_NOTE if proxy else '.'} {ctx}"
     )
-    return ["dataset", "n", "comparison", *ASPECTS, "position flips", "judged / failed"], rows, cap
+    return ["dataset", "n", "comparison", *ASPECTS, "flips (position)", "judged / failed"], rows, cap
 
 # %% ../nbs/17_report.ipynb #17-report-009c
 FACT_COLUMNS = {  # summary key: column
@@ -504,6 +508,140 @@ def plot_probe(summary: Summary, path: Path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+# %% ../nbs/17_report.ipynb #17-report-011d
+def browser_data(run, systems: list[str]) -> dict:
+    """{sets: {name: [question record]}, systems, pairs}: what `answers.html` shows, from the run's `gen_<system>`
+    stages and `eval/` (answers.jsonl, verdicts.jsonl, probe.csv; each optional)."""
+    import csv
+
+    ev, sets = run.path("eval"), {}
+    for s in systems:
+        for f in sorted(run.path(f"gen_{s}").glob("*.jsonl")):
+            for r in read_jsonl(f):
+                q = sets.setdefault(f.stem, {}).setdefault(r["index"], {
+                    "index": r["index"], "question": r["question"], "reference": r["reference"],
+                    "answers": {}, "judge": {}, "probe": {}})
+                q["answers"][s] = {"text": r["prediction"], "facts": [], "abstained": False}
+    for a in read_jsonl(ev / "answers.jsonl"):
+        if (q := sets.get(a["dataset"], {}).get(a["index"])) and a["system"] in q["answers"]:
+            q["answers"][a["system"]].update(facts=a["facts"], abstained=bool(a["abstained"]))
+    pairs = []
+    for v in read_jsonl(ev / "verdicts.jsonl"):
+        pair = f"{v['system']}|{v['baseline']}"
+        pairs += [pair] if pair not in pairs else []
+        if q := sets.get(v["dataset"], {}).get(v["index"]):
+            q["judge"][pair] = {a: {"verdict": v[a], "orders": v.get(f"order_{a}"), "flip": v.get(f"flip_{a}"),
+                                    "position": v.get(f"position_{a}")} for a in ASPECTS}
+    if (ev / "probe.csv").exists():
+        for p in csv.DictReader(open(ev / "probe.csv")):
+            if q := sets.get(p["dataset"], {}).get(int(p["index"])):
+                q["probe"].setdefault(p["model"], {})[p["aspect"]] = round(float(p["margin_sum"]), 3)
+    return {"sets": {k: [v[i] for i in sorted(v)] for k, v in sets.items()}, "systems": list(systems),
+            "pairs": pairs, "aspects": list(ASPECTS)}
+
+# %% ../nbs/17_report.ipynb #17-report-011e
+ANSWERS_CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#222;background:#f6f6f4}
+header{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:8px 16px;z-index:1}
+header h1{font-size:17px;margin:0 0 6px} header label{margin-right:14px} .count{color:#666}
+.q{background:#fff;margin:12px 16px;padding:10px 14px;border:1px solid #ddd;border-radius:6px}
+.q h2{font-size:15px;margin:0 0 6px} .ref{background:#f3f3ff;padding:6px 8px;border-radius:4px;margin-bottom:8px}
+.cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(260px,1fr));gap:10px}
+.ans{border:1px solid #e3e3e3;border-radius:4px;padding:6px 8px} .ans h3{font-size:13px;margin:0 0 4px}
+.facts{margin:6px 0 0;padding-left:16px;font-size:12px} .facts li{margin:2px 0;padding:0 3px;border-radius:3px}
+.supported{background:#d9f2dc} .unsupported{background:#f9d6d5} .undecidable{background:#f6ecc4}
+.unverified{background:#eee} .abst{display:inline-block;background:#555;color:#fff;font-size:11px;padding:0 5px;
+border-radius:3px;margin-left:6px} table{border-collapse:collapse;font-size:12px;margin-top:8px}
+td,th{border:1px solid #ddd;padding:2px 6px;text-align:left} .win{color:#0a7d24;font-weight:600}
+.lose{color:#b3261e;font-weight:600} .pos{color:#0a7d24} .neg{color:#b3261e} .legend span{padding:0 4px;margin-right:6px}"""
+
+ANSWERS_JS = r"""const D = JSON.parse(document.getElementById('data').textContent);
+const el = (t, a = {}, ...kids) => { const e = document.createElement(t);
+  for (const [k, v] of Object.entries(a)) k === 'text' ? e.textContent = v : e.setAttribute(k, v);
+  kids.forEach(k => k && e.append(k)); return e; };
+function state() { const h = new URLSearchParams(location.hash.slice(1));
+  return {set: D.sets[h.get('set')] ? h.get('set') : Object.keys(D.sets)[0] || '',
+          pair: D.pairs.includes(h.get('pair')) ? h.get('pair') : '', disagree: h.get('disagree') === '1'}; }
+function go(s) { location.hash = new URLSearchParams({set: s.set, pair: s.pair, disagree: s.disagree ? 1 : 0}); }
+function disagrees(q, pair) {
+  for (const p of pair ? [pair] : Object.keys(q.judge)) {
+    const j = q.judge[p]; if (j && D.aspects.some(a => j[a].verdict !== 'tie')) return true; }
+  const models = pair ? pair.split('|') : D.systems;
+  return D.aspects.some(a => { const s = models.map(m => (q.probe[m] || {})[a]).filter(x => x !== undefined);
+    return s.some(x => x > 0) && s.some(x => x < 0); });
+}
+function answer(name, a, same) {
+  const facts = el('ul', {class: 'facts'});
+  a.facts.forEach(([f, v]) => facts.append(el('li', {class: v, title: v, text: f})));
+  return el('div', {class: 'ans', 'data-system': name}, el('h3', {text: name},
+    a.abstained ? el('span', {class: 'abst', text: 'abstained'}) : null,
+    same ? el('span', {class: 'abst', text: 'same answer as ' + same}) : null), el('div', {text: a.text}), facts);
+}
+const norm = t => t.split(/\s+/).join(' ').trim();
+function answers(q, names) {
+  return names.filter(n => q.answers[n]).map((n, i, ns) => answer(n, q.answers[n],
+    ns.slice(0, i).find(m => norm(q.answers[m].text) === norm(q.answers[n].text))));
+}
+function judge(pair, j) {
+  const [x, y] = pair.split('|'), who = o => o === 'x' ? x : o === 'y' ? y : o;
+  const t = el('table', {}, el('tr', {}, ...[`${x} vs ${y}`, 'verdict', `${x} first`, `${y} first`, '']
+    .map(h => el('th', {text: h}))));
+  for (const a of D.aspects) { const v = j[a], o = v.orders || ['?', '?'];
+    t.append(el('tr', {}, el('td', {text: a}), el('td', {class: v.verdict, text: v.verdict}),
+      el('td', {text: who(o[0])}), el('td', {text: who(o[1])}),
+      el('td', {text: v.position ? '⚠ position flip' : v.flip ? '⇄ flip' : ''}))); }
+  return t;
+}
+function probe(q, models) {
+  const ms = models.filter(m => q.probe[m]); if (!ms.length) return null;
+  const asp = D.aspects.filter(a => ms.some(m => q.probe[m][a] !== undefined));
+  const t = el('table', {}, el('tr', {}, el('th', {text: 'probe margin (sum log p)'}), ...asp.map(a => el('th', {text: a}))));
+  ms.forEach(m => t.append(el('tr', {}, el('td', {text: m}), ...asp.map(a => { const v = q.probe[m][a];
+    return el('td', {class: v > 0 ? 'pos' : v < 0 ? 'neg' : '', text: v === undefined ? '' : v.toFixed(2)}); }))));
+  return t;
+}
+"""
+
+# %% ../nbs/17_report.ipynb #17-report-011f
+ANSWERS_JS += r"""function render() {
+  const s = state(), main = document.getElementById('list'), head = document.getElementById('controls');
+  head.replaceChildren();
+  const set = el('select', {id: 'set'}); Object.keys(D.sets).forEach(k => set.append(el('option', {value: k, text: k})));
+  const pair = el('select', {id: 'pair'}, el('option', {value: '', text: 'all systems'}));
+  D.pairs.forEach(p => pair.append(el('option', {value: p, text: p.replace('|', ' vs ')})));
+  const dis = el('input', {type: 'checkbox', id: 'disagree'});
+  set.value = s.set; pair.value = s.pair; dis.checked = s.disagree;
+  set.onchange = () => go({...s, set: set.value}); pair.onchange = () => go({...s, pair: pair.value});
+  dis.onchange = () => go({...s, disagree: dis.checked});
+  head.append(el('label', {text: 'test set '}, set), el('label', {text: 'systems '}, pair),
+              el('label', {}, dis, document.createTextNode(' only where the systems disagree')));
+  const shown = s.pair ? s.pair.split('|') : D.systems;
+  const qs = (D.sets[s.set] || []).filter(q => !s.disagree || disagrees(q, s.pair));
+  main.replaceChildren(...qs.map(q => { const card = el('section', {class: 'q', 'data-index': q.index},
+      el('h2', {text: `#${q.index}  ${q.question}`}), el('div', {class: 'ref', text: 'Reference: ' + q.reference}),
+      el('div', {class: 'cols'}, ...answers(q, shown)));
+    for (const p of s.pair ? [s.pair] : Object.keys(q.judge)) if (q.judge[p]) card.append(judge(p, q.judge[p]));
+    card.append(probe(q, ['base', ...shown]) || ''); return card; }));
+  document.body.dataset.shown = qs.length;
+  document.getElementById('count').textContent = `${qs.length} of ${(D.sets[s.set] || []).length} questions`;
+}
+window.addEventListener('hashchange', render); render();"""
+
+ANSWERS_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>Answers: run {run}</title><style>{css}</style>
+</head><body><header><h1>Answers of run <code>{run}</code> <span class="count" id="count"></span></h1>
+<div id="controls"></div><div class="legend">facts: <span class="supported">supported</span><span class="unsupported">
+unsupported</span><span class="undecidable">undecidable</span><span class="unverified">unverified</span>
+judge: verdict of the first system of the pair; ⇄ the two orders disagreed; ⚠ each order preferred the same position
+</div></header><main id="list"></main><script type="application/json" id="data">{data}</script>
+<script>{js}</script></body></html>"""
+
+
+def answers_html(data: dict, run_name: str) -> str:
+    "The self-contained answer browser: `data` (`browser_data`) embedded as JSON, rendered by the page's script."
+    import json, html
+
+    blob = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")  # no "</script>" inside the data
+    return ANSWERS_HTML.format(run=html.escape(run_name), css=ANSWERS_CSS, data=blob, js=ANSWERS_JS)
+
 # %% ../nbs/17_report.ipynb #17-report-013
 REPORT = Stage("report", ("eval",), ("name", "systems", "eval.bertscore_model", "student.model"))
 
@@ -526,6 +664,9 @@ def report_stage(cfg, run) -> Path:
             figs = ["![probe](probe.png)", ""] + figs
         md = [f"# KnowTuning report: run `{run.dir.name}`", ""] + warnings + reading_notes(cfg, summary) + [""]
         md += [data_sources(run.manifest), ""]
+        atomic_write(out / "answers.html", answers_html(browser_data(run, list(cfg.systems)), run.dir.name))
+        md += ["Every answer, side by side with the reference, its facts, the judge's verdicts and the probe's margins: "
+               "[answers.html](answers.html) (a static page; open it from disk).", ""]
         md += [(out / f"{n}.md").read_text() for n in tables]
         atomic_write(out / "report.md", "\n".join(md + figs))
 

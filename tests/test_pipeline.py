@@ -53,6 +53,44 @@ def test_the_report_leads_with_the_probes(smoke_run):
     text = (rep / "table_judge.md").read_text()
     assert "preset smoke" in text and "student tiny-random" in text and "llm:judge-m" in text
 
+def _disagree(q, pair, systems, aspects):
+    "The page's filter, written out again from its definition (nbs/17_report.ipynb, The answer browser)."
+    if any(q["judge"][p][a]["verdict"] != "tie" for p in ([pair] if pair else q["judge"]) if p in q["judge"]
+           for a in aspects):
+        return True
+    models = pair.split("|") if pair else systems
+    for a in aspects:
+        m = [q["probe"][x][a] for x in models if a in q["probe"].get(x, {})]
+        if any(v > 0 for v in m) and any(v < 0 for v in m):
+            return True
+    return False
+
+def test_the_answer_browser_opens_from_disk_and_its_filters_work(smoke_run, tmp_path):
+    "report/answers.html from file:// in headless Chromium: every answer, facts by verdict, judge orders, filters."
+    import html, re
+    from urllib.parse import quote
+    from conftest import chromium
+    page = smoke_run.dir / "report" / "answers.html"
+    assert "(answers.html)" in (smoke_run.dir / "report" / "report.md").read_text()        # linked from the report
+    data = json.loads(page.read_text().split('id="data">')[1].split("</script>")[0].replace("<\\/", "</"))
+    name, qs = next(iter(data["sets"].items()))
+    dom = chromium(page.as_uri() + f"#set={name}", tmp_path)
+    assert f'data-shown="{len(qs)}"' in dom and html.escape(qs[0]["question"]) in dom, dom[-1500:]
+    assert set(re.findall(r'data-system="([^"]+)"', dom)) == set(SYSTEMS)                   # all systems side by side
+    assert re.search(r'<li class="(supported|unsupported|undecidable)"', dom)               # facts by verdict
+    assert "knowtuning first" in dom and re.search(r"<td>(knowtuning|sft|tie|failed)</td>", dom)  # both orders
+    pair = "knowtuning|sft"
+    assert pair in data["pairs"]
+    dom = chromium(page.as_uri() + f"#set={name}&pair={quote(pair)}", tmp_path)
+    assert set(re.findall(r'data-system="([^"]+)"', dom)) == {"knowtuning", "sft"}          # the pair only
+    want = sum(_disagree(q, pair, data["systems"], data["aspects"]) for q in qs)
+    dom = chromium(page.as_uri() + f"#set={name}&pair={quote(pair)}&disagree=1", tmp_path)
+    assert f'data-shown="{want}"' in dom, (want, re.findall(r'data-shown="\d+"', dom))
+    shot = tmp_path / "answers.png"
+    chromium(page.as_uri() + f"#set={name}&pair={quote(pair)}", tmp_path, "--window-size=1280,2000",
+             f"--screenshot={shot}")
+    assert shot.stat().st_size > 20000                                                      # a rendered page
+
 def test_nothing_is_written_outside_the_run_folder_and_the_key_nowhere(smoke_run):
     assert not smoke_run.new_outside, sorted(map(str, smoke_run.new_outside))[:10]
     assert all(a == f"Bearer {SECRET}" for a in smoke_run.server.auth)      # the key was really sent ...
