@@ -4,7 +4,7 @@
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-003
 from __future__ import annotations
-import csv, io
+import csv, io, math
 import numpy as np
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -60,11 +60,12 @@ class SetSummary:
     "One test set: metrics and facts per system, differences and judge rates against the main system, probes."
 
     source: str = ""  # the test set as the config names it (a name or a path)
-    n: int = 0  # questions
+    n: int = 0  # questions evaluated
     has_references: bool = True
+    no_reference: int = 0  # questions left out of a set with references because their own reference is empty
     systems: dict = field(default_factory=dict)  # system: {metric: [mean, low, high], "facts": {...}}
-    diffs: dict = field(default_factory=dict)  # baseline: {measure: [main - baseline, low, high, n, MDE]}
-    judge: dict = field(default_factory=dict)  # baseline: {aspect: {win, tie, lose, flip} in %}
+    diffs: dict = field(default_factory=dict)  # baseline: {measure: [main - baseline, low, high, n, MDE, p]}
+    judge: dict = field(default_factory=dict)  # baseline: {aspect: {win, tie, lose, flip, position} in %, failed}
     judge_ci: dict = field(default_factory=dict)  # baseline: {aspect: {win: [rate, low, high], ...}}
     judge_calls: dict = field(default_factory=dict)  # baseline: {judged, failed}
     identical: dict = field(default_factory=dict)  # "a = b": share of questions with the same answer
@@ -183,10 +184,12 @@ def judge_set(ds: SetSummary, name: str, preds: dict, main: str, judge, cfg) -> 
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-007ba1
 def reference_facts(teacher, preds: list[dict], name: str, k: int = 0) -> tuple[list, int]:
-    "(the references' facts, by the evaluation's teacher; F1@K's K: `k`, or the median number of reference facts)."
+    """(the references' facts, by the evaluation's teacher; F1@K's K: `k`, or the median number of facts of the
+    references the teacher decomposed (failures left out), halves rounded up: a median of 4.5 gives K = 5)."""
     names = [f"{name} reference {r['index']}" for r in preds]
-    facts = [f or [] for f in teacher.decompose([r["reference"] for r in preds], names)]
-    return facts, k or max(1, int(np.median([len(f) for f in facts] or [1])))
+    got = teacher.decompose([r["reference"] for r in preds], names)
+    counts = [len(f) for f in got if f]
+    return [f or [] for f in got], k or max(1, math.floor(float(np.median(counts or [1])) + 0.5))
 
 def evaluate_set(run, source: str, cfg, main: str, teacher, judge, verifier) -> tuple[SetSummary, list, list, list]:
     """(summary, per-example rows, verdict rows, the references' facts or None) of one test set: metrics and facts per
@@ -195,10 +198,13 @@ def evaluate_set(run, source: str, cfg, main: str, teacher, judge, verifier) -> 
 
     systems, name = list(cfg.systems), dataset_key(source)
     preds = {s: read_jsonl(run.path(f"gen_{s}") / f"{name}.jsonl") for s in systems}
-    has_ref = all(r["reference"].strip() for r in preds[systems[0]])
+    empty = {i for i, r in enumerate(preds[systems[0]]) if not r["reference"].strip()}
+    has_ref = len(empty) < len(preds[systems[0]])  # a set with references: its questions without one are left out
+    if has_ref and empty:
+        preds = {s: [r for i, r in enumerate(rs) if i not in empty] for s, rs in preds.items()}
     phase(f"{name}: the references' facts") if has_ref else None
     ref_facts, k = reference_facts(teacher, preds[systems[0]], name, cfg.eval.k) if has_ref else (None, 0)
-    ds, scores, per_ex = SetSummary(source, len(preds[systems[0]]), has_ref), {}, []
+    ds, scores, per_ex = SetSummary(source, len(preds[systems[0]]), has_ref, len(empty) if has_ref else 0), {}, []
     for s in systems:
         phase(f"{name}: {s}: metrics, facts")
         rows, scores[s], ds.systems[s] = score_system(preds[s], ref_facts, teacher, verifier, cfg, f"{name}: {s}", k)
@@ -214,6 +220,15 @@ def evaluate_set(run, source: str, cfg, main: str, teacher, judge, verifier) -> 
         verdicts = judge_set(ds, name, preds, main, judge, cfg)
     questions = [r["question"] for r in preds[systems[0]]]
     return ds, per_ex, verdicts, (questions, ref_facts) if has_ref else None
+
+# %% ../nbs/16_evaluate.ipynb #16-evaluate-007ba3
+def _write_rows(out: Path, per_ex: list[dict], verdict_rows: list[dict]) -> None:
+    "eval/answers.jsonl (each answer's facts and their verdicts), per_example.csv and verdicts.jsonl."
+    write_jsonl(out / "answers.jsonl", [{"dataset": r["dataset"], "system": r["system"], "index": r["index"],
+                                         "abstained": r["abstained"], "facts": r.pop("fact_verdicts")}
+                                        for r in per_ex])
+    atomic_write(out / "per_example.csv", _csv(per_ex))
+    write_jsonl(out / "verdicts.jsonl", verdict_rows)
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-007bb
 def evaluate_stage(cfg, run, main: str | None = None) -> Path:
@@ -245,11 +260,7 @@ def evaluate_stage(cfg, run, main: str | None = None) -> Path:
             for name, p in probes.items():
                 summary.datasets[name].probe = p
             atomic_write(out / "probe.csv", _csv(probe_rows))
-        write_jsonl(out / "answers.jsonl", [{"dataset": r["dataset"], "system": r["system"], "index": r["index"],
-                                             "abstained": r["abstained"], "facts": r.pop("fact_verdicts")}
-                                            for r in per_ex])  # each answer's facts and their verdicts
-        atomic_write(out / "per_example.csv", _csv(per_ex))
-        write_jsonl(out / "verdicts.jsonl", verdict_rows)
+        _write_rows(out, per_ex, verdict_rows)
         roles = (("teacher", teacher), ("judge", judge), ("verifier", verifier))
         failures = [{"role": k, **f} for k, u in roles for f in (getattr(u, "failures", None) or [])]
         write_jsonl(out / "failures.jsonl", failures)

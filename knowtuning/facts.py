@@ -101,16 +101,21 @@ def fact_scores(facts, verdicts, gamma: int = 0, k: int = 0, abstained=None, ref
 
 # %% ../nbs/09_facts.ipynb #09-facts-008-agg
 def aggregate_facts(rows: list[dict]) -> dict:
-    """Facts and correct facts per answer, error rate (unsupported / decided facts), undecidable share, mean FActScore,
-    F1@K, recall@K and reference recall; abstentions counted and left out of precision, error rate and FActScore."""
+    """Means over the answers that do not abstain (abstentions are counted apart): facts and correct facts per answer,
+    precision and error rate (per answer: supported, resp. unsupported, over decided facts; answers without a decided
+    fact left out, so error rate = 1 - precision on the same answers, the unit the paired Δ precision uses), the
+    pooled error rate over all decided facts beside it, the undecidable share, FActScore, F1@K, recall@K, reference
+    recall."""
     n, kept = len(rows), [r for r in rows if not r["abstained"]]
     tot, cor = sum(r["facts"] for r in rows), sum(r["correct"] for r in kept)
     dec = cor + sum(r["unsupported"] for r in kept)
     mean = lambda k, rs=rows: float(np.nanmean([r[k] for r in rs])) if any(r[k] == r[k] for r in rs) else float("nan")
     return {
-        "facts_per_answer": tot / n if n else 0.0,
-        "correct_per_answer": sum(r["correct"] for r in rows) / n if n else 0.0,
-        "error_rate": (dec - cor) / dec if dec else float("nan"),
+        "facts_per_answer": sum(r["facts"] for r in kept) / len(kept) if kept else 0.0,
+        "correct_per_answer": cor / len(kept) if kept else 0.0,
+        "precision": mean("precision", kept),
+        "error_rate": mean("error_rate", kept),
+        "error_rate_pooled": (dec - cor) / dec if dec else float("nan"),
         "undecidable": sum(r["undecidable"] for r in rows) / tot if tot else 0.0,
         "factscore": mean("factscore", kept),
         "f1_k": mean("f1_k"),

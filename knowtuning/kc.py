@@ -4,23 +4,28 @@
 
 # %% ../nbs/12_kc.ipynb #12-kc-003
 from __future__ import annotations
-import json, random
+import json, math, random
 from pathlib import Path
 from .data import prompt, question, llama_factory_entry
 from .runs import read_jsonl, write_json, write_jsonl, Stage
 from .config import ASPECTS, KCCfg
 
 # %% auto #0
-__all__ = ['KC', 'delete_atoms', 'revise_atoms', 'truncate_atoms', 'shuffle_atoms', 'perturb', 'build_pairs', 'write_kc_set',
-           'kc_items', 'kc_from_set', 'kc_stage', 'set_profile', 'compare_sets', 'format_comparison']
+__all__ = ['KC', 'share_of', 'delete_atoms', 'revise_atoms', 'truncate_atoms', 'shuffle_atoms', 'perturb', 'build_pairs',
+           'write_kc_set', 'kc_items', 'kc_from_set', 'kc_stage', 'set_profile', 'compare_sets', 'format_comparison']
 
 # %% ../nbs/12_kc.ipynb #12-kc-006
+def share_of(fraction: float, n: int) -> int:
+    "round(fraction * n), halves up (Python's round() rounds halves to even: 0.5 * 3 -> 2 but 0.5 * 5 -> 2)."
+    return math.floor(fraction * n + 0.5)
+
+
 def delete_atoms(atoms: list[str], beta: float, rng: random.Random):
     "Completeness: drop a beta fraction (at least one, keeping at least one); order preserved."
     n = len(atoms)
     if n < 2:
         return None, "fewer than 2 atoms"
-    k = max(1, min(n - 1, round(beta * n)))
+    k = max(1, min(n - 1, share_of(beta, n)))
     gone = sorted(rng.sample(range(n), k))
     return [a for i, a in enumerate(atoms) if i not in gone], {"deleted": gone}
 
@@ -30,7 +35,7 @@ def revise_atoms(atoms: list[str], revisions: list, fraction: float, rng: random
     ok = [i for i, r in enumerate(revisions) if r is not None and r[0] != atoms[i]]
     if not ok:
         return None, "no perturbable atom"
-    k = max(1, min(len(ok), round(fraction * len(atoms))))
+    k = max(1, min(len(ok), share_of(fraction, len(atoms))))
     pick = sorted(rng.sample(ok, k))
     out = [revisions[i][0] if i in pick else a for i, a in enumerate(atoms)]
     return out, {"revised": pick, "ops": [revisions[i][1] for i in pick]}
@@ -41,7 +46,7 @@ def truncate_atoms(atoms: list[str], beta: float):
     n = len(atoms)
     if n < 2:
         return None, "fewer than 2 atoms"
-    k = max(1, min(n - 1, round(beta * n)))
+    k = max(1, min(n - 1, share_of(beta, n)))
     return atoms[: n - k], {"deleted": list(range(n - k, n))}
 
 
@@ -192,7 +197,7 @@ def kc_stage(cfg, run) -> Path:
         files = [out / "stats.json", out / "failures.jsonl", run.path("ka") / "failures.jsonl"]
         require_yield("kc", len(rows), len(arows) * len(cfg.kc.aspects), "pairs", cfg.min_yield, reasons, files)
 
-    return run.build(KC, cfg, make)
+    return run.build(KC, cfg, make, ["counts: half-up"])  # the rule of `share_of`: sets built before it rebuild
 
 # %% ../nbs/12_kc.ipynb #12-kc-013d
 def _recover_aspect(chosen: str, rejected: str) -> str:

@@ -8,8 +8,9 @@ import math, re
 import numpy as np
 
 # %% auto #0
-__all__ = ['Z_MDE', 'tokenize', 'meteor', 'rouge_l', 'bertscore', 'bootstrap_ci', 'all_metrics', 'paired_bootstrap',
-           'excludes_zero', 'rate_cis', 'mde', 'n_needed', 'paired_diff']
+__all__ = ['Z_MDE', 'ALPHA', 'tokenize', 'meteor', 'rouge_l', 'bertscore', 'bootstrap_ci', 'all_metrics', 'paired_bootstrap',
+           'excludes_zero', 'mde', 'n_needed', 'paired_diff', 'sign_test_p', 'sign_flip_p', 'paired_p',
+           'false_star_table', 'significant', 'holm', 'wilson', 'rate_cis']
 
 # %% ../nbs/08_metrics.ipynb #08-metrics-005
 def tokenize(s: str) -> list[str]:
@@ -83,18 +84,16 @@ def excludes_zero(ci) -> bool:
     return bool(ci[1] > 0 or ci[2] < 0)
 
 
-def rate_cis(labels: list[str], n: int = 1000, seed: int = 0) -> dict[str, tuple[float, float, float]]:
-    "{label: (percent, low, high)} for win / tie / lose, bootstrap over examples."
-    return {k: tuple(100 * x for x in bootstrap_ci([l == k for l in labels], n, seed)) for k in ("win", "tie", "lose")}
-
 # %% ../nbs/08_metrics.ipynb #08-metrics-010e
 Z_MDE = 1.959964 + 0.841621  # z_0.975 + z_0.8: two-sided 5% level, power 0.8
 
 
 def mde(diffs) -> float:
-    "Minimum detectable effect (power 0.8, two-sided 0.05) of the mean of paired differences `diffs`."
+    """Minimum detectable effect (power 0.8, two-sided 0.05) of the mean of paired differences `diffs`; NaN where it
+    is undefined: one question, or no variation at all (identical answers: 0 would claim any effect detectable)."""
     d = np.asarray(diffs, dtype=float)
-    return float(Z_MDE * d.std(ddof=1) / math.sqrt(len(d))) if len(d) >= 2 else float("nan")
+    sd = d.std(ddof=1) if len(d) >= 2 else 0.0
+    return float(Z_MDE * sd / math.sqrt(len(d))) if sd > 0 else float("nan")
 
 
 def n_needed(sd: float, effect: float) -> int:
@@ -103,7 +102,94 @@ def n_needed(sd: float, effect: float) -> int:
 
 
 def paired_diff(a, b, n: int = 1000, seed: int = 0) -> list:
-    "[mean of a - b, low, high, questions, MDE] over the questions where both are defined (paired bootstrap)."
+    """[mean of a - b, low, high, questions, MDE, p] over the questions where both are defined: the paired bootstrap
+    interval, and p of the paired test (`paired_p`, defined below: sign test for 0/1 scores, else sign flips)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     ok = ~(np.isnan(a) | np.isnan(b))
-    return [*paired_bootstrap(a[ok], b[ok], n, seed), int(ok.sum()), mde(a[ok] - b[ok])]
+    return [*paired_bootstrap(a[ok], b[ok], n, seed), int(ok.sum()), mde(a[ok] - b[ok]), paired_p(a[ok], b[ok])]
+
+# %% ../nbs/08_metrics.ipynb #08-metrics-010h
+ALPHA = 0.05  # a star: p < ALPHA
+
+
+def sign_test_p(d) -> float:
+    "Exact two-sided sign test of paired differences `d` (McNemar's exact test when the scores are 0/1)."
+    d = np.asarray(d, dtype=float)
+    m, k = int((d != 0).sum()), int((d > 0).sum())
+    if m == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(m, i) for i in range(min(k, m - k) + 1)) / 2**m)
+
+
+def sign_flip_p(d, b: int = 20000, seed: int = 0, exact_up_to: int = 14) -> float:
+    "Two-sided paired permutation (sign-flip) test of mean(d) = 0: every sign pattern up to `exact_up_to`, else `b`."
+    d = np.asarray(d, dtype=float)
+    d = d[d != 0]
+    if len(d) == 0:
+        return 1.0
+    obs, tol = abs(d.sum()), 1e-9 * np.abs(d).sum()
+    if len(d) <= exact_up_to:
+        signs = 1 - 2 * ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1)
+        return float(np.mean(np.abs(signs @ d) >= obs - tol))
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(b, len(d)))
+    return float((np.sum(np.abs(signs @ d) >= obs - tol) + 1) / (b + 1))
+
+
+def paired_p(a, b) -> float:
+    "p of a paired difference: the sign test when both are 0/1 scores, else the sign-flip test."
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    binary = np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all()
+    return sign_test_p(a - b) if binary else sign_flip_p(a - b)
+
+# %% ../nbs/08_metrics.ipynb #08-metrics-010k
+def false_star_table(ns=(3, 5, 10, 40, 200), sims: int = 2000, power_sims: int = 500, seed: int = 0) -> list[list]:
+    """[[n, bootstrap interval excludes 0, sign flips, sign test (binary), power of each at the effects above]]:
+    the share of simulated comparisons starred, under a true zero and under an effect."""
+    rng, rows = np.random.default_rng(seed), []
+
+    def boot(d):  # the old rule: the percentile bootstrap's 95% interval excludes 0
+        _, lo, hi = bootstrap_ci(d, 500, int(rng.integers(1 << 30)))
+        return lo > 0 or hi < 0
+
+    def binary(n, up, down):  # a - b per question: +1 wrong -> right, -1 right -> wrong, else 0
+        u = rng.random(n)
+        return (u < up).astype(float) - ((u >= up) & (u < up + down)).astype(float)
+
+    for n in ns:
+        zero = [rng.normal(0, 1, n) for _ in range(sims)]
+        eff = [rng.normal(0.5, 1, n) for _ in range(power_sims)]
+        bz, be = [binary(n, 0.1, 0.1) for _ in range(sims)], [binary(n, 0.2, 0.05) for _ in range(power_sims)]
+        rate = lambda test, xs: float(np.mean([test(x) for x in xs]))
+        flip, sign = (lambda d: sign_flip_p(d, 2000) < ALPHA), (lambda d: sign_test_p(d) < ALPHA)
+        rows.append([n, rate(boot, zero), rate(flip, zero), rate(sign, bz), rate(boot, bz),
+                     rate(boot, eff), rate(flip, eff), rate(sign, be)])
+    return rows
+
+# %% ../nbs/08_metrics.ipynb #08-metrics-010m
+def significant(v) -> bool:
+    "Does a paired difference [mean, low, high, n, MDE, p] get a star (p < ALPHA)? Never without its p."
+    return len(v) > 5 and v[5] is not None and not math.isnan(v[5]) and v[5] < ALPHA
+
+
+def holm(ps: list[float], alpha: float = ALPHA) -> list[bool]:
+    "Holm's step-down correction: which of `ps` stay significant when all of them are tested together."
+    order, keep = sorted(range(len(ps)), key=lambda i: ps[i]), [False] * len(ps)
+    for rank, i in enumerate(order):
+        if ps[i] >= alpha / (len(ps) - rank):
+            break
+        keep[i] = True
+    return keep
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float, float]:
+    "(share, low, high): the Wilson score 95% interval of a proportion k / n (never outside [0, 1], never empty)."
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    p, z2 = k / n, z * z
+    mid, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return p, max(0.0, mid - half), min(1.0, mid + half)
+
+
+def rate_cis(labels: list[str], n: int = 1000, seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    "{label: (percent, low, high)} for win / tie / lose: Wilson intervals (`n`, `seed`: unused)."
+    return {k: tuple(100 * x for x in wilson(sum(l == k for l in labels), len(labels))) for k in ("win", "tie", "lose")}

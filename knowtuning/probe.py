@@ -12,7 +12,7 @@ from .config import SYSTEMS, system_of, training_order
 from .data import prompt, encode_prompt, encode_response
 from .ka import encode, logps_packed, atom_ppls, select_difficult
 from .kc import build_pairs
-from .metrics import bootstrap_ci, paired_diff
+from .metrics import bootstrap_ci, paired_diff, wilson
 
 # %% auto #0
 __all__ = ['probe_pairs', 'answer_logp_reference', 'stop_points', 'score_probe', 'probe_items', 'kc_measures', 'difficult_logppl',
@@ -104,8 +104,16 @@ def difficult_logppl(base_ppls: list, ppls: list, alpha: float) -> list[float]:
 
 # %% ../nbs/15_probe.ipynb #15-probe-016
 def _ci(xs, n, seed) -> list:
+    "[mean, low, high, n]: the bootstrap interval of a mean over the questions where it is defined."
     xs = np.asarray(xs, dtype=float)
-    return list(bootstrap_ci(xs[~np.isnan(xs)], n, seed))
+    xs = xs[~np.isnan(xs)]
+    return [*bootstrap_ci(xs, n, seed), len(xs)]
+
+def _share(xs) -> list:
+    "[share, low, high, n]: a proportion of 0/1 values with its Wilson interval."
+    xs = np.asarray(xs, dtype=float)
+    xs = xs[~np.isnan(xs)]
+    return [*wilson(int(xs.sum()), len(xs)), len(xs)]
 
 def stop_logp(scores: list[dict]) -> list[float]:
     "Per question: the mean log p(EOS) after the reference's atoms but the last (NaN: no stop point)."
@@ -123,9 +131,9 @@ def _kc_values(kc_rows: dict, aspect: str) -> dict:
 def probe_summary(kc_rows: dict, atom_ppl: dict, main: str, aspects, n: int = 1000, seed: int = 0, stops=None,
                   pairs=()) -> dict:
     """`kc_rows`: {model: `kc_measures` rows}; `atom_ppl`: {model: `difficult_logppl`}; `stops`: {model: `stop_logp`}.
-    Per aspect and model: accuracy (per-token and summed) and mean margins with 95% intervals; the difficult atoms'
-    mean log-perplexity; the mean stop log-probability; `main` minus every other model and `a` minus `b` for each
-    (a, b) of `pairs`, paired per question, with n and MDE."""
+    Per aspect and model: accuracy (per-token and summed; Wilson intervals) and mean margins (bootstrap), with n;
+    the difficult atoms' mean log-perplexity; the mean stop log-probability; `main` minus every other model and `a`
+    minus `b` for each (a, b) of `pairs`, paired per question, with n, MDE and p."""
     stops = stops or {}
     out = {"aspects": {}, "diffs": {}, "atoms": {m: _ci(v, n, seed) for m, v in atom_ppl.items()},
            "stops": {m: _ci(v, n, seed) for m, v in stops.items()}, "pairs": {}}
@@ -134,10 +142,10 @@ def probe_summary(kc_rows: dict, atom_ppl: dict, main: str, aspects, n: int = 10
         out["pairs"][f"{p[0]} − {p[1]}"] = {"margin": {}}
     for a in aspects:
         vals = _kc_values(kc_rows, a)
-        out["aspects"][a] = {m: {k: _ci(x, n, seed) for k, x in v.items()} | {"pairs": len(v["margin"])}
-                             for m, v in vals.items()}
+        out["aspects"][a] = {m: {k: _share(x) if k.startswith("accuracy") else _ci(x, n, seed) for k, x in v.items()}
+                                | {"pairs": len(v["margin"])} for m, v in vals.items()}
         if main in vals:
-            out["diffs"][a] = {b: {k: paired_diff(vals[main][k], vals[b][k], n, seed) for k in ("accuracy", "margin")}
+            out["diffs"][a] = {b: {k: paired_diff(vals[main][k], vals[b][k], n, seed) for k in vals[main]}
                                for b in vals if b != main}
         for x, y in pairs:
             out["pairs"][f"{x} − {y}"]["margin"][a] = paired_diff(vals[x]["margin"], vals[y]["margin"], n, seed)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from .runs import read_json, read_jsonl, atomic_write, write_json, Stage
-from .metrics import Z_MDE, excludes_zero, n_needed
+from .metrics import Z_MDE, holm, n_needed, significant
 from .judge import ASPECTS
 from .evaluate import Summary
 
@@ -15,8 +15,8 @@ from .evaluate import Summary
 __all__ = ['PROXY_NOTE', 'PROBE_NOTE', 'STAGE_NOTES', 'FACT_COLUMNS', 'ANSWERS_CSS', 'ANSWERS_JS', 'ANSWERS_HTML', 'REPORT',
            'to_markdown', 'to_csv', 'to_latex', 'write_table', 'probe_table', 'atoms_table', 'stages_table',
            'sample_sizes', 'metrics_table', 'diffs_table', 'judge_table', 'facts_table', 'ablation_table',
-           'build_tables', 'probe_notes', 'reading_notes', 'data_sources', 'served_models', 'plot_judge',
-           'plot_metrics', 'plot_probe', 'browser_data', 'answers_html', 'report_stage', 'combine_tables',
+           'build_tables', 'probe_notes', 'multiplicity_note', 'reading_notes', 'data_sources', 'served_models',
+           'plot_judge', 'plot_metrics', 'plot_probe', 'browser_data', 'answers_html', 'report_stage', 'combine_tables',
            'combine_reports']
 
 # %% ../nbs/17_report.ipynb #17-report-006
@@ -62,22 +62,35 @@ def write_table(out: Path, name: str, header, rows, caption: str):
 def _ci(v):
     return f"{v[0]:.4f} ± {(v[2] - v[1]) / 2:.4f}" if v and not math.isnan(v[0]) else "–"
 
+def _share(v) -> str:
+    "A proportion [share, low, high, n] (Wilson interval) as '60% [31, 83] of 10'."
+    if not v or math.isnan(v[0]):
+        return "–"
+    return f"{v[0]:.0%} [{100 * v[1]:.0f}, {100 * v[2]:.0f}]" + (f" of {v[3]}" if len(v) > 3 else "")
+
 def _mde(v, fmt=lambda x: f"{x:.4f}") -> str:
     "' [MDE 0.0123]' for [mean, low, high, n, MDE]: the smallest difference these n questions could detect."
     return f" [MDE {fmt(v[4])}]" if len(v) > 4 and not math.isnan(v[4]) else ""
 
+# %% ../nbs/17_report.ipynb #17-report-009-d
 def _diff(v) -> str:
-    """'+0.0123 (-0.0040, +0.0290) * [MDE 0.0210]' for [mean, low, high, n, MDE]; the star when the interval
-    excludes 0."""
+    """'+0.0123 (-0.0040, +0.0290) n=40 p=0.012 * [MDE 0.0210]' for [mean, low, high, n, MDE, p]: the paired
+    bootstrap interval, the questions compared, the paired test's p and its star (`significant`), the MDE."""
     if not v or math.isnan(v[0]):
         return "–"
-    return f"{v[0]:+.4f} ({v[1]:+.4f}, {v[2]:+.4f})" + (" *" if excludes_zero(v) else "") + _mde(v)
+    return f"{v[0]:+.4f} ({v[1]:+.4f}, {v[2]:+.4f})" + _np(v) + _mde(v)
+
+def _np(v) -> str:
+    "' n=40 p=0.012 *' (n and p where the difference has them)."
+    n = f" n={v[3]}" if len(v) > 3 else ""
+    p = f" p={v[5]:.3g}" if len(v) > 5 and v[5] is not None and not math.isnan(v[5]) else ""
+    return n + p + (" *" if significant(v) else "")
 
 def _wtl(asp: dict, ci: dict | None) -> str:
     if ci is None:
         return f"{asp['win']:.1f} / {asp['tie']:.1f} / {asp['lose']:.1f}"
-    hw = {k: (ci[k][2] - ci[k][1]) / 2 for k in ("win", "lose")}
-    return f"{asp['win']:.1f}±{hw['win']:.0f} / {asp['tie']:.1f} / {asp['lose']:.1f}±{hw['lose']:.0f}"
+    iv = {k: f" [{ci[k][1]:.0f}, {ci[k][2]:.0f}]" for k in ("win", "lose")}
+    return f"{asp['win']:.1f}{iv['win']} / {asp['tie']:.1f} / {asp['lose']:.1f}{iv['lose']}"
 
 
 PROXY_NOTE = (
@@ -107,24 +120,27 @@ PROBE_NOTE = (
 
 
 def probe_table(summary: Summary, ctx: str, offline: bool):
-    "Per test set, aspect and model: preference accuracy (per token, summed) and mean margin; Δ accuracy vs main."
+    """Per test set, aspect and model: preference accuracy (per token, summed; Wilson intervals, n) and mean margin
+    per token; Δ = main − model of the per-token accuracy, the summed accuracy and the margin (paired)."""
     rows, main = [], summary.main
     for d, x in summary.datasets.items():
         p = x.probe or {}
         for a, models in p.get("aspects", {}).items():
             for m, v in models.items():
                 dv = p["diffs"].get(a, {}).get(m)
-                deltas = [_diff(dv[k]) if dv else "–" for k in ("accuracy", "margin")]
-                cis = [_ci(v[k]) for k in ("accuracy", "accuracy_sum", "margin")]
+                deltas = [_diff(dv[k]) if dv and k in dv else "–" for k in ("accuracy", "accuracy_sum", "margin")]
+                cis = [_share(v["accuracy"]), _share(v["accuracy_sum"]), _ci(v["margin"])]
                 rows.append([d, v["pairs"], a, m, *cis, *deltas])
     off = (" Offline, the perturbations follow the heuristic teacher's rules, the same as KC's training pairs: a "
            "KC-trained system is probed on the kind of change it was trained on." if offline else "")
-    cap = (f"Knowledge-comparison probe: preference accuracy (share of questions, ± half 95% CI), per-token and "
-           f"summed (a deletion is shorter, so the summed form mostly measures length), mean per-token margin, and "
-           f"Δ = {main} − model, paired 95% interval (* excludes 0); at small scale training moves the margins long "
-           f"before it flips a preference, so Δ margin is the finer measure. {PROBE_NOTE}{off} {ctx}")
-    return ["dataset", "pairs", "aspect", "model", "accuracy", "accuracy (sum)", "margin / token",
-            "Δ accuracy", "Δ margin"], rows, cap
+    cap = (f"Knowledge-comparison probe: preference accuracy (share of questions [Wilson 95% interval] of n), per "
+           f"token and summed, and mean per-token margin (± half 95% CI). The headline is Δ = {main} − model, paired "
+           f"over the same questions (95% interval, n, p of the paired test, * p < 0.05): length biases the "
+           f"accuracies themselves in opposite directions on completeness (a deletion is shorter: summed accuracy "
+           f"near 0 for every model), and only differences between models cancel it; at small scale training moves "
+           f"the margins long before it flips a preference, so Δ margin is the finer measure. {PROBE_NOTE}{off} {ctx}")
+    return ["dataset", "pairs", "aspect", "model", "accuracy / token", "accuracy (sum)", "margin / token",
+            "Δ accuracy / token", "Δ accuracy (sum)", "Δ margin"], rows, cap
 
 
 # %% ../nbs/17_report.ipynb #17-report-009q
@@ -136,8 +152,7 @@ def _ratio(v: list) -> str:
     "A paired difference of log-perplexities [mean, low, high, n] as a ratio; * when its interval excludes 1."
     if not v or math.isnan(v[0]):
         return "–"
-    star = " *" if excludes_zero(v) else ""
-    ratio = f"×{math.exp(v[0]):.3f} ({math.exp(v[1]):.3f}, {math.exp(v[2]):.3f}){star}"
+    ratio = f"×{math.exp(v[0]):.3f} ({math.exp(v[1]):.3f}, {math.exp(v[2]):.3f}){_np(v)}"
     return ratio + _mde(v, lambda x: f"×{math.exp(x):.3f}")
 
 def atoms_table(summary: Summary, ctx: str):
@@ -148,7 +163,7 @@ def atoms_table(summary: Summary, ctx: str):
         p = x.probe or {}
         for m, v in p.get("atoms", {}).items():
             ad, st = p.get("atoms_diffs", {}).get(m), p.get("stops", {}).get(m)
-            n = ad[3] if ad else p.get("questions", "?")  # paired n: questions with difficult atoms under both
+            n = v[3] if len(v) > 3 else "?"  # this model's questions with difficult atoms (paired n: beside the Δ)
             rows.append([d, n, m, _exp(v), _ratio(ad), _ci(st) if st else "–", _diff(p.get("stops_diffs", {}).get(m))])
     cap = (f"Fine-grained probe: perplexity, given the question, of each reference's difficult atoms (top-alpha by the "
            f"base model's perplexity, selected exactly as KA selects them), geometric mean over questions with its 95% "
@@ -262,7 +277,8 @@ def judge_table(summary: Summary, ctx: str, proxy: bool):
 # %% ../nbs/17_report.ipynb #17-report-009c
 FACT_COLUMNS = {  # summary key: column
     "facts_per_answer": "facts / answer", "correct_per_answer": "correct facts / answer",
-    "error_rate": "factual error rate", "factscore": "FActScore", "f1_k": "F1@K", "ref_recall": "reference recall",
+    "precision": "precision", "error_rate": "factual error rate", "error_rate_pooled": "error rate (pooled)",
+    "factscore": "FActScore", "f1_k": "F1@K", "ref_recall": "reference recall",
     "undecidable": "undecidable facts", "abstained": "abstained",
 }
 
@@ -278,10 +294,12 @@ def facts_table(summary: Summary, ctx: str):
     ver = summary.verifier
     note = f" [PROXY] {PROXY_NOTE}" if "verifier" in summary.offline else ""
     cap = (
-        f"Fine-grained facts (verifier: {ver}{note}). Error rate = unsupported / (supported + unsupported): an "
-        "undecidable fact (its share of all facts is shown) is never counted as an error; an unparseable verdict "
-        "counts as unsupported. F1@K as in SAFE, K per set in column K. Abstentions (answers that decline) are "
-        f"counted and left out of precision, error rate and FActScore; their F1@K is 0. {ctx}"
+        f"Fine-grained facts (verifier: {ver}{note}). Per answer that does not abstain: facts, correct facts, "
+        "precision = supported / (supported + unsupported) and error rate = 1 − precision, averaged over the answers "
+        "with a decided fact (the unit of the paired Δ precision); the pooled error rate (all unsupported over all "
+        "decided facts) beside it. An undecidable fact (its share of all facts is shown) is never counted as an "
+        "error; an unparseable verdict counts as unsupported. F1@K as in SAFE, K per set in column K. Abstentions "
+        f"(answers that decline) are counted apart and left out of every mean but F1@K, where they score 0. {ctx}"
     )
     return ["dataset", "n", "system", *FACT_COLUMNS.values(), "K", "verified / failed"], rows, cap
 
@@ -328,15 +346,15 @@ def probe_notes(summary: Summary) -> list[str]:
         for a, models in p["aspects"].items():
             if main in models and "base" in models:
                 dv, dm = p["diffs"][a]["base"]["accuracy"], p["diffs"][a]["base"]["margin"]
-                star = lambda v: " *" if excludes_zero(v) else ""
+                star = lambda v: " *" if significant(v) else ""
                 parts.append(f"{a} {models[main]['accuracy'][0]:.0%} vs base {models['base']['accuracy'][0]:.0%}"
                              f"{star(dv)}, Δ margin {dm[0]:+.3f}{star(dm)}")
         at = p.get("atoms", {})
         if main in at and "base" in at:
             parts.append(f"difficult-atom perplexity {math.exp(at[main][0]):.2f} vs base {math.exp(at['base'][0]):.2f}"
-                         + (" *" if excludes_zero(p["atoms_diffs"]["base"]) else ""))
+                         + (" *" if significant(p["atoms_diffs"]["base"]) else ""))
         out.append(f"**Probes ({d}, {p['questions']} questions):** {main} prefers the reference over its perturbation: "
-                   + "; ".join(parts) + " (* the paired 95% interval excludes 0).")
+                   + "; ".join(parts) + " (* paired test p < 0.05).")
         stages = [f"{label} {_diff(v['margin']['completeness'])}" for label, v in p.get("pairs", {}).items()
                   if "completeness" in v["margin"]]
         if stages:
@@ -346,11 +364,33 @@ def probe_notes(summary: Summary) -> list[str]:
     return out
 
 
+# %% ../nbs/17_report.ipynb #17-report-009b-2m
+def _tests(obj, path=()) -> list[tuple[str, float]]:
+    "Every paired difference [mean, low, high, n, MDE, p] in a summary part, with where it is."
+    if isinstance(obj, dict):
+        return [t for k, v in obj.items() for t in _tests(v, (*path, str(k)))]
+    if isinstance(obj, list) and len(obj) > 5 and isinstance(obj[5], float) and not math.isnan(obj[5]):
+        return [(" / ".join(path), obj[5])]
+    return []
+
+
+def multiplicity_note(summary: Summary) -> str:
+    "How many of the report's paired tests have p < 0.05, and how many survive Holm's correction for all of them."
+    tests = [(f"{d}: {w}", p) for d, x in summary.datasets.items() for w, p in _tests({"diff": x.diffs,
+                                                                                       "probe": x.probe or {}})]
+    stars, keep = [t for t in tests if t[1] < 0.05], holm([p for _, p in tests])
+    held = [w for (w, _), k in zip(tests, keep) if k]
+    return (f"**Multiplicity.** This report makes {len(tests)} paired tests; {len(stars)} have p < 0.05 (a star), "
+            f"about {0.05 * len(tests):.1f} would by chance alone if no system differed. Holm's correction for all "
+            f"{len(tests)} keeps {len(held)}" + (f": {'; '.join(held[:12])}" + ("; ..." if len(held) > 12 else "")
+                                                 if held else "") + ".")
+
 # %% ../nbs/17_report.ipynb #17-report-009b-2a
 def reading_notes(cfg, summary: Summary) -> list[str]:
     "The report's first lines: what the run can and cannot support; the probes' headline first."
     main = summary.main
-    ns = {d: x.n for d, x in summary.datasets.items()}
+    ns = {d: f"{x.n}" + (f" ({x.no_reference} more left out: empty reference)" if x.no_reference else "")
+          for d, x in summary.datasets.items()}
     offline = bool({"teacher", "judge"} & set(summary.offline))
     out = [f"**How to read this report.** Test questions per set: {', '.join(f'{d} {n}' for d, n in ns.items())}."]
     if offline:
@@ -361,13 +401,14 @@ def reading_notes(cfg, summary: Summary) -> list[str]:
         )
     out += probe_notes(summary)
     sig = [
-        f"{b} ({d}: {', '.join(k for k, v in m.items() if excludes_zero(v))})"
+        f"{b} ({d}: {', '.join(k for k, v in m.items() if significant(v))})"
         for d, x in summary.datasets.items()
         for b, m in x.diffs.items()
-        if any(excludes_zero(v) for v in m.values())
+        if any(significant(v) for v in m.values())
     ]
     out.append(
-        f"Paired differences {main} − baseline whose 95% interval excludes 0: "
+        f"Paired differences {main} − baseline with a paired test's p < 0.05 (sign test for 0/1 scores, else sign "
+        "flips; n beside each interval): "
         + (
             "; ".join(sig)
             if sig
@@ -382,7 +423,7 @@ def reading_notes(cfg, summary: Summary) -> list[str]:
     ]
     if same:
         out.append("Identical answers (differences between these are 0 by construction): " + "; ".join(same) + ".")
-    return out
+    return out + [multiplicity_note(summary)]
 
 # %% ../nbs/17_report.ipynb #17-report-009c-3
 def data_sources(manifest: dict) -> str:
@@ -495,7 +536,7 @@ def plot_probe(summary: Summary, path: Path):
         for k, m in enumerate(models):
             for j, (d, p) in enumerate(ds):
                 if v := p["aspects"].get(a, {}).get(m):
-                    acc, lo, hi = v["accuracy"]
+                    acc, lo, hi = v["accuracy"][:3]
                     ax.bar(j + k * width, acc, width, yerr=[[acc - lo], [hi - acc]], color=f"C{k}",
                            label=m if j == 0 else None)
         ax.axhline(0.5, color="#999", lw=0.8, ls="--")
@@ -552,7 +593,8 @@ header h1{font-size:17px;margin:0 0 6px} header label{margin-right:14px} .count{
 .unverified{background:#eee} .abst{display:inline-block;background:#555;color:#fff;font-size:11px;padding:0 5px;
 border-radius:3px;margin-left:6px} table{border-collapse:collapse;font-size:12px;margin-top:8px}
 td,th{border:1px solid #ddd;padding:2px 6px;text-align:left} .win{color:#0a7d24;font-weight:600}
-.lose{color:#b3261e;font-weight:600} .pos{color:#0a7d24} .neg{color:#b3261e} .legend span{padding:0 4px;margin-right:6px}"""
+.lose{color:#b3261e;font-weight:600} .pos{color:#0a7d24} .neg{color:#b3261e}
+.legend span{padding:0 4px;margin-right:6px}"""
 
 ANSWERS_JS = r"""const D = JSON.parse(document.getElementById('data').textContent);
 const el = (t, a = {}, ...kids) => { const e = document.createElement(t);
@@ -569,7 +611,10 @@ function disagrees(q, pair) {
   return D.aspects.some(a => { const s = models.map(m => (q.probe[m] || {})[a]).filter(x => x !== undefined);
     return s.some(x => x > 0) && s.some(x => x < 0); });
 }
-function answer(name, a, same) {
+"""
+
+# %% ../nbs/17_report.ipynb #17-report-011e2
+ANSWERS_JS += r"""function answer(name, a, same) {
   const facts = el('ul', {class: 'facts'});
   a.facts.forEach(([f, v]) => facts.append(el('li', {class: v, title: v, text: f})));
   return el('div', {class: 'ans', 'data-system': name}, el('h3', {text: name},
@@ -594,7 +639,8 @@ function judge(pair, j) {
 function probe(q, models) {
   const ms = models.filter(m => q.probe[m]); if (!ms.length) return null;
   const asp = D.aspects.filter(a => ms.some(m => q.probe[m][a] !== undefined));
-  const t = el('table', {}, el('tr', {}, el('th', {text: 'probe margin (sum log p)'}), ...asp.map(a => el('th', {text: a}))));
+  const t = el('table', {}, el('tr', {}, el('th', {text: 'probe margin (sum log p)'}),
+    ...asp.map(a => el('th', {text: a}))));
   ms.forEach(m => t.append(el('tr', {}, el('td', {text: m}), ...asp.map(a => { const v = q.probe[m][a];
     return el('td', {class: v > 0 ? 'pos' : v < 0 ? 'neg' : '', text: v === undefined ? '' : v.toFixed(2)}); }))));
   return t;
@@ -605,7 +651,8 @@ function probe(q, models) {
 ANSWERS_JS += r"""function render() {
   const s = state(), main = document.getElementById('list'), head = document.getElementById('controls');
   head.replaceChildren();
-  const set = el('select', {id: 'set'}); Object.keys(D.sets).forEach(k => set.append(el('option', {value: k, text: k})));
+  const set = el('select', {id: 'set'});
+  Object.keys(D.sets).forEach(k => set.append(el('option', {value: k, text: k})));
   const pair = el('select', {id: 'pair'}, el('option', {value: '', text: 'all systems'}));
   D.pairs.forEach(p => pair.append(el('option', {value: p, text: p.replace('|', ' vs ')})));
   const dis = el('input', {type: 'checkbox', id: 'disagree'});
@@ -626,6 +673,7 @@ ANSWERS_JS += r"""function render() {
 }
 window.addEventListener('hashchange', render); render();"""
 
+# %% ../nbs/17_report.ipynb #17-report-011f2
 ANSWERS_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>Answers: run {run}</title><style>{css}</style>
 </head><body><header><h1>Answers of run <code>{run}</code> <span class="count" id="count"></span></h1>
 <div id="controls"></div><div class="legend">facts: <span class="supported">supported</span><span class="unsupported">
@@ -665,8 +713,8 @@ def report_stage(cfg, run) -> Path:
         md = [f"# KnowTuning report: run `{run.dir.name}`", ""] + warnings + reading_notes(cfg, summary) + [""]
         md += [data_sources(run.manifest), ""]
         atomic_write(out / "answers.html", answers_html(browser_data(run, list(cfg.systems)), run.dir.name))
-        md += ["Every answer, side by side with the reference, its facts, the judge's verdicts and the probe's margins: "
-               "[answers.html](answers.html) (a static page; open it from disk).", ""]
+        md += ["Every answer, side by side with the reference, its facts, the judge's verdicts and the probe's "
+               "margins: [answers.html](answers.html) (a static page; open it from disk).", ""]
         md += [(out / f"{n}.md").read_text() for n in tables]
         atomic_write(out / "report.md", "\n".join(md + figs))
 

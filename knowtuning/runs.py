@@ -196,7 +196,7 @@ def _holder(info: dict) -> str:
     return (f"process {info.get('pid')} on {info.get('host')} since {info.get('started')}"
             f" ({info.get('command', '?')})")
 
-
+# %% ../nbs/01_runs.ipynb #01-runs-013m2
 @contextmanager
 def folder_lock(folder, log=print):
     """Hold the one-writer lock of a run folder; re-entrant within one job (same `LOCK_ENV` token). Raises

@@ -85,3 +85,24 @@ def test_api_generation_is_never_stale_after_retraining(tmp_path):
         run._save(m)
         again = [r["prediction"] for r in read_jsonl(generate_stage(cfg, run, "sft") / "demo_test.jsonl")]
         assert again == preds["1e-2"] and len(s.requests) == 6
+
+def test_one_empty_reference_drops_its_question_not_the_set(tmp_path):
+    "A set with references keeps its metrics, facts and diffs when one question's reference is empty: that question is counted and left out."
+    from knowtuning.config import load_config
+    from knowtuning.runs import Run, write_jsonl
+    from knowtuning.evaluate import evaluate_set
+    from knowtuning.teacher import HeuristicTeacher
+    from knowtuning.judge import ProxyJudge
+    from knowtuning.data import dataset_key
+    cfg = load_config("smoke", overrides=["systems=[sft,knowtuning]", "eval.bootstrap=50"])
+    run = Run(cfg, tmp_path, "r")
+    refs = ["Paris is the capital of France. It lies on the Seine.", "", "Water boils at 100 degrees Celsius at sea level."]
+    for s, ans in (("sft", ["Paris is the capital of France.", "No idea.", "Water boils at 90 degrees."]),
+                   ("knowtuning", ["Paris is the capital of France. It lies on the Seine.", "Hm.", "Water boils at 100 degrees."])):
+        write_jsonl(run.path(f"gen_{s}") / f"{dataset_key(str(tmp_path / 'mine.jsonl'))}.jsonl", [{"index": i, "question": f"q{i}?", "reference": r, "prediction": a}
+                                                         for i, (r, a) in enumerate(zip(refs, ans))])
+    ds, rows, verdicts, refs_out = evaluate_set(run, str(tmp_path / "mine.jsonl"), cfg, "knowtuning", HeuristicTeacher(),
+                                                ProxyJudge(), None)
+    assert ds.has_references and (ds.n, ds.no_reference) == (2, 1)
+    assert "meteor" in ds.systems["sft"] and ds.diffs["sft"]["meteor"][3] == 2       # diffs over the 2 kept questions
+    assert {r["index"] for r in rows} == {0, 2} and len(verdicts) == 2 and refs_out is not None
