@@ -151,7 +151,7 @@ def _confirm_spend(cfg, yes: bool) -> bool:
     if yes or not roles:
         return True
     rows = plan(cfg)
-    cost, unknown = plan_cost(rows)
+    cost, unknown = plan_cost(rows, "spend_usd")  # batch-mode roles at batch prices
     if cost <= cfg.confirm_above_usd and not unknown:
         return True
     print(format_plan(rows))

@@ -49,15 +49,21 @@ class LLMCfg:
     temperature: float = 0.0
     max_tokens: int = 512
     concurrency: int = 8
-    timeout: float = 60.0
+    timeout: float = 60.0  # seconds per request at first; doubled (up to max_timeout) while requests time out
+    max_timeout: float = 600.0
+    stall_timeout: float = 900.0  # no answer at all for this long: stop with an error naming the endpoint
     max_retries: int = 5
     backoff: float = 1.0  # seconds; doubled per retry, with jitter
     cache: str = ""  # SQLite path; '' = $KNOWTUNING_HOME/llm_cache.sqlite
     mode: Literal["interactive", "batch"] = "interactive"  # batch: the Batch API (about half the price, within 24 h)
     batch_poll: float = 30.0  # seconds between polls of a submitted batch
     batch_discount: float = 0.5  # batch price / interactive price (OpenAI: 0.5)
+    batch_min: int = 25  # fewer uncached requests than this (repairs, stragglers) go interactively
+    batch_max_requests: int = 50000  # the Batch API's limits per batch: larger request sets are split
+    batch_max_bytes: int = 190_000_000  # (200 MB per input file, with a margin)
     prices: dict = field(default_factory=dict)  # {model: [usd per 1M input tokens, usd per 1M output tokens]}
 
+# %% ../nbs/00_config.ipynb #00-config-006-data
 @dataclass
 class DataCfg:
     train: str = "demo_train"  # dataset name or path (see `knowtuning.data.load_dataset`)

@@ -14,12 +14,12 @@ import httpx, openai
 from tqdm.auto import tqdm
 from .config import LLMCfg
 from .assets import home
-from .runs import phase
+from .runs import atomic_write, phase, read_json, read_jsonl, write_json
 
 # %% auto #0
-__all__ = ['RETRYABLE', 'REPAIR', 'cache_key', 'Cache', 'Request', 'user', 'LLMError', 'Ledger', 'is_loopback', 'model_price',
-           'price_usd', 'LLMClient', 'AdaptiveLimit', 'ledgers', 'import_batch_output', 'ParseError', 'parse_list',
-           'parse_json', 'complete_parsed', 'free_port', 'LocalServer', 'serve_local']
+__all__ = ['RETRYABLE', 'BATCH_ENDED', 'REPAIR', 'cache_key', 'Cache', 'Request', 'user', 'LLMError', 'Ledger', 'is_loopback',
+           'model_price', 'price_usd', 'LLMClient', 'AdaptiveLimit', 'ledgers', 'import_batch_output', 'batch_chunks',
+           'ParseError', 'parse_list', 'parse_json', 'complete_parsed', 'free_port', 'LocalServer', 'serve_local']
 
 # %% ../nbs/04_llm.ipynb #04-llm-006
 def cache_key(model: str, messages: list, params: dict, endpoint: str = "", salt: str = "") -> str:
@@ -108,7 +108,8 @@ class Ledger:
     cost_usd: float = 0.0
     throttled: int = 0  # times the concurrency was halved on timeouts / 429s (AIMD)
     min_concurrency: int = 0  # the lowest it went
-    batch_failed: int = 0  # requests a batch did not answer (then sent interactively)
+    batch_calls: int = 0  # of `calls`, answered by a batch (at the batch price)
+    batch_failed: int = 0  # requests a batch did not answer (then sent interactively, if asked again)
     priced: bool = True  # False: the endpoint's price is unknown and cost_usd counts nothing
     served: dict = field(default_factory=dict)  # {model id the endpoint reported: answers}, cached ones included
     fingerprints: dict = field(default_factory=dict)  # {system_fingerprint it reported: answers}
@@ -173,7 +174,10 @@ class LLMClient:
         self.failures: list[dict] = []  # {name, error, raw}: structured-output failures
         self.http_requests = 0
         self.concurrency_history: list = []  # (seconds, limit) of the last `complete_many`
-        self.batches: list[dict] = []  # {id, status, requests, answered} of every batch this client waited for
+        self.batches: list[dict] = []  # {id, status, requests, answered} of every batch this client imported
+        self._from_batch: set = set()  # keys a batch answered in this run: not cache hits
+        self.latencies: list[float] = []  # seconds per answered interactive request
+        self._timeout, self._last_answer, self._t_start, self._outstanding = cfg.timeout, 0.0, time.time(), 0
 
     @property
     def ledger(self) -> Ledger:
@@ -264,16 +268,22 @@ def _retry_after(e) -> float | None:
 @patch
 async def _send(self: LLMClient, api, r: Request, params: dict, limit: AdaptiveLimit):
     """The response to `r`, in a slot of `limit`; 429, 5xx, timeouts and connection errors are retried with
-    exponential backoff and jitter (or after `Retry-After`). Congestion that lowers the limit is not counted."""
+    exponential backoff and jitter (or after `Retry-After`). Congestion that lowers the limit is not counted. A
+    timeout doubles the per-request timeout (up to `max_timeout`): the server still computes the request it was
+    abandoned on, so asking again as soon only lengthens its queue. No answer at all for `stall_timeout`: an error."""
     tries = free = 0
     while True:
+        budget = self._check_stall(limit)
         epoch, shared = await limit.acquire()
+        t0, kw = time.time(), {**params, "timeout": min(self._timeout, budget)}
         try:
             if r.prompt is None:
-                resp = await api.chat.completions.create(model=self.cfg.model, messages=r.messages, **params)
+                resp = await api.chat.completions.create(model=self.cfg.model, messages=r.messages, **kw)
             else:
-                resp = await api.completions.create(model=self.cfg.model, prompt=r.prompt, **params)
+                resp = await api.completions.create(model=self.cfg.model, prompt=r.prompt, **kw)
         except Exception as e:
+            if isinstance(e, openai.APITimeoutError):
+                self._timeout = min(self.cfg.max_timeout, max(self._timeout, kw["timeout"]) * 2)
             cut = await limit.release(epoch, _congestion(e))
             if cut and shared and free < limit.ceiling.bit_length() + 1:
                 free += 1  # the queue's fault (it was sent beside others): try again at the lower concurrency
@@ -287,8 +297,25 @@ async def _send(self: LLMClient, api, r: Request, params: dict, limit: AdaptiveL
             wait = _retry_after(e)
             await asyncio.sleep(wait if wait is not None else self.cfg.backoff * 2**tries * random.uniform(0.5, 1.5))
             continue
+        self.latencies.append(time.time() - t0)
+        self._last_answer = time.time()
         await limit.release(epoch, False)
         return resp
+
+# %% ../nbs/04_llm.ipynb #04-llm-011f-stall
+@patch
+def _check_stall(self: LLMClient, limit: AdaptiveLimit) -> float:
+    "Seconds left before `stall_timeout` passes without any answer; raises `LLMError` when none are left."
+    quiet = time.time() - max(self._last_answer, self._t_start)
+    if quiet < self.cfg.stall_timeout:
+        return max(1.0, self.cfg.stall_timeout - quiet)
+    lat = sorted(self.latencies)
+    seen = f"median {lat[len(lat) // 2]:.1f} s, max {lat[-1]:.1f} s over {len(lat)} answers" if lat else "no answer yet"
+    raise LLMError(
+        f"no answer from {self.cfg.base_url} (model {self.cfg.model}) for {quiet:.0f} s (stall_timeout "
+        f"{self.cfg.stall_timeout:g} s): {self._outstanding} calls outstanding, {limit.in_flight} in flight; latency "
+        f"observed: {seen}; per-request timeout now {self._timeout:.0f} s. Answers so far are cached: a rerun resumes. "
+        "A slow local server: raise timeout / stall_timeout or lower concurrency")
 
 # %% ../nbs/04_llm.ipynb #04-llm-011g
 @patch
@@ -314,7 +341,10 @@ async def _one(self: LLMClient, api, r: Request, limit: AdaptiveLimit) -> str:
     "The answer to `r`: from the cache, else from the endpoint (at most `concurrency` in flight), then cached."
     params = self.params(r)
     if (hit := self.cache.get(key := self._key(r, params))) is not None:
-        self.ledger.cache_hits += 1
+        if key in self._from_batch:
+            self._from_batch.discard(key)  # bought by this run's batch (counted there), not a cache hit
+        else:
+            self.ledger.cache_hits += 1
         self.ledger.saw(hit["model"], hit["fingerprint"])
         return hit["text"]
     resp = await self._send(api, r, params, limit)
@@ -353,6 +383,7 @@ async def _many(self: LLMClient, reqs, desc):
         )
         if self.cfg.mode == "batch":
             await self._batch(api, reqs)  # what it answered is cached now; the rest goes interactively below
+        self._t_start, self._last_answer, self._outstanding = time.time(), 0.0, len(reqs)
         if self.progress:
             phase(f"{desc or self.stage}: {len(reqs)} calls to {self.cfg.model} at {self.cfg.base_url}")
         bar = tqdm(total=len(reqs), desc=desc or self.stage, disable=not self.progress or len(reqs) < 2, unit="req")
@@ -362,6 +393,7 @@ async def _many(self: LLMClient, reqs, desc):
             try:
                 return await self._one(api, r, limit)
             finally:
+                self._outstanding -= 1
                 bar.update(1)
                 bar.set_postfix(
                     calls_s=f"{self.ledger.calls / max(time.time() - t0, 1e-9):.1f}",
@@ -439,78 +471,192 @@ def _batch_answer(line: dict) -> tuple | None:
     p, c = u.get("prompt_tokens", 0), u.get("completion_tokens", 0)
     return line["custom_id"], text or "", p, c, body.get("model"), body.get("system_fingerprint")
 
-
-def import_batch_output(cache: Cache, path, model: str) -> int:
-    "Put the answers of a batch output file (the Batch API's, or vLLM `run_batch`'s) into `cache`; returns how many."
-    n = 0
-    from knowtuning.runs import read_jsonl
-
-    for line in read_jsonl(path):
-        if got := _batch_answer(line):
+# %% ../nbs/04_llm.ipynb #04-llm-011n-import
+def import_batch_output(cache: Cache, path, model: str, requests=None) -> int:
+    """Put the answers of a batch output file (the Batch API's, or vLLM `run_batch`'s) into `cache`; returns how many.
+    `requests`: the batch's input file (kept as `<cache>.batches/<tag>.jsonl`): every line must answer one of its
+    requests, by the model it names (vLLM answers under its `--served-model-name`)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"batch output {path} does not exist")
+    asked, n = ({l["custom_id"]: l for l in read_jsonl(requests)} if requests else None), 0
+    for i, line in enumerate(read_jsonl(path), 1):
+        if asked is not None and line.get("custom_id") not in asked:
+            raise ValueError(f"{path} line {i}: custom_id {line.get('custom_id')!r} is not a request of {requests}")
+        got = _batch_answer(line)
+        if got and asked is not None and got[4] and got[4] != (want := asked[got[0]]["body"].get("model")):
+            raise ValueError(f"{path} line {i}: answered as model {got[4]!r}, the request asked {want!r} "
+                             f"(run vLLM with --served-model-name {want})")
+        if got:
             cache.put(got[0], got[4] or model, *got[1:4], got[5])
             n += 1
     return n
 
 # %% ../nbs/04_llm.ipynb #04-llm-011o
+BATCH_ENDED = ("completed", "failed", "expired", "cancelled")
+
+
 @patch
 def _batch_state(self: LLMClient) -> Path:
-    "Where submitted batches are remembered (by the set of requests they answer) and their input files kept."
+    """Next to the cache: every batch this cache created (`<id>.batch.json`: tag, requests, url, imported), the
+    input file of each request set (`<tag>.jsonl`) and, between `batches.create` and its record, an intent
+    (`<tag>.intent`)."""
     d = Path(str(self.cache.path) + ".batches")
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
 @patch
-async def _submit(self: LLMClient, api, lines: list[dict], tag: str) -> str:
-    "The id of the batch answering `lines`: the one submitted earlier for exactly these requests, else a new one."
-    state = self._batch_state() / f"{tag}.id"
-    if state.exists():
-        return state.read_text().strip()  # a killed run: re-attach, do not pay twice
+async def _api(self: LLMClient, call, *args, **kw):
+    "A Batch API call, retried on transient failures (5xx, 429, timeouts) with the client's backoff or Retry-After."
+    for tries in range(self.cfg.max_retries + 1):
+        try:
+            return await call(*args, **kw)
+        except Exception as e:
+            if not _retryable(e) or tries == self.cfg.max_retries:
+                raise LLMError(f"batch API call failed after {tries + 1} tries: {type(e).__name__}: {e}") from e
+            self.ledger.retries += 1
+            wait = _retry_after(e)
+            await asyncio.sleep(wait if wait is not None else self.cfg.backoff * 2**tries * random.uniform(0.5, 1.5))
+
+
+@patch
+async def _find(self: LLMClient, api, tag: str):
+    "The batch this cache created for request set `tag` (its metadata says so), if the provider has one."
+    page, done = await self._api(api.batches.list, limit=100), {r["id"] for r in self._records() if r["imported"]}
+    for b in page.data:
+        if (b.metadata or {}).get("knowtuning_tag") == tag and b.id not in done:
+            return b
+    return None
+
+# %% ../nbs/04_llm.ipynb #04-llm-011o2
+@patch
+async def _submit(self: LLMClient, api, lines: list[dict], tag: str) -> dict:
+    """Submit request set `lines` (tag: a hash of its keys) once: an intent file is written before `batches.create`
+    and the batch's record after it, so a kill in between finds the created batch by its metadata instead of
+    creating (and paying for) a second one; a create that failed transiently is looked up before it is retried."""
+    d = self._batch_state()
+    if rec := next((r for r in self._records() if r["tag"] == tag and not r["imported"]), None):
+        return rec  # submitted by an earlier run, still to be imported
     data = "".join(json.dumps(l) + "\n" for l in lines).encode()
-    (self._batch_state() / f"{tag}.jsonl").write_bytes(data)
-    f = await api.files.create(file=(f"{tag}.jsonl", data), purpose="batch")
-    b = await api.batches.create(input_file_id=f.id, endpoint=lines[0]["url"], completion_window="24h")
-    state.write_text(b.id)
-    return b.id
+    atomic_write(d / f"{tag}.jsonl", data)
+    b = await self._find(api, tag) if (d / f"{tag}.intent").exists() else None
+    if b is None:
+        atomic_write(d / f"{tag}.intent", tag)
+        f = await self._api(api.files.create, file=(f"{tag}.jsonl", data), purpose="batch")
+        for tries in range(self.cfg.max_retries + 1):
+            try:
+                b = await api.batches.create(input_file_id=f.id, endpoint=lines[0]["url"], completion_window="24h",
+                                             metadata={"knowtuning_tag": tag})
+                break
+            except Exception as e:
+                if not _retryable(e) or tries == self.cfg.max_retries:
+                    raise LLMError(f"batches.create failed after {tries + 1} tries: {e}") from e
+                if b := await self._find(api, tag):  # created after all (the answer was lost): adopt it
+                    break
+                await asyncio.sleep(self.cfg.backoff * 2**tries)
+    rec = {"id": b.id, "tag": tag, "requests": len(lines), "url": lines[0]["url"], "imported": False}
+    write_json(d / f"{b.id}.batch.json", rec)
+    (d / f"{tag}.intent").unlink(missing_ok=True)
+    return rec
+
+
+@patch
+def _records(self: LLMClient) -> list[dict]:
+    "Every batch this cache created, in the order of their records."
+    return [read_json(p) for p in sorted(self._batch_state().glob("*.batch.json"), key=lambda p: p.stat().st_mtime)]
 
 # %% ../nbs/04_llm.ipynb #04-llm-011p2
+def _batch_error(line: dict) -> str:
+    "What went wrong with one failed line of a batch's output or error file."
+    err = line.get("error") or ((line.get("response") or {}).get("body") or {}).get("error") or {}
+    return str(err.get("message") or err or f"status {(line.get('response') or {}).get('status_code')}")
+
+
 @patch
-async def _await_batch(self: LLMClient, api, batch_id: str, n: int):
-    "Poll batch `batch_id` (of `n` requests) until it ends, with a progress bar; returns the final batch object."
-    bar = tqdm(total=n, desc=f"batch {batch_id}", disable=not self.progress, unit="req")
-    while True:
-        b = await api.batches.retrieve(batch_id)
-        done = b.request_counts.completed + b.request_counts.failed if b.request_counts else 0
-        bar.update(done - bar.n)
-        bar.set_postfix(status=b.status, refresh=False)
-        if b.status in ("completed", "failed", "expired", "cancelled"):
-            bar.close()
-            return b
-        await asyncio.sleep(self.cfg.batch_poll)
+async def _import(self: LLMClient, api, b, rec: dict) -> int:
+    """Put every answer of ended batch `b` into the cache, whatever its status (an expired or cancelled batch keeps
+    and bills what it finished), counted once at the batch price; its errors are shown. Returns the answers."""
+    got, errors = [], [f"batch: {e.message}" for e in (getattr(b.errors, "data", None) or [])]
+    for fid in (b.output_file_id, b.error_file_id):
+        if fid:
+            for l in (await self._api(api.files.content, fid)).text.splitlines():
+                if l.strip():
+                    line = json.loads(l)
+                    (got.append(a) if (a := _batch_answer(line)) else errors.append(_batch_error(line)))
+    for key, text, p, c, served, fp in got:
+        if self.cache.get(key) is None:
+            self.cache.put(key, served or self.cfg.model, text, p, c, fp)
+            self._count(p, c, self.cfg.batch_discount)
+            self.ledger.batch_calls += 1
+            self._from_batch.add(key)  # not a cache hit when the interactive pass meets it next
+    self.ledger.batch_failed += rec["requests"] - len(got)
+    write_json(self._batch_state() / f"{b.id}.batch.json", {**rec, "imported": True, "status": b.status})
+    self.batches.append({"id": b.id, "status": b.status, "requests": rec["requests"], "answered": len(got)})
+    if errors:
+        print(f"batch {b.id} ({b.status}): {len(errors)} errors, e.g. {'; '.join(errors[:3])}", file=sys.stderr)
+    return len(got)
 
+# %% ../nbs/04_llm.ipynb #04-llm-011p2-await
+@patch
+async def _await_batches(self: LLMClient, api, recs: list[dict]) -> None:
+    "Poll the batches of `recs` together (one progress bar over all their requests), importing each as it ends."
+    bar = tqdm(total=sum(r["requests"] for r in recs), desc="batches", disable=not self.progress, unit="req")
+    left, counts = list(recs), {}
+    while left:
+        for r in list(left):
+            b = await self._api(api.batches.retrieve, r["id"])
+            rc = b.request_counts
+            counts[r["id"]] = (rc.completed + rc.failed) if rc else 0
+            if b.status in BATCH_ENDED:
+                await self._import(api, b, r)
+                counts[r["id"]], left = r["requests"], [x for x in left if x is not r]
+        bar.update(sum(counts.values()) - bar.n)
+        if left:
+            await asyncio.sleep(self.cfg.batch_poll)
+    bar.close()
 
+# %% ../nbs/04_llm.ipynb #04-llm-011p3
+def batch_chunks(lines: list[dict], max_requests: int, max_bytes: int) -> list[list[dict]]:
+    "Request lines split by endpoint, then into batches within the limits of one batch (requests, bytes of JSONL)."
+    out = []
+    for url in sorted({l["url"] for l in lines}):
+        cur, size = [], 0
+        for l in (l for l in lines if l["url"] == url):
+            n = len(json.dumps(l)) + 1
+            if cur and (len(cur) >= max_requests or size + n > max_bytes):
+                out.append(cur)
+                cur, size = [], 0
+            cur, size = cur + [l], size + n
+        out += [cur] if cur else []
+    return out
+
+# %% ../nbs/04_llm.ipynb #04-llm-011p3-batch
 @patch
 async def _batch(self: LLMClient, api, reqs: list) -> None:
-    "Answer the uncached `reqs` through the Batch API, into the cache; failures are left for the interactive path."
+    """Batch mode, before anything is sent interactively: (1) import every ended batch this cache ever created,
+    whatever request set it was for; wait for the running ones that answer requests asked now; (2) if at least
+    `batch_min` requests are still unanswered, submit them, split within the batch limits, and wait for them all.
+    What no batch answered is left to the interactive pass."""
     todo = {}
     for r in reqs:
         params = self.params(r)
-        if self.cache.get(key := self._key(r, params)) is None:
-            todo[key] = _batch_line(key, self.cfg.model, r, params)
-    for url in sorted({l["url"] for l in todo.values()}):
-        lines = [l for l in todo.values() if l["url"] == url]
-        tag = hashlib.sha256(json.dumps(sorted(l["custom_id"] for l in lines)).encode()).hexdigest()[:16]
-        b = await self._await_batch(api, await self._submit(api, lines, tag), len(lines))
-        got = []
-        if b.status == "completed" and b.output_file_id:
-            text = (await api.files.content(b.output_file_id)).text
-            got = [a for l in text.splitlines() if l.strip() and (a := _batch_answer(json.loads(l)))]
-        for key, text, p, c, served, fp in got:
-            self.cache.put(key, served or self.cfg.model, text, p, c, fp)
-            self._count(p, c, self.cfg.batch_discount)
-        self.ledger.batch_failed += len(lines) - len(got)
-        (self._batch_state() / f"{tag}.id").unlink(missing_ok=True)  # ended: its answers are cached
-        self.batches.append({"id": b.id, "status": b.status, "requests": len(lines), "answered": len(got)})
+        todo[self._key(r, params)] = (r, params)
+    running = []
+    for rec in (r for r in self._records() if not r["imported"]):
+        b = await self._api(api.batches.retrieve, rec["id"])
+        if b.status in BATCH_ENDED:
+            await self._import(api, b, rec)
+        elif {l["custom_id"] for l in read_jsonl(self._batch_state() / f"{rec['tag']}.jsonl")} & todo.keys():
+            running.append(rec)
+    await self._await_batches(api, running)
+    lines = [_batch_line(k, self.cfg.model, r, p) for k, (r, p) in todo.items() if self.cache.get(k) is None]
+    if len(lines) < self.cfg.batch_min:
+        return  # a few repairs or stragglers: interactively, rather than a day's wait each
+    recs = []
+    for chunk in batch_chunks(lines, self.cfg.batch_max_requests, self.cfg.batch_max_bytes):
+        tag = hashlib.sha256(json.dumps(sorted(l["custom_id"] for l in chunk)).encode()).hexdigest()[:16]
+        recs.append(await self._submit(api, chunk, tag))
+    await self._await_batches(api, recs)
 
 # %% ../nbs/04_llm.ipynb #04-llm-013
 class ParseError(ValueError):

@@ -239,6 +239,9 @@ def _row(stage: str, role: str, cfg_llm, calls: int, pt: int, ct: int) -> dict:
         "completion_tokens": ct,
         "cost_usd": None if cost is None else round(cost, 4),
         "batch_usd": None if cost is None else round(cost * cfg_llm.batch_discount, 4),  # the same calls, `mode: batch`
+        # what this config pays: in `mode: batch` the calls of a request set of at least `batch_min` go in a batch
+        "batch_calls": (batch := calls if cfg_llm.mode == "batch" and calls >= cfg_llm.batch_min else 0),
+        "spend_usd": None if cost is None else round(cost * (cfg_llm.batch_discount if batch else 1.0), 4),
     }
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-007ba
@@ -360,17 +363,19 @@ def merge_plan(rows: list[dict]) -> list[dict]:
     for r in rows:
         o = out.setdefault(
             (r["stage"], r["role"]),
-            {**r, "calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "batch_usd": 0.0},
+            {**r, "calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "batch_calls": 0, "cost_usd": 0.0,
+             "batch_usd": 0.0, "spend_usd": 0.0},
         )
-        for k in ("calls", "prompt_tokens", "completion_tokens"):
+        for k in ("calls", "prompt_tokens", "completion_tokens", "batch_calls"):
             o[k] += r[k]
-        for k in ("cost_usd", "batch_usd"):
+        for k in ("cost_usd", "batch_usd", "spend_usd"):
             o[k] = None if o[k] is None or r[k] is None else o[k] + r[k]
     return list(out.values())
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-007bc
 def plan_cost(rows: list[dict], key: str = "cost_usd") -> tuple[float, list[str]]:
-    "(USD of the rows whose price is known, models whose price is unknown); `key='batch_usd'`: in batch mode."
+    """(USD of the rows whose price is known, models whose price is unknown); `key='batch_usd'`: everything in batch
+    mode; `key='spend_usd'`: what this config pays (each role in its own mode)."""
     known = sum(r[key] for r in rows if r[key] is not None)
     return known, sorted({r["model"] for r in rows if r[key] is None})
 

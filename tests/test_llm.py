@@ -101,36 +101,71 @@ def test_missing_key_for_remote_endpoint_is_a_clear_error(tmp_path, monkeypatch)
     with pytest.raises(LLMError, match="MY_TEACHER_KEY is not set"): c.complete("x")
 
 # -- batch mode ----------------------------------------------------------------------------------------------------------
-from batchserver import BatchServer
+from batchserver import BatchServer, CALLS
 
-def batch_client(tmp_path, url):
-    return client(tmp_path, url, mode="batch", batch_poll=0.05)
+def batch_client(tmp_path, url, **kw):
+    return client(tmp_path, url, mode="batch", batch_poll=0.05, **{"batch_min": 1, **kw})
 
-@pytest.mark.parametrize("outcome,bad", [("completed", (1, 4)), ("failed", ()), ("expired", ())])
-def test_batch_mode_answers_everything(tmp_path, outcome, bad):
-    "A batch that completes with two request-level errors, one that fails, one that expires: nothing is lost."
+def paid(c, s):
+    "(batch answers, interactive answers) as the ledger counts them, checked against what the server served."
+    led = c.ledger.as_dict()
+    assert led["batch_calls"] == s.billed and led["calls"] - led["batch_calls"] == s.interactive, (led, s.billed)
+    return led["batch_calls"], led["calls"] - led["batch_calls"]
+
+@pytest.mark.parametrize("outcome,bad,answered", [("completed", (1, 4), 4), ("failed", (), 0), ("expired", (), 3),
+                                                  ("cancelled", (), 3)])
+def test_batch_mode_pays_once_for_every_answer_a_batch_gave(tmp_path, outcome, bad, answered):
+    "Completed with two request errors, failed, expired and cancelled (these keep and bill half): nothing bought twice."
     qs = [f"q{i}" for i in range(6)]
     with BatchServer(outcome, bad) as s:
         c = batch_client(tmp_path, s.base_url)
         assert c.complete_many(qs) == [f"echo: {q}" for q in qs]
-        answered = 6 - len(bad) if outcome == "completed" else 0
         assert s.created == 1 and len(s.files[s.batches["batch-1"]["input"]].splitlines()) == 6
-        assert s.interactive == 6 - answered                            # the rest retried interactively
+        assert paid(c, s) == (answered, 6 - answered)                   # the rest interactively, once
         led = c.ledger.as_dict()
-        assert (led["calls"], led["batch_failed"]) == (6, 6 - answered)
+        assert (led["batch_failed"], led["cache_hits"]) == (6 - answered, 0)  # batch answers are not cache hits
         assert c.batches == [{"id": "batch-1", "status": outcome, "requests": 6, "answered": answered}]
-        # the same cache serves a later interactive client: no new request of any kind
-        again = client(tmp_path, s.base_url)
+        again = client(tmp_path, s.base_url)                            # the same cache serves a later client
         assert again.complete_many(qs) == [f"echo: {q}" for q in qs]
         assert (s.created, s.interactive) == (1, 6 - answered)
 
-def test_batch_line_is_the_batch_api_format(tmp_path):
-    from knowtuning.llm import _batch_line, Request
-    line = _batch_line("k", "gpt-4o-mini", user("hi"), {"temperature": 0.0, "max_tokens": 9, "extra_body": {"top_k": 5}})
-    assert line == {"custom_id": "k", "method": "POST", "url": "/v1/chat/completions",
-                    "body": {"model": "gpt-4o-mini", "temperature": 0.0, "max_tokens": 9, "top_k": 5,
-                             "messages": [{"role": "user", "content": "hi"}]}}
-    assert _batch_line("k", "m", Request([], prompt="p"), {})["url"] == "/v1/completions"
+def test_a_request_set_over_the_batch_limit_is_split(tmp_path):
+    qs = [f"q{i}" for i in range(10)]
+    with BatchServer(max_requests=4) as s:
+        c = batch_client(tmp_path, s.base_url, batch_max_requests=4)
+        assert c.complete_many(qs) == [f"echo: {q}" for q in qs]
+        assert s.created == 3 and paid(c, s) == (10, 0)                 # 4 + 4 + 2, all at the batch price
+        assert sorted(b["requests"] for b in c.batches) == [2, 4, 4]
+
+def test_every_batch_call_survives_a_transient_500(tmp_path):
+    with BatchServer(flaky=CALLS) as s:
+        c = batch_client(tmp_path, s.base_url)
+        assert c.complete_many(["a", "b", "c"]) == ["echo: a", "echo: b", "echo: c"]
+        assert s.created == 1 and paid(c, s) == (3, 0)
+        assert set(s.failed_calls) == set(CALLS)                        # each failed once, and each was retried
+
+def test_a_create_whose_answer_was_lost_is_found_not_repeated(tmp_path):
+    with BatchServer(lost_create=True) as s:
+        c = batch_client(tmp_path, s.base_url)
+        assert c.complete_many(["a", "b"]) == ["echo: a", "echo: b"]
+        assert s.created == 1 and paid(c, s) == (2, 0)
+
+def test_a_kill_between_create_and_its_record_does_not_pay_twice(tmp_path):
+    import subprocess, sys
+    with BatchServer("hold") as s:
+        # a kill after batches.create, before its record is written (the record's write_json never happens)
+        code = ("import sys, os; sys.path.insert(0, 'tests'); import knowtuning.llm as L; w = L.write_json\n"
+                "L.write_json = lambda p, *a, **k: os._exit(9) if str(p).endswith('.batch.json') else w(p, *a, **k)\n"
+                "from test_llm import batch_client; from pathlib import Path\n"
+                f"batch_client(Path({str(tmp_path)!r}), {s.base_url!r}).complete_many(['a', 'b', 'c'])")
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 9 and s.created == 1, r.stderr[-2000:]
+        assert list((tmp_path / "cache.sqlite.batches").glob("*.intent")) and not list(
+            (tmp_path / "cache.sqlite.batches").glob("*.batch.json"))
+        s.outcome = "completed"
+        c = batch_client(tmp_path, s.base_url)
+        assert c.complete_many(["a", "b", "c"]) == ["echo: a", "echo: b", "echo: c"]
+        assert s.created == 1 and paid(c, s) == (3, 0)                  # found by its tag, not created again
 
 def test_killed_batch_run_reattaches_without_resubmitting(tmp_path):
     import subprocess, sys, time
@@ -147,6 +182,55 @@ def test_killed_batch_run_reattaches_without_resubmitting(tmp_path):
         assert c.complete_many(["a", "b", "c"]) == ["echo: a", "echo: b", "echo: c"]
         assert s.created == 1 and len(s.files) == 3 and s.interactive == 0  # re-attached: one upload, one batch
         assert c.batches[0]["id"] == "batch-1"
+
+def test_a_rerun_with_a_changed_request_set_imports_the_old_batch_first(tmp_path):
+    "Killed while its batch ran; the rerun asks for more: the old batch's answers are used, only the new ones bought."
+    import subprocess, sys, time
+    with BatchServer("hold") as s:
+        code = ("import sys; sys.path.insert(0, 'tests'); from test_llm import batch_client; from pathlib import Path; "
+                f"batch_client(Path({str(tmp_path)!r}), {s.base_url!r}).complete_many(['a', 'b', 'c', 'd'])")
+        p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+        t0 = time.time()
+        while s.polls < 1 and time.time() - t0 < 120: time.sleep(0.05)
+        p.kill(); p.wait()
+        s.outcome = "expired"                                           # and it expired meanwhile, half done
+        c = batch_client(tmp_path, s.base_url, batch_min=4)
+        qs = ["a", "b", "c", "d", "e"]
+        assert c.complete_many(qs) == [f"echo: {q}" for q in qs]
+        assert s.created == 1 and paid(c, s) == (2, 3)                  # a, b from the old batch; c, d, e: too few
+        assert c.batches[0] == {"id": "batch-1", "status": "expired", "requests": 4, "answered": 2}
+
+def test_a_few_requests_go_interactively_and_the_plan_says_so(tmp_path):
+    "Repairs and stragglers (under batch_min) are not a day's wait each; the plan prices what the config will do."
+    from knowtuning.pipeline import _row
+    with BatchServer() as s:
+        c = batch_client(tmp_path, s.base_url, batch_min=25)
+        assert c.complete_many(["fix this", "and this"]) == ["echo: fix this", "echo: and this"]
+        assert s.created == 0 and paid(c, s) == (0, 2)
+    cfg = LLMCfg(backend="llm", model="gpt-4o-mini", mode="batch", batch_min=25)
+    few, many = _row("s", "teacher", cfg, 2, 10**6, 10**5), _row("s", "teacher", cfg, 30, 10**7, 10**6)
+    assert (few["batch_calls"], many["batch_calls"]) == (0, 30)
+    assert few["spend_usd"] == few["cost_usd"] and many["spend_usd"] == many["batch_usd"] < many["cost_usd"]
+
+# -- a slow or dead endpoint ---------------------------------------------------------------------------------------------
+def test_a_server_slower_than_the_timeout_is_waited_for_not_flooded(tmp_path):
+    "Service time 1.2 s against a first timeout of 0.4 s: the timeout grows, everything is answered, few re-sends."
+    with FakeServer(delay=1.2, serial=True) as s:
+        c = client(tmp_path, s.base_url, timeout=0.4, concurrency=2, max_retries=6, max_timeout=30)
+        qs = [f"q{i}" for i in range(4)]
+        assert c.complete_many(qs) == [f"echo: {q}" for q in qs]
+        assert c._timeout >= 1.2 and len(s.requests) <= 4 + 6, len(s.requests)
+
+def test_a_server_that_never_answers_stops_with_a_clear_error_and_keeps_the_cache(tmp_path):
+    import time
+    with FakeServer(script=["first"], default="stall", stall=60) as s:
+        c = client(tmp_path, s.base_url, timeout=0.5, stall_timeout=3, max_retries=20)
+        assert c.complete("a") == "first"
+        t0 = time.time()
+        with pytest.raises(LLMError, match=r"no answer from http://127.0.0.1:\d+/v1 .* 2 calls outstanding"):
+            c.complete_many(["b", "c"])
+        assert time.time() - t0 < 3 + 5
+        assert client(tmp_path, s.base_url).complete("a") == "first"   # cached before the stall: nothing lost
 
 def test_served_model_and_fingerprint_in_ledger_cache_and_old_caches(tmp_path):
     "The model and system_fingerprint the endpoint reports reach the ledger, also for answers the cache gives back."

@@ -118,4 +118,6 @@ def test_a_judge_that_always_prefers_position_a_flips_every_pair(tmp_path):
         assert js["rates"][a]["win"] == 0.0 and js["rates"][a]["lose"] == 0.0 and js["rates"][a]["flip"] == 100.0
     ds = {"n": 5, "judge": {"base": js["rates"]}, "judge_ci": {"base": js["ci"]}, "judge_calls": {"base": js}}
     h, rows, cap = judge_table(Summary.from_dict({"judge": "llm:biased", "datasets": {"t": ds}}), "ctx", False)
-    assert dict(zip(h, rows[0]))["position flips"] == "100 / 100 / 100 / 100" and "Position flips" in cap
+    assert js["rates"]["completeness"]["position"] == 100.0                # every flip a pure position flip
+    assert dict(zip(h, rows[0]))["flips (position)"] == "100 (100) / 100 (100) / 100 (100) / 100 (100)"
+    assert "pure position flips" in cap
