@@ -4,7 +4,7 @@ BIN   := $(VENV)/bin
 STAMP := $(VENV)/.knowtuning-installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test test-slow bench docs export clean-runs
+.PHONY: install demo test test-slow bench docs export
 
 $(STAMP): requirements.txt setup.py settings.ini tools/install.sh
 	bash tools/install.sh

@@ -170,7 +170,7 @@ def cmd_reproduce(a):
         return cmd_plan(a)
     if not _confirm_spend(_load_cfg(a), a.yes):
         return 3
-    run = reproduce(a.preset, a.config, _overrides(a), a.run, a.runs_dir, only=getattr(a, "only", None))
+    run = reproduce(a.preset, a.config, _overrides(a), a.run, a.runs_dir)
     rep = run.path("report") / "report.md"
     if rep.exists():
         print(f"report: {rep}")
@@ -307,7 +307,7 @@ _STEP_ARGS = {"train": _launch_args, "baselines": _launch_args, "report": _repor
 COMMANDS |= {  # the pipeline: all steps, then one command per step of `knowtuning.runs.STEPS`, then one system
     "reproduce": (
         cmd_reproduce,
-        "run every stage notebook with papermill: data, KA, KC, training, evaluation, report",
+        "run every step with papermill: " + ", ".join(s.name for s in STEPS),
         _reproduce_args,
     ),
 }

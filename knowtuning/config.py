@@ -155,6 +155,8 @@ class GenerateCfg:
 class EvalCfg:
     bertscore_model: str = "minilm"  # minilm (embedded) | roberta-large | a local folder
     bootstrap: int = 1000
+    all_pairs: bool = False  # judge every pair of systems (not only main vs each) and rank them (Bradley-Terry)
+    second_judge: bool = False  # also judge with `judge2` (default: the offline proxy): agreement, kappa
     gamma: int = 0  # FActScore length penalty (10 in FActScore; 0 = off)
     k: int = 0  # F1@K's K (SAFE); 0 = the median number of reference facts per question of each test set
     main: str = "knowtuning"  # the system compared with every other: paired differences, the judge, the probes
@@ -167,6 +169,7 @@ class Config:
     student: StudentCfg = field(default_factory=StudentCfg)
     teacher: LLMCfg = field(default_factory=LLMCfg)
     judge: LLMCfg = field(default_factory=LLMCfg)
+    judge2: LLMCfg = field(default_factory=LLMCfg)  # the second judge (eval.second_judge): proxy, or an LLM
     data: DataCfg = field(default_factory=DataCfg)
     ka: KACfg = field(default_factory=KACfg)
     kc: KCCfg = field(default_factory=KCCfg)

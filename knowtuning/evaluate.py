@@ -13,7 +13,7 @@ from .metrics import paired_diff
 
 # %% auto #0
 __all__ = ['summarize_judge', 'identical_share', 'paired_diffs', 'SetSummary', 'Summary', 'score_system', 'judge_against',
-           'eval_spec', 'judge_set', 'reference_facts', 'evaluate_set', 'evaluate_stage']
+           'agreement', 'eval_spec', 'judge_set', 'rank_systems', 'reference_facts', 'evaluate_set', 'evaluate_stage']
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-005
 def _csv(rows: list[dict]) -> str:
@@ -68,6 +68,10 @@ class SetSummary:
     judge: dict = field(default_factory=dict)  # baseline: {aspect: {win, tie, lose, flip, position} in %, failed}
     judge_ci: dict = field(default_factory=dict)  # baseline: {aspect: {win: [rate, low, high], ...}}
     judge_calls: dict = field(default_factory=dict)  # baseline: {judged, failed}
+    judge_lc: dict = field(default_factory=dict)  # baseline: {aspect: {raw, lc: [%, low, high], len_diff}}
+    judge2: dict = field(default_factory=dict)  # baseline: the second judge's rates (eval.second_judge)
+    agreement: dict = field(default_factory=dict)  # baseline: {aspect: {kappa, confusion, n}}
+    ranking: dict = field(default_factory=dict)  # aspect: {system: [Bradley-Terry score, low, high]} (all pairs)
     identical: dict = field(default_factory=dict)  # "a = b": share of questions with the same answer
     probe: dict | None = None  # the probes' summary (knowtuning.probe), when the set has references
 
@@ -113,12 +117,13 @@ def _failed(client_user, before: int) -> int:
 def score_system(preds: list[dict], ref_facts, teacher, verifier, cfg, label: str = "", k: int = 0):
     """(per-example rows, per-question scores, summary: metrics with CIs, facts, verification failures). `ref_facts`:
     the references' facts (None: the set has no references), for recall; `k`: F1@K's K."""
-    from knowtuning.metrics import all_metrics, bootstrap_ci
+    from knowtuning.metrics import all_metrics, bootstrap_ci, tokenize
     from knowtuning.facts import verify, fact_scores, aggregate_facts, abstentions
 
     has_ref = ref_facts is not None
     P, R = [r["prediction"] for r in preds], [r["reference"] for r in preds]
     m = all_metrics(P, R, cfg.eval.bertscore_model) if has_ref else {}
+    m["tokens"] = [float(len(tokenize(p))) for p in P]  # answer length (words and punctuation): beside every win
     facts = [f or [] for f in teacher.decompose(P)]
     n0 = len(verifier.failures) if verifier else 0
     abst = abstentions([r["question"] for r in preds], P, cfg.judge, verifier, label)
@@ -140,9 +145,10 @@ def score_system(preds: list[dict], ref_facts, teacher, verifier, cfg, label: st
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-007a
 def judge_against(main: list[dict], base: list[dict], judge, cfg, label: str = "") -> tuple[list[dict], dict]:
-    "Verdicts of `main` against `base` in both orders, and their summary: rates, CIs, judged and failed calls."
-    from knowtuning.judge import judge_both_orders, ASPECTS
-    from knowtuning.metrics import rate_cis
+    """Verdicts of `main` against `base` in both orders, and their summary: rates, CIs, judged and failed calls, and
+    per aspect the preference with ties half, raw and length-controlled (`knowtuning.judge.length_controlled`)."""
+    from knowtuning.judge import judge_both_orders, length_controlled, ASPECTS
+    from knowtuning.metrics import rate_cis, tokenize
 
     items = [
         {
@@ -157,7 +163,22 @@ def judge_against(main: list[dict], base: list[dict], judge, cfg, label: str = "
     n0 = len(judge.failures)
     vs = judge_both_orders(judge.compare, items)
     ci = {a: rate_cis([v[a] for v in vs], cfg.eval.bootstrap, cfg.seed) for a in ASPECTS}
-    return vs, {"rates": summarize_judge(vs), "ci": ci, "judged": 2 * len(items), "failed": _failed(judge, n0)}
+    dlen = [len(tokenize(i["x"])) - len(tokenize(i["y"])) for i in items]
+    lc = {a: length_controlled([v[a] for v in vs], dlen, min(cfg.eval.bootstrap, 200), cfg.seed) for a in ASPECTS}
+    return vs, {"rates": summarize_judge(vs), "ci": ci, "judged": 2 * len(items), "failed": _failed(judge, n0),
+                "lc": lc}
+
+# %% ../nbs/16_evaluate.ipynb #16-evaluate-007a1
+def agreement(vs1: list[dict], vs2: list[dict]) -> dict:
+    "{aspect: {kappa, confusion (rows: judge 1's win/tie/lose, columns: judge 2's), n}} of two judges' verdicts."
+    from knowtuning.judge import ASPECTS
+    from knowtuning.metrics import cohen_kappa
+
+    out = {}
+    for a in ASPECTS:
+        k, m = cohen_kappa([v[a] for v in vs1], [v[a] for v in vs2])
+        out[a] = {"kappa": k, "confusion": m, "n": len(vs1)}
+    return out
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-007b
 def eval_spec(systems) -> Stage:
@@ -166,21 +187,52 @@ def eval_spec(systems) -> Stage:
         "eval",
         tuple(f"gen_{s}" for s in systems),
         ("eval.bertscore_model", "eval.bootstrap", "eval.gamma", "eval.k", "eval.probe", "judge", "teacher",
+         "eval.second_judge", "eval.all_pairs", "judge2",
          "data.test", "seed", "ka.alpha", "kc.beta", "kc.revise", "kc.aspects"),
     )
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-007ba
-def judge_set(ds: SetSummary, name: str, preds: dict, main: str, judge, cfg) -> list[dict]:
-    "`main` against every other system on one test set: rates, CIs and call counts go into `ds`; the verdict rows."
+def judge_set(ds: SetSummary, name: str, preds: dict, main: str, judge, cfg, judge2=None) -> list[dict]:
+    """`main` against every other system on one test set: rates, CIs and call counts go into `ds`; the verdict rows.
+    With `judge2`, the same pairs judged again: its rates, and the agreement (`agreement`) of the two judges."""
     rows = []
     for b in (s for s in preds if s != main):
         vs, js = judge_against(preds[main], preds[b], judge, cfg, f"{name}: {main} vs {b}")
+        if judge2 is not None:
+            vs2, js2 = judge_against(preds[main], preds[b], judge2, cfg, f"{name}: {main} vs {b} (judge 2)")
+            ds.judge2[b], ds.agreement[b] = js2["rates"], agreement(vs, vs2)
         keys = [{"dataset": name, "system": main, "baseline": b, "index": x["index"]} for x in preds[main]]
         rows += [{**k, **v} for k, v in zip(keys, vs)]
         ds.judge[b], ds.judge_ci[b] = js["rates"], js["ci"]
         ds.judge_calls[b] = {"judged": js["judged"], "failed": js["failed"]}
+        ds.judge_lc[b] = js["lc"]
+    if cfg.eval.all_pairs:
+        rows += rank_systems(ds, name, preds, main, judge, cfg, rows)
     return rows
 
+
+# %% ../nbs/16_evaluate.ipynb #16-evaluate-007ba-bt
+def rank_systems(ds: SetSummary, name: str, preds: dict, main: str, judge, cfg, main_rows: list[dict]) -> list[dict]:
+    """`eval.all_pairs`: every pair of the other systems judged too (both orders), and a Bradley-Terry score per
+    system and aspect over all pairs with a bootstrap over questions into `ds.ranking`; the extra verdict rows."""
+    from knowtuning.judge import ASPECTS
+    from knowtuning.metrics import bt_ranking
+
+    others, rows = [s for s in preds if s != main], []
+    for i, a in enumerate(others):
+        for b in others[i + 1 :]:
+            vs, js = judge_against(preds[a], preds[b], judge, cfg, f"{name}: {a} vs {b}")
+            rows += [{"dataset": name, "system": a, "baseline": b, "index": x["index"], **v} for x, v in zip(preds[a], vs)]
+            ds.judge_calls[f"{a} vs {b}"] = {"judged": js["judged"], "failed": js["failed"]}
+    score = {"win": 1.0, "tie": 0.5, "lose": 0.0}
+    n = len(preds[main])
+    for asp in ASPECTS:
+        games = [[] for _ in range(n)]
+        for r in main_rows + rows:
+            games[[x["index"] for x in preds[main]].index(r["index"])].append((r["system"], r["baseline"],
+                                                                                score[r[asp]]))
+        ds.ranking[asp] = bt_ranking(games, min(cfg.eval.bootstrap, 200), cfg.seed)
+    return rows
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-007ba1
 def reference_facts(teacher, preds: list[dict], name: str, k: int = 0) -> tuple[list, int]:
@@ -191,7 +243,8 @@ def reference_facts(teacher, preds: list[dict], name: str, k: int = 0) -> tuple[
     counts = [len(f) for f in got if f]
     return [f or [] for f in got], k or max(1, math.floor(float(np.median(counts or [1])) + 0.5))
 
-def evaluate_set(run, source: str, cfg, main: str, teacher, judge, verifier) -> tuple[SetSummary, list, list, list]:
+def evaluate_set(run, source: str, cfg, main: str, teacher, judge, verifier, judge2=None
+                 ) -> tuple[SetSummary, list, list, list]:
     """(summary, per-example rows, verdict rows, the references' facts or None) of one test set: metrics and facts per
     system, paired diffs, judge."""
     from knowtuning.data import dataset_key
@@ -217,7 +270,7 @@ def evaluate_set(run, source: str, cfg, main: str, teacher, judge, verifier) -> 
         ds.diffs = paired_diffs(scores, main, cfg.eval.bootstrap, cfg.seed)
     if main in systems and (has_ref or cfg.judge.backend == "llm"):
         phase(f"{name}: judge ({cfg.judge.backend}), {main} against each other system in both orders")
-        verdicts = judge_set(ds, name, preds, main, judge, cfg)
+        verdicts = judge_set(ds, name, preds, main, judge, cfg, judge2)
     questions = [r["question"] for r in preds[systems[0]]]
     return ds, per_ex, verdicts, (questions, ref_facts) if has_ref else None
 
@@ -244,12 +297,13 @@ def evaluate_stage(cfg, run, main: str | None = None) -> Path:
     def make(out):
         teacher, judge = make_teacher(cfg.teacher, "eval", cfg.seed), make_judge(cfg.judge, "eval")
         verifier = make_verifier(cfg.judge, "eval")
+        judge2 = make_judge(cfg.judge2, "eval-judge2") if cfg.eval.second_judge else None
         offline = [r for r, c in (("teacher", cfg.teacher), ("judge", cfg.judge), ("verifier", cfg.judge))
                    if c.backend != "llm"]
         summary = Summary(main, teacher.label, judge.label, verifier_label(cfg.judge), offline)
         per_ex, verdict_rows, probe_sets, probes = [], [], {}, {}
         for source in cfg.data.test:
-            ds, rows, verdicts, refs = evaluate_set(run, source, cfg, main, teacher, judge, verifier)
+            ds, rows, verdicts, refs = evaluate_set(run, source, cfg, main, teacher, judge, verifier, judge2)
             summary.datasets[dataset_key(source)] = ds
             per_ex, verdict_rows = per_ex + rows, verdict_rows + verdicts
             if refs:
@@ -265,7 +319,8 @@ def evaluate_stage(cfg, run, main: str | None = None) -> Path:
         failures = [{"role": k, **f} for k, u in roles for f in (getattr(u, "failures", None) or [])]
         write_jsonl(out / "failures.jsonl", failures)
         summary.save(out / "summary.json")
-        llm, cost = ledgers(teacher=teacher, judge=judge, verifier=verifier), {d: p["cost"] for d, p in probes.items()}
+        llm = ledgers(teacher=teacher, judge=judge, verifier=verifier, **({"judge2": judge2} if judge2 else {}))
+        cost = {d: p["cost"] for d, p in probes.items()}
         run.update_stage("eval", llm=llm, judge=judge.label, failures=len(failures), probe=cost)
 
     main = main or cfg.eval.main

@@ -8,7 +8,7 @@ import hashlib, json, time
 from pathlib import Path
 import torch
 from tqdm.auto import tqdm
-from .runs import read_jsonl, write_jsonl, Stage
+from .runs import read_jsonl, resume_jsonl, write_jsonl, Stage
 from .data import encode_prompt, encode_example, question
 
 # %% auto #0
@@ -198,7 +198,7 @@ def generate_stage(cfg, run, system: str) -> Path:
         for name in cfg.data.test:  # every set's unanswered questions, answered together: fuller batches
             ds = load_dataset(name, lenient=cfg.data.lenient, n=test_size(cfg.data, name))
             path = out / f"{dataset_key(name)}.partial.jsonl"  # a user's /abs/path.json stays inside the run
-            done = {r["index"] for r in read_jsonl(path)}
+            done = {r["index"] for r in resume_jsonl(path)}
             sets.append((ds, path, [i for i in range(len(ds)) if i not in done]))
         todo = [(k, i) for k, (_, _, left) in enumerate(sets) for i in left]
 

@@ -4,13 +4,15 @@
 
 # %% ../nbs/10_judge.ipynb #10-judge-003
 from __future__ import annotations
-import itertools
+import itertools, math
+import numpy as np
 from .config import ASPECTS as KC_ASPECTS
 from .facts import supported, content
 from .atoms import split_atoms
 
 # %% auto #0
-__all__ = ['ASPECTS', 'JUDGE', 'combine', 'judge_both_orders', 'proxy_scores', 'ProxyJudge', 'LLMJudge', 'make_judge']
+__all__ = ['ASPECTS', 'JUDGE', 'combine', 'judge_both_orders', 'proxy_scores', 'ProxyJudge', 'LLMJudge', 'make_judge',
+           'length_controlled']
 
 # %% ../nbs/10_judge.ipynb #10-judge-005
 ASPECTS = (*KC_ASPECTS, "overall")  # the judge adds an overall verdict to the three aspects
@@ -146,3 +148,32 @@ class LLMJudge:
 def make_judge(cfg, stage: str = "judge"):
     "The LLM judge when `cfg.backend == 'llm'`, else the offline proxy."
     return LLMJudge(cfg, stage) if cfg.backend == "llm" else ProxyJudge()
+
+# %% ../nbs/10_judge.ipynb #10-judge-012c
+def _logistic_fit(x, y, ridge: float = 0.1, steps: int = 50) -> tuple[float, float]:
+    "(alpha, beta) of logit P(y) = alpha + beta x, y in [0, 1] (fractional: ties), by Newton; a ridge on beta only."
+    X, w = np.stack([np.ones_like(x), x], 1), np.zeros(2)
+    pen = np.diag([0.0, ridge])
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-X @ w))
+        step = np.linalg.solve(X.T @ (X * (p * (1 - p))[:, None]) + pen + 1e-9 * np.eye(2), X.T @ (y - p) - pen @ w)
+        w += step
+        if np.abs(step).max() < 1e-8:
+            break
+    return float(w[0]), float(w[1])
+
+
+def length_controlled(outcomes: list[str], len_diff, n: int = 200, seed: int = 0) -> dict:
+    """{raw: [%, low, high], lc: [%, low, high], len_diff: mean tokens main − baseline}: the preference for the main
+    system with ties counted half, raw and at zero length difference (AlpacaEval 2's length control), bootstrap."""
+    y = np.array([{"win": 1.0, "tie": 0.5, "lose": 0.0}[o] for o in outcomes])
+    d = np.asarray(len_diff, dtype=float)
+    sd = d.std() or 1.0
+
+    def lc(i):
+        return 100 / (1 + math.exp(-_logistic_fit(np.tanh(d[i] / sd), y[i])[0]))
+
+    rng, idx = np.random.default_rng(seed), np.arange(len(y))
+    boots = [rng.integers(0, len(y), len(y)) for _ in range(n)] if len(y) else []
+    ci = lambda f: [f(idx), *np.quantile([f(b) for b in boots], [0.025, 0.975]).tolist()] if len(y) else [math.nan] * 3
+    return {"raw": ci(lambda i: 100 * y[i].mean()), "lc": ci(lc), "len_diff": float(d.mean()) if len(d) else math.nan}

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from .data import prompt, question, encode_prompt, encode_response, llama_factory_entry
-from .runs import read_jsonl, write_json, write_jsonl, Stage
+from .runs import read_jsonl, resume_jsonl, write_json, write_jsonl, Stage
 
 # %% auto #0
 __all__ = ['SCORE_PACK_TOKENS', 'SCORE_BATCH_TOKENS', 'KA', 'encode', 'ppl_reference', 'pack', 'batch_inputs', 'atom_ppls',
@@ -209,7 +209,7 @@ def score_resumable(
     model, tok, questions, atom_lists, path: Path, template="alpaca", batch_questions=8, desc="ppl"
 ) -> list:
     "Perplexities for every (question, atoms), appending finished questions to `path` and skipping those already there."
-    done = {r["i"]: r["ppl"] for r in read_jsonl(path)}
+    done = {r["i"]: r["ppl"] for r in resume_jsonl(path)}
     todo = [i for i in range(len(questions)) if i not in done]
     total = sum(len(atom_lists[i]) for i in todo)
     bar = tqdm(total=total, desc=desc, unit="atom")

@@ -10,7 +10,8 @@ import numpy as np
 # %% auto #0
 __all__ = ['Z_MDE', 'ALPHA', 'tokenize', 'meteor', 'rouge_l', 'bertscore', 'bootstrap_ci', 'all_metrics', 'paired_bootstrap',
            'excludes_zero', 'mde', 'n_needed', 'paired_diff', 'sign_test_p', 'sign_flip_p', 'paired_p',
-           'false_star_table', 'significant', 'holm', 'wilson', 'rate_cis']
+           'false_star_table', 'significant', 'holm', 'wilson', 'rate_cis', 'cohen_kappa', 'bradley_terry',
+           'bt_ranking']
 
 # %% ../nbs/08_metrics.ipynb #08-metrics-005
 def tokenize(s: str) -> list[str]:
@@ -193,3 +194,48 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float, float]:
 def rate_cis(labels: list[str], n: int = 1000, seed: int = 0) -> dict[str, tuple[float, float, float]]:
     "{label: (percent, low, high)} for win / tie / lose: Wilson intervals (`n`, `seed`: unused)."
     return {k: tuple(100 * x for x in wilson(sum(l == k for l in labels), len(labels))) for k in ("win", "tie", "lose")}
+
+# %% ../nbs/08_metrics.ipynb #08-metrics-010p
+def cohen_kappa(a: list, b: list, labels=("win", "tie", "lose")) -> tuple[float, list[list[int]]]:
+    "(kappa, confusion matrix: rows `a`'s label, columns `b`'s, in `labels` order) of two labelings of the same items."
+    at = {l: i for i, l in enumerate(labels)}
+    m = np.zeros((len(labels), len(labels)), dtype=int)
+    for x, y in zip(a, b):
+        m[at[x], at[y]] += 1
+    n = m.sum()
+    if n == 0:
+        return float("nan"), m.tolist()
+    po, pe = np.trace(m) / n, float(m.sum(1) @ m.sum(0)) / n**2
+    return (float((po - pe) / (1 - pe)) if pe < 1 else 1.0), m.tolist()
+
+# %% ../nbs/08_metrics.ipynb #08-metrics-010s
+def bradley_terry(games: list[tuple[str, str, float]], iters: int = 500) -> dict[str, float]:
+    "{system: centred log-strength} from (i, j, score of i: 1 win, 0.5 tie, 0 lose) games (Hunter's MM updates)."
+    names = sorted({x for g in games for x in g[:2]})
+    at, k = {n: i for i, n in enumerate(names)}, len(names)
+    wins, n = np.full(k, 1e-3), np.zeros((k, k))  # a tiny prior win keeps a system that never won finite
+    for i, j, s in games:
+        wins[at[i]] += s
+        wins[at[j]] += 1 - s
+        n[at[i], at[j]] += 1
+        n[at[j], at[i]] += 1
+    p = np.ones(k)
+    for _ in range(iters):
+        new = wins / ((n / (p[:, None] + p[None, :])).sum(1) + 1e-12)
+        new /= np.exp(np.log(new).mean())
+        if np.abs(new - p).max() < 1e-10:
+            p = new
+            break
+        p = new
+    theta = np.log(p)
+    return {nm: float(theta[at[nm]] - theta.mean()) for nm in names}
+
+
+def bt_ranking(games_by_question: list[list[tuple]], n: int = 200, seed: int = 0) -> dict[str, list[float]]:
+    "{system: [score, low, high]}: Bradley-Terry on all games, with a bootstrap over questions."
+    flat = lambda qs: [g for q in qs for g in q]
+    point, rng = bradley_terry(flat(games_by_question)), np.random.default_rng(seed)
+    boots = [bradley_terry(flat([games_by_question[i] for i in rng.integers(0, len(games_by_question),
+                                                                             len(games_by_question))]))
+             for _ in range(n)]
+    return {s: [v, *np.quantile([b.get(s, np.nan) for b in boots], [0.025, 0.975]).tolist()] for s, v in point.items()}

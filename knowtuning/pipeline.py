@@ -249,8 +249,8 @@ def _adder(cfg, rows: list):
     "`add(stage, role, prompts, completion_tokens)`: append the estimate for sending `prompts` to `role` to `rows`."
 
     def add(stage, role, prompts, completion_tokens):
-        cfg_llm = cfg.teacher if role == "teacher" else cfg.judge
-        if prompts:
+        cfg_llm = {"teacher": cfg.teacher, "judge2": cfg.judge2}.get(role, cfg.judge)
+        if prompts and cfg_llm.backend == "llm":  # offline roles cost nothing
             rows.append(_row(stage, role, cfg_llm, len(prompts), sum(map(_tok, prompts)), completion_tokens))
 
     return add
@@ -328,17 +328,17 @@ def _plan_eval(cfg, recs: list[dict], add) -> None:
         if cfg.eval.probe and "factuality" in cfg.kc.aspects:
             revise = [PROMPTS["revise"].format(atoms=a) for a in refs]
             add("eval", "teacher", revise, sum(_tok(a) + 3 * _n_atoms(a) for a in refs))
-    if cfg.judge.backend != "llm":
-        return
-    facts = [(r, a["text"]) for r in recs for a in split_atoms(gen(r))]
-    ver = [VERIFY.format(reference=r["output"], fact=f) for r, f in facts for _ in systems]
-    ver += [VERIFY.format(reference=gen(r), fact=f) for r, f in facts for _ in systems]  # recall: reference facts
-    ver += [ABSTAIN.format(question=question(r), answer=gen(r)) for r in recs for _ in systems]
-    add("eval", "verifier", ver, 2 * len(ver))
-    if "knowtuning" in systems:
-        n_cmp = 2 * (len(systems) - 1)
+    if cfg.judge.backend == "llm":
+        facts = [(r, a["text"]) for r in recs for a in split_atoms(gen(r))]
+        ver = [VERIFY.format(reference=r["output"], fact=f) for r, f in facts for _ in systems]
+        ver += [VERIFY.format(reference=gen(r), fact=f) for r, f in facts for _ in systems]  # recall: reference facts
+        ver += [ABSTAIN.format(question=question(r), answer=gen(r)) for r in recs for _ in systems]
+        add("eval", "verifier", ver, 2 * len(ver))
+    if cfg.eval.main in systems:  # the main system against every other, both orders; again for the second judge
+        n_cmp = 2 * (len(systems) - 1) * (len(systems) / 2 if cfg.eval.all_pairs else 1)  # both orders
         cmp = [JUDGE.format(question=question(r), reference=r["output"], a=gen(r), b=gen(r)) for r in recs]
-        add("eval", "judge", [p for p in cmp for _ in range(n_cmp)], 30 * n_cmp * len(recs))
+        for role in ("judge", "judge2") if cfg.eval.second_judge else ("judge",):
+            add("eval", role, [p for p in cmp for _ in range(int(n_cmp))], int(30 * n_cmp * len(recs)))
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-007ba4
 def plan(cfg) -> list[dict]:

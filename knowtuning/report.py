@@ -14,10 +14,10 @@ from .evaluate import Summary
 # %% auto #0
 __all__ = ['PROXY_NOTE', 'PROBE_NOTE', 'STAGE_NOTES', 'FACT_COLUMNS', 'ANSWERS_CSS', 'ANSWERS_JS', 'ANSWERS_HTML', 'REPORT',
            'to_markdown', 'to_csv', 'to_latex', 'write_table', 'probe_table', 'atoms_table', 'stages_table',
-           'sample_sizes', 'metrics_table', 'diffs_table', 'judge_table', 'facts_table', 'ablation_table',
-           'build_tables', 'probe_notes', 'multiplicity_note', 'reading_notes', 'data_sources', 'served_models',
-           'plot_judge', 'plot_metrics', 'plot_probe', 'browser_data', 'answers_html', 'report_stage', 'combine_tables',
-           'combine_reports']
+           'sample_sizes', 'metrics_table', 'diffs_table', 'judge_table', 'judge_length_table', 'agreement_table',
+           'ranking_table', 'facts_table', 'ablation_table', 'build_tables', 'probe_notes', 'multiplicity_note',
+           'reading_notes', 'data_sources', 'served_models', 'plot_judge', 'plot_metrics', 'plot_probe', 'browser_data',
+           'answers_html', 'report_stage', 'combine_tables', 'combine_reports']
 
 # %% ../nbs/17_report.ipynb #17-report-006
 def _fmt(x, digits=4):
@@ -221,7 +221,8 @@ def sample_sizes(summary: Summary, effect: float) -> list[list]:
 # %% ../nbs/17_report.ipynb #17-report-009a
 def metrics_table(cfg, summary: Summary, ctx: str):
     rows = [
-        [d, x.n, s, _ci(v["meteor"]), _ci(v["bertscore"]), _ci(v["rougeL"])]
+        [d, x.n, s, _ci(v["meteor"]), _ci(v["bertscore"]), _ci(v["rougeL"]), _ci(v.get("tokens")),
+         v.get("facts", {}).get("facts_per_answer", math.nan)]
         for d, x in summary.datasets.items()
         for s, v in x.systems.items()
         if "meteor" in v
@@ -231,7 +232,9 @@ def metrics_table(cfg, summary: Summary, ctx: str):
         if cfg.eval.bertscore_model == "minilm"
         else f"BERTScore ({cfg.eval.bertscore_model})"
     )
-    return ["dataset", "n", "system", "METEOR", bs, "ROUGE-L"], rows, f"Automatic metrics (mean ± half 95% CI). {ctx}"
+    cap = (f"Automatic metrics (mean ± half 95% CI), and each answer's length: tokens (words and punctuation) and "
+           f"atoms (the facts the teacher decomposed it into). {ctx}")
+    return ["dataset", "n", "system", "METEOR", bs, "ROUGE-L", "tokens / answer", "atoms / answer"], rows, cap
 
 def diffs_table(summary: Summary, ctx: str):
     rows, main = [], summary.main
@@ -242,11 +245,13 @@ def diffs_table(summary: Summary, ctx: str):
                 + [_diff(v.get(k)) for k in ("meteor", "bertscore", "rougeL", "precision", "f1_k", "ref_recall")]
             )
     return (
-        ["dataset", "n", "comparison", "Δ METEOR", "Δ BERTScore", "Δ ROUGE-L", "Δ fact precision", "Δ F1@K",
+        ["dataset", "questions", "comparison", "Δ METEOR", "Δ BERTScore", "Δ ROUGE-L", "Δ fact precision", "Δ F1@K",
          "Δ reference recall"],
         rows,
-        "Paired differences with bootstrap 95% intervals over questions; * marks an interval that excludes 0 "
-        f"(a difference these questions support, not a general claim). {ctx}",
+        "Paired differences over questions: bootstrap 95% interval, the questions compared (n: Δ fact precision "
+        "leaves out abstentions and answers without a decided fact, pairwise), p of the paired test (exact sign test "
+        "for 0/1 scores, else sign flips) and * for p < 0.05 (a difference these questions support, not a general "
+        f"claim; see the multiplicity note), and the MDE. {ctx}",
     )
 
 # %% ../nbs/17_report.ipynb #17-report-009b
@@ -273,6 +278,60 @@ def judge_table(summary: Summary, ctx: str, proxy: bool):
         f"{' — PROXY judge, not an LLM. ' + PROXY_NOTE if proxy else '.'} {ctx}"
     )
     return ["dataset", "n", "comparison", *ASPECTS, "flips (position)", "judged / failed"], rows, cap
+
+# %% ../nbs/17_report.ipynb #17-report-009b-lc
+def judge_length_table(summary: Summary, ctx: str):
+    "Per comparison: the mean length difference, and per aspect the preference raw and length-controlled."
+    rows = []
+    for d, x in summary.datasets.items():
+        for b, lc in x.judge_lc.items():
+            dl = next(iter(lc.values()))["len_diff"] if lc else math.nan
+            cell = lambda v: f"{v[0]:.0f} [{v[1]:.0f}, {v[2]:.0f}]" if v and not math.isnan(v[0]) else "–"
+            rows.append([d, x.n, f"{summary.main} vs {b}", round(dl, 1)]
+                        + [f"{cell(lc[a]['raw'])} → {cell(lc[a]['lc'])}" for a in ASPECTS if a in lc])
+    cap = ("How much of each judge result is length: Δ tokens = mean length of the main system's answer minus the "
+           "baseline's; per aspect, the main system's preference in % (ties count half) raw → length-controlled "
+           "(AlpacaEval 2's method: the preference predicted at zero length difference by a logistic fit on the "
+           "normalised length difference), bootstrap 95% intervals. A raw win that shrinks towards 50 when "
+           "controlled was bought by length; one that stays is not explained by length (whether it is deserved is "
+           f"another question). {ctx}")
+    return ["dataset", "n", "comparison", "Δ tokens", *ASPECTS], rows, cap
+
+# %% ../nbs/17_report.ipynb #17-report-009b-ag
+def agreement_table(summary: Summary, ctx: str):
+    "Per comparison and aspect: Cohen's kappa of the two judges, their confusion matrix, and both judges' win rates."
+    rows = []
+    for d, x in summary.datasets.items():
+        for b, ag in x.agreement.items():
+            for a, v in ag.items():
+                w1, w2 = x.judge.get(b, {}).get(a, {}), x.judge2.get(b, {}).get(a, {})
+                rows.append([d, v["n"], f"{summary.main} vs {b}", a, round(v["kappa"], 3),
+                             " / ".join(" ".join(map(str, r)) for r in v["confusion"]),
+                             f"{w1.get('win', math.nan):.0f} / {w1.get('tie', math.nan):.0f} / {w1.get('lose', math.nan):.0f}",
+                             f"{w2.get('win', math.nan):.0f} / {w2.get('tie', math.nan):.0f} / {w2.get('lose', math.nan):.0f}"])
+    cap = ("Agreement of the two judges on the same pairs (eval.second_judge): Cohen's kappa (1 = always alike, 0 = "
+           "what their label rates give by chance; ties are a class), the confusion matrix (rows: judge 1's win, "
+           "tie, lose; columns: judge 2's, rows separated by /), and each judge's win / tie / lose in %. Low kappa "
+           f"with similar win rates: the judges agree on how often, not on which questions. {ctx}")
+    return ["dataset", "n", "comparison", "aspect", "kappa", "confusion (judge 1 rows)", "judge 1 W/T/L",
+            "judge 2 W/T/L"], rows, cap
+
+# %% ../nbs/17_report.ipynb #17-report-009b-bt
+def ranking_table(summary: Summary, ctx: str):
+    "Per test set and system: the Bradley-Terry score of every aspect over all judged pairs, best overall first."
+    rows = []
+    for d, x in summary.datasets.items():
+        if not x.ranking:
+            continue
+        order = sorted(x.ranking.get("overall", {}), key=lambda s: -x.ranking["overall"][s][0])
+        for s in order:
+            rows.append([d, x.n, s] + [f"{x.ranking[a][s][0]:+.2f} [{x.ranking[a][s][1]:+.2f}, {x.ranking[a][s][2]:+.2f}]"
+                                       if s in x.ranking.get(a, {}) else "–" for a in ASPECTS])
+    cap = ("Every system ranked (eval.all_pairs: every pair judged in both orders): Bradley-Terry score per aspect, "
+           "centred at 0, with bootstrap 95% intervals over questions; σ(score) is the expected preference against "
+           "an average system of this run. Overlapping intervals: the order between those systems is not settled. "
+           f"{ctx}")
+    return ["dataset", "n", "system", *ASPECTS], rows, cap
 
 # %% ../nbs/17_report.ipynb #17-report-009c
 FACT_COLUMNS = {  # summary key: column
@@ -329,8 +388,13 @@ def build_tables(cfg, summary: Summary, served: str = "") -> dict:
         "table_metrics": metrics_table(cfg, summary, ctx),
         "table_diffs": diffs_table(summary, ctx),
         "table_judge": judge_table(summary, ctx, proxy),
+        "table_judge_length": judge_length_table(summary, ctx),
         "table_facts": facts_table(summary, ctx),
     }
+    if any(x.ranking for x in summary.datasets.values()):
+        tables["table_ranking"] = ranking_table(summary, ctx)
+    if any(x.agreement for x in summary.datasets.values()):
+        tables["table_judge_agreement"] = agreement_table(summary, ctx)
     if any(s.startswith("wo_") for s in cfg.systems):
         tables["table_ablation"] = ablation_table(cfg, summary, ctx)
     return tables

@@ -13,9 +13,9 @@ from .config import Config, LLMCfg, to_yaml, project_root
 
 # %% auto #0
 __all__ = ['LLM_IDENTITY', 'STEPS', 'LOCK_ENV', 'atomic_write', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl',
-           'fingerprint', 'file_hash', 'Stage', 'config_value', 'stage_fingerprint', 'Step', 'step_of', 'command_for',
-           'runs_root', 'versions', 'processes', 'is_main', 'barrier', 'phase', 'RunLocked', 'folder_lock', 'Run',
-           'YieldError', 'require_yield']
+           'resume_jsonl', 'fingerprint', 'file_hash', 'Stage', 'config_value', 'stage_fingerprint', 'Step', 'step_of',
+           'command_for', 'runs_root', 'versions', 'processes', 'is_main', 'barrier', 'phase', 'RunLocked',
+           'folder_lock', 'Run', 'YieldError', 'require_yield']
 
 # %% ../nbs/01_runs.ipynb #01-runs-006
 def atomic_write(path, data: str | bytes) -> Path:
@@ -47,8 +47,33 @@ def write_jsonl(path, rows) -> Path:
 
 
 def read_jsonl(path) -> list:
+    "The rows of a JSONL file ([] when it does not exist); a line that is not JSON is an error naming file and line."
+    p, out = Path(path), []
+    for n, l in enumerate(p.read_text().splitlines() if p.exists() else [], 1):
+        try:
+            out.append(json.loads(l)) if l.strip() else None
+        except ValueError as e:
+            raise ValueError(f"{p}:{n}: not a JSON line ({e})") from None
+    return out
+
+
+def resume_jsonl(path) -> list:
+    """The rows of an append-only file that a stage resumes (KA's perplexities, partial predictions). A last line cut
+    short by a kill mid-write (no newline, not JSON) is dropped, said on stderr and cut from the file, so the rows
+    appended next start on a line of their own; its row is simply computed again."""
     p = Path(path)
-    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
+    data = p.read_bytes() if p.exists() else b""
+    cut = data.rfind(b"\n") + 1
+    if cut < len(data):
+        try:
+            json.loads(data[cut:])
+            with open(p, "ab") as f:
+                f.write(b"\n")  # a whole row whose newline was lost: kept
+        except ValueError:
+            os.truncate(p, cut)
+            print(f"resume: dropped a partly written last line of {p} ({len(data) - cut} bytes, a kill mid-write); "
+                  "its row is computed again", file=__import__("sys").stderr)
+    return read_jsonl(p)
 
 # %% ../nbs/01_runs.ipynb #01-runs-009
 def fingerprint(*parts) -> str:
@@ -293,6 +318,9 @@ def stage(self: Run, stage: str, fp: str):
     On success the main process moves the folder into place and the manifest records the time taken; in a
     multi-process job every process waits until then."""
     if self.done(stage, fp):
+        if is_main() and self.manifest.get("stages", {}).get(stage, {}).get("fingerprint") != fp:
+            with self.lock():  # moved into place by a run killed before its manifest update: record it now
+                self.update_stage(stage, fingerprint=fp, recorded_on_resume=time.strftime("%Y-%m-%dT%H:%M:%S"))
         yield None
         return
     with self.lock():

@@ -17,9 +17,15 @@ def kt(*args, env=None, cwd=None, timeout=900, check=False):
     if check and r.returncode != 0: raise AssertionError(f"knowtuning {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
 
+def _absent(what):
+    "Skip a test whose ../shared input is absent; in CI (KNOWTUNING_REQUIRE_SHARED=1, set by .ci/run), fail it."
+    if os.environ.get("KNOWTUNING_REQUIRE_SHARED") == "1":
+        pytest.fail(f"{what} is absent, and CI always has it (KNOWTUNING_REQUIRE_SHARED=1)")
+    pytest.skip(f"{what} is absent")
+
 @pytest.fixture
 def release():
-    if not RELEASE_DATA.is_dir(): pytest.skip("../shared/data/knowtuning-release is absent")
+    if not RELEASE_DATA.is_dir(): _absent("../shared/data/knowtuning-release")
     return RELEASE_DATA
 
 # ../shared (beside the checkout) holds the release's data, scripts and a token-id fixture for the tests only: the
@@ -30,7 +36,7 @@ if RELEASE_DATA.is_dir(): os.environ.setdefault("KNOWTUNING_RELEASE_DATA", str(R
 
 @pytest.fixture
 def shared():
-    if not SHARED.is_dir(): pytest.skip("../shared is absent")
+    if not SHARED.is_dir(): _absent("../shared")
     return SHARED
 
 # --- one smoke run, shared by every test that only reads it -------------------------------------------------------

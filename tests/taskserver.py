@@ -1,7 +1,8 @@
 """A scripted OpenAI-compatible server that answers every knowtuning teacher / judge / verifier prompt in the requested
 format. A share of first answers is malformed (to exercise the repair round) and a smaller share stays malformed
 after the repair (to exercise failure accounting); which ones is a function of the prompt, so reruns are identical.
-Token usage is reported as a real server would, about one token per four characters."""
+Token usage is counted with SmolLM2's tokenizer (the embedded model's): an independent count, not the plan's
+characters / 4, so the plan-vs-ledger test checks the plan's estimate against real token counts."""
 import hashlib, json, re
 from collections import Counter
 from fakeserver import FakeServer
@@ -54,7 +55,12 @@ class TaskServer(FakeServer):
         "`upgrade_on`: from the first request of this kind on, answers report a new model and fingerprint."
         self.kinds, self.repairs, self.upgrade_on, self.upgraded = Counter(), 0, upgrade_on, False
         self.malformed_every, self.broken_every = malformed_every, broken_every
-        super().__init__(default=self.respond, usage=lambda body, text: (len(json.dumps(body)) // 4, max(1, len(text) // 4)), **kw)
+        from transformers import AutoTokenizer
+        from knowtuning.assets import resolve_model
+        tok = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+        count = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])
+        prompt = lambda body: sum(count(m["content"]) + 4 for m in body.get("messages", [])) or count(body.get("prompt", ""))
+        super().__init__(default=self.respond, usage=lambda body, text: (prompt(body), max(1, count(text))), **kw)
         self.served = lambda body: (body.get("model", "fake") + ("-v2" if self.upgraded else ""),
                                     "fp_2" if self.upgraded else "fp_1")
     def respond(self, body) -> str:

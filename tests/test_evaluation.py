@@ -106,3 +106,53 @@ def test_one_empty_reference_drops_its_question_not_the_set(tmp_path):
     assert ds.has_references and (ds.n, ds.no_reference) == (2, 1)
     assert "meteor" in ds.systems["sft"] and ds.diffs["sft"]["meteor"][3] == 2       # diffs over the 2 kept questions
     assert {r["index"] for r in rows} == {0, 2} and len(verdicts) == 2 and refs_out is not None
+
+# -- judge results a reviewer cannot wave away: loopback judges built to move each measure in a known way ----------------
+def _judge_server(prefer):
+    "A loopback LLM judge: `prefer(a, b, question)` -> 'A' | 'B' | 'tie' for every aspect."
+    import re
+    def respond(body):
+        p = body["messages"][-1]["content"]
+        a, b = re.search(r"Answer A: (.*?)\n\nAnswer B: (.*?)\n\nJudge", p, re.S).groups()
+        v = prefer(a, b, re.search(r"Question: (.*?)\n", p).group(1))
+        return json.dumps({k: v for k in ("completeness", "factuality", "logicality", "overall")})
+    return FakeServer(default=respond)
+
+def _pairs(n=60, seed=0):
+    "Main and baseline answers: lengths vary either way (main longer on ~2/3); a marker fact in main on ~70%, apart from length."
+    import random
+    rng, main, base = random.Random(seed), [], []
+    for i in range(n):
+        lm, lb = rng.randint(5, 40), rng.randint(5, 30)
+        mark = rng.random() < 0.7
+        main.append({"index": i, "question": f"q{i}", "reference": "r", "prediction": ("MARKER " if mark else "") + "w " * lm})
+        base.append({"index": i, "question": f"q{i}", "reference": "r", "prediction": "w " * lb})
+    return main, base
+
+def test_length_controlled_win_rate_and_judge_agreement(tmp_path):
+    from knowtuning.evaluate import judge_against, agreement
+    from knowtuning.judge import LLMJudge
+    from knowtuning.config import LLMCfg
+    cfg = load_config("smoke", overrides=["eval.bootstrap=100"])
+    main, base = _pairs()
+    def judge(srv, name):
+        return LLMJudge(LLMCfg(backend="llm", base_url=srv.base_url, model=name, cache=str(tmp_path / f"{name}.sqlite"),
+                               backoff=0.01, timeout=5), "t")
+    longer = lambda a, b, q: "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"
+    marker = lambda a, b, q: "A" if "MARKER" in a and "MARKER" not in b else "B" if "MARKER" in b and "MARKER" not in a else "tie"
+    # agrees with `marker` except on every 5th question, where it says tie
+    fifth = lambda a, b, q: "tie" if int(q[1:]) % 5 == 0 else marker(a, b, q)
+    with _judge_server(longer) as s1, _judge_server(marker) as s2, _judge_server(fifth) as s3:
+        _, jl = judge_against(main, base, judge(s1, "longer"), cfg, "t")
+        vm, jm = judge_against(main, base, judge(s2, "marker"), cfg, "t")
+        vf, _ = judge_against(main, base, judge(s3, "fifth"), cfg, "t")
+    raw, lc = jl["lc"]["overall"]["raw"][0], jl["lc"]["overall"]["lc"][0]
+    assert raw > 60 and 40 < lc < 60 and jl["lc"]["overall"]["len_diff"] > 0, jl["lc"]["overall"]  # bought by length
+    raw, lc = jm["lc"]["overall"]["raw"][0], jm["lc"]["overall"]["lc"][0]
+    assert raw > 60 and abs(lc - raw) < 8, jm["lc"]["overall"]                                      # not length
+    ag = agreement(vm, vf)["overall"]
+    m = ag["confusion"]
+    fifth_q = [i for i in range(60) if i % 5 == 0]
+    moved = sum(vm[i]["overall"] != "tie" for i in fifth_q)                 # decisive verdicts that became ties
+    assert m[1][0] + m[1][2] == 0 and m[0][1] + m[2][1] == moved and sum(map(sum, m)) == 60
+    assert sum(m[k][k] for k in range(3)) == 60 - moved and 0 < ag["kappa"] < 1

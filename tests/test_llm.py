@@ -42,7 +42,8 @@ def test_always_failing_server_names_request_and_keeps_cache(tmp_path):
             c.complete_many([user("first", name="keep-me"), user("second", name="doomed")])
         assert len(s.requests) == 1 + 3                      # only 'doomed' went out, three times
         assert c.complete(user("first", name="keep-me")) == "echo: first"   # still cached
-    assert c.cache.get is not None and len(c.cache) == 1
+    first = user("first", name="keep-me")
+    assert len(c.cache) == 1 and c.cache.get(c._key(first, c.params(first)))["text"] == "echo: first"
 
 def test_non_retryable_error_is_not_retried(tmp_path):
     with FakeServer([400]) as s:

@@ -168,3 +168,24 @@ def test_docs_site_in_headless_chromium(tmp_path):
     finally:
         srv.terminate()
         srv.wait()
+
+def test_the_report_tables_say_what_summary_json_says_and_star_only_p_below_005(smoke_run):
+    "Every paired difference in the diffs table against eval/summary.json: its mean, its n, its p, its star."
+    summary = json.loads((smoke_run.dir / "eval" / "summary.json").read_text())
+    rows = list(csv.DictReader(open(smoke_run.dir / "report" / "table_diffs.csv")))
+    cols = {"Δ METEOR": "meteor", "Δ BERTScore": "bertscore", "Δ ROUGE-L": "rougeL", "Δ fact precision": "precision"}
+    checked = 0
+    for r in rows:
+        diffs = summary["datasets"][r["dataset"]]["diffs"][r["comparison"].split(" − ")[1]]
+        for col, k in cols.items():
+            v = diffs[k]
+            if v[0] != v[0]: continue                                   # NaN: shown as –
+            cell = r[col]
+            assert cell.startswith(f"{v[0]:+.4f} ({v[1]:+.4f}, {v[2]:+.4f}) n={v[3]} "), (cell, v)
+            assert ("*" in cell) == (v[5] < 0.05), (cell, v)
+            checked += 1
+    assert checked >= 4, rows
+    metrics = list(csv.DictReader(open(smoke_run.dir / "report" / "table_metrics.csv")))
+    for r in metrics:
+        m = summary["datasets"][r["dataset"]]["systems"][r["system"]]["meteor"]
+        assert r["METEOR"] == f"{m[0]:.4f} ± {(m[2] - m[1]) / 2:.4f}", (r, m)

@@ -309,6 +309,11 @@ def test_plan_prices_from_genai_prices_and_unknown_is_never_zero(release, tmp_pa
     remote = ["--set", "judge.base_url=https://vllm.example.org/v1", "--set", "judge.model=llama-70b"]
     r = kt("plan", "--preset", "paper-dolly", "--set", "data.test=[dolly_test]", *remote, env=env, check=True)
     assert "unknown" in r.stdout and "+ unknown (llama-70b)" in r.stdout
+
+def test_an_unknown_price_is_refused_without_yes(tmp_path):
+    "Needs no release data: the smoke preset's own test set, a remote judge nobody has a price for."
+    env = {"KNOWTUNING_RUNS": str(tmp_path)}
+    remote = ["--set", "judge.base_url=https://vllm.example.org/v1", "--set", "judge.model=llama-70b"]
     r = kt("reproduce", "--preset", "smoke", "--set", "judge.backend=llm", *remote, env=env)
     assert r.returncode == 3 and "unknown price for llama-70b" in r.stderr and "--yes" in r.stderr, r.stderr
     assert not (tmp_path / "smoke").exists()

@@ -73,3 +73,26 @@ def test_the_readmes_papermill_run_of_a_stage_notebook(tmp_path):
     assert "alpha: 0.3" in (tmp_path / "mine" / "config.yaml").read_text()
     assert (tmp_path / "mine" / "ka" / "_done.json").exists() and (tmp_path / "mine" / "notebooks" / "11_ka.ipynb").exists()
     assert {p: p.stat().st_mtime for p in (ROOT / "knowtuning").glob("*.py")} == before  # no re-export under papermill
+
+
+def test_a_kill_between_the_stage_rename_and_the_manifest_update(tmp_path):
+    "The stage folder is in place but the manifest never heard of it: the next run skips the stage and records it."
+    code = f"""import os, sys
+import knowtuning.runs as R
+from knowtuning.config import load_config
+orig = R.Run.update_stage
+R.Run.update_stage = lambda self, st, **kw: os._exit(9) if "builds" in kw else orig(self, st, **kw)
+run = R.Run(load_config("smoke"), {str(tmp_path)!r}, "k")
+with run.stage("ka", "fp1") as d:
+    (d / "out.txt").write_text("built")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "KNOWTUNING_RUN_LOCK"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 9, r.stderr
+    from knowtuning.config import load_config
+    from knowtuning.runs import Run
+    run = Run(load_config("smoke"), tmp_path, "k")
+    assert run.done("ka", "fp1") and "ka" not in run.manifest["stages"]
+    with run.stage("ka", "fp1") as d:
+        assert d is None                                                    # not rebuilt
+    assert run.manifest["stages"]["ka"]["fingerprint"] == "fp1" and (run.path("ka") / "out.txt").read_text() == "built"
