@@ -151,6 +151,7 @@ class GenerateCfg:
     api: LLMCfg = field(default_factory=lambda: LLMCfg(backend="llm", model="{system}", concurrency=32, cache=""))
     # api.model may contain {system}: e.g. vLLM's --lora-modules name per system
 
+# %% ../nbs/00_config.ipynb #00-config-006c-eval
 @dataclass
 class EvalCfg:
     bertscore_model: str = "minilm"  # minilm (embedded) | roberta-large | a local folder

@@ -161,6 +161,8 @@ def stage_site(src: Path, notebooks: dict[str, Path], execution: str = "") -> Pa
     (src / "conf.py").write_text(CONF + execution)
     static = src / "_static"
     shutil.copytree(Path(jupyter_server_mathjax.__file__).parent / "static", static / "mathjax", dirs_exist_ok=True)
+    if (images := project_root() / "nbs" / "images").is_dir():  # figures the prose shows (the answer browser)
+        shutil.copytree(images, src / "images", dirs_exist_ok=True)
     (static / "check-images.js").write_text(_CHECK)
     return src
 

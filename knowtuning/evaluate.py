@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from .runs import read_json, read_jsonl, write_json, write_jsonl, atomic_write, phase, Stage
 from .metrics import paired_diff
+from .data import dataset_key
+from .llm import ledgers
 
 # %% auto #0
 __all__ = ['summarize_judge', 'identical_share', 'paired_diffs', 'SetSummary', 'Summary', 'score_system', 'judge_against',
@@ -222,7 +224,8 @@ def rank_systems(ds: SetSummary, name: str, preds: dict, main: str, judge, cfg, 
     for i, a in enumerate(others):
         for b in others[i + 1 :]:
             vs, js = judge_against(preds[a], preds[b], judge, cfg, f"{name}: {a} vs {b}")
-            rows += [{"dataset": name, "system": a, "baseline": b, "index": x["index"], **v} for x, v in zip(preds[a], vs)]
+            rows += [{"dataset": name, "system": a, "baseline": b, "index": x["index"], **v}
+                     for x, v in zip(preds[a], vs)]
             ds.judge_calls[f"{a} vs {b}"] = {"judged": js["judged"], "failed": js["failed"]}
     score = {"win": 1.0, "tie": 0.5, "lose": 0.0}
     n = len(preds[main])
@@ -290,8 +293,6 @@ def evaluate_stage(cfg, run, main: str | None = None) -> Path:
     from knowtuning.facts import make_verifier, verifier_label
     from knowtuning.judge import make_judge
     from knowtuning.teacher import make_teacher
-    from knowtuning.llm import ledgers
-    from knowtuning.data import dataset_key
     from knowtuning.probe import run_probes  # (imports here: evaluation's modules load torch and the metrics)
 
     def make(out):

@@ -305,10 +305,9 @@ def agreement_table(summary: Summary, ctx: str):
         for b, ag in x.agreement.items():
             for a, v in ag.items():
                 w1, w2 = x.judge.get(b, {}).get(a, {}), x.judge2.get(b, {}).get(a, {})
+                wtl = lambda w: " / ".join(f"{w.get(k, math.nan):.0f}" for k in ("win", "tie", "lose"))
                 rows.append([d, v["n"], f"{summary.main} vs {b}", a, round(v["kappa"], 3),
-                             " / ".join(" ".join(map(str, r)) for r in v["confusion"]),
-                             f"{w1.get('win', math.nan):.0f} / {w1.get('tie', math.nan):.0f} / {w1.get('lose', math.nan):.0f}",
-                             f"{w2.get('win', math.nan):.0f} / {w2.get('tie', math.nan):.0f} / {w2.get('lose', math.nan):.0f}"])
+                             " / ".join(" ".join(map(str, r)) for r in v["confusion"]), wtl(w1), wtl(w2)])
     cap = ("Agreement of the two judges on the same pairs (eval.second_judge): Cohen's kappa (1 = always alike, 0 = "
            "what their label rates give by chance; ties are a class), the confusion matrix (rows: judge 1's win, "
            "tie, lose; columns: judge 2's, rows separated by /), and each judge's win / tie / lose in %. Low kappa "
@@ -325,8 +324,8 @@ def ranking_table(summary: Summary, ctx: str):
             continue
         order = sorted(x.ranking.get("overall", {}), key=lambda s: -x.ranking["overall"][s][0])
         for s in order:
-            rows.append([d, x.n, s] + [f"{x.ranking[a][s][0]:+.2f} [{x.ranking[a][s][1]:+.2f}, {x.ranking[a][s][2]:+.2f}]"
-                                       if s in x.ranking.get(a, {}) else "–" for a in ASPECTS])
+            bt = lambda v: f"{v[0]:+.2f} [{v[1]:+.2f}, {v[2]:+.2f}]"
+            rows.append([d, x.n, s] + [bt(x.ranking[a][s]) if s in x.ranking.get(a, {}) else "–" for a in ASPECTS])
     cap = ("Every system ranked (eval.all_pairs: every pair judged in both orders): Bradley-Terry score per aspect, "
            "centred at 0, with bootstrap 95% intervals over questions; σ(score) is the expected preference against "
            "an average system of this run. Overlapping intervals: the order between those systems is not settled. "

@@ -56,7 +56,7 @@ def read_jsonl(path) -> list:
             raise ValueError(f"{p}:{n}: not a JSON line ({e})") from None
     return out
 
-
+# %% ../nbs/01_runs.ipynb #01-runs-006r
 def resume_jsonl(path) -> list:
     """The rows of an append-only file that a stage resumes (KA's perplexities, partial predictions). A last line cut
     short by a kill mid-write (no newline, not JSON) is dropped, said on stderr and cut from the file, so the rows

@@ -4,8 +4,8 @@ as a user runs it: its `#| pipeline` cells and every stage notebook's, at a size
 import json, subprocess
 from conftest import ROOT, BIN
 
-SMALL = ["data.n_train=2", "data.n_test=2", "generate.max_new_tokens=16", "systems=[sft, knowtuning]",
-         "train.epochs=1", "eval.bootstrap=100"]
+SMALL = ["data.n_train=2", "data.n_test=2", "data.test=[demo_test]", "generate.max_new_tokens=12",
+         "systems=[sft, knowtuning]", "train.epochs=1", "eval.bootstrap=100"]
 
 
 def test_the_demo_path_end_to_end_through_the_tutorial(tmp_path):
@@ -18,7 +18,7 @@ def test_the_demo_path_end_to_end_through_the_tutorial(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     run = env_runs / "demo"
     man = json.loads((run / "manifest.json").read_text())
-    assert set(man["pipeline"]["steps"]) == {"ka", "kc", "train", "baselines", "generate", "evaluate", "report"}
+    assert set(man["stages"]["pipeline"]["steps"]) == {"ka", "kc", "train", "baselines", "generate", "evaluate", "report"}
     nbs = {p.name for p in (run / "notebooks").glob("*.ipynb")}
     assert {"11_ka.ipynb", "12_kc.ipynb", "13_train.ipynb", "16_evaluate.ipynb", "17_report.ipynb"} <= nbs
     assert not [n for n in nbs if n.endswith(".failed.ipynb")]
@@ -31,7 +31,7 @@ def test_the_demo_path_end_to_end_through_the_tutorial(tmp_path):
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert summary["teacher"] == "heuristic" and summary["judge"].startswith("proxy")
     assert {"teacher", "judge", "verifier"} <= set(summary["offline"])
-    assert all(x["probe"] for x in summary["datasets"].values())             # the probes on both test sets
+    assert all(x["probe"] for x in summary["datasets"].values())             # the probes
     assert (run / "report" / "answers.html").stat().st_size > 2000
     tut = out.read_text()                                                       # the tutorial's own cells
     assert "Knowledge-comparison probe" in tut and "KEEP" in tut and '"ename"' not in tut

@@ -138,7 +138,8 @@ def test_length_controlled_win_rate_and_judge_agreement(tmp_path):
     def judge(srv, name):
         return LLMJudge(LLMCfg(backend="llm", base_url=srv.base_url, model=name, cache=str(tmp_path / f"{name}.sqlite"),
                                backoff=0.01, timeout=5), "t")
-    longer = lambda a, b, q: "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"
+    size = lambda t: len(t.split())                                     # the length the report controls for
+    longer = lambda a, b, q: "A" if size(a) > size(b) else "B" if size(b) > size(a) else "tie"
     marker = lambda a, b, q: "A" if "MARKER" in a and "MARKER" not in b else "B" if "MARKER" in b and "MARKER" not in a else "tie"
     # agrees with `marker` except on every 5th question, where it says tie
     fifth = lambda a, b, q: "tie" if int(q[1:]) % 5 == 0 else marker(a, b, q)
