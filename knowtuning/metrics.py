@@ -143,7 +143,7 @@ def paired_p(a, b) -> float:
     return sign_test_p(a - b) if binary else sign_flip_p(a - b)
 
 # %% ../nbs/08_metrics.ipynb #08-metrics-010k
-def false_star_table(ns=(3, 5, 10, 40, 200), sims: int = 2000, power_sims: int = 500, seed: int = 0) -> list[list]:
+def false_star_table(ns=(3, 5, 10, 40, 200), sims: int = 1000, power_sims: int = 300, seed: int = 0) -> list[list]:
     """[[n, bootstrap interval excludes 0, sign flips, sign test (binary), power of each at the effects above]]:
     the share of simulated comparisons starred, under a true zero and under an effect."""
     rng, rows = np.random.default_rng(seed), []

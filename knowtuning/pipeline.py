@@ -11,8 +11,8 @@ from .config import load_config, project_root, test_size, training_order
 from .runs import STEPS, Run, runs_root
 
 # %% auto #0
-__all__ = ['BASELINES', 'TEXT_BARS', 'steps', 'StepError', 'stage_notebook', 'ProgressRelay', 'run_step', 'reproduce', 'plan',
-           'merge_plan', 'plan_cost', 'format_plan']
+__all__ = ['BASELINES', 'TEXT_BARS', 'steps', 'StepError', 'stage_notebook', 'ProgressRelay', 'run_step', 'run_signature',
+           'reproduce', 'plan', 'merge_plan', 'plan_cost', 'format_plan']
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-005
 BASELINES = ("rlaif", "facttune")  # systems trained on preferences over the SFT model's own samples
@@ -42,6 +42,17 @@ def _stderr_to(path: Path):
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+
+@contextlib.contextmanager
+def _env(**kv):
+    "Environment variables set for the duration (the processes started meanwhile inherit them), then restored."
+    saved = {k: os.environ.get(k) for k in kv}
+    os.environ.update(kv)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.update({k: v})
 
 class StepError(RuntimeError):
     "A step's notebook raised: the message is the original error's, with the executed notebook to open."
@@ -154,7 +165,6 @@ def run_step(run: Run, step: str, notebook: str, extra: dict | None = None, prog
     prints to stderr, as it prints it. An error in the notebook becomes a `StepError` with the original message."""
     import papermill as pm
 
-    os.environ["IN_TEST"] = "1"  # notebooks must not re-export the package during runs
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     (run.dir / "notebooks").mkdir(exist_ok=True)
     out = run.dir / "notebooks" / notebook
@@ -168,7 +178,8 @@ def run_step(run: Run, step: str, notebook: str, extra: dict | None = None, prog
         **(extra or {}),
     }
     try:
-        with _stderr_to(out.with_suffix(".log")):
+        # the kernel (not this process: nbdev_export here must keep working) must not re-export the package
+        with _stderr_to(out.with_suffix(".log")), _env(IN_TEST="1"):
             pm.execute_notebook(
                 stage_notebook(project_root() / "nbs" / notebook),
                 str(attempt),
@@ -185,6 +196,28 @@ def run_step(run: Run, step: str, notebook: str, extra: dict | None = None, prog
     attempt.replace(out)
     out.with_name(f"{out.stem}.failed.ipynb").unlink(missing_ok=True)  # a finished step has no failure to show
     return out
+
+# %% ../nbs/18_pipeline.ipynb #18-pipeline-007a-sig
+def run_signature(run: Run, todo: list) -> str:
+    """Everything a finished run's steps depend on: the resolved config, the package's code and the step notebooks,
+    every stage's fingerprint, and the size and time of the data files the config names. When a rerun finds the
+    signature its last complete pass recorded, no step can have anything to do, and none starts a kernel."""
+    from knowtuning.config import load_config
+    from knowtuning.data import dataset_path
+    from knowtuning.docs import package_hash
+    from knowtuning.runs import fingerprint, file_hash, read_json
+
+    cfg = load_config(None, run.dir / "config.yaml")
+    data = {}
+    for name in (cfg.data.train, *cfg.data.test, cfg.ka.source, cfg.kc.source):
+        try:
+            st = dataset_path(name).stat()
+            data[name] = [st.st_size, st.st_mtime_ns]
+        except Exception:  # "ours" / "release" sources and names that resolve elsewhere: covered by the stages
+            data[name] = None
+    stages = {p.parent.name: read_json(p).get("fingerprint") for p in sorted(run.dir.glob("*/_done.json"))}
+    nbs = [file_hash(project_root() / "nbs" / nb) for _, nb, _ in todo]
+    return fingerprint((run.dir / "config.yaml").read_text(), package_hash(), nbs, todo, stages, data)
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-007b
 def reproduce(
@@ -206,6 +239,10 @@ def reproduce(
         f"teacher {cfg.teacher.backend}, judge {cfg.judge.backend})"
     )
     with run.lock():  # one writer for the whole run; the step notebooks' kernels are this job
+        sig = run_signature(run, todo)
+        if run.manifest.get("stages", {}).get("pipeline", {}).get("signature") == sig:
+            log(f"nothing to do: config, code, data and every stage are as the last complete pass left them")
+            return run
         for i, (step, nb, extra) in enumerate(todo, 1):
             s0 = time.time()
             head = f"[{i}/{len(todo)}] {step:9s} ... "
@@ -219,7 +256,8 @@ def reproduce(
             done_t.append(time.time() - s0)
             el, eta = time.time() - t0, sum(done_t) / len(done_t) * (len(todo) - i)
             log((relay.close() if relay else "") + f"{done_t[-1]:7.1f} s   elapsed {_hms(el)}   remaining ~{_hms(eta)}")
-        run.update_stage("pipeline", seconds=round(time.time() - t0, 2), steps=[s for s, _, _ in todo])
+        run.update_stage("pipeline", seconds=round(time.time() - t0, 2), steps=[s for s, _, _ in todo],
+                         signature=run_signature(run, todo))
     return run
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-007b-2

@@ -35,6 +35,7 @@ if sys.argv[1] == "gguf":
 print(a)
 """
 
+@pytest.mark.slow  # 40 s; `make install` converts once and the demo-path test (tests/test_demo.py) runs the result
 def test_converted_smollm2_matches_gguf_in_fresh_process():
     r = subprocess.run([sys.executable, "-c", SCRIPT, "gguf"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

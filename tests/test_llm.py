@@ -228,7 +228,7 @@ def test_a_server_that_never_answers_stops_with_a_clear_error_and_keeps_the_cach
         c = client(tmp_path, s.base_url, timeout=0.5, stall_timeout=3, max_retries=20)
         assert c.complete("a") == "first"
         t0 = time.time()
-        with pytest.raises(LLMError, match=r"no answer from http://127.0.0.1:\d+/v1 .* 2 calls outstanding"):
+        with pytest.raises(LLMError, match=r"no answer from http://127.0.0.1:\d+/v1 .* [12] calls outstanding"):
             c.complete_many(["b", "c"])
         assert time.time() - t0 < 3 + 5
         assert client(tmp_path, s.base_url).complete("a") == "first"   # cached before the stall: nothing lost

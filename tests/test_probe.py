@@ -26,13 +26,13 @@ def _probe(model, tok, items, base_ppls=None, alpha=0.5):
 
 def test_a_student_trained_on_references_prefers_them_and_learns_their_hard_atoms():
     cfg = load_config("smoke")
-    recs = load_dataset("demo_test").records[:6]
+    recs = load_dataset("demo_test").records[:4]
     qs, refs = [question(r) for r in recs], [r["output"] for r in recs]
     t = HeuristicTeacher()
     atoms = t.decompose(refs)
     pairs, _ = probe_pairs(qs, atoms, t.revise(atoms), cfg.kc, cfg.seed)
     items = probe_items(qs, atoms, pairs)
-    assert len(pairs) >= 12 and {p["aspect"] for p in pairs} == {"completeness", "factuality", "logicality"}
+    assert len(pairs) >= 8 and {p["aspect"] for p in pairs} == {"completeness", "factuality", "logicality"}
     model, tok = load_model(cfg.student)
     model.eval()
     base_rows, base_ppls, base_hard = _probe(model, tok, items)
@@ -69,7 +69,7 @@ def test_a_student_trained_on_references_prefers_them_and_learns_their_hard_atom
     # the difficult atoms are less perplexing after training: on most questions, and on average in log space (one
     # question's rise, an atom scored as if it opened the answer, is measured and explained in 15_probe)
     ok = [(b, s) for b, s in zip(base_hard, hard) if not math.isnan(b)]
-    assert len(ok) == 6 and sum(s < b for b, s in ok) >= 4
+    assert len(ok) == len(recs) and sum(s < b for b, s in ok) >= len(recs) - 1
     assert sum(s for _, s in ok) < sum(b for b, _ in ok) - 0.3
 
 

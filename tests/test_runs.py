@@ -48,7 +48,9 @@ def test_a_failed_step_keeps_the_finished_steps_notebook_and_the_failed_one_besi
     from knowtuning.runs import Run
 
     run = Run(load_config("smoke"), tmp_path, "r")
+    before = os.environ.get("IN_TEST")
     good = run_step(run, "report", "17_report.ipynb")  # no eval stage yet: the report step has nothing to do
+    assert os.environ.get("IN_TEST") == before  # set for the kernel only: nbdev_export here keeps working
     kept = good.read_bytes()
     (run.dir / "config.yaml").write_text("train: {lr: [not, a, number]}\n")  # the next attempt fails
     with pytest.raises(StepError, match="17_report.failed.ipynb"):
@@ -96,3 +98,4 @@ with run.stage("ka", "fp1") as d:
     with run.stage("ka", "fp1") as d:
         assert d is None                                                    # not rebuilt
     assert run.manifest["stages"]["ka"]["fingerprint"] == "fp1" and (run.path("ka") / "out.txt").read_text() == "built"
+

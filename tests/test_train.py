@@ -178,6 +178,7 @@ def test_grad_guard_catches_zero_lora_grads():
     with pytest.raises(RuntimeError, match="LoRA gradients are all zero"): GradGuard().on_pre_optimizer_step(None, None, None, model=m)
     m.lora_A.grad = torch.ones(2); GradGuard().on_pre_optimizer_step(None, None, None, model=m)
 
+@pytest.mark.slow  # 40 s; the fast tier trains SFT, KA and KC on SmolLM2 and generates in tests/test_demo.py
 def test_smollm2_smoke_sft_ka_kc_and_adapters_generate(tmp_path):
     from knowtuning.runs import Run
     from knowtuning.ka import ka_stage
