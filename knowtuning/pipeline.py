@@ -18,11 +18,12 @@ __all__ = ['BASELINES', 'TEXT_BARS', 'steps', 'StepError', 'stage_notebook', 'Pr
 BASELINES = ("rlaif", "facttune")  # systems trained on preferences over the SFT model's own samples
 
 def steps(cfg) -> list[tuple[str, str, dict]]:
-    "(step, notebook, extra parameters) for a config, in `STEPS` order (`knowtuning.runs`)."
+    """(step, notebook, extra parameters) for a config, in `STEPS` order (`knowtuning.runs`). A config without RLAIF
+    and FactTune has no baselines step: its kernel would import the training stack (about 13 s) to do nothing."""
     kinds = [k for k in BASELINES if k in cfg.systems]
     extra = {"train": {"systems": [s for s in training_order(cfg.systems) if s not in BASELINES]},
              "baselines": {"kinds": kinds}}
-    return [(s.name, s.notebook, extra.get(s.name, {})) for s in STEPS]
+    return [(s.name, s.notebook, extra.get(s.name, {})) for s in STEPS if s.name != "baselines" or kinds]
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-007
 def _hms(s: float) -> str:
