@@ -168,15 +168,19 @@ def test_a_kill_between_create_and_its_record_does_not_pay_twice(tmp_path):
         assert c.complete_many(["a", "b", "c"]) == ["echo: a", "echo: b", "echo: c"]
         assert s.created == 1 and paid(c, s) == (3, 0)                  # found by its tag, not created again
 
-def test_killed_batch_run_reattaches_without_resubmitting(tmp_path):
+def kill_while_polling(tmp_path, s, qs, polls):
+    "A batch client in another process asks for `qs`, and is killed once the server has seen `polls` polls."
     import subprocess, sys, time
+    code = ("import sys; sys.path.insert(0, 'tests'); from test_llm import batch_client; from pathlib import Path; "
+            f"batch_client(Path({str(tmp_path)!r}), {s.base_url!r}).complete_many({qs!r})")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    t0 = time.time()
+    while s.polls < polls and time.time() - t0 < 120: time.sleep(0.05)
+    p.kill(); p.wait()
+
+def test_killed_batch_run_reattaches_without_resubmitting(tmp_path):
     with BatchServer("hold") as s:
-        code = ("import sys; sys.path.insert(0, 'tests'); from test_llm import batch_client; from pathlib import Path; "
-                f"batch_client(Path({str(tmp_path)!r}), {s.base_url!r}).complete_many(['a', 'b', 'c'])")
-        p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
-        t0 = time.time()
-        while s.polls < 2 and time.time() - t0 < 120: time.sleep(0.05)
-        p.kill(); p.wait()
+        kill_while_polling(tmp_path, s, ["a", "b", "c"], 2)
         assert s.created == 1 and s.polls >= 2                          # submitted, then killed while it waited
         s.outcome = "completed"
         c = batch_client(tmp_path, s.base_url)
@@ -186,14 +190,8 @@ def test_killed_batch_run_reattaches_without_resubmitting(tmp_path):
 
 def test_a_rerun_with_a_changed_request_set_imports_the_old_batch_first(tmp_path):
     "Killed while its batch ran; the rerun asks for more: the old batch's answers are used, only the new ones bought."
-    import subprocess, sys, time
     with BatchServer("hold") as s:
-        code = ("import sys; sys.path.insert(0, 'tests'); from test_llm import batch_client; from pathlib import Path; "
-                f"batch_client(Path({str(tmp_path)!r}), {s.base_url!r}).complete_many(['a', 'b', 'c', 'd'])")
-        p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
-        t0 = time.time()
-        while s.polls < 1 and time.time() - t0 < 120: time.sleep(0.05)
-        p.kill(); p.wait()
+        kill_while_polling(tmp_path, s, ["a", "b", "c", "d"], 1)
         s.outcome = "expired"                                           # and it expired meanwhile, half done
         c = batch_client(tmp_path, s.base_url, batch_min=4)
         qs = ["a", "b", "c", "d", "e"]
