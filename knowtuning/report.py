@@ -59,10 +59,10 @@ def write_table(out: Path, name: str, header, rows, caption: str):
     atomic_write(out / f"{name}.tex", to_latex(header, rows, caption, f"tab:{name}"))
 
 # %% ../nbs/17_report.ipynb #17-report-009
-def _ci(v):
+def _fmt_ci(v):
     return f"{v[0]:.4f} ± {(v[2] - v[1]) / 2:.4f}" if v and not math.isnan(v[0]) else "–"
 
-def _share(v) -> str:
+def _fmt_share(v) -> str:
     "A proportion [share, low, high, n] (Wilson interval) as '60% [31, 83] of 10'."
     if not v or math.isnan(v[0]):
         return "–"
@@ -129,7 +129,7 @@ def probe_table(summary: Summary, ctx: str, offline: bool):
             for m, v in models.items():
                 dv = p["diffs"].get(a, {}).get(m)
                 deltas = [_diff(dv[k]) if dv and k in dv else "–" for k in ("accuracy", "accuracy_sum", "margin")]
-                cis = [_share(v["accuracy"]), _share(v["accuracy_sum"]), _ci(v["margin"])]
+                cis = [_fmt_share(v["accuracy"]), _fmt_share(v["accuracy_sum"]), _fmt_ci(v["margin"])]
                 rows.append([d, v["pairs"], a, m, *cis, *deltas])
     off = (" Offline, the perturbations follow the heuristic teacher's rules, the same as KC's training pairs: a "
            "KC-trained system is probed on the kind of change it was trained on." if offline else "")
@@ -164,7 +164,8 @@ def atoms_table(summary: Summary, ctx: str):
         for m, v in p.get("atoms", {}).items():
             ad, st = p.get("atoms_diffs", {}).get(m), p.get("stops", {}).get(m)
             n = v[3] if len(v) > 3 else "?"  # this model's questions with difficult atoms (paired n: beside the Δ)
-            rows.append([d, n, m, _exp(v), _ratio(ad), _ci(st) if st else "–", _diff(p.get("stops_diffs", {}).get(m))])
+            rows.append([d, n, m, _exp(v), _ratio(ad), _fmt_ci(st) if st else "–",
+                         _diff(p.get("stops_diffs", {}).get(m))])
     cap = (f"Fine-grained probe: perplexity, given the question, of each reference's difficult atoms (top-alpha by the "
            f"base model's perplexity, selected exactly as KA selects them), geometric mean over questions with its 95% "
            f"interval; lower = the model learned what was hard for the base model. Ratio = {main} / model, paired "
@@ -221,7 +222,7 @@ def sample_sizes(summary: Summary, effect: float) -> list[list]:
 # %% ../nbs/17_report.ipynb #17-report-009a
 def metrics_table(cfg, summary: Summary, ctx: str):
     rows = [
-        [d, x.n, s, _ci(v["meteor"]), _ci(v["bertscore"]), _ci(v["rougeL"]), _ci(v.get("tokens")),
+        [d, x.n, s, _fmt_ci(v["meteor"]), _fmt_ci(v["bertscore"]), _fmt_ci(v["rougeL"]), _fmt_ci(v.get("tokens")),
          v.get("facts", {}).get("facts_per_answer", math.nan)]
         for d, x in summary.datasets.items()
         for s, v in x.systems.items()
