@@ -11,7 +11,8 @@ from pathlib import Path
 __all__ = ['DEBIAN_WORDNET', 'LEXNAMES', 'SMOLLM2_GGUF', 'OUR_PROGRAMS', 'FIXES', 'home', 'dir_size', 'atomic_dir',
            'nltk_data_dir', 'wordnet_dir', 'ensure_wordnet', 'use_nltk_data', 'smollm2_gguf', 'load_gguf_smollm2',
            'smollm2_dir', 'tiny_llama_dir', 'resolve_model', 'pick_device', 'load_kwargs', 'available_cores',
-           'torch_neighbours', 'use_cpu_cores', 'load_model', 'minilm_dir', 'setup', 'doctor', 'format_doctor']
+           'torch_neighbours', 'use_cpu_cores', 'load_model', 'import_without_bnb', 'minilm_dir', 'setup', 'doctor',
+           'format_doctor']
 
 # %% ../nbs/02_assets.ipynb #02-assets-005
 def home() -> Path:
@@ -307,10 +308,27 @@ def load_model(scfg, adapter=None, trainable: bool = False):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if adapter:
+        import_without_bnb("peft")
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
     return model, tok
+
+# %% ../nbs/02_assets.ipynb #02-assets-014d
+def import_without_bnb(*modules: str) -> None:
+    "Import `modules` (e.g. peft); without a CUDA GPU, without importing bitsandbytes on the way (see above)."
+    import importlib, sys, torch
+
+    if torch.cuda.is_available() or "bitsandbytes" in sys.modules:
+        for m in modules:
+            importlib.import_module(m)
+        return
+    sys.modules["bitsandbytes"] = None  # `import bitsandbytes` raises ImportError; find_spec answers None
+    try:
+        for m in modules:
+            importlib.import_module(m)
+    finally:
+        del sys.modules["bitsandbytes"]
 
 # %% ../nbs/02_assets.ipynb #02-assets-016
 def minilm_dir() -> Path | None:

@@ -10,8 +10,10 @@ from pathlib import Path
 from fastcore.basics import patch
 import torch
 import torch.nn.functional as F
+from .assets import load_model, pick_device, import_without_bnb
+
+import_without_bnb("transformers.trainer", "peft", "trl")  # on a machine without a GPU: see 02_assets
 from transformers import TrainerCallback
-from .assets import load_model, pick_device
 from .data import encode_example
 from .runs import write_json, Stage, YieldError, processes, is_main
 from .config import system_of, ConfigError
