@@ -203,7 +203,7 @@ def _ratios(res: dict, key: str) -> dict:
 def bench_sft(n: int = 32, batch: int = 4) -> dict:
     """SFT training tokens/s over one epoch: ours (padding-free, no checkpointing) vs padded vs trl's defaults
     (padded, checkpointing)."""
-    from knowtuning.train import train_sft, compact_lm_head
+    from knowtuning.trainer import train_sft
 
     data, rows = _train_rows(n)
     res = {"data": data, "examples": len(rows), "batch": batch}
@@ -223,9 +223,8 @@ def bench_sft(n: int = 32, batch: int = 4) -> dict:
             ],
         )
         d = Path(tempfile.mkdtemp())
-        compact_lm_head(name != "trl_default")  # trl's default projects every position on a CPU
-        _, wall = _timed(lambda: train_sft(cfg, rows, d))
-        compact_lm_head()
+        compact = name != "trl_default"  # trl's default projects every position on a CPU
+        _, wall = _timed(lambda: train_sft(cfg, rows, d, compact_head=compact))
         hist = json.loads((d / "log_history.json").read_text())
         toks, t = max(h.get("num_tokens", 0) for h in hist), _train_time(hist)  # trl counts real (non-pad) tokens
         res[name] = {"train_seconds": t, "wall_seconds": wall, "real_tokens": toks, "tokens_s": toks / t,
@@ -236,7 +235,7 @@ def bench_sft(n: int = 32, batch: int = 4) -> dict:
 def bench_dpo(pairs: int = 24, batch: int = 4) -> dict:
     """KC (DPO + SFT term) pairs/s over one epoch (the release's kc_epochs): ours (padding-free, precomputed
     reference, no checkpointing) vs padded vs trl's defaults."""
-    from knowtuning.train import train_dpo, train_sft, compact_lm_head
+    from knowtuning.trainer import train_dpo, train_sft
 
     data, rows = _pairs(pairs)
     base = load_config("smoke", overrides=["train.max_steps=1", "train.save_steps=1000", "train.eval_holdout=0"])
@@ -252,9 +251,8 @@ def bench_dpo(pairs: int = 24, batch: int = 4) -> dict:
                              "train.save_steps=1000", "train.eval_holdout=0", "train.logging_steps=1000"],
         )
         d = Path(tempfile.mkdtemp())
-        compact_lm_head(name != "trl_default")  # trl's default projects every position on a CPU
-        _, wall = _timed(lambda: train_dpo(cfg, rows, d, d0 / "adapter"))  # wall includes the reference precompute
-        compact_lm_head()
+        compact = name != "trl_default"  # trl's default projects every position on a CPU
+        _, wall = _timed(lambda: train_dpo(cfg, rows, d, d0 / "adapter", compact_head=compact))  # incl. the reference
         hist = json.loads((d / "log_history.json").read_text())
         res[name] = {
             "train_seconds": _train_time(hist),

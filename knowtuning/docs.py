@@ -56,7 +56,8 @@ SECTIONS = [  # the site's table of contents: every notebook once (tests/test_sy
     ("Start here", ["index", "tutorial"]),
     ("Foundations", ["00_config", "01_runs", "02_assets", "03_data", "04_llm", "05_atoms", "06_teacher"]),
     ("Shared tools", ["07_generate", "08_metrics", "09_facts", "10_judge"]),
-    ("The method", ["11_ka", "12_kc", "13_train", "14_baselines", "15_probe", "16_evaluate", "17_report"]),
+    ("The method", ["11_ka", "12_kc", "13_train", "13a_trainer", "14_baselines", "15_probe", "16_evaluate",
+                    "17_report"]),
     ("Findings", ["19_study"]),
     ("Running and tooling", ["18_pipeline", "97_bench", "98_docs", "99_cli"]),
 ]

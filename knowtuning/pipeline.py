@@ -68,7 +68,7 @@ tqdm.auto.tqdm = tqdm.autonotebook.tqdm = tqdm.std.tqdm
 tqdm.auto.trange = tqdm.autonotebook.trange = tqdm.std.trange
 # a bar writes every 5 s while it moves: tqdm's adaptive `miniters` would stay silent for minutes after fast first steps
 tqdm.std.tqdm.__init__ = __import__("functools").partialmethod(tqdm.std.tqdm.__init__, miniters=1, mininterval=5.0)
-os.environ["KNOWTUNING_TEXT_PROGRESS"] = "1"  # training too (knowtuning.train._text_progress)"""
+os.environ["KNOWTUNING_TEXT_PROGRESS"] = "1"  # training too (knowtuning.trainer._text_progress)"""
 
 def stage_notebook(path):
     """The notebook a step executes: its prose, its definitions (`#| export`), its parameters and its `#| pipeline`

@@ -111,7 +111,7 @@ def test_accelerate_configs_resolve_to_our_batch():
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DeepSpeedPlugin
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
-    from knowtuning.train import trl_config
+    from knowtuning.trainer import trl_config
 
     cfg = load_config("paper-dolly", overrides=["student.device=cpu"])
     for name, stage in (("multi_gpu", None), ("zero2", 2), ("zero3", 3)):

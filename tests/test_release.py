@@ -80,7 +80,7 @@ NO_EFFECT = {"do_train", "do_predict", "overwrite_cache", "overwrite_output_dir"
 def check_train(f: dict, cfg, kind: str) -> dict:
     "Each training flag -> (release value, ours); returns the mismatches."
     from knowtuning.config import SYSTEMS
-    from knowtuning.train import trl_config
+    from knowtuning.trainer import trl_config
     t = cfg.train
     dpo = kind == "dpo"
     args = trl_config(load_config(cfg.name, overrides=["student.device=cpu"]), kind, tempfile.mkdtemp(),

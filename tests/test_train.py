@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 from knowtuning.config import load_config
 from knowtuning.assets import load_model
-from knowtuning.train import KCTrainer, GradGuard, trl_config, train_sft, train_dpo, train_stage
+from knowtuning.trainer import KCTrainer, GradGuard, trl_config, train_sft, train_dpo
+from knowtuning.train import train_stage
 
 TINY = ["student.model=tiny-random", "train.per_device_batch=4", "train.batch_size=4", "train.kc_batch_size=4",
         "train.save_steps=100", "train.lr=3e-3", "train.kc_lr=1e-3", "train.eval_holdout=0", "train.precompute_ref=false"]
@@ -132,7 +133,7 @@ def test_sft_padding_free_same_loss_and_truncation(tmp_path):
 
 def test_padding_free_check_catches_attention_that_ignores_positions(monkeypatch):
     import transformers.masking_utils as mu
-    from knowtuning.train import check_padding_free
+    from knowtuning.trainer import check_padding_free
     model, tok = load_model(load_config("smoke").student)
     assert check_padding_free(model, tok) < 1e-3                         # SmolLM2 keeps packed sequences apart
     monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)   # an attention blind to restarts
