@@ -59,9 +59,15 @@ def cmd_doctor(a):
     return 0 if ok and not edited else 1
 
 def cmd_config(a):
-    from knowtuning.config import to_yaml
+    from knowtuning.config import to_yaml, explain
 
-    print(to_yaml(_load_cfg(a)), end="")
+    if a.explain is None:
+        print(to_yaml(_load_cfg(a)), end="")
+        return 0
+    for r in explain(a.explain or None, _load_cfg(a)):  # ConfigError (an unknown key): exit 2 with its message
+        v = "" if r["value"] == r["default"] else f"   (default {r['default']!r})"
+        shown = "" if hasattr(r["value"], "__dataclass_fields__") else f" = {r['value']!r}"
+        print(f"{r['key']}{shown}   [{r['type']}]{v}\n    {r['help']}")
     return 0
 
 # %% ../nbs/99_cli.ipynb #99-cli-005a
@@ -93,6 +99,11 @@ def cmd_data(a):
     return 0
 
 # %% ../nbs/99_cli.ipynb #99-cli-005a-1
+def _config_args(p):
+    _cfg_args(p)
+    p.add_argument("--explain", nargs="?", const="", default=None, metavar="KEY",
+                   help="every key under KEY (all without one): its value, type, default and what it does")
+
 def _launch_args(p):
     _cfg_args(p)
     p.add_argument(
@@ -282,7 +293,7 @@ def cmd_readme(a):
 COMMANDS = {  # name: (function, help, adds the arguments)
     "setup": (cmd_setup, "materialize embedded assets (idempotent)", _setup_args),
     "doctor": (cmd_doctor, "check embedded assets; non-zero exit when one is missing", None),
-    "config": (cmd_config, "print the fully resolved config", _cfg_args),
+    "config": (cmd_config, "print the fully resolved config, or --explain its keys", _config_args),
     "data": (
         cmd_data,
         "load and validate a QA set by name or path (no name: list names); "

@@ -14,8 +14,8 @@ import yaml
 # %% auto #0
 __all__ = ['ASPECTS', 'SYSTEMS', 'StudentCfg', 'LLMCfg', 'DataCfg', 'KACfg', 'KCCfg', 'LoraCfg', 'TrainCfg', 'GenerateCfg',
            'EvalCfg', 'Config', 'ConfigError', 'from_dict', 'yaml_load', 'parse_override', 'set_dotted', 'deep_merge',
-           'project_root', 'configs_dir', 'presets', 'load_config', 'to_dict', 'to_yaml', 'System', 'system_of',
-           'system_deps', 'training_order', 'test_size']
+           'project_root', 'configs_dir', 'presets', 'load_config', 'to_dict', 'to_yaml', 'explain', 'config_table',
+           'System', 'system_of', 'system_deps', 'training_order', 'test_size']
 
 # %% ../nbs/00_config.ipynb #00-config-004r
 import logging
@@ -34,25 +34,25 @@ class StudentCfg:
 
     model: str = "smollm2"  # 'smollm2' (embedded), 'tiny-random' (tests), a local folder or a hub name
     template: str = "alpaca"  # prompt template name, see `knowtuning.data.TEMPLATES`
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights; auto: bfloat16 on CUDA, else float32
     quantize: Literal["none", "nf4"] = "none"  # nf4: QLoRA, CUDA only
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when a GPU is visible, else the CPU
 
 @dataclass
 class LLMCfg:
     "An OpenAI-compatible chat endpoint, or the offline heuristic backend."
 
-    backend: Literal["heuristic", "llm"] = "heuristic"
-    base_url: str = "https://api.openai.com/v1"
-    model: str = "gpt-4o-mini"
+    backend: Literal["heuristic", "llm"] = "heuristic"  # heuristic: offline rules, no key; llm: the endpoint below
+    base_url: str = "https://api.openai.com/v1"  # any OpenAI-compatible server (vLLM, `knowtuning serve`, ...)
+    model: str = "gpt-4o-mini"  # the model name the endpoint expects
     api_key_env: str = "OPENAI_API_KEY"  # the *name* of the variable; the key itself never enters a config
-    temperature: float = 0.0
-    max_tokens: int = 512
-    concurrency: int = 8
+    temperature: float = 0.0  # sampling temperature of every request (0: as deterministic as the server is)
+    max_tokens: int = 512  # completion tokens per request at most
+    concurrency: int = 8  # requests in flight at most (lowered while the server answers 429/503)
     timeout: float = 60.0  # seconds per request at first; doubled (up to max_timeout) while requests time out
-    max_timeout: float = 600.0
+    max_timeout: float = 600.0  # the per-request timeout never grows beyond this (seconds)
     stall_timeout: float = 900.0  # no answer at all for this long: stop with an error naming the endpoint
-    max_retries: int = 5
+    max_retries: int = 5  # retries of a failed request (429, 5xx, timeouts) before it counts as failed
     backoff: float = 1.0  # seconds; doubled per retry, with jitter
     cache: str = ""  # SQLite path; '' = $KNOWTUNING_HOME/llm_cache.sqlite
     mode: Literal["interactive", "batch"] = "interactive"  # batch: the Batch API (about half the price, within 24 h)
@@ -67,9 +67,9 @@ class LLMCfg:
 @dataclass
 class DataCfg:
     train: str = "demo_train"  # dataset name or path (see `knowtuning.data.load_dataset`)
-    test: list = field(default_factory=lambda: ["demo_test"])
+    test: list = field(default_factory=lambda: ["demo_test"])  # test sets: names or paths, each evaluated on its own
     n_train: int = 0  # 0 = all
-    n_test: int = 0
+    n_test: int = 0  # each test set's first n records; 0 = all
     n_test_sets: dict = field(default_factory=dict)  # {test set: n}: that set's first n records, instead of n_test
     lenient: bool = False  # skip bad records (and report them) instead of failing
 
@@ -77,8 +77,8 @@ class DataCfg:
 @dataclass
 class KACfg:
     alpha: float = 0.5  # keep the top-alpha fraction of atoms by perplexity (ceil, at least 1)
-    batch_questions: int = 8
-    max_atoms_per_answer: int = 32
+    batch_questions: int = 8  # questions scored per forward pass of the perplexity scorer (speed only)
+    max_atoms_per_answer: int = 32  # atoms kept per decomposed answer at most (the first ones)
     source: str = "ours"  # ours (built here) | release (the release's <data.train>_KA file) | a KA set's name or path
 
 @dataclass
@@ -88,6 +88,7 @@ class KCCfg:
     # rejected answer is the chosen one stopped early (a remedy for early stopping: nbs/19_study.ipynb)
     completeness: Literal["delete", "truncate"] = "delete"
     revise: float = 0.5  # fraction of (perturbable) atoms revised for the factuality set
+    # the aspects whose worse answers are built (the paper: all three; an ablation leaves one out)
     aspects: list[Literal["completeness", "factuality", "logicality"]] = field(
         default_factory=lambda: ["completeness", "factuality", "logicality"]
     )
@@ -95,67 +96,66 @@ class KCCfg:
 
 @dataclass
 class LoraCfg:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+    r: int = 8  # LoRA rank (release: 8)
+    alpha: int = 16  # LoRA scaling alpha (release: 16, LLaMA-Factory's default of 2 x r)
+    dropout: float = 0.0  # LoRA dropout (release: 0)
+    targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])  # modules with an adapter (release: q,v)
 
 # %% ../nbs/00_config.ipynb #00-config-006b
 @dataclass
 class TrainCfg:
-    lr: float = 1e-4
+    lr: float = 1e-4  # peak learning rate of SFT and KA (release: --learning_rate 1e-4)
     batch_size: int = 32  # effective batch = per_device * grad_accum * devices
-    per_device_batch: int = 4
-    epochs: float = 3.0
-    max_steps: int = -1
+    per_device_batch: int = 4  # examples per process per forward pass; accumulation makes up batch_size
+    epochs: float = 3.0  # SFT and KA epochs (release: 3.0)
+    max_steps: int = -1  # > 0: stop every training after this many optimizer steps (-1: epochs decide)
     eval_holdout: int = 100  # SFT/KA: examples held out for eval (release --val_size 100)
     kc_eval_holdout: int = 0  # KC/RLAIF/FactTune: the release holds nothing out, keeps the final weights
-    cutoff: int = 1024
+    cutoff: int = 1024  # tokens per example at most, prompt and answer cut in proportion (llmtuner 0.5.3)
+    # the learning-rate schedule (release: cosine); transformers' schedulers that need no extra arguments
     scheduler: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
         "cosine_with_min_lr", "warmup_stable_decay",
-    ] = "cosine"  # transformers' schedulers (those that need no extra arguments)
-    kc_lr: float = 1e-5
-    kc_batch_size: int = 16
-    kc_epochs: float = 1.0
-    dpo_beta: float = 0.1
+    ] = "cosine"
+    kc_lr: float = 1e-5  # peak learning rate of KC, RLAIF and FactTune (release: 1e-5)
+    kc_batch_size: int = 16  # effective batch of KC, RLAIF and FactTune, in pairs (release: 16)
+    kc_epochs: float = 1.0  # KC, RLAIF and FactTune epochs (release: 1.0)
+    dpo_beta: float = 0.1  # DPO's beta: how far the policy may move from the reference (release: 0.1)
     ftx: float = 0.2  # weight of the SFT term in the KC loss (release: --dpo_ftx 0.2)
     reference: Literal["base", "ka"] = "base"  # the DPO reference model
-    lora: LoraCfg = field(default_factory=LoraCfg)
+    lora: LoraCfg = field(default_factory=LoraCfg)  # the adapter's shape
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"  # passed to transformers
-    padding_free: bool = (
-        True  # batches as one row of concatenated sequences (no pad tokens computed), same examples and loss
-    )
-    gradient_checkpointing: bool = (
-        False  # trl turns it on by default: saves memory on big models, costs ~1/3 more compute
-    )
+    # batches as one row of concatenated sequences (no pad tokens computed), same examples and loss
+    padding_free: bool = True
+    # trl turns it on by default: saves memory on big models, costs ~1/3 more compute
+    gradient_checkpointing: bool = False
     precompute_ref: bool = True  # DPO: reference log-probs computed once before training, not every step
     aspect_logps: int = 8  # KC: chosen/rejected log-probs of this many pairs per aspect, logged at 4 steps; 0: off
     k_samples: int = 4  # RLAIF / FactTune: answers sampled per question from the SFT model
     save_steps: float = 0.1  # < 1: a fraction of the total steps (release: save and eval every 10%)
-    logging_steps: int = 1
+    logging_steps: int = 1  # optimizer steps between loss records (log_history.json, loss.png)
     launcher: str = ""  # e.g. "torchrun --nproc_per_node 8": train the systems in that many processes
 
 # %% ../nbs/00_config.ipynb #00-config-006c
 @dataclass
 class GenerateCfg:
-    max_new_tokens: int = 512
+    max_new_tokens: int = 512  # new tokens per answer at most
     cutoff: int = 0  # > 0: prompts cut with their reference to this many tokens, as llmtuner 0.5.3 predicted (1024)
     do_sample: bool = False  # greedy on the CPU presets; the paper presets sample as the release did (seeded)
-    temperature: float = 0.95
-    top_p: float = 0.7
-    top_k: int = 50
-    batch_size: int = 8
+    temperature: float = 0.95  # with do_sample (release: 0.95)
+    top_p: float = 0.7  # with do_sample (release: 0.7)
+    top_k: int = 50  # with do_sample (release: 50)
+    batch_size: int = 8  # prompts per generation batch at most
     batch_tokens: int = 0  # > 0: fewer prompts per batch when they are long (rows x (prompt + new tokens) at most)
     backend: Literal["hf", "api"] = "hf"  # hf: local transformers; api: an OpenAI-compatible /v1/completions server
+    # backend api: the server; its model may contain {system} (e.g. vLLM's --lora-modules name per system)
     api: LLMCfg = field(default_factory=lambda: LLMCfg(backend="llm", model="{system}", concurrency=32, cache=""))
-    # api.model may contain {system}: e.g. vLLM's --lora-modules name per system
 
 # %% ../nbs/00_config.ipynb #00-config-006c-eval
 @dataclass
 class EvalCfg:
     bertscore_model: str = "minilm"  # minilm (embedded) | roberta-large | a local folder
-    bootstrap: int = 1000
+    bootstrap: int = 1000  # resamples of every bootstrap interval
     all_pairs: bool = False  # judge every pair of systems (not only main vs each) and rank them (Bradley-Terry)
     second_judge: bool = False  # also judge with `judge2` (default: the offline proxy): agreement, kappa
     gamma: int = 0  # FActScore length penalty (10 in FActScore; 0 = off)
@@ -165,19 +165,19 @@ class EvalCfg:
 
 @dataclass
 class Config:
-    name: str = "default"
-    seed: int = 42
-    student: StudentCfg = field(default_factory=StudentCfg)
-    teacher: LLMCfg = field(default_factory=LLMCfg)
-    judge: LLMCfg = field(default_factory=LLMCfg)
+    name: str = "default"  # the preset's name; the default run folder name
+    seed: int = 42  # every random choice: data order, perturbations, sampling, initialisation
+    student: StudentCfg = field(default_factory=StudentCfg)  # the model being tuned
+    teacher: LLMCfg = field(default_factory=LLMCfg)  # decomposes, rewrites, rephrases and revises (KA, KC)
+    judge: LLMCfg = field(default_factory=LLMCfg)  # pairwise judge and fact verifier (evaluation, RLAIF)
     judge2: LLMCfg = field(default_factory=LLMCfg)  # the second judge (eval.second_judge): proxy, or an LLM
-    data: DataCfg = field(default_factory=DataCfg)
-    ka: KACfg = field(default_factory=KACfg)
-    kc: KCCfg = field(default_factory=KCCfg)
-    train: TrainCfg = field(default_factory=TrainCfg)
-    generate: GenerateCfg = field(default_factory=GenerateCfg)
-    eval: EvalCfg = field(default_factory=EvalCfg)
-    systems: list = field(default_factory=lambda: ["sft", "knowtuning"])
+    data: DataCfg = field(default_factory=DataCfg)  # training and test sets
+    ka: KACfg = field(default_factory=KACfg)  # knowledge augmentation
+    kc: KCCfg = field(default_factory=KCCfg)  # knowledge comparison
+    train: TrainCfg = field(default_factory=TrainCfg)  # every training (SFT, KA, KC, baselines)
+    generate: GenerateCfg = field(default_factory=GenerateCfg)  # answers to the test sets
+    eval: EvalCfg = field(default_factory=EvalCfg)  # metrics, judge, facts, probes
+    systems: list = field(default_factory=lambda: ["sft", "knowtuning"])  # systems trained and evaluated (SYSTEMS)
     min_yield: float = 0.2  # a stage that turns fewer of its inputs into training data stops the run
     confirm_above_usd: float = 5.0  # `reproduce` asks before an estimated spend above this on a remote endpoint
 
@@ -341,6 +341,48 @@ def to_dict(cfg) -> dict:
 
 def to_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+# %% ../nbs/00_config.ipynb #00-config-006e
+def _type_name(ann) -> str:
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    if origin is list:
+        return f"list of {_type_name(args[0])}" if args else "list"
+    return getattr(ann, "__name__", str(ann))
+
+
+def explain(key: str | None = None, cfg=None) -> list[dict]:
+    """Every config key (under `key`, when given) with its type, its default, its value in `cfg` (default: the
+    defaults) and its help text, in the order of the schema."""
+    import knowtuning.config as package  # its source file (a class defined in a notebook cell has none)
+    from fastcore.docments import docments
+
+    def walk(obj, default, prefix):
+        hints, docs = typing.get_type_hints(type(obj)), docments(getattr(package, type(obj).__name__))
+        for f in dataclasses.fields(obj):
+            k, v, d = prefix + f.name, getattr(obj, f.name), getattr(default, f.name)
+            yield {"key": k, "type": _type_name(hints[f.name]), "default": d, "value": v,
+                   "help": " ".join((docs[f.name] or "").split())}  # comment lines above: one paragraph
+            if is_dataclass(v):
+                yield from walk(v, d, k + ".")
+
+    rows = list(walk(cfg or Config(), Config(), ""))
+    if key is None:
+        return rows
+    hit = [r for r in rows if r["key"] == key or r["key"].startswith(key + ".")]
+    if not hit:
+        raise ConfigError(f"config key '{key}' does not exist (`knowtuning config --explain` lists them all)")
+    return hit
+
+# %% ../nbs/00_config.ipynb #00-config-006g
+def config_table(key: str | None = None) -> str:
+    "`explain` as a markdown table (the docs' reference of every key)."
+    cell = lambda v: f"`{v!r}`" if not is_dataclass(v) else ""
+    rows = ["| key | type | default | what it does |", "|---|---|---|---|"]
+    rows += [f"| `{r['key']}` | {r['type'].replace('|', '/')} | {cell(r['default'])} | {r['help'].replace('|', '/')} |"
+             for r in explain(key)]
+    return "\n".join(rows)
 
 # %% ../nbs/00_config.ipynb #00-config-021
 ASPECTS = ("completeness", "factuality", "logicality")

@@ -143,6 +143,17 @@ def test_paper_test_sets_per_domain():
     r = kt("config", "--preset", "paper-medquad", check=True)
     assert "train: medquad_train" in r.stdout and "save_steps: 0.1" in r.stdout and "do_sample: true" in r.stdout
 
+
+def test_config_explain_prints_each_keys_value_type_default_and_help():
+    from knowtuning.config import explain
+    r = kt("config", "--preset", "tiny", "--explain", "train.lr", check=True)
+    assert r.stdout.startswith("train.lr = 0.0005   [float]   (default 0.0001)\n") and "learning rate" in r.stdout
+    bad = kt("config", "--explain", "train.lrr")
+    assert bad.returncode == 2 and "config key 'train.lrr' does not exist" in bad.stderr
+    every = kt("config", "--explain", check=True).stdout.splitlines()
+    heads = [l.split(" ")[0] for l in every if not l.startswith(" ")]
+    assert heads == [r["key"] for r in explain()] and all(l.strip() for l in every)   # every key, each with help
+
 # -- fetching the release files ---------------------------------------------------------------------------------------
 
 @pytest.fixture
