@@ -58,6 +58,7 @@ def cmd_doctor(a):
               f"knowtuning data fetch-release --only {','.join(edited)}")
     return 0 if ok and not edited else 1
 
+# %% ../nbs/99_cli.ipynb #99-cli-005-2
 def cmd_config(a):
     from knowtuning.config import to_yaml, explain
 
