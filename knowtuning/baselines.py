@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses, itertools
 from pathlib import Path
 from .runs import write_json, write_jsonl, Stage
+from .config import BASELINES
 
 # %% auto #0
 __all__ = ['SAMPLES', 'best_worst_pairs', 'pairwise_prefs', 'prefs_spec', 'samples_stage', 'rlaif_prefs', 'facttune_prefs',
@@ -79,8 +80,8 @@ SAMPLES = Stage(
 
 def prefs_spec(kind: str) -> Stage:
     "Stage `prefs_<kind>`: from the SFT samples, with the judge (RLAIF) or the teacher and verifier (FactTune)."
-    if kind not in ("rlaif", "facttune"):
-        raise ValueError(f"unknown baseline {kind!r} (rlaif | facttune)")
+    if kind not in BASELINES:
+        raise ValueError(f"unknown baseline {kind!r} ({' | '.join(BASELINES)})")
     return Stage(f"prefs_{kind}", ("samples_sft",), ("judge", "teacher", "data.train", "data.n_train", "seed"))
 
 # %% ../nbs/14_baselines.ipynb #14-baselines-008a

@@ -12,10 +12,10 @@ from typing import Literal
 import yaml
 
 # %% auto #0
-__all__ = ['ASPECTS', 'SYSTEMS', 'StudentCfg', 'LLMCfg', 'DataCfg', 'KACfg', 'KCCfg', 'LoraCfg', 'TrainCfg', 'GenerateCfg',
-           'EvalCfg', 'Config', 'ConfigError', 'from_dict', 'yaml_load', 'parse_override', 'set_dotted', 'deep_merge',
-           'project_root', 'configs_dir', 'presets', 'load_config', 'to_dict', 'to_yaml', 'explain', 'config_table',
-           'System', 'system_of', 'system_deps', 'training_order', 'test_size']
+__all__ = ['ASPECTS', 'BASE', 'BASELINES', 'SYSTEMS', 'StudentCfg', 'LLMCfg', 'DataCfg', 'KACfg', 'KCCfg', 'LoraCfg', 'TrainCfg',
+           'GenerateCfg', 'EvalCfg', 'Config', 'ConfigError', 'from_dict', 'yaml_load', 'parse_override', 'set_dotted',
+           'deep_merge', 'System', 'system_of', 'check_systems', 'system_deps', 'training_order', 'test_size',
+           'project_root', 'configs_dir', 'presets', 'load_config', 'to_dict', 'to_yaml', 'explain', 'config_table']
 
 # %% ../nbs/00_config.ipynb #00-config-004r
 import logging
@@ -275,6 +275,82 @@ def deep_merge(a: dict, b: dict) -> dict:
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
+# %% ../nbs/00_config.ipynb #00-config-021
+ASPECTS = ("completeness", "factuality", "logicality")  # what KC compares (the judge adds "overall")
+BASE = "base"  # the untrained student: generated, evaluated and probed beside the systems, never trained
+BASELINES = ("rlaif", "facttune")  # trained on preferences over the SFT model's own samples (14_baselines)
+
+
+@dataclass(frozen=True)
+class System:
+    """A trained system: objective, the system it continues from, the rows it trains on, the KC aspect it drops, and
+    for a control the systems whose training budget (`steps` or `tokens`) it matches."""
+
+    name: str
+    objective: str  # sft | dpo (DPO + the release's SFT term)
+    init: str | None = None  # the system whose adapter it continues from; None: the base model
+    data: str = "train"  # train | ka | kc | rlaif | facttune
+    drops: str | None = None  # ablations: the KC aspect left out
+    match: tuple = ()  # controls: train as long as these systems together (after them)
+    budget: str = ""  # steps | tokens (supervised tokens seen), with `match`
+
+    @property
+    def data_stage(self) -> str | None:
+        "The stage whose output it trains on (None: the raw training set)."
+        return {"train": None, "ka": "ka", "kc": "kc"}.get(self.data, f"prefs_{self.data}")
+
+
+SYSTEMS = {
+    s.name: s
+    for s in [
+        System("sft", "sft"),
+        System("ka", "sft", data="ka"),
+        System("knowtuning", "dpo", "ka", "kc"),
+        System("wo_ka", "dpo", "sft", "kc"),
+        *[System(f"wo_{a}", "dpo", "ka", "kc", drops=a) for a in ASPECTS],
+        System("rlaif", "dpo", "sft", "rlaif"),
+        System("facttune", "dpo", "sft", "facttune"),
+        System("sft_ka_steps", "sft", match=("ka",), budget="steps"),
+        System("sft_ka_tokens", "sft", match=("ka",), budget="tokens"),
+        System("sft_kt_steps", "sft", match=("ka", "knowtuning"), budget="steps"),
+    ]
+}
+
+# %% ../nbs/00_config.ipynb #00-config-021a
+def system_of(name: str) -> System:
+    "The system called `name`; an error naming the known ones otherwise."
+    if name not in SYSTEMS:
+        raise ConfigError(f"unknown system {name!r} (have: {', '.join(SYSTEMS)})")
+    return SYSTEMS[name]
+
+def check_systems(systems) -> None:
+    "`systems:` of a config: each one a known system or the base model, or a ConfigError naming the key."
+    for s in systems:
+        if s != BASE and s not in SYSTEMS:
+            raise ConfigError(f"config key 'systems': unknown system {s!r} (have: {BASE}, {', '.join(SYSTEMS)})")
+
+def system_deps(name: str) -> list[str]:
+    "The systems `name` needs trained first, in order: its starting adapter's chain, and for a control what it matches."
+    s, out = system_of(name), []
+    for d in ([s.init] if s.init else []) + list(s.match):
+        out += [x for x in system_deps(d) + [d] if x not in out]
+    return out
+
+
+def training_order(systems) -> list[str]:
+    "Every system to train, dependencies first, each once (`BASE` is the untrained model)."
+    out = []
+    for s in systems:
+        if s == BASE:
+            continue
+        out += [x for x in system_deps(s) + [s] if x not in out]
+    return out
+
+# %% ../nbs/00_config.ipynb #00-config-021b
+def test_size(data: DataCfg, name: str) -> int:
+    "How many of test set `name`'s first records a run uses: `data.n_test_sets[name]`, else `data.n_test` (0: all)."
+    return data.n_test_sets.get(name, data.n_test)
+
 # %% ../nbs/00_config.ipynb #00-config-017
 def project_root() -> Path:
     """Where the presets (`configs/`), the demo data (`data/`) and the stage notebooks (`nbs/`) are: the checkout
@@ -334,7 +410,9 @@ def load_config(preset: str | None = None, file=None, overrides=(), **kw) -> Con
         k, v = parse_override(o) if isinstance(o, str) else o
         set_dotted(d, k, v)
     d = deep_merge(d, kw)
-    return from_dict(Config, d)
+    cfg = from_dict(Config, d)
+    check_systems(cfg.systems)
+    return cfg
 
 def to_dict(cfg) -> dict:
     return asdict(cfg)
@@ -383,71 +461,3 @@ def config_table(key: str | None = None) -> str:
     rows += [f"| `{r['key']}` | {r['type'].replace('|', '/')} | {cell(r['default'])} | {r['help'].replace('|', '/')} |"
              for r in explain(key)]
     return "\n".join(rows)
-
-# %% ../nbs/00_config.ipynb #00-config-021
-ASPECTS = ("completeness", "factuality", "logicality")
-
-
-@dataclass(frozen=True)
-class System:
-    """A trained system: objective, the system it continues from, the rows it trains on, the KC aspect it drops, and
-    for a control the systems whose training budget (`steps` or `tokens`) it matches."""
-
-    name: str
-    objective: str  # sft | dpo (DPO + the release's SFT term)
-    init: str | None = None  # the system whose adapter it continues from; None: the base model
-    data: str = "train"  # train | ka | kc | rlaif | facttune
-    drops: str | None = None  # ablations: the KC aspect left out
-    match: tuple = ()  # controls: train as long as these systems together (after them)
-    budget: str = ""  # steps | tokens (supervised tokens seen), with `match`
-
-    @property
-    def data_stage(self) -> str | None:
-        "The stage whose output it trains on (None: the raw training set)."
-        return {"train": None, "ka": "ka", "kc": "kc"}.get(self.data, f"prefs_{self.data}")
-
-
-SYSTEMS = {
-    s.name: s
-    for s in [
-        System("sft", "sft"),
-        System("ka", "sft", data="ka"),
-        System("knowtuning", "dpo", "ka", "kc"),
-        System("wo_ka", "dpo", "sft", "kc"),
-        *[System(f"wo_{a}", "dpo", "ka", "kc", drops=a) for a in ASPECTS],
-        System("rlaif", "dpo", "sft", "rlaif"),
-        System("facttune", "dpo", "sft", "facttune"),
-        System("sft_ka_steps", "sft", match=("ka",), budget="steps"),
-        System("sft_ka_tokens", "sft", match=("ka",), budget="tokens"),
-        System("sft_kt_steps", "sft", match=("ka", "knowtuning"), budget="steps"),
-    ]
-}
-
-# %% ../nbs/00_config.ipynb #00-config-021a
-def system_of(name: str) -> System:
-    "The system called `name`; an error naming the known ones otherwise."
-    if name not in SYSTEMS:
-        raise ConfigError(f"unknown system {name!r} (have: {', '.join(SYSTEMS)})")
-    return SYSTEMS[name]
-
-def system_deps(name: str) -> list[str]:
-    "The systems `name` needs trained first, in order: its starting adapter's chain, and for a control what it matches."
-    s, out = system_of(name), []
-    for d in ([s.init] if s.init else []) + list(s.match):
-        out += [x for x in system_deps(d) + [d] if x not in out]
-    return out
-
-
-def training_order(systems) -> list[str]:
-    "Every system to train, dependencies first, each once ('base' is the untrained model)."
-    out = []
-    for s in systems:
-        if s == "base":
-            continue
-        out += [x for x in system_deps(s) + [s] if x not in out]
-    return out
-
-# %% ../nbs/00_config.ipynb #00-config-021b
-def test_size(data: DataCfg, name: str) -> int:
-    "How many of test set `name`'s first records a run uses: `data.n_test_sets[name]`, else `data.n_test` (0: all)."
-    return data.n_test_sets.get(name, data.n_test)

@@ -32,13 +32,13 @@ def summarize_judge(verdicts: list[dict]) -> dict:
     """Per aspect: win / tie / lose, % of all pairs (a pair with an unparsed order is a tie); `flip`, % of the parsed
     pairs whose two orders disagreed; `position`, % of the parsed pairs whose two orders preferred the same position
     (opposite answers: pure position bias, a subset of the flips); `failed`, pairs with an unparsed order."""
-    from knowtuning.judge import ASPECTS
+    from knowtuning.judge import JUDGE_ASPECTS
 
     ok = [v for v in verdicts if not v.get("failed")]
     pct = lambda k, n: round(100 * k / n, 1) if n else float("nan")
     out = {a: {k: pct(sum(v[a] == k for v in verdicts), len(verdicts)) for k in ("win", "tie", "lose")}
-           for a in ASPECTS}
-    for a in ASPECTS:
+           for a in JUDGE_ASPECTS}
+    for a in JUDGE_ASPECTS:
         out[a]["flip"] = pct(sum(bool(v.get(f"flip_{a}")) for v in ok), len(ok))
         out[a]["position"] = pct(sum(bool(v.get(f"position_{a}")) for v in ok), len(ok))
         out[a]["failed"] = len(verdicts) - len(ok)
@@ -149,7 +149,7 @@ def score_system(preds: list[dict], ref_facts, teacher, verifier, cfg, label: st
 def judge_against(main: list[dict], base: list[dict], judge, cfg, label: str = "") -> tuple[list[dict], dict]:
     """Verdicts of `main` against `base` in both orders, and their summary: rates, CIs, judged and failed calls, and
     per aspect the preference with ties half, raw and length-controlled (`knowtuning.judge.length_controlled`)."""
-    from knowtuning.judge import judge_both_orders, length_controlled, ASPECTS
+    from knowtuning.judge import judge_both_orders, length_controlled, JUDGE_ASPECTS
     from knowtuning.metrics import rate_cis, tokenize
 
     items = [
@@ -164,20 +164,20 @@ def judge_against(main: list[dict], base: list[dict], judge, cfg, label: str = "
     ]
     n0 = len(judge.failures)
     vs = judge_both_orders(judge.compare, items)
-    ci = {a: rate_cis([v[a] for v in vs], cfg.eval.bootstrap, cfg.seed) for a in ASPECTS}
+    ci = {a: rate_cis([v[a] for v in vs], cfg.eval.bootstrap, cfg.seed) for a in JUDGE_ASPECTS}
     dlen = [len(tokenize(i["x"])) - len(tokenize(i["y"])) for i in items]
-    lc = {a: length_controlled([v[a] for v in vs], dlen, min(cfg.eval.bootstrap, 200), cfg.seed) for a in ASPECTS}
+    lc = {a: length_controlled([v[a] for v in vs], dlen, min(cfg.eval.bootstrap, 200), cfg.seed) for a in JUDGE_ASPECTS}
     return vs, {"rates": summarize_judge(vs), "ci": ci, "judged": 2 * len(items), "failed": _failed(judge, n0),
                 "lc": lc}
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-007a1
 def agreement(vs1: list[dict], vs2: list[dict]) -> dict:
     "{aspect: {kappa, confusion (rows: judge 1's win/tie/lose, columns: judge 2's), n}} of two judges' verdicts."
-    from knowtuning.judge import ASPECTS
+    from knowtuning.judge import JUDGE_ASPECTS
     from knowtuning.metrics import cohen_kappa
 
     out = {}
-    for a in ASPECTS:
+    for a in JUDGE_ASPECTS:
         k, m = cohen_kappa([v[a] for v in vs1], [v[a] for v in vs2])
         out[a] = {"kappa": k, "confusion": m, "n": len(vs1)}
     return out
@@ -217,7 +217,7 @@ def judge_set(ds: SetSummary, name: str, preds: dict, main: str, judge, cfg, jud
 def rank_systems(ds: SetSummary, name: str, preds: dict, main: str, judge, cfg, main_rows: list[dict]) -> list[dict]:
     """`eval.all_pairs`: every pair of the other systems judged too (both orders), and a Bradley-Terry score per
     system and aspect over all pairs with a bootstrap over questions into `ds.ranking`; the extra verdict rows."""
-    from knowtuning.judge import ASPECTS
+    from knowtuning.judge import JUDGE_ASPECTS
     from knowtuning.metrics import bt_ranking
 
     others, rows = [s for s in preds if s != main], []
@@ -229,7 +229,7 @@ def rank_systems(ds: SetSummary, name: str, preds: dict, main: str, judge, cfg, 
             ds.judge_calls[f"{a} vs {b}"] = {"judged": js["judged"], "failed": js["failed"]}
     score = {"win": 1.0, "tie": 0.5, "lose": 0.0}
     n = len(preds[main])
-    for asp in ASPECTS:
+    for asp in JUDGE_ASPECTS:
         games = [[] for _ in range(n)]
         for r in main_rows + rows:
             games[[x["index"] for x in preds[main]].index(r["index"])].append((r["system"], r["baseline"],

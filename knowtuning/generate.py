@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from .runs import read_jsonl, resume_jsonl, write_jsonl, Stage
+from .config import BASE
 from .data import encode_prompt, encode_example, question
 
 # %% auto #0
@@ -92,7 +93,7 @@ def api_client(api_cfg, system: str):
 def adapter_fingerprint(adapter_dir) -> str:
     "SHA-256 of an adapter's files (what a server serves under the system's name); 'base' for no adapter."
     if adapter_dir is None:
-        return "base"
+        return BASE
     h = hashlib.sha256()
     for p in sorted(Path(adapter_dir).glob("*")):
         if p.is_file():
@@ -145,7 +146,7 @@ GEN_FIELDS = (
 
 def gen_spec(system: str) -> Stage:
     "Stage `gen_<system>`: the system's predictions; `generate.batch_size` and the API's concurrency are not fields."
-    return Stage(f"gen_{system}", () if system == "base" else (f"train_{system}",), GEN_FIELDS)
+    return Stage(f"gen_{system}", () if system == BASE else (f"train_{system}",), GEN_FIELDS)
 
 # %% ../nbs/07_generate.ipynb #07-generate-010a
 def append_predictions(path: Path, ds, indices: list[int], texts: list[str]) -> None:
@@ -167,7 +168,7 @@ def system_generator(cfg, run, system: str):
     Locally the LoRA adapter is merged into the weights first (`merged`)."""
     from knowtuning.assets import load_model
 
-    adapter = None if system == "base" else run.path(f"train_{system}") / "adapter"
+    adapter = None if system == BASE else run.path(f"train_{system}") / "adapter"
     if cfg.generate.backend == "api":
         client, salt = api_client(cfg.generate.api, system), adapter_fingerprint(adapter)
 
@@ -216,7 +217,7 @@ def generate_stage(cfg, run, system: str) -> Path:
         llm = ledgers(generator=client) if client else None
         tok_s = stats["tokens"] / max(stats["seconds"], 1e-9) if stats else None
         speed = {"tokens": stats["tokens"], "tok_s": round(tok_s, 2)} if stats else {}
-        merge = {"merged_adapter": client is None and system != "base" and cfg.student.quantize == "none"}
+        merge = {"merged_adapter": client is None and system != BASE and cfg.student.quantize == "none"}
         run.update_stage(f"gen_{system}", generated=n_new, seconds_generating=seconds, llm=llm, **speed, **merge)
 
     return run.build(gen_spec(system), cfg, make, [system])

@@ -6,16 +6,16 @@
 from __future__ import annotations
 import itertools, math
 import numpy as np
-from .config import ASPECTS as KC_ASPECTS
+from .config import ASPECTS
 from .facts import supported, content
 from .atoms import split_atoms
 
 # %% auto #0
-__all__ = ['ASPECTS', 'JUDGE', 'combine', 'judge_both_orders', 'proxy_scores', 'ProxyJudge', 'LLMJudge', 'make_judge',
+__all__ = ['JUDGE_ASPECTS', 'JUDGE', 'combine', 'judge_both_orders', 'proxy_scores', 'ProxyJudge', 'LLMJudge', 'make_judge',
            'length_controlled']
 
 # %% ../nbs/10_judge.ipynb #10-judge-005
-ASPECTS = (*KC_ASPECTS, "overall")  # the judge adds an overall verdict to the three aspects
+JUDGE_ASPECTS = (*ASPECTS, "overall")  # the judge adds an overall verdict to the three aspects
 
 
 def combine(first: dict | None, second: dict | None) -> dict:
@@ -27,7 +27,7 @@ def combine(first: dict | None, second: dict | None) -> dict:
     pure position bias (a subset of the flips)."""
     failed = first is None or second is None
     out = {"failed": failed}
-    for a in ASPECTS:
+    for a in JUDGE_ASPECTS:
         f, s = (first or {}).get(a), (second or {}).get(a)
         x1, x2, y1, y2 = f == "A", s == "B", f == "B", s == "A"
         out[a] = "win" if x1 and x2 else "lose" if y1 and y2 else "tie"
@@ -88,7 +88,7 @@ class ProxyJudge:
             out.append(
                 {
                     k: "A" if sa[k] - sb[k] > self.margin else "B" if sb[k] - sa[k] > self.margin else "tie"
-                    for k in ASPECTS
+                    for k in JUDGE_ASPECTS
                 }
             )
         return out
@@ -129,7 +129,7 @@ class LLMJudge:
             d = parse_json(s)
             if not isinstance(d, dict):
                 raise ParseError("expected a JSON object")
-            v = {a: str(d.get(a, "")).strip().upper().replace("TIE", "tie") for a in ASPECTS}
+            v = {a: str(d.get(a, "")).strip().upper().replace("TIE", "tie") for a in JUDGE_ASPECTS}
             if any(x not in ("A", "B", "tie") for x in v.values()):
                 raise ParseError('each aspect must be "A", "B" or "tie"')
             return v

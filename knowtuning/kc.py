@@ -11,7 +11,7 @@ from .runs import read_jsonl, write_json, write_jsonl, Stage
 from .config import ASPECTS, KCCfg
 
 # %% auto #0
-__all__ = ['KC', 'share_of', 'delete_atoms', 'revise_atoms', 'truncate_atoms', 'shuffle_atoms', 'perturb', 'build_pairs',
+__all__ = ['KC', 'share_of', 'delete_atoms', 'revise_atoms', 'truncate_atoms', 'shuffle_atoms', 'rejected_answer', 'build_pairs',
            'write_kc_set', 'kc_items', 'kc_from_set', 'kc_stage', 'set_profile', 'compare_sets', 'format_comparison']
 
 # %% ../nbs/12_kc.ipynb #12-kc-006
@@ -62,7 +62,7 @@ def shuffle_atoms(atoms: list[str], rng: random.Random):
     return [atoms[i] for i in perm], {"permutation": perm}
 
 # %% ../nbs/12_kc.ipynb #12-kc-009
-def perturb(aspect: str, atoms: list[str], revisions, kc: KCCfg, rng: random.Random):
+def rejected_answer(aspect: str, atoms: list[str], revisions, kc: KCCfg, rng: random.Random):
     """The worse answer's atoms for `aspect` and how they were made, or (None, why not): `kc.beta` of the atoms
     deleted (at random, the release's rule; or the last ones with `kc.completeness: truncate`), `kc.revise` of the
     revisable ones replaced by the teacher's `revisions`, or the atoms shuffled."""
@@ -86,7 +86,7 @@ def build_pairs(items: list[dict], rephrased: list, revisions: list, kc: KCCfg, 
             stats["unperturbable_atoms"] += sum(r is None for r in revs)
         for aspect in aspects:
             rng = random.Random(f"{seed}:{aspect}:{it['index']}")
-            res, info = (None, "rephrase failed") if chosen is None else perturb(aspect, atoms, revs, kc, rng)
+            res, info = (None, "rephrase failed") if chosen is None else rejected_answer(aspect, atoms, revs, kc, rng)
             st = stats[aspect]
             if res is None:
                 st["dropped"] += 1

@@ -7,19 +7,17 @@ from __future__ import annotations
 import contextlib, os, re, sys, threading, time
 from fastcore.basics import patch
 from pathlib import Path
-from .config import load_config, project_root, test_size, training_order
+from .config import BASELINES, load_config, project_root, test_size, training_order
 from .runs import STEPS, Run, runs_root
 
 # %% auto #0
-__all__ = ['BASELINES', 'TEXT_BARS', 'steps', 'StepError', 'stage_notebook', 'ProgressRelay', 'run_step', 'run_signature',
-           'reproduce', 'plan', 'merge_plan', 'plan_cost', 'format_plan']
+__all__ = ['TEXT_BARS', 'steps', 'StepError', 'stage_notebook', 'ProgressRelay', 'run_step', 'run_signature', 'reproduce', 'plan',
+           'merge_plan', 'plan_cost', 'format_plan']
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-005
-BASELINES = ("rlaif", "facttune")  # systems trained on preferences over the SFT model's own samples
-
 def steps(cfg) -> list[tuple[str, str, dict]]:
     """(step, notebook, extra parameters) for a config, in `STEPS` order (`knowtuning.runs`). A config without RLAIF
-    and FactTune has no baselines step: its kernel would import the training stack (about 13 s) to do nothing."""
+    and FactTune has no baselines step: its kernel would import the training stack (a few seconds) to do nothing."""
     kinds = [k for k in BASELINES if k in cfg.systems]
     extra = {"train": {"systems": [s for s in training_order(cfg.systems) if s not in BASELINES]},
              "baselines": {"kinds": kinds}}

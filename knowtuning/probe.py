@@ -8,7 +8,7 @@ import dataclasses, math, time
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from .config import SYSTEMS, system_of, training_order
+from .config import BASE, SYSTEMS, system_of, training_order
 from .data import prompt, encode_prompt, encode_response
 from .ka import encode, logps_packed, atom_ppls, select_difficult
 from .kc import build_pairs
@@ -213,8 +213,8 @@ def run_probes(cfg, run, sets: dict, teacher, main: str) -> tuple[dict, list[dic
     """`sets`: {test set: (questions, the references' atoms)}. ({set: probe summary}, probe.csv rows) for the base
     model and every system the run trains (`systems` and what they need: `ka` is probed whenever KnowTuning is)."""
     data = {name: probe_data(teacher, cfg, q, r, name) for name, (q, r) in sets.items()}
-    models = ["base"] + training_order(cfg.systems)
-    scores = probe_scores(cfg, data, {m: None if m == "base" else run.path(f"train_{m}") / "adapter" for m in models})
+    models = [BASE] + training_order(cfg.systems)
+    scores = probe_scores(cfg, data, {m: None if m == BASE else run.path(f"train_{m}") / "adapter" for m in models})
     summ, csv_rows = {}, []
     for name, (items, _, counts) in data.items():
         sc = scores[name]

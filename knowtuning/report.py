@@ -8,7 +8,8 @@ import math
 from pathlib import Path
 from .runs import read_json, read_jsonl, atomic_write, write_json, Stage
 from .metrics import Z_MDE, holm, n_needed, significant
-from .judge import ASPECTS
+from .config import BASE
+from .judge import JUDGE_ASPECTS
 from .evaluate import Summary
 
 # %% auto #0
@@ -264,9 +265,9 @@ def judge_table(summary: Summary, ctx: str, proxy: bool):
             calls = x.judge_calls.get(b, {})
             rows.append(
                 [d, x.n, f"{summary.main} vs {b}"]
-                + [_wtl(asp[a], ci.get(a)) for a in ASPECTS]
+                + [_wtl(asp[a], ci.get(a)) for a in JUDGE_ASPECTS]
                 + [" / ".join(f"{asp[a].get('flip', math.nan):.0f} ({asp[a].get('position', math.nan):.0f})"
-                              for a in ASPECTS)]
+                              for a in JUDGE_ASPECTS)]
                 + [f"{calls.get('judged', '?')} / {calls.get('failed', '?')}"]
             )
     cap = (
@@ -278,7 +279,7 @@ def judge_table(summary: Summary, ctx: str, proxy: bool):
         "positions, not answers"
         f"{' — PROXY judge, not an LLM. ' + PROXY_NOTE if proxy else '.'} {ctx}"
     )
-    return ["dataset", "n", "comparison", *ASPECTS, "flips (position)", "judged / failed"], rows, cap
+    return ["dataset", "n", "comparison", *JUDGE_ASPECTS, "flips (position)", "judged / failed"], rows, cap
 
 # %% ../nbs/17_report.ipynb #17-report-009b-lc
 def judge_length_table(summary: Summary, ctx: str):
@@ -289,14 +290,14 @@ def judge_length_table(summary: Summary, ctx: str):
             dl = next(iter(lc.values()))["len_diff"] if lc else math.nan
             cell = lambda v: f"{v[0]:.0f} [{v[1]:.0f}, {v[2]:.0f}]" if v and not math.isnan(v[0]) else "–"
             rows.append([d, x.n, f"{summary.main} vs {b}", round(dl, 1)]
-                        + [f"{cell(lc[a]['raw'])} → {cell(lc[a]['lc'])}" for a in ASPECTS if a in lc])
+                        + [f"{cell(lc[a]['raw'])} → {cell(lc[a]['lc'])}" for a in JUDGE_ASPECTS if a in lc])
     cap = ("How much of each judge result is length: Δ tokens = mean length of the main system's answer minus the "
            "baseline's; per aspect, the main system's preference in % (ties count half) raw → length-controlled "
            "(AlpacaEval 2's method: the preference predicted at zero length difference by a logistic fit on the "
            "normalised length difference), bootstrap 95% intervals. A raw win that shrinks towards 50 when "
            "controlled was bought by length; one that stays is not explained by length (whether it is deserved is "
            f"another question). {ctx}")
-    return ["dataset", "n", "comparison", "Δ tokens", *ASPECTS], rows, cap
+    return ["dataset", "n", "comparison", "Δ tokens", *JUDGE_ASPECTS], rows, cap
 
 # %% ../nbs/17_report.ipynb #17-report-009b-ag
 def agreement_table(summary: Summary, ctx: str):
@@ -326,12 +327,12 @@ def ranking_table(summary: Summary, ctx: str):
         order = sorted(x.ranking.get("overall", {}), key=lambda s: -x.ranking["overall"][s][0])
         for s in order:
             bt = lambda v: f"{v[0]:+.2f} [{v[1]:+.2f}, {v[2]:+.2f}]"
-            rows.append([d, x.n, s] + [bt(x.ranking[a][s]) if s in x.ranking.get(a, {}) else "–" for a in ASPECTS])
+            rows.append([d, x.n, s] + [bt(x.ranking[a][s]) if s in x.ranking.get(a, {}) else "–" for a in JUDGE_ASPECTS])
     cap = ("Every system ranked (eval.all_pairs: every pair judged in both orders): Bradley-Terry score per aspect, "
            "centred at 0, with bootstrap 95% intervals over questions; σ(score) is the expected preference against "
            "an average system of this run. Overlapping intervals: the order between those systems is not settled. "
            f"{ctx}")
-    return ["dataset", "n", "system", *ASPECTS], rows, cap
+    return ["dataset", "n", "system", *JUDGE_ASPECTS], rows, cap
 
 # %% ../nbs/17_report.ipynb #17-report-009c
 FACT_COLUMNS = {  # summary key: column
@@ -408,15 +409,15 @@ def probe_notes(summary: Summary) -> list[str]:
             continue
         parts = []
         for a, models in p["aspects"].items():
-            if main in models and "base" in models:
-                dv, dm = p["diffs"][a]["base"]["accuracy"], p["diffs"][a]["base"]["margin"]
+            if main in models and BASE in models:
+                dv, dm = p["diffs"][a][BASE]["accuracy"], p["diffs"][a][BASE]["margin"]
                 star = lambda v: " *" if significant(v) else ""
                 parts.append(f"{a} {models[main]['accuracy'][0]:.0%} vs base {models['base']['accuracy'][0]:.0%}"
                              f"{star(dv)}, Δ margin {dm[0]:+.3f}{star(dm)}")
         at = p.get("atoms", {})
-        if main in at and "base" in at:
+        if main in at and BASE in at:
             parts.append(f"difficult-atom perplexity {math.exp(at[main][0]):.2f} vs base {math.exp(at['base'][0]):.2f}"
-                         + (" *" if significant(p["atoms_diffs"]["base"]) else ""))
+                         + (" *" if significant(p["atoms_diffs"][BASE]) else ""))
         out.append(f"**Probes ({d}, {p['questions']} questions):** {main} prefers the reference over its perturbation: "
                    + "; ".join(parts) + " (* paired test p < 0.05).")
         stages = [f"{label} {_diff(v['margin']['completeness'])}" for label, v in p.get("pairs", {}).items()
@@ -636,13 +637,13 @@ def browser_data(run, systems: list[str]) -> dict:
         pairs += [pair] if pair not in pairs else []
         if q := sets.get(v["dataset"], {}).get(v["index"]):
             q["judge"][pair] = {a: {"verdict": v[a], "orders": v.get(f"order_{a}"), "flip": v.get(f"flip_{a}"),
-                                    "position": v.get(f"position_{a}")} for a in ASPECTS}
+                                    "position": v.get(f"position_{a}")} for a in JUDGE_ASPECTS}
     if (ev / "probe.csv").exists():
         for p in csv.DictReader(open(ev / "probe.csv")):
             if q := sets.get(p["dataset"], {}).get(int(p["index"])):
                 q["probe"].setdefault(p["model"], {})[p["aspect"]] = round(float(p["margin_sum"]), 3)
     return {"sets": {k: [v[i] for i in sorted(v)] for k, v in sets.items()}, "systems": list(systems),
-            "pairs": pairs, "aspects": list(ASPECTS)}
+            "pairs": pairs, "aspects": list(JUDGE_ASPECTS)}
 
 # %% ../nbs/17_report.ipynb #17-report-011e
 ANSWERS_CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#222;background:#f6f6f4}

@@ -11,7 +11,7 @@ from .config import LLMCfg
 from .llm import LLMClient, user, complete_parsed, parse_list, parse_json, ParseError
 
 # %% auto #0
-__all__ = ['PROMPTS', 'perturb', 'atom_question', 'HeuristicTeacher', 'parse_rewrite', 'parse_text', 'revision_parser',
+__all__ = ['PROMPTS', 'perturb_atom', 'atom_question', 'HeuristicTeacher', 'parse_rewrite', 'parse_text', 'revision_parser',
            'LLMTeacher', 'make_teacher', 'failure_rows']
 
 # %% ../nbs/06_teacher.ipynb #06-teacher-009
@@ -88,7 +88,7 @@ def _negate(t, rng):
     return t[: m.start()] + m.group(1) + ("" if m.group(2) else " not") + t[m.end() :]
 
 # %% ../nbs/06_teacher.ipynb #06-teacher-009b
-def perturb(atom: str, rng: random.Random, pool=()) -> tuple[str, str] | None:
+def perturb_atom(atom: str, rng: random.Random, pool=()) -> tuple[str, str] | None:
     "A non-factual revision of `atom` and the operation that made it, or None."
     for op, f in [
         ("number", lambda: _change_number(atom, rng)),
@@ -156,7 +156,7 @@ class HeuristicTeacher:
     def revise(self, atom_lists, names=None, pool=None) -> list:
         "Per atom list: [(revised, op) or None per atom]."
         pool = entities(a for atoms in atom_lists for a in atoms) if pool is None else pool
-        return [[perturb(a, random.Random(f"{self.seed}:{a}"), pool) for a in atoms] for atoms in atom_lists]
+        return [[perturb_atom(a, random.Random(f"{self.seed}:{a}"), pool) for a in atoms] for atoms in atom_lists]
 
 # %% ../nbs/06_teacher.ipynb #06-teacher-015
 PROMPTS = {

@@ -3,7 +3,7 @@ import pytest
 from fakeserver import FakeServer
 from knowtuning.config import load_config
 from knowtuning.metrics import meteor, rouge_l, bertscore
-from knowtuning.judge import ProxyJudge, judge_both_orders, ASPECTS
+from knowtuning.judge import ProxyJudge, judge_both_orders, JUDGE_ASPECTS
 from knowtuning.facts import verify, fact_scores, aggregate_facts
 from knowtuning.teacher import HeuristicTeacher
 from knowtuning.runs import Run, read_jsonl
@@ -27,16 +27,16 @@ def test_judge_self_ties_and_position_bias_cancels(release):
     from knowtuning.data import load_dataset, question
     ds = load_dataset("dolly_test", n=20)
     items = [{"question": question(r), "reference": r["output"], "x": r["output"], "y": r["output"]} for r in ds]
-    assert all({a: v[a] for a in ASPECTS} == {a: "tie" for a in ASPECTS} and not any(v[f"flip_{a}"] for a in ASPECTS)
+    assert all({a: v[a] for a in JUDGE_ASPECTS} == {a: "tie" for a in JUDGE_ASPECTS} and not any(v[f"flip_{a}"] for a in JUDGE_ASPECTS)
                for v in judge_both_orders(ProxyJudge().compare, items))
-    first = lambda its: [{a: "A" for a in ASPECTS} for _ in its]
+    first = lambda its: [{a: "A" for a in JUDGE_ASPECTS} for _ in its]
     other = [{**i, "y": "Something else entirely."} for i in items]
-    assert all({a: v[a] for a in ASPECTS} == {a: "tie" for a in ASPECTS} and all(v[f"flip_{a}"] for a in ASPECTS)
+    assert all({a: v[a] for a in JUDGE_ASPECTS} == {a: "tie" for a in JUDGE_ASPECTS} and all(v[f"flip_{a}"] for a in JUDGE_ASPECTS)
                for v in judge_both_orders(first, other))
 
 def test_facts_error_rate_rises_with_changed_numbers_and_entities(release):
     from knowtuning.data import load_dataset
-    from knowtuning.teacher import perturb
+    from knowtuning.teacher import perturb_atom
     import random
     ds = load_dataset("dolly_train", n=60)
     t = HeuristicTeacher()
@@ -45,7 +45,7 @@ def test_facts_error_rate_rises_with_changed_numbers_and_entities(release):
     same = aggregate_facts(fact_scores(facts, verify(facts, refs)[0]))
     assert same["error_rate"] == 0.0
     pool = ["Germany", "Tokyo", "Napoleon", "Microsoft"]
-    changed = [[(p[0] if (p := perturb(f, random.Random(0), pool)) and p[1] in ("number", "entity") else f) for f in fs] for fs in facts]
+    changed = [[(p[0] if (p := perturb_atom(f, random.Random(0), pool)) and p[1] in ("number", "entity") else f) for f in fs] for fs in facts]
     worse = aggregate_facts(fact_scores(changed, verify(changed, refs)[0]))
     n_changed = sum(a != b for fs, cs in zip(facts, changed) for a, b in zip(fs, cs))
     assert n_changed > 20 and worse["error_rate"] > 0.1 and worse["facts_per_answer"] == same["facts_per_answer"]

@@ -10,7 +10,7 @@ from knowtuning.config import load_config, LLMCfg
 from knowtuning.data import load_dataset, question, prompt, encode_prompt, encode_response
 from knowtuning.teacher import HeuristicTeacher
 from knowtuning.probe import probe_pairs, probe_items, score_probe, kc_measures, difficult_logppl
-from knowtuning.judge import LLMJudge, ASPECTS
+from knowtuning.judge import LLMJudge, JUDGE_ASPECTS
 from knowtuning.llm import LLMClient
 from knowtuning.evaluate import score_system, judge_against
 from knowtuning.report import facts_table, judge_table
@@ -107,14 +107,14 @@ def test_undecidable_and_abstention_reach_the_facts_table(tmp_path):
 
 def test_a_judge_that_always_prefers_position_a_flips_every_pair(tmp_path):
     cfg = load_config("smoke")
-    with FakeServer(default=json.dumps({a: "A" for a in ASPECTS})) as s:
+    with FakeServer(default=json.dumps({a: "A" for a in JUDGE_ASPECTS})) as s:
         cfg.judge = _llm(tmp_path, s.base_url, "biased")
         judge = LLMJudge(cfg.judge, "eval")
         judge.client.progress = False
         main = [{"index": i, "question": f"q{i}", "reference": "r", "prediction": f"x{i}"} for i in range(5)]
         base = [{**m, "prediction": f"y{m['index']}"} for m in main]
         vs, js = judge_against(main, base, judge, cfg, "t")
-    for a in ASPECTS:
+    for a in JUDGE_ASPECTS:
         assert js["rates"][a]["win"] == 0.0 and js["rates"][a]["lose"] == 0.0 and js["rates"][a]["flip"] == 100.0
     ds = {"n": 5, "judge": {"base": js["rates"]}, "judge_ci": {"base": js["ci"]}, "judge_calls": {"base": js}}
     h, rows, cap = judge_table(Summary.from_dict({"judge": "llm:biased", "datasets": {"t": ds}}), "ctx", False)
