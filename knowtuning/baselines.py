@@ -30,7 +30,7 @@ def best_worst_pairs(prompts: list[str], samples: list[list[str]], scores: list[
 
 # %% ../nbs/14_baselines.ipynb #14-baselines-006a
 def pairwise_prefs(
-    prompts: list[str], questions: list[str], references: list[str], samples: list[list[str]], compare
+    prompts: list[str], questions: list[str], references: list[str], samples: list[list[str]], *, compare
 ) -> tuple[list[dict], dict]:
     "RLAIF pairs: every two distinct samples judged in both orders (`compare`), kept when both orders agree overall."
     from knowtuning.judge import judge_both_orders
@@ -96,7 +96,7 @@ def samples_stage(cfg, run) -> Path:
         ds = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
         k = cfg.train.k_samples
         torch.manual_seed(cfg.seed)
-        model, tok = load_model(cfg.student, adapter=run.path("train_sft") / "adapter")
+        model, tok = load_model(cfg.student, adapter=run.adapter("sft"))
         model.eval()
         prompts = [prompt(r, cfg.student.template) for r in ds]
         sampling = dataclasses.replace(cfg.generate, do_sample=True)
@@ -118,7 +118,7 @@ def rlaif_prefs(cfg, rows: list[dict], stage: str):
     judge = make_judge(cfg.judge, stage)
     samples, prompts = [r["samples"] for r in rows], [r["prompt"] for r in rows]
     refs, questions = [r["reference"] for r in rows], [r["question"] for r in rows]
-    pairs, stats = pairwise_prefs(prompts, questions, refs, samples, judge.compare)
+    pairs, stats = pairwise_prefs(prompts, questions, refs, samples, compare=judge.compare)
     stats.update(scorer=judge.label, judge_failures=len(getattr(judge, "failures", [])))
     return pairs, stats, ledgers(judge=judge)
 
@@ -165,10 +165,10 @@ def prefs_stage(cfg, run, kind: str) -> Path:
             stats["questions_with_pairs"],
             len(rows),
             "questions with a pair",
-            cfg.min_yield,
-            {k: v for k, v in stats.items() if k in ("split_or_tie", "no_pair_ties")},
-            [out / "stats.json"],
-            "the samples may be too alike or the judge too inconsistent",
+            min_yield=cfg.min_yield,
+            reasons={k: v for k, v in stats.items() if k in ("split_or_tie", "no_pair_ties")},
+            files=[out / "stats.json"],
+            hint="the samples may be too alike or the judge too inconsistent",
         )
 
     return run.build(spec, cfg, make)

@@ -60,7 +60,7 @@ def _long_items(tok, n_q: int, tokens: int) -> list[dict]:
             k += 1
         qs.append(recs[k % len(recs)]["instruction"])
         atoms.append(a)
-    pairs, _ = probe_pairs(qs, atoms, HeuristicTeacher().revise(atoms), KCCfg(), 0)
+    pairs, _ = probe_pairs(qs, atoms, HeuristicTeacher().revise(atoms), KCCfg(), seed=0)
     return probe_items(qs, atoms, pairs)
 
 

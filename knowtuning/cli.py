@@ -182,7 +182,7 @@ def cmd_reproduce(a):
         return cmd_plan(a)
     if not _confirm_spend(_load_cfg(a), a.yes):
         return 3
-    run = reproduce(a.preset, a.config, _overrides(a), a.run, a.runs_dir)
+    run = reproduce(a.preset, a.config, _overrides(a), a.run, runs_dir=a.runs_dir)
     rep = run.path("report") / "report.md"
     if rep.exists():
         print(f"report: {rep}")
@@ -215,7 +215,7 @@ def _step_cmd(step):
     def cmd(a):
         from knowtuning.pipeline import reproduce
 
-        reproduce(a.preset, a.config, _overrides(a), a.run, a.runs_dir, only=[step])
+        reproduce(a.preset, a.config, _overrides(a), a.run, runs_dir=a.runs_dir, only=[step])
         return 0
 
     return cmd

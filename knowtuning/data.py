@@ -79,7 +79,7 @@ def infer_max_len(source_len: int, target_len: int, max_len: int, reserved_label
     return max_len - max_target_len, max_target_len
 
 
-def encode_example(tok, prompt_text: str, response: str, template: str = "alpaca", cutoff: int = 1024):
+def encode_example(tok, prompt_text: str, response: str, template: str = "alpaca", *, cutoff: int = 1024):
     "(prompt ids, response ids + EOS), truncated as llmtuner 0.5.3 truncates to `cutoff` tokens."
     p, r = encode_prompt(tok, prompt_text, template), encode_response(tok, response)
     max_p, max_r = infer_max_len(len(p), len(r), cutoff)
@@ -128,7 +128,7 @@ def _problem(rec, seen, refs=True) -> str | None:
 
 # %% ../nbs/03_data.ipynb #03-data-009a
 def validate(
-    records, source: str = "<memory>", lenient: bool = False, name: str = "", duplicates: str = "keep"
+    records, source: str = "<memory>", lenient: bool = False, name: str = "", *, duplicates: str = "keep"
 ) -> Dataset:
     "Check every record; raise `DataError` on the first bad one, or skip and list them when `lenient`."
     if not isinstance(records, list):
@@ -339,7 +339,7 @@ def _release_bytes(name: str, src: Path | None, base_url: str) -> bytes:
         raise DataError(f"{name}: could not download {url} ({e})") from None
 
 # %% ../nbs/03_data.ipynb #03-data-019ab
-def fetch_release(src=None, dest=None, base_url: str | None = None, names=None, log=print) -> Path:
+def fetch_release(src=None, dest=None, base_url: str | None = None, names=None, *, log=print) -> Path:
     """Install the release files `names` (default: all) into `dest` (default `release_home()`), each verified by its
     blob id (and sha256 where known). The names and `src` are checked before anything is fetched or created."""
     names = [n.strip() for n in (names or RELEASE_FILES) if n.strip()]

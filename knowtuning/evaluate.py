@@ -116,7 +116,7 @@ def _failed(client_user, before: int) -> int:
     "Failures recorded by a teacher / judge / verifier client since `before` (offline backends never fail)."
     return len(getattr(client_user, "failures", None) or []) - before
 
-def score_system(preds: list[dict], ref_facts, teacher, verifier, cfg, label: str = "", k: int = 0):
+def score_system(preds: list[dict], ref_facts, teacher, verifier, *, cfg, label: str = "", k: int = 0):
     """(per-example rows, per-question scores, summary: metrics with CIs, facts, verification failures). `ref_facts`:
     the references' facts (None: the set has no references), for recall; `k`: F1@K's K."""
     from knowtuning.metrics import all_metrics, bootstrap_ci, tokenize
@@ -128,10 +128,10 @@ def score_system(preds: list[dict], ref_facts, teacher, verifier, cfg, label: st
     m["tokens"] = [float(len(tokenize(p))) for p in P]  # answer length (words and punctuation): beside every win
     facts = [f or [] for f in teacher.decompose(P)]
     n0 = len(verifier.failures) if verifier else 0
-    abst = abstentions([r["question"] for r in preds], P, cfg.judge, verifier, label)
-    v = verify(facts, R, cfg.judge, verifier, label)[0] if has_ref else [[False] * len(f) for f in facts]
-    rv = verify(ref_facts, P, cfg.judge, verifier, f"{label} recall")[0] if has_ref else None
-    fs = fact_scores(facts, v, cfg.eval.gamma, k, abst, rv)
+    abst = abstentions([r["question"] for r in preds], P, cfg.judge, verifier, label=label)
+    v = verify(facts, R, cfg.judge, verifier, label=label)[0] if has_ref else [[False] * len(f) for f in facts]
+    rv = verify(ref_facts, P, cfg.judge, verifier, label=f"{label} recall")[0] if has_ref else None
+    fs = fact_scores(facts, v, cfg.eval.gamma, k, abstained=abst, ref_verdicts=rv)
     cols = ("facts", "correct", "unsupported", "undecidable", "abstained", "precision", "error_rate", "factscore",
             "f1_k", "ref_recall")
     word = {True: "supported", False: "unsupported", None: "undecidable"}
@@ -146,7 +146,7 @@ def score_system(preds: list[dict], ref_facts, teacher, verifier, cfg, label: st
     return rows, scores, summary
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-007a
-def judge_against(main: list[dict], base: list[dict], judge, cfg, label: str = "") -> tuple[list[dict], dict]:
+def judge_against(main: list[dict], base: list[dict], judge, cfg, *, label: str = "") -> tuple[list[dict], dict]:
     """Verdicts of `main` against `base` in both orders, and their summary: rates, CIs, judged and failed calls, and
     per aspect the preference with ties half, raw and length-controlled (`knowtuning.judge.length_controlled`)."""
     from knowtuning.judge import judge_both_orders, length_controlled, JUDGE_ASPECTS
@@ -194,14 +194,14 @@ def eval_spec(systems) -> Stage:
     )
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-007ba
-def judge_set(ds: SetSummary, name: str, preds: dict, main: str, judge, cfg, judge2=None) -> list[dict]:
+def judge_set(ds: SetSummary, name: str, preds: dict, main: str, *, judge, cfg, judge2=None) -> list[dict]:
     """`main` against every other system on one test set: rates, CIs and call counts go into `ds`; the verdict rows.
     With `judge2`, the same pairs judged again: its rates, and the agreement (`agreement`) of the two judges."""
     rows = []
     for b in (s for s in preds if s != main):
-        vs, js = judge_against(preds[main], preds[b], judge, cfg, f"{name}: {main} vs {b}")
+        vs, js = judge_against(preds[main], preds[b], judge, cfg, label=f"{name}: {main} vs {b}")
         if judge2 is not None:
-            vs2, js2 = judge_against(preds[main], preds[b], judge2, cfg, f"{name}: {main} vs {b} (judge 2)")
+            vs2, js2 = judge_against(preds[main], preds[b], judge2, cfg, label=f"{name}: {main} vs {b} (judge 2)")
             ds.judge2[b], ds.agreement[b] = js2["rates"], agreement(vs, vs2)
         keys = [{"dataset": name, "system": main, "baseline": b, "index": x["index"]} for x in preds[main]]
         rows += [{**k, **v} for k, v in zip(keys, vs)]
@@ -209,12 +209,12 @@ def judge_set(ds: SetSummary, name: str, preds: dict, main: str, judge, cfg, jud
         ds.judge_calls[b] = {"judged": js["judged"], "failed": js["failed"]}
         ds.judge_lc[b] = js["lc"]
     if cfg.eval.all_pairs:
-        rows += rank_systems(ds, name, preds, main, judge, cfg, rows)
+        rows += rank_systems(ds, name, preds, main, judge=judge, cfg=cfg, main_rows=rows)
     return rows
 
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-007ba-bt
-def rank_systems(ds: SetSummary, name: str, preds: dict, main: str, judge, cfg, main_rows: list[dict]) -> list[dict]:
+def rank_systems(ds: SetSummary, name: str, preds: dict, main: str, *, judge, cfg, main_rows: list[dict]) -> list[dict]:
     """`eval.all_pairs`: every pair of the other systems judged too (both orders), and a Bradley-Terry score per
     system and aspect over all pairs with a bootstrap over questions into `ds.ranking`; the extra verdict rows."""
     from knowtuning.judge import JUDGE_ASPECTS
@@ -223,7 +223,7 @@ def rank_systems(ds: SetSummary, name: str, preds: dict, main: str, judge, cfg, 
     others, rows = [s for s in preds if s != main], []
     for i, a in enumerate(others):
         for b in others[i + 1 :]:
-            vs, js = judge_against(preds[a], preds[b], judge, cfg, f"{name}: {a} vs {b}")
+            vs, js = judge_against(preds[a], preds[b], judge, cfg, label=f"{name}: {a} vs {b}")
             rows += [{"dataset": name, "system": a, "baseline": b, "index": x["index"], **v}
                      for x, v in zip(preds[a], vs)]
             ds.judge_calls[f"{a} vs {b}"] = {"judged": js["judged"], "failed": js["failed"]}
@@ -246,7 +246,7 @@ def reference_facts(teacher, preds: list[dict], name: str, k: int = 0) -> tuple[
     counts = [len(f) for f in got if f]
     return [f or [] for f in got], k or max(1, math.floor(float(np.median(counts or [1])) + 0.5))
 
-def evaluate_set(run, source: str, cfg, main: str, teacher, judge, verifier, judge2=None
+def evaluate_set(run, source: str, cfg, main: str, *, teacher, judge, verifier, judge2=None
                  ) -> tuple[SetSummary, list, list, list]:
     """(summary, per-example rows, verdict rows, the references' facts or None) of one test set: metrics and facts per
     system, paired diffs, judge."""
@@ -263,7 +263,8 @@ def evaluate_set(run, source: str, cfg, main: str, teacher, judge, verifier, jud
     ds, scores, per_ex = SetSummary(source, len(preds[systems[0]]), has_ref, len(empty) if has_ref else 0), {}, []
     for s in systems:
         phase(f"{name}: {s}: metrics, facts")
-        rows, scores[s], ds.systems[s] = score_system(preds[s], ref_facts, teacher, verifier, cfg, f"{name}: {s}", k)
+        rows, scores[s], ds.systems[s] = score_system(preds[s], ref_facts, teacher, verifier, cfg=cfg,
+                                                      label=f"{name}: {s}", k=k)
         per_ex += [{"dataset": name, "system": s, **r} for r in rows]
     answers = [(s, [r["prediction"] for r in preds[s]]) for s in systems]
     pairs = [(a, x, b, y) for i, (a, x) in enumerate(answers) for b, y in answers[i + 1 :]]
@@ -273,7 +274,7 @@ def evaluate_set(run, source: str, cfg, main: str, teacher, judge, verifier, jud
         ds.diffs = paired_diffs(scores, main, cfg.eval.bootstrap, cfg.seed)
     if main in systems and (has_ref or cfg.judge.backend == "llm"):
         phase(f"{name}: judge ({cfg.judge.backend}), {main} against each other system in both orders")
-        verdicts = judge_set(ds, name, preds, main, judge, cfg, judge2)
+        verdicts = judge_set(ds, name, preds, main, judge=judge, cfg=cfg, judge2=judge2)
     questions = [r["question"] for r in preds[systems[0]]]
     return ds, per_ex, verdicts, (questions, ref_facts) if has_ref else None
 
@@ -294,7 +295,6 @@ def evaluate_stage(cfg, run, main: str | None = None) -> Path:
     from knowtuning.judge import make_judge
     from knowtuning.teacher import make_teacher
     from knowtuning.probe import run_probes  # (imports here: evaluation's modules load torch and the metrics)
-
     def make(out):
         teacher, judge = make_teacher(cfg.teacher, "eval", cfg.seed), make_judge(cfg.judge, "eval")
         verifier = make_verifier(cfg.judge, "eval")
@@ -304,14 +304,15 @@ def evaluate_stage(cfg, run, main: str | None = None) -> Path:
         summary = Summary(main, teacher.label, judge.label, verifier_label(cfg.judge), offline)
         per_ex, verdict_rows, probe_sets, probes = [], [], {}, {}
         for source in cfg.data.test:
-            ds, rows, verdicts, refs = evaluate_set(run, source, cfg, main, teacher, judge, verifier, judge2)
+            ds, rows, verdicts, refs = evaluate_set(run, source, cfg, main, teacher=teacher, judge=judge,
+                                                    verifier=verifier, judge2=judge2)
             summary.datasets[dataset_key(source)] = ds
             per_ex, verdict_rows = per_ex + rows, verdict_rows + verdicts
             if refs:
                 probe_sets[dataset_key(source)] = refs
         if cfg.eval.probe and probe_sets:
             phase(f"probes: {', '.join(probe_sets)}")
-            probes, probe_rows = run_probes(cfg, run, probe_sets, teacher, main)
+            probes, probe_rows = run_probes(cfg, run, probe_sets, teacher, main=main)
             for name, p in probes.items():
                 summary.datasets[name].probe = p
             atomic_write(out / "probe.csv", _csv(probe_rows))

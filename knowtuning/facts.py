@@ -80,7 +80,7 @@ def f1_at_k(s: int, u: int, k: int) -> tuple[float, float, float]:
     r = min(s / k, 1.0) if k > 0 else float("nan")
     return p, r, (2 * p * r / (p + r) if s > 0 else 0.0)
 
-def fact_scores(facts, verdicts, gamma: int = 0, k: int = 0, abstained=None, ref_verdicts=None) -> list[dict]:
+def fact_scores(facts, verdicts, gamma: int = 0, k: int = 0, *, abstained=None, ref_verdicts=None) -> list[dict]:
     """Per answer: facts, supported / unsupported / undecidable (verdict True / False / None), precision, error rate,
     FActScore, recall@K, F1@K, the share of the reference's facts it supports (`ref_verdicts`), abstention."""
     out = []
@@ -171,7 +171,7 @@ def verifier_label(judge_cfg) -> str:
 
 # %% ../nbs/09_facts.ipynb #09-facts-008b
 def verify(
-    facts: list[list[str]], references: list[str], judge_cfg=None, client=None, label: str = ""
+    facts: list[list[str]], references: list[str], judge_cfg=None, client=None, *, label: str = ""
 ) -> tuple[list[list], str]:
     """Verdicts (True supported, False unsupported, None undecidable) for each answer's facts: the LLM verifier when
     `judge_cfg.backend == 'llm'` (through `client`, from `make_verifier`, so its calls reach the caller's ledger), else
@@ -200,7 +200,7 @@ def verify(
     return out, verifier_label(judge_cfg)
 
 # %% ../nbs/09_facts.ipynb #09-facts-008b2
-def abstentions(questions, answers, judge_cfg=None, client=None, label: str = "") -> list[bool]:
+def abstentions(questions, answers, judge_cfg=None, client=None, *, label: str = "") -> list[bool]:
     "Whether each answer abstains: the LLM verifier's Yes/No (`ABSTAIN`), else the offline `abstains`."
     if judge_cfg is None or judge_cfg.backend != "llm":
         return [abstains(a) for a in answers]

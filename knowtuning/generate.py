@@ -39,22 +39,23 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 # %% ../nbs/07_generate.ipynb #07-generate-006u
-def prompt_ids(tok, prompts: list[str], template: str = "alpaca", references=None, cutoff: int = 0) -> list[list[int]]:
+def prompt_ids(tok, prompts: list[str], template: str = "alpaca", references=None, *,
+               cutoff: int = 0) -> list[list[int]]:
     """The prompts' token ids as the template's encoder makes them; with `cutoff` > 0 each prompt is cut as llmtuner
     0.5.3 cuts it at prediction time (together with its reference answer, in proportion to the lengths)."""
     if not cutoff:
         return [encode_prompt(tok, p, template) for p in prompts]
-    return [encode_example(tok, p, r, template, cutoff)[0] for p, r in zip(prompts, references)]
+    return [encode_example(tok, p, r, template, cutoff=cutoff)[0] for p, r in zip(prompts, references)]
 
 # %% ../nbs/07_generate.ipynb #07-generate-005a
 @torch.no_grad()
-def generate(model, tok, prompts: list[str], g, batch_size: int | None = None, on_batch=None, progress: bool = True,
+def generate(model, tok, prompts: list[str], g, *, batch_size: int | None = None, on_batch=None, progress: bool = True,
              template: str = "alpaca", references: list[str] | None = None, stats: dict | None = None) -> list[str]:
     """Completions for `prompts` (in input order), encoded by the template's encoder (cut with their `references` to
     `g.cutoff` as llmtuner 0.5.3 does, when set), batched by length (at most `batch_size` prompts and, when
     `g.batch_tokens` is set, that many prompt + new tokens per batch), left-padded; `stats` gets tokens and seconds."""
     bs = batch_size or g.batch_size
-    enc_all = prompt_ids(tok, prompts, template, references, g.cutoff)
+    enc_all = prompt_ids(tok, prompts, template, references, cutoff=g.cutoff)
     order = sorted(range(len(prompts)), key=lambda i: -len(enc_all[i]))
     out, kw, ntok, t0 = [None] * len(prompts), gen_kwargs(g, tok), 0, time.time()
     bar = tqdm(total=len(prompts), desc="generate", unit="ans", disable=not progress)
@@ -102,7 +103,7 @@ def adapter_fingerprint(adapter_dir) -> str:
     return h.hexdigest()
 
 
-def generate_api(client, system: str, prompts: list[str], g, salt: str = "") -> list[str]:
+def generate_api(client, system: str, prompts: list[str], g, *, salt: str = "") -> list[str]:
     "Completions for `prompts` through `client`; `salt` (the served adapter's fingerprint) keys the cache."
     from knowtuning.llm import Request
 
@@ -168,7 +169,7 @@ def system_generator(cfg, run, system: str):
     Locally the LoRA adapter is merged into the weights first (`merged`)."""
     from knowtuning.assets import load_model
 
-    adapter = None if system == BASE else run.path(f"train_{system}") / "adapter"
+    adapter = run.adapter(system)
     if cfg.generate.backend == "api":
         client, salt = api_client(cfg.generate.api, system), adapter_fingerprint(adapter)
 

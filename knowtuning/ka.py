@@ -25,7 +25,7 @@ def encode(tok, q: str, atoms: list[str], template: str = "alpaca"):
 # %% ../nbs/11_ka.ipynb #11-ka-008
 @torch.no_grad()
 def ppl_reference(
-    model, tok, questions: list[str], atom_lists: list[list[str]], template: str = "alpaca"
+    model, tok, questions: list[str], atom_lists: list[list[str]], *, template: str = "alpaca"
 ) -> list[list[float]]:
     "PPL of each atom given its question's prompt, one forward pass per atom (simple and slow)."
     dev, out = model.device, []
@@ -120,7 +120,7 @@ def batches(lengths: list[int], rows: int, tokens: int) -> list[list[int]]:
 
 # %% ../nbs/11_ka.ipynb #11-ka-010g
 @torch.no_grad()
-def logps_packed(model, enc: list, pad_id: int, batch_questions: int = 8, progress=None, also: int | None = None,
+def logps_packed(model, enc: list, pad_id: int, batch_questions: int = 8, *, progress=None, also: int | None = None,
                  pack_tokens: int = SCORE_PACK_TOKENS, batch_tokens: int = SCORE_BATCH_TOKENS) -> list:
     """For each (prompt ids, [continuation ids]) of `enc`: the log-probabilities of all its continuations' tokens, laid
     end to end (a 1-D CPU tensor), each continuation seeing only the prompt. Packed rows of at most `pack_tokens`
@@ -150,11 +150,11 @@ def logps_packed(model, enc: list, pad_id: int, batch_questions: int = 8, progre
     return [torch.cat([got[i, j] for j in starts[i]]) if conts else empty for i, (_, conts) in enumerate(enc)]
 
 def ppl_packed(
-    model, tok, questions, atom_lists, template: str = "alpaca", batch_questions: int = 8, progress=None
+    model, tok, questions, atom_lists, *, template: str = "alpaca", batch_questions: int = 8, progress=None
 ) -> list[list[float]]:
     "PPL of each atom given its question's prompt: one forward pass per question, batched."
     enc = [encode(tok, q, a, template) for q, a in zip(questions, atom_lists)]
-    lps = logps_packed(model, enc, tok.pad_token_id, batch_questions, progress)
+    lps = logps_packed(model, enc, tok.pad_token_id, batch_questions, progress=progress)
     return [atom_ppls(lp, map(len, atoms)) for lp, (_, atoms) in zip(lps, enc)]
 
 # %% ../nbs/11_ka.ipynb #11-ka-014
@@ -206,7 +206,7 @@ def write_ka_set(out: Path, rows: list[dict], template: str = "alpaca", name: st
 
 # %% ../nbs/11_ka.ipynb #11-ka-019
 def score_resumable(
-    model, tok, questions, atom_lists, path: Path, template="alpaca", batch_questions=8, desc="ppl"
+    model, tok, questions, atom_lists, *, path: Path, template="alpaca", batch_questions=8, desc="ppl"
 ) -> list:
     "Perplexities for every (question, atoms), appending finished questions to `path` and skipping those already there."
     done = {r["i"]: r["ppl"] for r in resume_jsonl(path)}
@@ -217,7 +217,8 @@ def score_resumable(
     for b in range(0, len(todo), batch_questions * 4):  # flush to disk every few batches
         chunk = todo[b : b + batch_questions * 4]
         res = ppl_packed(
-            model, tok, [questions[i] for i in chunk], [atom_lists[i] for i in chunk], template, batch_questions, bar
+            model, tok, [questions[i] for i in chunk], [atom_lists[i] for i in chunk],
+            template=template, batch_questions=batch_questions, progress=bar
         )
         with open(path, "a") as f:
             for i, r in zip(chunk, res):
@@ -254,10 +255,11 @@ def score_atoms(cfg, questions, atom_lists, path: Path) -> tuple[list, float]:
     model, tok = load_model(cfg.student)
     model.eval()
     t0 = time.time()
-    ppls = score_resumable(model, tok, questions, atom_lists, path, cfg.student.template, cfg.ka.batch_questions)
+    ppls = score_resumable(model, tok, questions, atom_lists, path=path, template=cfg.student.template,
+                           batch_questions=cfg.ka.batch_questions)
     return ppls, time.time() - t0
 
-def atom_rows(names, questions, answers, atom_lists, ppls, alpha: float, teacher: str) -> list[dict]:
+def atom_rows(names, questions, answers, atom_lists, *, ppls, alpha: float, teacher: str) -> list[dict]:
     "The rows of `ka/atoms.jsonl`: per answer its atoms, their perplexities and whether the filter keeps them."
     rows = []
     for i, (a, p) in enumerate(zip(atom_lists, ppls)):
@@ -269,7 +271,7 @@ def atom_rows(names, questions, answers, atom_lists, ppls, alpha: float, teacher
     return rows
 
 # %% ../nbs/11_ka.ipynb #11-ka-019d
-def ka_stats(rows, n_records: int, n_rewritten: int, n_failures: int, alpha, teacher: str, score_s: float) -> dict:
+def ka_stats(rows, n_records: int, n_rewritten: int, n_failures: int, *, alpha, teacher: str, score_s: float) -> dict:
     "The numbers of `ka/stats.json` (and the run manifest)."
     n_atoms = sum(len(r["atoms"]) for r in rows)
     return {
@@ -322,27 +324,27 @@ def ka_stage(cfg, run) -> Path:
         qs, answers = [question(r) for r in ds], [r["output"] for r in ds]
         names = [f"{ds.name}#{i}" for i in range(len(ds))]
         atoms = teacher.decompose(answers, names)
-        failures = failure_rows("decompose", names, atoms, teacher, "no atomic fact found in the answer")
+        failures = failure_rows("decompose", names, atoms, teacher, why="no atomic fact found in the answer")
         atoms = [a or [] for a in atoms]
         ppls, score_s = score_atoms(cfg, qs, atoms, out / "ppl.jsonl")
-        rows = atom_rows(names, qs, answers, atoms, ppls, cfg.ka.alpha, teacher.label)
+        rows = atom_rows(names, qs, answers, atoms, ppls=ppls, alpha=cfg.ka.alpha, teacher=teacher.label)
         has = [r for r in rows if r["atoms"]]
         has_names = [r["record"] for r in has]
         kept = [[a["text"] for a in r["atoms"] if a["kept"]] for r in has]
         rw = teacher.rewrite([r["question"] for r in has], kept, has_names)
-        failures += failure_rows("rewrite", has_names, rw, teacher, "the teacher returned no rewrite")
+        failures += failure_rows("rewrite", has_names, rw, teacher, why="the teacher returned no rewrite")
         write_jsonl(out / "atoms.jsonl", rows)
         write_jsonl(out / "failures.jsonl", failures)
         write_ka_set(out, ka_rows(ds.records, has, rw, teacher.label), cfg.student.template)
         n_rw = sum(w is not None for w in rw)
-        stats = ka_stats(rows, len(ds), n_rw, len(failures), cfg.ka.alpha, teacher.label, score_s)
+        stats = ka_stats(rows, len(ds), n_rw, len(failures), alpha=cfg.ka.alpha, teacher=teacher.label, score_s=score_s)
         write_json(out / "stats.json", stats)
         plot_ka(rows, out)
         run.update_stage("ka", stats=stats, llm=ledgers(teacher=teacher))
         reasons = {"answers without atoms (decomposition failed)": len(ds) - len(has)}
         reasons["rewrites failed"] = len(has) - n_rw
         files = [out / "stats.json", out / "failures.jsonl"]
-        require_yield("ka", n_rw, len(ds), "rewritten pairs", cfg.min_yield, reasons, files)
+        require_yield("ka", n_rw, len(ds), "rewritten pairs", min_yield=cfg.min_yield, reasons=reasons, files=files)
 
     # the heuristic teacher's rules are code, not config: a change of them (its `rules` tag) rebuilds the KA set
     return run.build(KA, cfg, make, [HeuristicTeacher.rules] if cfg.teacher.backend == "heuristic" else [])

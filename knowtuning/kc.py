@@ -62,7 +62,7 @@ def shuffle_atoms(atoms: list[str], rng: random.Random):
     return [atoms[i] for i in perm], {"permutation": perm}
 
 # %% ../nbs/12_kc.ipynb #12-kc-009
-def rejected_answer(aspect: str, atoms: list[str], revisions, kc: KCCfg, rng: random.Random):
+def rejected_answer(aspect: str, atoms: list[str], revisions, kc: KCCfg, *, rng: random.Random):
     """The worse answer's atoms for `aspect` and how they were made, or (None, why not): `kc.beta` of the atoms
     deleted (at random, the release's rule; or the last ones with `kc.completeness: truncate`), `kc.revise` of the
     revisable ones replaced by the teacher's `revisions`, or the atoms shuffled."""
@@ -73,7 +73,8 @@ def rejected_answer(aspect: str, atoms: list[str], revisions, kc: KCCfg, rng: ra
     return shuffle_atoms(atoms, rng)
 
 # %% ../nbs/12_kc.ipynb #12-kc-009c
-def build_pairs(items: list[dict], rephrased: list, revisions: list, kc: KCCfg, seed: int) -> tuple[list[dict], dict]:
+def build_pairs(items: list[dict], rephrased: list, revisions: list, kc: KCCfg, *, seed: int) -> tuple[list[dict],
+                                                                                                       dict]:
     """`items`: [{'index', 'question', 'answer', 'atoms'}], with the rephrased answers and the teacher's revisions of
     their atoms. Returns the pairs for the aspects in `kc.aspects` (one row per question and aspect, with the details
     of the construction) and per-aspect counts of pairs, drops and reasons."""
@@ -86,7 +87,8 @@ def build_pairs(items: list[dict], rephrased: list, revisions: list, kc: KCCfg, 
             stats["unperturbable_atoms"] += sum(r is None for r in revs)
         for aspect in aspects:
             rng = random.Random(f"{seed}:{aspect}:{it['index']}")
-            res, info = (None, "rephrase failed") if chosen is None else rejected_answer(aspect, atoms, revs, kc, rng)
+            res, info = (None, "rephrase failed") if chosen is None else rejected_answer(aspect, atoms, revs, kc,
+                                                                                         rng=rng)
             st = stats[aspect]
             if res is None:
                 st["dropped"] += 1
@@ -183,19 +185,20 @@ def kc_stage(cfg, run) -> Path:
         reph = teacher.rephrase([it["answer"] for it in items], [it["atoms"] for it in items], names)
         factual = "factuality" in cfg.kc.aspects  # only then does the teacher revise atoms
         revs = teacher.revise([it["atoms"] for it in items], names) if factual else [None] * len(items)
-        rows, stats = build_pairs(items, reph, revs, cfg.kc, cfg.seed)
+        rows, stats = build_pairs(items, reph, revs, cfg.kc, seed=cfg.seed)
         stats.update(questions=len(items), teacher=teacher.label, pairs=len(rows))
         write_kc_set(out, rows, cfg.student.template)
         write_json(out / "stats.json", stats)
-        failures = failure_rows("rephrase", names, reph, teacher, "the teacher returned no rephrased answer")
+        failures = failure_rows("rephrase", names, reph, teacher, why="the teacher returned no rephrased answer")
         if factual:
-            failures += failure_rows("revise", names, revs, teacher, "the teacher returned no revision")
+            failures += failure_rows("revise", names, revs, teacher, why="the teacher returned no revision")
         write_jsonl(out / "failures.jsonl", failures)
         run.update_stage("kc", stats=stats, llm=ledgers(teacher=teacher))
         reasons = {f"{a}: {r}": n for a in cfg.kc.aspects for r, n in stats[a]["reasons"].items()}
         reasons["answers without atoms in KA"] = len(arows) - len(items)
         files = [out / "stats.json", out / "failures.jsonl", run.path("ka") / "failures.jsonl"]
-        require_yield("kc", len(rows), len(arows) * len(cfg.kc.aspects), "pairs", cfg.min_yield, reasons, files)
+        require_yield("kc", len(rows), len(arows) * len(cfg.kc.aspects), "pairs", min_yield=cfg.min_yield,
+                      reasons=reasons, files=files)
 
     return run.build(KC, cfg, make, ["counts: half-up"])  # the rule of `share_of`: sets built before it rebuild
 

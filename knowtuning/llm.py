@@ -22,7 +22,7 @@ __all__ = ['RETRYABLE', 'BATCH_ENDED', 'REPAIR', 'cache_key', 'Cache', 'Request'
            'ParseError', 'parse_list', 'parse_json', 'complete_parsed', 'free_port', 'LocalServer', 'serve_local']
 
 # %% ../nbs/04_llm.ipynb #04-llm-006
-def cache_key(model: str, messages: list, params: dict, endpoint: str = "", salt: str = "") -> str:
+def cache_key(model: str, messages: list, params: dict, endpoint: str = "", *, salt: str = "") -> str:
     "SHA-256 of what determines an answer: endpoint, model, messages, sampling parameters (and a caller's salt)."
     d = {"endpoint": endpoint.rstrip("/"), "model": model, "messages": messages, "params": params, "salt": salt}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
@@ -322,7 +322,7 @@ def _check_stall(self: LLMClient, limit: AdaptiveLimit) -> float:
 def _key(self: LLMClient, r: Request, params: dict) -> str:
     "The cache key of `r` sent with `params` to this endpoint."
     return cache_key(
-        self.cfg.model, r.messages if r.prompt is None else {"prompt": r.prompt}, params, self.cfg.base_url, r.salt
+        self.cfg.model, r.messages if r.prompt is None else {"prompt": r.prompt}, params, self.cfg.base_url, salt=r.salt
     )
 
 
@@ -766,7 +766,7 @@ def _wait_healthy(proc, port: int, log: Path, timeout: float) -> None:
 
 # %% ../nbs/04_llm.ipynb #04-llm-016a1
 @contextmanager
-def serve_local(model: str = "smollm2", port: int | None = None, log=None, timeout: float = 180, extra=()):
+def serve_local(model: str = "smollm2", port: int | None = None, log=None, timeout: float = 180, *, extra=()):
     "Run `transformers serve MODEL` on 127.0.0.1; yields a `LocalServer`."
     from knowtuning.assets import resolve_model
 

@@ -72,7 +72,7 @@ def all_metrics(predictions, references, bert_model: str = "minilm") -> dict[str
     }
 
 # %% ../nbs/08_metrics.ipynb #08-metrics-010b
-def paired_bootstrap(a, b, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+def paired_bootstrap(a, b, n: int = 1000, seed: int = 0, *, level: float = 0.95) -> tuple[float, float, float]:
     "(mean of a - b, low, high): percentile bootstrap over examples, each example's pair resampled together."
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape:

@@ -157,7 +157,7 @@ def close(self: ProgressRelay) -> str:
         return "    " if self.shown else ""
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-007a
-def run_step(run: Run, step: str, notebook: str, extra: dict | None = None, progress=None) -> Path:
+def run_step(run: Run, step: str, notebook: str, extra: dict | None = None, *, progress=None) -> Path:
     """Execute one stage notebook (`stage_notebook`: without its examples) with papermill for `run`. The executed copy
     is kept in `run/notebooks/`, and the kernel's own stderr (jupyter's start-up chatter, native-library warnings, a
     crash's last words) in `<notebook>.log` beside it; `progress` (a `ProgressRelay`) receives what the notebook
@@ -225,7 +225,7 @@ def reproduce(
     config=None,
     overrides=(),
     run_name: str | None = None,
-    runs_dir=None,
+    *, runs_dir=None,
     only: list[str] | None = None,
     log=print,
 ) -> Run:
@@ -249,7 +249,7 @@ def reproduce(
             log(head, end="") if log is print else log(f"[{i}/{len(todo)}] {step}")
             relay = ProgressRelay(head) if log is print else None
             try:
-                run_step(run, step, nb, extra, relay)
+                run_step(run, step, nb, extra, progress=relay)
             except BaseException:
                 relay and relay.close() and print(flush=True)
                 raise

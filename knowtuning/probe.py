@@ -19,17 +19,17 @@ __all__ = ['probe_pairs', 'answer_logp_reference', 'stop_points', 'score_probe',
            'stop_logp', 'probe_summary', 'probe_data', 'probe_pairs_of', 'probe_scores', 'run_probes']
 
 # %% ../nbs/15_probe.ipynb #15-probe-006
-def probe_pairs(questions, atom_lists, revisions, kc_cfg, seed: int) -> tuple[list[dict], dict]:
+def probe_pairs(questions, atom_lists, revisions, kc_cfg, *, seed: int) -> tuple[list[dict], dict]:
     """One row per (question with 2+ atoms, aspect): `chosen` is the reference as its atoms laid end to end,
     `rejected` the worse answer KC's rules make from them (`kc_cfg`: beta, revise, aspects); and KC's counts."""
     items = [dict(index=i, question=q, answer=" ".join(a), atoms=a)
              for i, (q, a) in enumerate(zip(questions, atom_lists)) if a and len(a) >= 2]
     revs = [revisions[it["index"]] for it in items]
-    return build_pairs(items, [it["answer"] for it in items], revs, kc_cfg, seed)
+    return build_pairs(items, [it["answer"] for it in items], revs, kc_cfg, seed=seed)
 
 # %% ../nbs/15_probe.ipynb #15-probe-009
 @torch.no_grad()
-def answer_logp_reference(model, tok, question: str, answer: str, template: str = "alpaca") -> tuple[float, int]:
+def answer_logp_reference(model, tok, question: str, answer: str, *, template: str = "alpaca") -> tuple[float, int]:
     "(log p(answer + EOS | prompt), tokens): one forward pass (simple and slow)."
     p, a = encode_prompt(tok, prompt(question, template), template), encode_response(tok, answer)
     logits = model(torch.tensor([p + a], device=model.device)).logits[0, len(p) - 1 : len(p) - 1 + len(a)].float()
@@ -46,7 +46,7 @@ def stop_points(tok, atoms: list[str], ref_ids: list[int]) -> list[int]:
     return out
 
 
-def score_probe(model, tok, items: list[dict], template: str = "alpaca", batch_questions: int = 8, progress=None):
+def score_probe(model, tok, items: list[dict], template: str = "alpaca", *, batch_questions: int = 8, progress=None):
     """`items`: [{question, answers: [texts], atoms: [texts]}]. Per item: `answers` as [(log p, tokens)] (EOS
     included), `atoms` as perplexities, all after the item's prompt, and `stops`: log p(EOS) after each of the first
     answer's atoms but the last (`stop_points`), and `tokens` (prompt and continuations). Packed forward passes."""
@@ -54,7 +54,7 @@ def score_probe(model, tok, items: list[dict], template: str = "alpaca", batch_q
     for it in items:
         p, atom_ids = encode(tok, it["question"], it["atoms"], template)
         enc.append((p, [encode_response(tok, a) for a in it["answers"]] + atom_ids))
-    lps = logps_packed(model, enc, tok.pad_token_id, batch_questions, progress, also=tok.eos_token_id)
+    lps = logps_packed(model, enc, tok.pad_token_id, batch_questions, progress=progress, also=tok.eos_token_id)
     out = []
     for it, t, (p, conts) in zip(items, lps, enc):
         n, lp = len(it["answers"]), t[:, 0]
@@ -128,7 +128,7 @@ def _kc_values(kc_rows: dict, aspect: str) -> dict:
             for m, rs in per.items()}
 
 # %% ../nbs/15_probe.ipynb #15-probe-016a
-def probe_summary(kc_rows: dict, atom_ppl: dict, main: str, aspects, n: int = 1000, seed: int = 0, stops=None,
+def probe_summary(kc_rows: dict, atom_ppl: dict, main: str, aspects, *, n: int = 1000, seed: int = 0, stops=None,
                   pairs=()) -> dict:
     """`kc_rows`: {model: `kc_measures` rows}; `atom_ppl`: {model: `difficult_logppl`}; `stops`: {model: `stop_logp`}.
     Per aspect and model: accuracy (per-token and summed; Wilson intervals) and mean margins (bootstrap), with n;
@@ -158,14 +158,14 @@ def probe_summary(kc_rows: dict, atom_ppl: dict, main: str, aspects, n: int = 10
     return out
 
 # %% ../nbs/15_probe.ipynb #15-probe-019
-def probe_data(teacher, cfg, questions: list[str], atoms: list[list[str]], label: str):
+def probe_data(teacher, cfg, questions: list[str], atoms: list[list[str]], *, label: str):
     """(items to score, probe pairs, KC counts) of one test set from its references' atoms; the teacher revises them.
     Completeness is always probed with the release's random deletion, whatever `kc.completeness` trains on."""
     names = [f"{label} reference {i}" for i in range(len(atoms))]
     factual = "factuality" in cfg.kc.aspects
     revs = teacher.revise(atoms, names) if factual else [None] * len(atoms)
     kc = dataclasses.replace(cfg.kc, completeness="delete")
-    pairs, counts = probe_pairs(questions, atoms, revs, kc, cfg.seed)
+    pairs, counts = probe_pairs(questions, atoms, revs, kc, seed=cfg.seed)
     return probe_items(questions, atoms, pairs), pairs, counts
 
 # %% ../nbs/15_probe.ipynb #15-probe-020
@@ -197,7 +197,8 @@ def probe_scores(cfg, data: dict, adapters: dict) -> dict:
         for name, (items, _, _) in data.items():
             bar = tqdm(total=sum(len(it["answers"]) + len(it["atoms"]) for it in items), desc=f"probe {m} {name}")
             t0 = time.perf_counter()
-            sc = score_probe(model, tok, items, cfg.student.template, cfg.ka.batch_questions, bar)
+            sc = score_probe(model, tok, items, cfg.student.template, batch_questions=cfg.ka.batch_questions,
+                             progress=bar)
             seconds = round(time.perf_counter() - t0, 2)
             bar.close()
             ppls = [s["atoms"] for s in sc]
@@ -209,17 +210,18 @@ def probe_scores(cfg, data: dict, adapters: dict) -> dict:
     return out
 
 # %% ../nbs/15_probe.ipynb #15-probe-020b
-def run_probes(cfg, run, sets: dict, teacher, main: str) -> tuple[dict, list[dict]]:
+def run_probes(cfg, run, sets: dict, teacher, *, main: str) -> tuple[dict, list[dict]]:
     """`sets`: {test set: (questions, the references' atoms)}. ({set: probe summary}, probe.csv rows) for the base
     model and every system the run trains (`systems` and what they need: `ka` is probed whenever KnowTuning is)."""
-    data = {name: probe_data(teacher, cfg, q, r, name) for name, (q, r) in sets.items()}
+    data = {name: probe_data(teacher, cfg, q, r, label=name) for name, (q, r) in sets.items()}
     models = [BASE] + training_order(cfg.systems)
-    scores = probe_scores(cfg, data, {m: None if m == BASE else run.path(f"train_{m}") / "adapter" for m in models})
+    scores = probe_scores(cfg, data, {m: run.adapter(m) for m in models})
     summ, csv_rows = {}, []
     for name, (items, _, counts) in data.items():
         sc = scores[name]
         s = probe_summary({m: v["kc"] for m, v in sc.items()}, {m: v["atoms"] for m, v in sc.items()}, main,
-                          cfg.kc.aspects, cfg.eval.bootstrap, cfg.seed, stops={m: v["stops"] for m, v in sc.items()},
+                          cfg.kc.aspects, n=cfg.eval.bootstrap, seed=cfg.seed, stops={m: v["stops"] for m,
+                                                                                      v in sc.items()},
                           pairs=probe_pairs_of(models))
         cost = {m: {"seconds": v["seconds"], "tokens": v["tokens"]} for m, v in sc.items()}
         summ[name] = {"questions": sum(bool(it["aspects"]) for it in items), "counts": counts, "cost": cost, **s}

@@ -54,7 +54,7 @@ def to_latex(header, rows, caption: str, label: str) -> str:
     )
 
 
-def write_table(out: Path, name: str, header, rows, caption: str):
+def write_table(out: Path, name: str, header, rows, *, caption: str):
     atomic_write(out / f"{name}.md", to_markdown(header, rows, caption))
     atomic_write(out / f"{name}.csv", to_csv(header, rows))
     atomic_write(out / f"{name}.tex", to_latex(header, rows, caption, f"tab:{name}"))
@@ -327,7 +327,8 @@ def ranking_table(summary: Summary, ctx: str):
         order = sorted(x.ranking.get("overall", {}), key=lambda s: -x.ranking["overall"][s][0])
         for s in order:
             bt = lambda v: f"{v[0]:+.2f} [{v[1]:+.2f}, {v[2]:+.2f}]"
-            rows.append([d, x.n, s] + [bt(x.ranking[a][s]) if s in x.ranking.get(a, {}) else "–" for a in JUDGE_ASPECTS])
+            rows.append([d, x.n, s] + [bt(x.ranking[a][s]) if s in x.ranking.get(a,
+                                                                                 {}) else "–" for a in JUDGE_ASPECTS])
     cap = ("Every system ranked (eval.all_pairs: every pair judged in both orders): Bradley-Terry score per aspect, "
            "centred at 0, with bootstrap 95% intervals over questions; σ(score) is the expected preference against "
            "an average system of this run. Overlapping intervals: the order between those systems is not settled. "
@@ -767,7 +768,7 @@ def report_stage(cfg, run) -> Path:
         served, warnings = served_models(run.manifest)
         tables = build_tables(cfg, summary, served)
         for name, (h, r, cap) in tables.items():
-            write_table(out, name, h, r, cap)
+            write_table(out, name, h, r, caption=cap)
         plot_judge(summary, out / "judge.png")
         plot_judge(summary, out / "judge.svg")
         plot_metrics(summary, out / "metrics.png")
@@ -818,7 +819,7 @@ def combine_reports(run_dirs, out) -> Path:
     out = Path(out)
     tables = combine_tables(named)
     for name, (h, r, cap) in tables.items():
-        write_table(out, name, h, r, cap)
+        write_table(out, name, h, r, caption=cap)
     md = [f"# KnowTuning: {' + '.join(n for n, _ in named)}", ""] + [(out / f"{n}.md").read_text() for n in tables]
     atomic_write(out / "report.md", "\n".join(md))
     return out

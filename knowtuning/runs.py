@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from fastcore.basics import patch
 from dataclasses import dataclass
 from pathlib import Path
-from .config import Config, LLMCfg, to_yaml, project_root
+from .config import BASE, Config, LLMCfg, to_yaml, project_root
 
 # %% auto #0
 __all__ = ['LLM_IDENTITY', 'STEPS', 'LOCK_ENV', 'atomic_write', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl',
@@ -300,6 +300,11 @@ def path(self: Run, stage: str) -> Path:
     return self.dir / stage
 
 @patch
+def adapter(self: Run, system: str) -> Path | None:
+    "The adapter of a trained system (`train_<system>/adapter`); None for the untrained base model (`BASE`)."
+    return None if system == BASE else self.path(f"train_{system}") / "adapter"
+
+@patch
 def done(self: Run, stage: str, fp: str | None = None) -> bool:
     "Is `stage` complete (and, if `fp` is given, built from the same fingerprint)?"
     marker = self.path(stage) / "_done.json"
@@ -392,7 +397,7 @@ def require_yield(
     got: int,
     of: int,
     what: str,
-    min_yield: float,
+    *, min_yield: float,
     reasons: dict | None = None,
     files=(),
     hint: str = "the teacher may be too weak for these tasks",

@@ -307,7 +307,7 @@ def make_teacher(cfg: LLMCfg, stage: str = "teacher", seed: int = 0, max_atoms: 
     raise ValueError(f"config key 'teacher.backend': unknown backend {cfg.backend!r} (heuristic | llm)")
 
 # %% ../nbs/06_teacher.ipynb #06-teacher-016g
-def failure_rows(task: str, names: list[str], results: list, teacher, why: str) -> list[dict]:
+def failure_rows(task: str, names: list[str], results: list, teacher, *, why: str) -> list[dict]:
     "One row per input whose teacher result is missing: what failed, for which record, and why (the teacher's error)."
     errs = {f["name"]: f for f in teacher.failures}
     rows = []

@@ -61,7 +61,7 @@ def checkpoint_args(t, has_eval: bool) -> dict:
     )
 
 # %% ../nbs/13a_trainer.ipynb #13a-trainer-006b
-def trl_config(cfg, kind: str, output_dir, has_eval: bool = False, n_proc: int | None = None, max_steps=None):
+def trl_config(cfg, kind: str, output_dir, has_eval: bool = False, *, n_proc: int | None = None, max_steps=None):
     """SFTConfig (kind 'sft') or DPOConfig (kind 'dpo') from our config: the only place trl arguments are set.
     `max_steps`: a step-matched control's budget (else `train.max_steps`)."""
     from trl import SFTConfig, DPOConfig
@@ -102,7 +102,7 @@ def trl_config(cfg, kind: str, output_dir, has_eval: bool = False, n_proc: int |
     return SFTConfig(**common, completion_only_loss=True, max_length=t.cutoff)
 
 # %% ../nbs/13a_trainer.ipynb #13a-trainer-009
-def knowtuning_loss(pol_c, pol_r, ref_c, ref_r, chosen_len, beta: float = 0.1, ftx: float = 0.2):
+def knowtuning_loss(pol_c, pol_r, ref_c, ref_r, *, chosen_len, beta: float = 0.1, ftx: float = 0.2):
     "DPO (sigmoid) + ftx * batch mean of each chosen answer's mean token NLL. Returns (loss, dpo, sft)."
     dpo = -F.logsigmoid(beta * ((pol_c - ref_c) - (pol_r - ref_r))).mean()
     sft = (-pol_c / chosen_len.to(pol_c.dtype).clamp(min=1)).mean()
@@ -360,7 +360,8 @@ def _compute_loss(self: KCTrainer, model, inputs, return_outputs=False):
         ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
     else:
         ref_c, ref_r = self.compute_ref_log_probs(model, inputs)
-    loss, dpo, sft = knowtuning_loss(pol_c, pol_r, ref_c, ref_r, n_c, self.beta, self.ftx)  # inputs on the device
+    loss, dpo, sft = knowtuning_loss(pol_c, pol_r, ref_c, ref_r, chosen_len=n_c, beta=self.beta,
+                                     ftx=self.ftx)  # inputs on the device
     # logged over every process's pairs, as trl logs its own metrics (a no-op in a single process)
     g = self.accelerator.gather
     m, margin = self._metrics[mode], g(self.beta * ((pol_c - ref_c) - (pol_r - ref_r)).detach())
@@ -462,7 +463,7 @@ def sft_features(tok, rows: list[dict], template: str, cutoff: int) -> list[dict
     "input_ids and completion_mask of prompt/completion rows, encoded as the template's encoder does."
     out = []
     for r in rows:
-        p, a = encode_example(tok, r["prompt"], r["completion"], template, cutoff)
+        p, a = encode_example(tok, r["prompt"], r["completion"], template, cutoff=cutoff)
         out.append({"input_ids": p + a, "completion_mask": [0] * len(p) + [1] * len(a)})
     return out
 
@@ -470,8 +471,8 @@ def dpo_features(tok, rows: list[dict], template: str, cutoff: int) -> list[dict
     "prompt_ids, chosen_ids, rejected_ids of preference rows (llmtuner 0.5.3: the prompt as encoded with the chosen)."
     out = []
     for r in rows:
-        p, c = encode_example(tok, r["prompt"], r["chosen"], template, cutoff)
-        rej = encode_example(tok, r["prompt"], r["rejected"], template, cutoff)[1]
+        p, c = encode_example(tok, r["prompt"], r["chosen"], template, cutoff=cutoff)
+        rej = encode_example(tok, r["prompt"], r["rejected"], template, cutoff=cutoff)[1]
         out.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": rej})
     return out
 
@@ -551,7 +552,7 @@ def _train(trainer, out: Path, t0: float, title: str, epoch_tokens: int = 0) -> 
     return _finish(trainer, out, t0, title, epoch_tokens=epoch_tokens)
 
 # %% ../nbs/13a_trainer.ipynb #13a-trainer-024a3
-def budget_steps(args, n_rows: int, epoch_tokens: int, kind: str, amount: int) -> int:
+def budget_steps(args, n_rows: int, epoch_tokens: int, kind: str, *, amount: int) -> int:
     """Optimizer steps for a control's budget: `amount` steps, or the steps in which SFT on `n_rows` rows of
     `epoch_tokens` supervised tokens per epoch sees `amount` supervised tokens (whole batches, at least 1)."""
     if kind == "steps":
@@ -563,7 +564,7 @@ def budget_steps(args, n_rows: int, epoch_tokens: int, kind: str, amount: int) -
     return max(1, round(amount / max(epoch_tokens, 1) * per_epoch))
 
 # %% ../nbs/13a_trainer.ipynb #13a-trainer-024b
-def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=(), budget: tuple | None = None,
+def train_sft(cfg, rows: list[dict], out, init_adapter=None, *, callbacks=(), budget: tuple | None = None,
               compact_head: bool = True) -> Path:
     """LoRA SFT on prompt/completion rows (loss on completions only); returns the adapter folder. `budget`: a
     control's ('steps', n) or ('tokens', n), trained for that many optimizer steps or supervised tokens."""
@@ -578,7 +579,7 @@ def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=(), budge
         epoch_tokens = sum(sum(f["completion_mask"]) for f in train)
         args = trl_config(cfg, "sft", out / "checkpoints", has_eval=ev is not None)
         if budget:  # a control: its steps from the budget of the systems it matches
-            steps = budget_steps(args, len(train), epoch_tokens, *budget)
+            steps = budget_steps(args, len(train), epoch_tokens, budget[0], amount=budget[1])
             args = trl_config(cfg, "sft", out / "checkpoints", has_eval=ev is not None, max_steps=steps)
         # trl's padding-free collator, passed directly: trl's `padding_free` flag refuses `max_length`
         collator = (
@@ -600,7 +601,7 @@ def train_sft(cfg, rows: list[dict], out, init_adapter=None, callbacks=(), budge
         return _train(trainer, out, t0, "SFT", epoch_tokens)
 
 # %% ../nbs/13a_trainer.ipynb #13a-trainer-024c
-def train_dpo(cfg, rows: list[dict], out, init_adapter, callbacks=(), compact_head: bool = True) -> Path:
+def train_dpo(cfg, rows: list[dict], out, init_adapter, *, callbacks=(), compact_head: bool = True) -> Path:
     "KC training: DPO + SFT term from `init_adapter`; returns the adapter folder."
     with compact_lm_head(compact_head):  # the LM head on labelled rows only (above)
         out = Path(out)

@@ -101,8 +101,8 @@ def test_one_empty_reference_drops_its_question_not_the_set(tmp_path):
                    ("knowtuning", ["Paris is the capital of France. It lies on the Seine.", "Hm.", "Water boils at 100 degrees."])):
         write_jsonl(run.path(f"gen_{s}") / f"{dataset_key(str(tmp_path / 'mine.jsonl'))}.jsonl", [{"index": i, "question": f"q{i}?", "reference": r, "prediction": a}
                                                          for i, (r, a) in enumerate(zip(refs, ans))])
-    ds, rows, verdicts, refs_out = evaluate_set(run, str(tmp_path / "mine.jsonl"), cfg, "knowtuning", HeuristicTeacher(),
-                                                ProxyJudge(), None)
+    ds, rows, verdicts, refs_out = evaluate_set(run, str(tmp_path / "mine.jsonl"), cfg, "knowtuning", teacher=HeuristicTeacher(),
+                                                judge=ProxyJudge(), verifier=None)
     assert ds.has_references and (ds.n, ds.no_reference) == (2, 1)
     assert "meteor" in ds.systems["sft"] and ds.diffs["sft"]["meteor"][3] == 2       # diffs over the 2 kept questions
     assert {r["index"] for r in rows} == {0, 2} and len(verdicts) == 2 and refs_out is not None
@@ -144,9 +144,9 @@ def test_length_controlled_win_rate_and_judge_agreement(tmp_path):
     # agrees with `marker` except on every 5th question, where it says tie
     fifth = lambda a, b, q: "tie" if int(q[1:]) % 5 == 0 else marker(a, b, q)
     with _judge_server(longer) as s1, _judge_server(marker) as s2, _judge_server(fifth) as s3:
-        _, jl = judge_against(main, base, judge(s1, "longer"), cfg, "t")
-        vm, jm = judge_against(main, base, judge(s2, "marker"), cfg, "t")
-        vf, _ = judge_against(main, base, judge(s3, "fifth"), cfg, "t")
+        _, jl = judge_against(main, base, judge(s1, "longer"), cfg, label="t")
+        vm, jm = judge_against(main, base, judge(s2, "marker"), cfg, label="t")
+        vf, _ = judge_against(main, base, judge(s3, "fifth"), cfg, label="t")
     raw, lc = jl["lc"]["overall"]["raw"][0], jl["lc"]["overall"]["lc"][0]
     assert raw > 60 and 40 < lc < 60 and jl["lc"]["overall"]["len_diff"] > 0, jl["lc"]["overall"]  # bought by length
     raw, lc = jm["lc"]["overall"]["raw"][0], jm["lc"]["overall"]["lc"][0]

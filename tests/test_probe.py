@@ -30,7 +30,7 @@ def test_a_student_trained_on_references_prefers_them_and_learns_their_hard_atom
     qs, refs = [question(r) for r in recs], [r["output"] for r in recs]
     t = HeuristicTeacher()
     atoms = t.decompose(refs)
-    pairs, _ = probe_pairs(qs, atoms, t.revise(atoms), cfg.kc, cfg.seed)
+    pairs, _ = probe_pairs(qs, atoms, t.revise(atoms), cfg.kc, seed=cfg.seed)
     items = probe_items(qs, atoms, pairs)
     assert len(pairs) >= 8 and {p["aspect"] for p in pairs} == {"completeness", "factuality", "logicality"}
     model, tok = load_model(cfg.student)
@@ -93,7 +93,7 @@ def test_undecidable_and_abstention_reach_the_facts_table(tmp_path):
                  {"index": 1, "question": "Who built it?", "reference": "Engineers built it. It took a year.",
                   "prediction": "I'm sorry, I don't know who built it."}]
         ref_facts = HeuristicTeacher().decompose([p["reference"] for p in preds])
-        rows, _, summ = score_system(preds, ref_facts, HeuristicTeacher(), verifier, cfg, "t", k=2)
+        rows, _, summ = score_system(preds, ref_facts, HeuristicTeacher(), verifier, cfg=cfg, label="t", k=2)
     assert [r["abstained"] for r in rows] == [False, True]
     assert rows[0]["undecidable"] == rows[0]["facts"] == 2 and rows[0]["unsupported"] == 0
     assert math.isnan(rows[0]["error_rate"]) and math.isnan(rows[1]["precision"]) and rows[1]["f1_k"] == 0.0
@@ -113,7 +113,7 @@ def test_a_judge_that_always_prefers_position_a_flips_every_pair(tmp_path):
         judge.client.progress = False
         main = [{"index": i, "question": f"q{i}", "reference": "r", "prediction": f"x{i}"} for i in range(5)]
         base = [{**m, "prediction": f"y{m['index']}"} for m in main]
-        vs, js = judge_against(main, base, judge, cfg, "t")
+        vs, js = judge_against(main, base, judge, cfg, label="t")
     for a in JUDGE_ASPECTS:
         assert js["rates"][a]["win"] == 0.0 and js["rates"][a]["lose"] == 0.0 and js["rates"][a]["flip"] == 100.0
     ds = {"n": 5, "judge": {"base": js["rates"]}, "judge_ci": {"base": js["ci"]}, "judge_calls": {"base": js}}

@@ -79,3 +79,15 @@ def test_definitions_are_followed_by_their_use():
                 else:
                     unused.append(f"{p.stem}.{name}")
     assert total > 100 and used / total >= 0.8, f"{used}/{total} used after their definition; not: {unused}"
+
+
+def test_exported_functions_take_at_most_4_positional_parameters():
+    "A call with five or more positional arguments cannot be read without the signature: the rest are keyword-only."
+    bad = []
+    for f in sorted((ROOT / "knowtuning").glob("*.py")):
+        t = ast.parse(f.read_text())
+        names = next((ast.literal_eval(n.value) for n in t.body if isinstance(n, ast.Assign)
+                      and getattr(n.targets[0], "id", "") == "__all__"), [])
+        bad += [f"{f.name}: {n.name}" for n in t.body if isinstance(n, ast.FunctionDef) and n.name in names
+                and len(n.args.posonlyargs + n.args.args) > 4]
+    assert bad == [], f"exported functions with more than 4 positional parameters (make the rest keyword-only): {bad}"
