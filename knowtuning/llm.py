@@ -264,6 +264,15 @@ def _retry_after(e) -> float | None:
     except (TypeError, ValueError):
         return None
 
+# %% ../nbs/04_llm.ipynb #04-llm-011f-scrub
+@patch
+def _scrub(self: LLMClient, e: Exception) -> str:
+    """An error as `Type: message`, with this endpoint's API key cut to its last 4 characters: some servers and
+    proxies echo the key in a 401's body. The `LLMError` raised from it does not chain the original exception (its
+    text would carry the key into tracebacks and executed notebooks)."""
+    text, key = f"{type(e).__name__}: {e}", os.environ.get(self.cfg.api_key_env) or ""
+    return text.replace(key, f"***{key[-4:]}") if len(key) >= 8 else text
+
 # %% ../nbs/04_llm.ipynb #04-llm-011f
 @patch
 async def _send(self: LLMClient, api, r: Request, params: dict, limit: AdaptiveLimit):
@@ -289,7 +298,7 @@ async def _send(self: LLMClient, api, r: Request, params: dict, limit: AdaptiveL
                 free += 1  # the queue's fault (it was sent beside others): try again at the lower concurrency
             elif not _retryable(e) or tries == self.cfg.max_retries:
                 n = tries + free + 1
-                raise LLMError(f"request {r.name or '?'} failed after {n} tries: {type(e).__name__}: {e}") from e
+                raise LLMError(f"request {r.name or '?'} failed after {n} tries: {self._scrub(e)}") from None
             else:
                 tries += 1
             self.ledger.retries += 1
@@ -513,7 +522,7 @@ async def _api(self: LLMClient, call, *args, **kw):
             return await call(*args, **kw)
         except Exception as e:
             if not _retryable(e) or tries == self.cfg.max_retries:
-                raise LLMError(f"batch API call failed after {tries + 1} tries: {type(e).__name__}: {e}") from e
+                raise LLMError(f"batch API call failed after {tries + 1} tries: {self._scrub(e)}") from None
             self.ledger.retries += 1
             wait = _retry_after(e)
             await asyncio.sleep(wait if wait is not None else self.cfg.backoff * 2**tries * random.uniform(0.5, 1.5))
@@ -550,7 +559,7 @@ async def _submit(self: LLMClient, api, lines: list[dict], tag: str) -> dict:
                 break
             except Exception as e:
                 if not _retryable(e) or tries == self.cfg.max_retries:
-                    raise LLMError(f"batches.create failed after {tries + 1} tries: {e}") from e
+                    raise LLMError(f"batches.create failed after {tries + 1} tries: {self._scrub(e)}") from None
                 if b := await self._find(api, tag):  # created after all (the answer was lost): adopt it
                     break
                 await asyncio.sleep(self.cfg.backoff * 2**tries)

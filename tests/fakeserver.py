@@ -18,10 +18,11 @@ class FakeServer:
     """`script` is a list of actions consumed one per request: an int status (429, 500, ...), 'stall' (sleep past the
     client timeout), or a string answer; when it runs out, `default` is used (a callable of the request body, or an action)."""
     def __init__(self, script=(), default=lambda body: "echo: " + (body["prompt"] if "prompt" in body else body["messages"][-1]["content"]), stall=3.0, delay=0.0,
-                 usage=lambda body, text: (10, 5), serial=False):
+                 usage=lambda body, text: (10, 5), serial=False, echo_auth=0):
         "`serial`: one request served at a time, each taking `delay` (a busy server: the wait grows with the queue)."
         self.script, self.default, self.stall, self.delay, self.usage = list(script), default, stall, delay, usage
         self.serial = threading.Lock() if serial else None
+        self.echo_auth = echo_auth  # a status (e.g. 401) answered to every request, its message quoting the key sent
         # what the answers say served them: (model, system_fingerprint), or a callable of the request body giving it;
         # None = echo the requested model, no fingerprint.
         # A test may change it mid-run (a provider upgrading the model behind an alias).
@@ -38,6 +39,10 @@ class FakeServer:
                     action = srv.script.pop(0) if srv.script else srv.default
                     srv.in_flight += 1; srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
                 try:
+                    if srv.echo_auth:                               # as some proxies do: the key in the error
+                        key = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+                        return self._send(srv.echo_auth, {"error": {"message": f"Incorrect API key provided: {key}",
+                                                                    "type": "invalid_request_error"}})
                     if callable(action): action = action(body)
                     if srv.serial:
                         with srv.serial: time.sleep(srv.delay)      # abandoned requests are still served

@@ -254,3 +254,33 @@ def test_served_model_and_fingerprint_in_ledger_cache_and_old_caches(tmp_path):
         assert again.ledger.cache_hits == 2 and again.ledger.served == {"fake-2026-01-01": 2}
         from knowtuning.llm import ledgers
         assert ledgers(teacher=again)["teacher"]["fingerprints"] == {"fp_abc": 2}
+
+
+def test_an_error_that_quotes_the_key_never_shows_it(tmp_path, monkeypatch):
+    "A server answering 401 with the key in its message (as some proxies do): no key in the error, its chain, a file."
+    from conftest import SECRET, kt, llm_sets
+    import tempfile, time
+    monkeypatch.setenv("KT_TEST_KEY", SECRET)
+    t0 = time.time()
+    with FakeServer(echo_auth=401) as s:
+        c = client(tmp_path, s.base_url, api_key_env="KT_TEST_KEY")
+        with pytest.raises(LLMError) as e:
+            c.complete(user("hello", name="greet"))
+        r = kt("ka", "--preset", "smoke", "--set", "student.model=tiny-random", *llm_sets(s.base_url, tmp_path / "c2"),
+               "--runs-dir", tmp_path / "runs", env={"KT_TEST_KEY": SECRET}, timeout=600)
+    assert s.auth and all(a == f"Bearer {SECRET}" for a in s.auth)          # the key was sent, and quoted back
+    msg = str(e.value)
+    assert "AuthenticationError" in msg and f"***{SECRET[-4:]}" in msg and SECRET not in msg
+    chain, x = [], e.value                                                    # no chained exception quotes the server
+    while x is not None:
+        chain.append(x)
+        x = x.__cause__ or (None if x.__suppress_context__ else x.__context__)
+    assert all(isinstance(x, LLMError) and SECRET not in str(x) for x in chain), chain
+    assert r.returncode != 0 and "AuthenticationError" in r.stderr, r.stderr[-2000:]
+    assert SECRET not in r.stdout + r.stderr
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]                  # partial stage folder, LLM caches
+    assert any(".ka.partial" in str(p) or p.suffix == ".sqlite" for p in files)
+    new_tmp = [p for p in Path(tempfile.gettempdir()).rglob("*") if p.is_file() and not p.is_symlink()
+               and p.stat().st_mtime >= t0 and p.stat().st_size < 50_000_000]
+    leaked = [str(p) for p in files + new_tmp if SECRET.encode() in p.read_bytes()]
+    assert leaked == [], leaked
