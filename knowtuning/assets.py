@@ -5,13 +5,14 @@
 # %% ../nbs/02_assets.ipynb #02-assets-003
 from __future__ import annotations
 import importlib.util, os, shutil, tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['DEBIAN_WORDNET', 'LEXNAMES', 'SMOLLM2_GGUF', 'OUR_PROGRAMS', 'FIXES', 'home', 'dir_size', 'atomic_dir',
            'nltk_data_dir', 'wordnet_dir', 'ensure_wordnet', 'use_nltk_data', 'smollm2_gguf', 'load_gguf_smollm2',
            'smollm2_dir', 'tiny_llama_dir', 'resolve_model', 'pick_device', 'load_kwargs', 'available_cores',
-           'torch_neighbours', 'use_cpu_cores', 'load_model', 'import_without_bnb', 'minilm_dir', 'setup', 'doctor',
+           'torch_neighbours', 'use_cpu_cores', 'load_model', 'without_bnb', 'minilm_dir', 'setup', 'doctor',
            'format_doctor']
 
 # %% ../nbs/02_assets.ipynb #02-assets-005
@@ -308,27 +309,26 @@ def load_model(scfg, adapter=None, trainable: bool = False):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if adapter:
-        import_without_bnb("peft")
-        from peft import PeftModel
+        with without_bnb():
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
     return model, tok
 
 # %% ../nbs/02_assets.ipynb #02-assets-014d
-def import_without_bnb(*modules: str) -> None:
-    "Import `modules` (e.g. peft); without a CUDA GPU, without importing bitsandbytes on the way (see above)."
-    import importlib, sys, torch
+@contextmanager
+def without_bnb():
+    "Within the block, on a machine without a CUDA GPU, bitsandbytes cannot be imported or found (see above)."
+    import sys, torch
 
-    if torch.cuda.is_available() or "bitsandbytes" in sys.modules:
-        for m in modules:
-            importlib.import_module(m)
-        return
-    sys.modules["bitsandbytes"] = None  # `import bitsandbytes` raises ImportError; find_spec answers None
+    hide = not torch.cuda.is_available() and "bitsandbytes" not in sys.modules
+    if hide:
+        sys.modules["bitsandbytes"] = None  # `import bitsandbytes` raises ImportError; find_spec answers None
     try:
-        for m in modules:
-            importlib.import_module(m)
+        yield
     finally:
-        del sys.modules["bitsandbytes"]
+        if hide:
+            del sys.modules["bitsandbytes"]
 
 # %% ../nbs/02_assets.ipynb #02-assets-016
 def minilm_dir() -> Path | None:

@@ -10,9 +10,10 @@ from pathlib import Path
 from fastcore.basics import patch
 import torch
 import torch.nn.functional as F
-from .assets import load_model, pick_device, import_without_bnb
+from .assets import load_model, pick_device, without_bnb
 
-import_without_bnb("transformers.trainer", "peft", "trl")  # on a machine without a GPU: see 02_assets
+with without_bnb():  # on a machine without a GPU: see 02_assets
+    import transformers.trainer, peft, trl  # noqa: F401 (imported here, used below)
 from transformers import TrainerCallback
 from .data import encode_example
 from .runs import write_json, processes, is_main
@@ -568,7 +569,7 @@ def train_sft(cfg, rows: list[dict], out, init_adapter=None, *, callbacks=(), bu
               compact_head: bool = True) -> Path:
     """LoRA SFT on prompt/completion rows (loss on completions only); returns the adapter folder. `budget`: a
     control's ('steps', n) or ('tokens', n), trained for that many optimizer steps or supervised tokens."""
-    with compact_lm_head(compact_head):  # the LM head on labelled rows only (above)
+    with compact_lm_head(compact_head), without_bnb():  # the LM head on labelled rows only (above); 02_assets
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         model, tok = load_model(cfg.student, adapter=init_adapter, trainable=True)
@@ -603,7 +604,7 @@ def train_sft(cfg, rows: list[dict], out, init_adapter=None, *, callbacks=(), bu
 # %% ../nbs/13a_trainer.ipynb #13a-trainer-024c
 def train_dpo(cfg, rows: list[dict], out, init_adapter, *, callbacks=(), compact_head: bool = True) -> Path:
     "KC training: DPO + SFT term from `init_adapter`; returns the adapter folder."
-    with compact_lm_head(compact_head):  # the LM head on labelled rows only (above)
+    with compact_lm_head(compact_head), without_bnb():  # the LM head on labelled rows only (above); 02_assets
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         model, tok = load_model(cfg.student, adapter=init_adapter, trainable=True)
