@@ -19,12 +19,11 @@ def tokenize(s: str) -> list[str]:
 
 
 def meteor(predictions: list[str], references: list[str]) -> list[float]:
-    from knowtuning.assets import ensure_wordnet
-
-    ensure_wordnet()
     from nltk.translate.meteor_score import meteor_score
+    from knowtuning.atoms import wordnet
 
-    return [float(meteor_score([tokenize(r)], tokenize(p))) for p, r in zip(predictions, references)]
+    wn = wordnet()
+    return [float(meteor_score([tokenize(r)], tokenize(p), wordnet=wn)) for p, r in zip(predictions, references)]
 
 
 def rouge_l(predictions, references) -> list[float]:
