@@ -2,7 +2,7 @@ import json, math
 import pytest
 from fakeserver import FakeServer
 from knowtuning.config import load_config
-from knowtuning.metrics import meteor, rouge_l, bertscore
+from knowtuning.metrics import meteor, rouge_l, bertscore, tokenize
 from knowtuning.judge import ProxyJudge, judge_both_orders, JUDGE_ASPECTS
 from knowtuning.facts import verify, fact_scores, aggregate_facts
 from knowtuning.teacher import HeuristicTeacher
@@ -15,6 +15,8 @@ R = ["It is a guide to action that ensures that the military will forever heed P
 
 def test_metrics_equal_direct_library_calls():
     assert round(meteor(P[:1], R[:1])[0], 4) == 0.6944
+    from nltk.translate.meteor_score import meteor_score   # nltk's own WordNet reader (ours skips its OMW map)
+    assert meteor(P, R) == [meteor_score([tokenize(r)], tokenize(p)) for p, r in zip(P, R)]
     from rouge_score import rouge_scorer
     sc = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     assert rouge_l(P, R) == [sc.score(r, p)["rougeL"].fmeasure for p, r in zip(P, R)]
