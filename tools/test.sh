@@ -18,9 +18,9 @@ echo "== nbdev_test (notebook test cells) =="
 nbdev_test --n_workers 2 --timing $flags || status=1
 echo "== pytest =="
 log=$(mktemp)
-pytest "${SHARED_RUN[@]}" "${marks[@]}" -p no:cacheprovider -q -ra --timeout 1800 --durations=12 >"$log" 2>&1 &
+pytest "${SHARED_RUN[@]}" "${marks[@]}" -p no:cacheprovider -q -ra --timeout 1800 --durations=${DURATIONS:-12} >"$log" 2>&1 &
 shared=$!
-pytest tests "${SHARED_RUN[@]/#/--ignore=}" "${marks[@]}" -q -ra --timeout 1800 --durations=15
+pytest tests "${SHARED_RUN[@]/#/--ignore=}" "${marks[@]}" -q -ra --timeout 1800 --durations=${DURATIONS:-15}
 rc=$?
 wait $shared
 rc_shared=$?
