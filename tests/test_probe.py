@@ -51,7 +51,7 @@ def test_a_student_trained_on_references_prefers_them_and_learns_their_hard_atom
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=2e-3)
     student.train()
     losses = []
-    for _ in range(12):
+    for _ in range(6):  # 6 steps of 5.5 s; the loss falls 1.82 -> 0.41 (measured 2026-12-07)
         loss = student(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         opt.step()

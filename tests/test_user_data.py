@@ -14,7 +14,7 @@ def files_under(root: Path, skip=()) -> set:
 def test_user_test_sets_by_absolute_path(tmp_path):
     # two files with the same name in two folders of the user's: the names alone would collide
     user = tmp_path / "user"
-    recs = {"x": load_dataset("demo_test").records[:3], "y": load_dataset("demo_medical_test").records[:3]}
+    recs = {"x": load_dataset("demo_test").records[:2], "y": load_dataset("demo_medical_test").records[:2]}
     paths = []
     for d, r in recs.items():
         (user / d).mkdir(parents=True)
