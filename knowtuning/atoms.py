@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools, re
 
 # %% auto #0
-__all__ = ['NUMBER', 'NAME', 'NOT_NAMES', 'split_atoms', 'entities', 'wordnet']
+__all__ = ['NUMBER', 'NAME', 'NOT_NAMES', 'split_atoms', 'n_atoms', 'entities', 'wordnet']
 
 # %% ../nbs/05_atoms.ipynb #05-atoms-006
 # abbreviations whose full stop does not end a sentence
@@ -69,6 +69,11 @@ def split_atoms(answer: str, max_atoms: int = 0) -> list[dict]:
                     out.append({"text": t, "span": (cs, ce)})
         pos += len(line)
     return out[:max_atoms] if max_atoms else out
+
+
+def n_atoms(answer: str) -> int:
+    "Atoms the splitter finds in `answer`, at least 1 (the cost plan's count of an answer's facts)."
+    return max(1, len(split_atoms(answer)))
 
 # %% ../nbs/05_atoms.ipynb #05-atoms-009
 NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)(?![\w])")

@@ -11,7 +11,7 @@ from .config import BASELINES
 
 # %% auto #0
 __all__ = ['SAMPLES', 'best_worst_pairs', 'pairwise_prefs', 'prefs_spec', 'samples_stage', 'rlaif_prefs', 'facttune_prefs',
-           'prefs_stage']
+           'prefs_stage', 'prefs_calls']
 
 # %% ../nbs/14_baselines.ipynb #14-baselines-005
 def best_worst_pairs(prompts: list[str], samples: list[list[str]], scores: list[list[float]]) -> tuple[list[dict], int]:
@@ -172,3 +172,27 @@ def prefs_stage(cfg, run, kind: str) -> Path:
         )
 
     return run.build(spec, cfg, make)
+
+# %% ../nbs/14_baselines.ipynb #14-baselines-008e
+def prefs_calls(cfg, train: list[dict], add) -> None:
+    "The baselines' calls: RLAIF's judge on every pair of samples (both orders), FactTune's teacher and verifier."
+    from math import comb
+    from knowtuning.data import question
+    from knowtuning.teacher import PROMPTS
+    from knowtuning.atoms import split_atoms
+    from knowtuning.judge import JUDGE
+    from knowtuning.facts import VERIFY
+    from knowtuning.llm import est_tokens, like_answer
+
+    k, gen = cfg.train.k_samples, like_answer(cfg)
+    t_llm, j_llm, n_cmp = cfg.teacher.backend == "llm", cfg.judge.backend == "llm", 2 * comb(k, 2)
+    if "rlaif" in cfg.systems and j_llm:
+        cmp = [JUDGE.format(question=question(r), reference=r["output"], a=gen(r), b=gen(r)) for r in train]
+        add("prefs_rlaif", "judge", [p for p in cmp for _ in range(n_cmp)], 30 * len(train) * n_cmp)
+    if "facttune" in cfg.systems and t_llm:
+        dec = [PROMPTS["decompose"].format(answer=gen(r)) for r in train for _ in range(k)]
+        add("prefs_facttune", "teacher", dec, k * sum(est_tokens(gen(r)) for r in train))
+    if "facttune" in cfg.systems and j_llm:
+        facts = [(r, a["text"]) for r in train for a in split_atoms(gen(r))]
+        ver = [VERIFY.format(reference=r["output"], fact=f) for r, f in facts for _ in range(k)]
+        add("prefs_facttune", "verifier", ver, 2 * k * len(facts))

@@ -210,7 +210,7 @@ def build_site(out=None, execute: bool = True, cache=None) -> Path:
     the pages show their outputs. The tutorial runs first (`executed_tutorial`: the smoke run every stage page's
     pipeline cells then read), then myst-nb runs every notebook, keeping the results in jupyter-cache in `cache`
     (default `.docs-cache/` of the checkout): a page whose code and package are unchanged is not run again."""
-    import os, sys, tempfile
+    import os, tempfile
 
     root = project_root()
     out = Path(out or root / "_docs")

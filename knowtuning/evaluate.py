@@ -14,8 +14,9 @@ from .data import dataset_key
 from .llm import ledgers
 
 # %% auto #0
-__all__ = ['summarize_judge', 'identical_share', 'paired_diffs', 'SetSummary', 'Summary', 'score_system', 'judge_against',
-           'agreement', 'eval_spec', 'judge_set', 'rank_systems', 'reference_facts', 'evaluate_set', 'evaluate_stage']
+__all__ = ['summarize_judge', 'identical_share', 'paired_diffs', 'ProbeSummary', 'SetSummary', 'Summary', 'score_system',
+           'judge_against', 'agreement', 'eval_spec', 'judge_set', 'rank_systems', 'reference_facts', 'evaluate_set',
+           'evaluate_stage', 'eval_calls']
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-005
 def _csv(rows: list[dict]) -> str:
@@ -56,6 +57,23 @@ def paired_diffs(scores: dict, main: str, n: int = 1000, seed: int = 0) -> dict:
     return {b: {k: paired_diff(scores[main][k], scores[b][k], n, seed) for k in scores[main]}
             for b in scores if b != main}
 
+# %% ../nbs/16_evaluate.ipynb #16-evaluate-006d2
+@dataclass
+class ProbeSummary:
+    """One test set's probes (`knowtuning.probe.run_probes`). Intervals are [mean, low, high, n]; paired differences
+    [mean, low, high, n, MDE, p] (`knowtuning.metrics.paired_diff`); "main" is `Summary.main`."""
+
+    questions: int = 0  # questions with at least one probe pair
+    counts: dict = field(default_factory=dict)  # the probe pairs' KC counts (pairs per aspect, questions skipped)
+    cost: dict = field(default_factory=dict)  # model: {seconds, tokens} of scoring
+    aspects: dict = field(default_factory=dict)  # aspect: {model: {accuracy, accuracy_sum: share; margin...; pairs}}
+    diffs: dict = field(default_factory=dict)  # aspect: {model: {measure: main − model, paired}}
+    atoms: dict = field(default_factory=dict)  # model: difficult-atom mean log-perplexity interval
+    atoms_diffs: dict = field(default_factory=dict)  # model: main − model, paired
+    stops: dict = field(default_factory=dict)  # model: mean log-probability of stopping after an atom (not the last)
+    stops_diffs: dict = field(default_factory=dict)  # model: main − model, paired
+    pairs: dict = field(default_factory=dict)  # "a − b" (stage comparisons): {margin: {aspect: diff}, atoms, stops}
+
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-006e
 @dataclass
 class SetSummary:
@@ -75,7 +93,7 @@ class SetSummary:
     agreement: dict = field(default_factory=dict)  # baseline: {aspect: {kappa, confusion, n}}
     ranking: dict = field(default_factory=dict)  # aspect: {system: [Bradley-Terry score, low, high]} (all pairs)
     identical: dict = field(default_factory=dict)  # "a = b": share of questions with the same answer
-    probe: dict | None = None  # the probes' summary (knowtuning.probe), when the set has references
+    probe: ProbeSummary | None = None  # the probes, when the set has references
 
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-006e2
@@ -103,7 +121,12 @@ class Summary:
                 raise ValueError(f"{where}: unknown key(s) {sorted(bad)} in {at} (known: {known})")
             return d
         d = check(cls, dict(d), "the summary")
-        sets = {k: SetSummary(**check(SetSummary, v, f"datasets.{k}")) for k, v in d.pop("datasets", {}).items()}
+        sets = {}
+        for k, v in d.pop("datasets", {}).items():
+            v = dict(check(SetSummary, v, f"datasets.{k}"))
+            if v.get("probe") is not None:
+                v["probe"] = ProbeSummary(**check(ProbeSummary, v["probe"], f"datasets.{k}.probe"))
+            sets[k] = SetSummary(**v)
         return cls(**d, datasets=sets)
 
     @classmethod
@@ -314,7 +337,7 @@ def evaluate_stage(cfg, run, main: str | None = None) -> Path:
             phase(f"probes: {', '.join(probe_sets)}")
             probes, probe_rows = run_probes(cfg, run, probe_sets, teacher, main=main)
             for name, p in probes.items():
-                summary.datasets[name].probe = p
+                summary.datasets[name].probe = ProbeSummary(**p)
             atomic_write(out / "probe.csv", _csv(probe_rows))
         _write_rows(out, per_ex, verdict_rows)
         roles = (("teacher", teacher), ("judge", judge), ("verifier", verifier))
@@ -327,3 +350,33 @@ def evaluate_stage(cfg, run, main: str | None = None) -> Path:
 
     main = main or cfg.eval.main
     return run.build(eval_spec(cfg.systems), cfg, make, [main])
+
+# %% ../nbs/16_evaluate.ipynb #16-evaluate-007bd
+def eval_calls(cfg, recs: list[dict], add) -> None:
+    "Evaluation's calls on one test set `recs`, per role (see above)."
+    from knowtuning.data import question
+    from knowtuning.teacher import PROMPTS
+    from knowtuning.atoms import split_atoms, n_atoms
+    from knowtuning.judge import JUDGE
+    from knowtuning.facts import VERIFY, ABSTAIN
+    from knowtuning.llm import est_tokens, like_answer
+
+    systems, gen, refs = list(cfg.systems), like_answer(cfg), [r["output"] for r in recs]
+    if cfg.teacher.backend == "llm":
+        dec = [PROMPTS["decompose"].format(answer=gen(r)) for r in recs for _ in systems]
+        add("eval", "teacher", dec, len(systems) * sum(est_tokens(gen(r)) for r in recs))
+        add("eval", "teacher", [PROMPTS["decompose"].format(answer=a) for a in refs], sum(map(est_tokens, refs)))
+        if cfg.eval.probe and "factuality" in cfg.kc.aspects:
+            revise = [PROMPTS["revise"].format(atoms=a) for a in refs]
+            add("eval", "teacher", revise, sum(est_tokens(a) + 3 * n_atoms(a) for a in refs))
+    if cfg.judge.backend == "llm":
+        facts = [(r, a["text"]) for r in recs for a in split_atoms(gen(r))]
+        ver = [VERIFY.format(reference=r["output"], fact=f) for r, f in facts for _ in systems]
+        ver += [VERIFY.format(reference=gen(r), fact=f) for r, f in facts for _ in systems]  # recall: reference facts
+        ver += [ABSTAIN.format(question=question(r), answer=gen(r)) for r in recs for _ in systems]
+        add("eval", "verifier", ver, 2 * len(ver))
+    if cfg.eval.main in systems:  # the main system against every other, both orders; again for the second judge
+        n_cmp = 2 * (len(systems) - 1) * (len(systems) / 2 if cfg.eval.all_pairs else 1)  # both orders
+        cmp = [JUDGE.format(question=question(r), reference=r["output"], a=gen(r), b=gen(r)) for r in recs]
+        for role in ("judge", "judge2") if cfg.eval.second_judge else ("judge",):
+            add("eval", role, [p for p in cmp for _ in range(int(n_cmp))], int(30 * n_cmp * len(recs)))

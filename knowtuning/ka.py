@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from .data import prompt, question, encode_prompt, encode_response, llama_factory_entry
-from .runs import read_jsonl, resume_jsonl, write_json, write_jsonl, Stage
+from .runs import resume_jsonl, write_json, write_jsonl, Stage
 
 # %% auto #0
 __all__ = ['SCORE_PACK_TOKENS', 'SCORE_BATCH_TOKENS', 'KA', 'encode', 'ppl_reference', 'pack', 'batch_inputs', 'atom_ppls',
            'segments', 'batches', 'logps_packed', 'ppl_packed', 'n_keep', 'select_difficult', 'ka_rows', 'write_ka_set',
-           'score_resumable', 'score_atoms', 'atom_rows', 'ka_stats', 'ka_from_set', 'ka_stage', 'plot_ka']
+           'score_resumable', 'score_atoms', 'atom_rows', 'ka_stats', 'ka_from_set', 'ka_stage', 'ka_calls', 'plot_ka']
 
 # %% ../nbs/11_ka.ipynb #11-ka-006
 def encode(tok, q: str, atoms: list[str], template: str = "alpaca"):
@@ -348,6 +348,21 @@ def ka_stage(cfg, run) -> Path:
 
     # the heuristic teacher's rules are code, not config: a change of them (its `rules` tag) rebuilds the KA set
     return run.build(KA, cfg, make, [HeuristicTeacher.rules] if cfg.teacher.backend == "heuristic" else [])
+
+# %% ../nbs/11_ka.ipynb #11-ka-019h
+def ka_calls(cfg, train: list[dict], add) -> None:
+    "The teacher's calls of KA built here (`ka.source: ours`): a decomposition per answer, a rewrite of its hard atoms."
+    from knowtuning.teacher import PROMPTS
+    from knowtuning.atoms import split_atoms, n_atoms
+    from knowtuning.llm import est_tokens
+
+    if cfg.ka.source != "ours" or cfg.teacher.backend != "llm":  # an existing set (the release's) costs nothing
+        return
+    outs = [r["output"] for r in train]
+    add("ka", "teacher", [PROMPTS["decompose"].format(answer=a) for a in outs], sum(map(est_tokens, outs)))
+    kept = [" ".join(a["text"] for a in split_atoms(o)[: n_keep(n_atoms(o), cfg.ka.alpha)]) for o in outs]
+    prompts = [PROMPTS["rewrite"].format(question=question(r), atoms=k) for r, k in zip(train, kept)]
+    add("ka", "teacher", prompts, sum(est_tokens(question(r)) + est_tokens(k) + 10 for r, k in zip(train, kept)))
 
 # %% ../nbs/11_ka.ipynb #11-ka-021
 def plot_ka(rows, out: Path):

@@ -12,7 +12,8 @@ from .config import ASPECTS, KCCfg
 
 # %% auto #0
 __all__ = ['KC', 'share_of', 'delete_atoms', 'revise_atoms', 'truncate_atoms', 'shuffle_atoms', 'rejected_answer', 'build_pairs',
-           'write_kc_set', 'kc_items', 'kc_from_set', 'kc_stage', 'set_profile', 'compare_sets', 'format_comparison']
+           'write_kc_set', 'kc_items', 'kc_from_set', 'kc_stage', 'set_profile', 'compare_sets', 'format_comparison',
+           'kc_calls']
 
 # %% ../nbs/12_kc.ipynb #12-kc-006
 def share_of(fraction: float, n: int) -> int:
@@ -259,3 +260,18 @@ def format_comparison(rows, a: str, b: str) -> str:
     w = max(len(r[0]) for r in rows)
     head = f"{'measure':{w}s}  {Path(a).name[:24]:>24s}  {Path(b).name[:24]:>24s}"
     return "\n".join([head] + [f"{m:{w}s}  {fmt(x):>24s}  {fmt(y):>24s}" for m, x, y in rows])
+
+# %% ../nbs/12_kc.ipynb #12-kc-013h
+def kc_calls(cfg, train: list[dict], add) -> None:
+    "The teacher's calls of KC built here (`kc.source: ours`): a rephrase per answer, a revision of its atoms."
+    from knowtuning.teacher import PROMPTS
+    from knowtuning.atoms import n_atoms
+    from knowtuning.llm import est_tokens
+
+    if cfg.kc.source != "ours" or cfg.teacher.backend != "llm":
+        return
+    outs = [r["output"] for r in train]
+    add("kc", "teacher", [PROMPTS["rephrase"].format(answer=a) for a in outs], sum(map(est_tokens, outs)))
+    if "factuality" in cfg.kc.aspects:
+        revise = [PROMPTS["revise"].format(atoms=a) for a in outs]
+        add("kc", "teacher", revise, sum(est_tokens(a) + 3 * n_atoms(a) for a in outs))

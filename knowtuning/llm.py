@@ -18,8 +18,9 @@ from .runs import atomic_write, phase, read_json, read_jsonl, write_json
 
 # %% auto #0
 __all__ = ['RETRYABLE', 'BATCH_ENDED', 'REPAIR', 'cache_key', 'Cache', 'Request', 'user', 'LLMError', 'Ledger', 'is_loopback',
-           'model_price', 'price_usd', 'LLMClient', 'AdaptiveLimit', 'ledgers', 'import_batch_output', 'batch_chunks',
-           'ParseError', 'parse_list', 'parse_json', 'complete_parsed', 'free_port', 'LocalServer', 'serve_local']
+           'model_price', 'price_usd', 'est_tokens', 'like_answer', 'plan_row', 'plan_adder', 'LLMClient',
+           'AdaptiveLimit', 'ledgers', 'import_batch_output', 'batch_chunks', 'ParseError', 'parse_list', 'parse_json',
+           'complete_parsed', 'free_port', 'LocalServer', 'serve_local']
 
 # %% ../nbs/04_llm.ipynb #04-llm-006
 def cache_key(model: str, messages: list, params: dict, endpoint: str = "", *, salt: str = "") -> str:
@@ -161,6 +162,46 @@ def price_usd(cfg, prompt_tokens: int, completion_tokens: int) -> float | None:
     "USD of that many tokens at `cfg`'s endpoint (`model_price`); None when its price is unknown."
     price = model_price(cfg)
     return None if price is None else (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6
+
+# %% ../nbs/04_llm.ipynb #04-llm-011s
+def est_tokens(text: str) -> int:
+    return max(1, len(text) // 4)  # about 4 characters per token of English text
+
+
+def like_answer(cfg):
+    "A stand-in for the student's answer to a record: its reference, capped at `generate.max_new_tokens` tokens."
+    cap = 4 * cfg.generate.max_new_tokens
+    return lambda r: r["output"][:cap]
+
+
+def plan_row(stage: str, role: str, cfg_llm, calls: int, *, pt: int, ct: int) -> dict:
+    "One estimate: `calls` to `role`'s endpoint with `pt` prompt and `ct` completion tokens, priced (None: unknown)."
+    cost = price_usd(cfg_llm, pt, ct)  # None: the endpoint's price is unknown (never shown as $0)
+    return {
+        "stage": stage,
+        "role": role,
+        "model": cfg_llm.model,
+        "calls": calls,
+        "prompt_tokens": pt,
+        "completion_tokens": ct,
+        "cost_usd": None if cost is None else round(cost, 4),
+        "batch_usd": None if cost is None else round(cost * cfg_llm.batch_discount, 4),  # the same calls, `mode: batch`
+        # what this config pays: in `mode: batch` the calls of a request set of at least `batch_min` go in a batch
+        "batch_calls": (batch := calls if cfg_llm.mode == "batch" and calls >= cfg_llm.batch_min else 0),
+        "spend_usd": None if cost is None else round(cost * (cfg_llm.batch_discount if batch else 1.0), 4),
+    }
+
+
+def plan_adder(cfg, rows: list):
+    "`add(stage, role, prompts, completion_tokens)`: append the estimate for sending `prompts` to `role` to `rows`."
+
+    def add(stage, role, prompts, completion_tokens):
+        cfg_llm = {"teacher": cfg.teacher, "judge2": cfg.judge2}.get(role, cfg.judge)
+        if prompts and cfg_llm.backend == "llm":  # offline roles cost nothing
+            pt = sum(map(est_tokens, prompts))
+            rows.append(plan_row(stage, role, cfg_llm, len(prompts), pt=pt, ct=completion_tokens))
+
+    return add
 
 # %% ../nbs/04_llm.ipynb #04-llm-011a
 class LLMClient:

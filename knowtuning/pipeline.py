@@ -241,7 +241,7 @@ def reproduce(
     with run.lock():  # one writer for the whole run; the step notebooks' kernels are this job
         sig = run_signature(run, todo)
         if run.manifest.get("stages", {}).get("pipeline", {}).get("signature") == sig:
-            log(f"nothing to do: config, code, data and every stage are as the last complete pass left them")
+            log("nothing to do: config, code, data and every stage are as the last complete pass left them")
             return run
         for i, (step, nb, extra) in enumerate(todo, 1):
             s0 = time.time()
@@ -260,138 +260,25 @@ def reproduce(
                          signature=run_signature(run, todo))
     return run
 
-# %% ../nbs/18_pipeline.ipynb #18-pipeline-007b-2
-def _tok(s: str) -> int:
-    return max(1, len(s) // 4)  # about 4 characters per token of English text
-
-def _row(stage: str, role: str, cfg_llm, calls: int, pt: int, ct: int) -> dict:
-    from knowtuning.llm import price_usd
-
-    cost = price_usd(cfg_llm, pt, ct)  # None: the endpoint's price is unknown (never shown as $0)
-    return {
-        "stage": stage,
-        "role": role,
-        "model": cfg_llm.model,
-        "calls": calls,
-        "prompt_tokens": pt,
-        "completion_tokens": ct,
-        "cost_usd": None if cost is None else round(cost, 4),
-        "batch_usd": None if cost is None else round(cost * cfg_llm.batch_discount, 4),  # the same calls, `mode: batch`
-        # what this config pays: in `mode: batch` the calls of a request set of at least `batch_min` go in a batch
-        "batch_calls": (batch := calls if cfg_llm.mode == "batch" and calls >= cfg_llm.batch_min else 0),
-        "spend_usd": None if cost is None else round(cost * (cfg_llm.batch_discount if batch else 1.0), 4),
-    }
-
-# %% ../nbs/18_pipeline.ipynb #18-pipeline-007ba
-def _adder(cfg, rows: list):
-    "`add(stage, role, prompts, completion_tokens)`: append the estimate for sending `prompts` to `role` to `rows`."
-
-    def add(stage, role, prompts, completion_tokens):
-        cfg_llm = {"teacher": cfg.teacher, "judge2": cfg.judge2}.get(role, cfg.judge)
-        if prompts and cfg_llm.backend == "llm":  # offline roles cost nothing
-            rows.append(_row(stage, role, cfg_llm, len(prompts), sum(map(_tok, prompts)), completion_tokens))
-
-    return add
-
-def _like_answer(cfg):
-    "A stand-in for the student's answer to a record: its reference, capped at `generate.max_new_tokens` tokens."
-    cap = 4 * cfg.generate.max_new_tokens
-    return lambda r: r["output"][:cap]
-
-def _n_atoms(answer: str) -> int:
-    from knowtuning.atoms import split_atoms
-
-    return max(1, len(split_atoms(answer)))
-
-# %% ../nbs/18_pipeline.ipynb #18-pipeline-007ba1
-def _plan_ka_kc(cfg, train: list[dict], add) -> None:
-    "The teacher's calls in KA (decompose, rewrite) and KC (rephrase, revise), for the sets built here."
-    from knowtuning.data import question
-    from knowtuning.ka import n_keep
-    from knowtuning.teacher import PROMPTS
-    from knowtuning.atoms import split_atoms
-
-    outs = [r["output"] for r in train]
-    if cfg.ka.source == "ours":  # an existing set (e.g. the release's) costs nothing
-        add("ka", "teacher", [PROMPTS["decompose"].format(answer=a) for a in outs], sum(map(_tok, outs)))
-        kept = [" ".join(a["text"] for a in split_atoms(o)[: n_keep(_n_atoms(o), cfg.ka.alpha)]) for o in outs]
-        prompts = [PROMPTS["rewrite"].format(question=question(r), atoms=k) for r, k in zip(train, kept)]
-        add("ka", "teacher", prompts, sum(_tok(question(r)) + _tok(k) + 10 for r, k in zip(train, kept)))
-    if cfg.kc.source != "ours":
-        return
-    add("kc", "teacher", [PROMPTS["rephrase"].format(answer=a) for a in outs], sum(map(_tok, outs)))
-    if "factuality" in cfg.kc.aspects:
-        revise = [PROMPTS["revise"].format(atoms=a) for a in outs]
-        add("kc", "teacher", revise, sum(_tok(a) + 3 * _n_atoms(a) for a in outs))
-
-# %% ../nbs/18_pipeline.ipynb #18-pipeline-007ba2
-def _plan_prefs(cfg, train: list[dict], add) -> None:
-    "The baselines' calls: RLAIF's judge on every pair of samples (both orders), FactTune's teacher and verifier."
-    from math import comb
-    from knowtuning.data import question
-    from knowtuning.teacher import PROMPTS
-    from knowtuning.atoms import split_atoms
-    from knowtuning.judge import JUDGE
-    from knowtuning.facts import VERIFY
-
-    k, gen = cfg.train.k_samples, _like_answer(cfg)
-    t_llm, j_llm, n_cmp = cfg.teacher.backend == "llm", cfg.judge.backend == "llm", 2 * comb(k, 2)
-    if "rlaif" in cfg.systems and j_llm:
-        cmp = [JUDGE.format(question=question(r), reference=r["output"], a=gen(r), b=gen(r)) for r in train]
-        add("prefs_rlaif", "judge", [p for p in cmp for _ in range(n_cmp)], 30 * len(train) * n_cmp)
-    if "facttune" in cfg.systems and t_llm:
-        dec = [PROMPTS["decompose"].format(answer=gen(r)) for r in train for _ in range(k)]
-        add("prefs_facttune", "teacher", dec, k * sum(_tok(gen(r)) for r in train))
-    if "facttune" in cfg.systems and j_llm:
-        facts = [(r, a["text"]) for r in train for a in split_atoms(gen(r))]
-        ver = [VERIFY.format(reference=r["output"], fact=f) for r, f in facts for _ in range(k)]
-        add("prefs_facttune", "verifier", ver, 2 * k * len(facts))
-
-# %% ../nbs/18_pipeline.ipynb #18-pipeline-007ba3
-def _plan_eval(cfg, recs: list[dict], add) -> None:
-    """Evaluation's calls on one test set: decomposition of every answer and of the references (facts' recall, the
-    probes), the references' revisions (the factuality probe), verification of the answers' facts, of the references'
-    facts against each answer and of abstention, per system; the judge per comparison."""
-    from knowtuning.data import question
-    from knowtuning.teacher import PROMPTS
-    from knowtuning.atoms import split_atoms
-    from knowtuning.judge import JUDGE
-    from knowtuning.facts import VERIFY, ABSTAIN
-
-    systems, gen, refs = list(cfg.systems), _like_answer(cfg), [r["output"] for r in recs]
-    if cfg.teacher.backend == "llm":
-        dec = [PROMPTS["decompose"].format(answer=gen(r)) for r in recs for _ in systems]
-        add("eval", "teacher", dec, len(systems) * sum(_tok(gen(r)) for r in recs))
-        add("eval", "teacher", [PROMPTS["decompose"].format(answer=a) for a in refs], sum(map(_tok, refs)))
-        if cfg.eval.probe and "factuality" in cfg.kc.aspects:
-            revise = [PROMPTS["revise"].format(atoms=a) for a in refs]
-            add("eval", "teacher", revise, sum(_tok(a) + 3 * _n_atoms(a) for a in refs))
-    if cfg.judge.backend == "llm":
-        facts = [(r, a["text"]) for r in recs for a in split_atoms(gen(r))]
-        ver = [VERIFY.format(reference=r["output"], fact=f) for r, f in facts for _ in systems]
-        ver += [VERIFY.format(reference=gen(r), fact=f) for r, f in facts for _ in systems]  # recall: reference facts
-        ver += [ABSTAIN.format(question=question(r), answer=gen(r)) for r in recs for _ in systems]
-        add("eval", "verifier", ver, 2 * len(ver))
-    if cfg.eval.main in systems:  # the main system against every other, both orders; again for the second judge
-        n_cmp = 2 * (len(systems) - 1) * (len(systems) / 2 if cfg.eval.all_pairs else 1)  # both orders
-        cmp = [JUDGE.format(question=question(r), reference=r["output"], a=gen(r), b=gen(r)) for r in recs]
-        for role in ("judge", "judge2") if cfg.eval.second_judge else ("judge",):
-            add("eval", role, [p for p in cmp for _ in range(int(n_cmp))], int(30 * n_cmp * len(recs)))
-
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-007ba4
 def plan(cfg) -> list[dict]:
-    "Estimated LLM calls, tokens and cost per stage and role for `cfg`; [] when every role is offline."
+    """Estimated LLM calls, tokens and cost per stage and role for `cfg`; [] when every role is offline. Each stage
+    counts its own calls beside its code (`ka_calls`, `kc_calls`, `prefs_calls`, `eval_calls`); this adds them up."""
     from knowtuning.data import load_dataset
+    from knowtuning.llm import plan_adder
+    from knowtuning.ka import ka_calls
+    from knowtuning.kc import kc_calls
+    from knowtuning.baselines import prefs_calls
+    from knowtuning.evaluate import eval_calls
 
     train = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train).records
     tests = [load_dataset(n, lenient=cfg.data.lenient, n=test_size(cfg.data, n)).records for n in cfg.data.test]
     rows = []
-    add = _adder(cfg, rows)
-    if cfg.teacher.backend == "llm":
-        _plan_ka_kc(cfg, train, add)
-    _plan_prefs(cfg, train, add)
+    add = plan_adder(cfg, rows)
+    for stage_calls in (ka_calls, kc_calls, prefs_calls):
+        stage_calls(cfg, train, add)
     for recs in tests:
-        _plan_eval(cfg, recs, add)
+        eval_calls(cfg, recs, add)
     return rows
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-007bb

@@ -6,11 +6,12 @@
 from __future__ import annotations
 import math
 from pathlib import Path
-from .runs import read_json, read_jsonl, atomic_write, write_json, Stage
+from .runs import read_jsonl, atomic_write, Stage
 from .metrics import Z_MDE, holm, n_needed, significant
 from .config import BASE
 from .judge import JUDGE_ASPECTS
-from .evaluate import Summary
+from dataclasses import asdict
+from .evaluate import Summary, ProbeSummary
 
 # %% auto #0
 __all__ = ['PROXY_NOTE', 'PROBE_NOTE', 'STAGE_NOTES', 'FACT_COLUMNS', 'ANSWERS_CSS', 'ANSWERS_JS', 'ANSWERS_HTML', 'REPORT',
@@ -125,10 +126,10 @@ def probe_table(summary: Summary, ctx: str, offline: bool):
     per token; Δ = main − model of the per-token accuracy, the summed accuracy and the margin (paired)."""
     rows, main = [], summary.main
     for d, x in summary.datasets.items():
-        p = x.probe or {}
-        for a, models in p.get("aspects", {}).items():
+        p = x.probe or ProbeSummary()
+        for a, models in p.aspects.items():
             for m, v in models.items():
-                dv = p["diffs"].get(a, {}).get(m)
+                dv = p.diffs.get(a, {}).get(m)
                 deltas = [_diff(dv[k]) if dv and k in dv else "–" for k in ("accuracy", "accuracy_sum", "margin")]
                 cis = [_fmt_share(v["accuracy"]), _fmt_share(v["accuracy_sum"]), _fmt_ci(v["margin"])]
                 rows.append([d, v["pairs"], a, m, *cis, *deltas])
@@ -161,12 +162,12 @@ def atoms_table(summary: Summary, ctx: str):
     and the log-probability of stopping after one of the reference's atoms (all but the last)."""
     rows, main = [], summary.main
     for d, x in summary.datasets.items():
-        p = x.probe or {}
-        for m, v in p.get("atoms", {}).items():
-            ad, st = p.get("atoms_diffs", {}).get(m), p.get("stops", {}).get(m)
+        p = x.probe or ProbeSummary()
+        for m, v in p.atoms.items():
+            ad, st = p.atoms_diffs.get(m), p.stops.get(m)
             n = v[3] if len(v) > 3 else "?"  # this model's questions with difficult atoms (paired n: beside the Δ)
             rows.append([d, n, m, _exp(v), _ratio(ad), _fmt_ci(st) if st else "–",
-                         _diff(p.get("stops_diffs", {}).get(m))])
+                         _diff(p.stops_diffs.get(m))])
     cap = (f"Fine-grained probe: perplexity, given the question, of each reference's difficult atoms (top-alpha by the "
            f"base model's perplexity, selected exactly as KA selects them), geometric mean over questions with its 95% "
            f"interval; lower = the model learned what was hard for the base model. Ratio = {main} / model, paired "
@@ -189,12 +190,12 @@ def stages_table(summary: Summary, ctx: str):
     "Per test set: what each stage adds, and each system against its step-matched control, on every probe measure."
     rows = []
     for d, x in summary.datasets.items():
-        p = x.probe or {}
-        aspects = list(p.get("aspects", {}))
-        for label, v in p.get("pairs", {}).items():
+        p = x.probe or ProbeSummary()
+        aspects = list(p.aspects)
+        for label, v in p.pairs.items():
             margins = [_diff(v["margin"].get(a)) for a in aspects]
             rows.append([d, label, STAGE_NOTES.get(label, ""), *margins, _diff(v.get("stops")), _ratio(v.get("atoms"))])
-    aspects = list(dict.fromkeys(a for x in summary.datasets.values() for a in (x.probe or {}).get("aspects", {})))
+    aspects = list(dict.fromkeys(a for x in summary.datasets.values() for a in (x.probe or ProbeSummary()).aspects))
     cap = ("What each stage adds, from the probes: Δ per-token margin per aspect, Δ stop log-probability after an "
            "atom, and the ratio of difficult-atom perplexities, for a − b, paired per question, 95% interval "
            "(* excludes 0; for the ratio, 1), and beside it the minimum detectable effect (MDE: the smallest true "
@@ -209,10 +210,10 @@ def sample_sizes(summary: Summary, effect: float) -> list[list]:
     each model, and the stage comparisons), from each difference's n and MDE."""
     rows, main = [], summary.main
     for d, x in summary.datasets.items():
-        p = x.probe or {}
-        comps = {f"{main} − {b}": {a: v[b]["margin"] for a, v in p.get("diffs", {}).items() if b in v}
-                 for b in {b for v in p.get("diffs", {}).values() for b in v}}
-        comps |= {label: v["margin"] for label, v in p.get("pairs", {}).items()}
+        p = x.probe or ProbeSummary()
+        comps = {f"{main} − {b}": {a: v[b]["margin"] for a, v in p.diffs.items() if b in v}
+                 for b in {b for v in p.diffs.values() for b in v}}
+        comps |= {label: v["margin"] for label, v in p.pairs.items()}
         for label, per in sorted(comps.items()):
             for a, v in per.items():
                 if len(v) > 4 and v[3] >= 2 and not math.isnan(v[4]):
@@ -384,7 +385,7 @@ def build_tables(cfg, summary: Summary, served: str = "") -> dict:
     if any(x.probe for x in summary.datasets.values()):
         tables["table_probe"] = probe_table(summary, ctx, "teacher" in summary.offline)
         tables["table_probe_atoms"] = atoms_table(summary, ctx)
-        if any((x.probe or {}).get("pairs") for x in summary.datasets.values()):
+        if any(x.probe and x.probe.pairs for x in summary.datasets.values()):
             tables["table_probe_stages"] = stages_table(summary, ctx)
     tables |= {
         "table_metrics": metrics_table(cfg, summary, ctx),
@@ -409,19 +410,19 @@ def probe_notes(summary: Summary) -> list[str]:
         if not (p := x.probe):
             continue
         parts = []
-        for a, models in p["aspects"].items():
+        for a, models in p.aspects.items():
             if main in models and BASE in models:
-                dv, dm = p["diffs"][a][BASE]["accuracy"], p["diffs"][a][BASE]["margin"]
+                dv, dm = p.diffs[a][BASE]["accuracy"], p.diffs[a][BASE]["margin"]
                 star = lambda v: " *" if significant(v) else ""
-                parts.append(f"{a} {models[main]['accuracy'][0]:.0%} vs base {models['base']['accuracy'][0]:.0%}"
+                parts.append(f"{a} {models[main]['accuracy'][0]:.0%} vs base {models[BASE]['accuracy'][0]:.0%}"
                              f"{star(dv)}, Δ margin {dm[0]:+.3f}{star(dm)}")
-        at = p.get("atoms", {})
+        at = p.atoms
         if main in at and BASE in at:
-            parts.append(f"difficult-atom perplexity {math.exp(at[main][0]):.2f} vs base {math.exp(at['base'][0]):.2f}"
-                         + (" *" if significant(p["atoms_diffs"][BASE]) else ""))
-        out.append(f"**Probes ({d}, {p['questions']} questions):** {main} prefers the reference over its perturbation: "
+            parts.append(f"difficult-atom perplexity {math.exp(at[main][0]):.2f} vs base {math.exp(at[BASE][0]):.2f}"
+                         + (" *" if significant(p.atoms_diffs[BASE]) else ""))
+        out.append(f"**Probes ({d}, {p.questions} questions):** {main} prefers the reference over its perturbation: "
                    + "; ".join(parts) + " (* paired test p < 0.05).")
-        stages = [f"{label} {_diff(v['margin']['completeness'])}" for label, v in p.get("pairs", {}).items()
+        stages = [f"{label} {_diff(v['margin']['completeness'])}" for label, v in p.pairs.items()
                   if "completeness" in v["margin"]]
         if stages:
             out.append(f"**Completeness margin, stage by stage ({d}; a − b, 95% interval, MDE):** " + "; ".join(stages)
@@ -442,8 +443,8 @@ def _tests(obj, path=()) -> list[tuple[str, float]]:
 
 def multiplicity_note(summary: Summary) -> str:
     "How many of the report's paired tests have p < 0.05, and how many survive Holm's correction for all of them."
-    tests = [(f"{d}: {w}", p) for d, x in summary.datasets.items() for w, p in _tests({"diff": x.diffs,
-                                                                                       "probe": x.probe or {}})]
+    parts = {d: {"diff": x.diffs, "probe": asdict(x.probe) if x.probe else {}} for d, x in summary.datasets.items()}
+    tests = [(f"{d}: {w}", p) for d, part in parts.items() for w, p in _tests(part)]
     stars, keep = [t for t in tests if t[1] < 0.05], holm([p for _, p in tests])
     held = [w for (w, _), k in zip(tests, keep) if k]
     return (f"**Multiplicity.** This report makes {len(tests)} paired tests; {len(stars)} have p < 0.05 (a star), "
@@ -594,14 +595,14 @@ def plot_probe(summary: Summary, path: Path):
     import matplotlib.pyplot as plt
 
     ds = [(d, x.probe) for d, x in summary.datasets.items() if x.probe]
-    aspects = list(dict.fromkeys(a for _, p in ds for a in p["aspects"]))
+    aspects = list(dict.fromkeys(a for _, p in ds for a in p.aspects))
     fig, axes = plt.subplots(1, max(len(aspects), 1), figsize=(4.2 * max(len(aspects), 1), 3.4), squeeze=False)
     for ax, a in zip(axes[0], aspects):
-        models = list(dict.fromkeys(m for _, p in ds for m in p["aspects"].get(a, {})))
+        models = list(dict.fromkeys(m for _, p in ds for m in p.aspects.get(a, {})))
         width = 0.8 / max(len(models), 1)
         for k, m in enumerate(models):
             for j, (d, p) in enumerate(ds):
-                if v := p["aspects"].get(a, {}).get(m):
+                if v := p.aspects.get(a, {}).get(m):
                     acc, lo, hi = v["accuracy"][:3]
                     ax.bar(j + k * width, acc, width, yerr=[[acc - lo], [hi - acc]], color=f"C{k}",
                            label=m if j == 0 else None)

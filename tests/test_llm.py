@@ -201,13 +201,13 @@ def test_a_rerun_with_a_changed_request_set_imports_the_old_batch_first(tmp_path
 
 def test_a_few_requests_go_interactively_and_the_plan_says_so(tmp_path):
     "Repairs and stragglers (under batch_min) are not a day's wait each; the plan prices what the config will do."
-    from knowtuning.pipeline import _row
+    from knowtuning.llm import plan_row
     with BatchServer() as s:
         c = batch_client(tmp_path, s.base_url, batch_min=25)
         assert c.complete_many(["fix this", "and this"]) == ["echo: fix this", "echo: and this"]
         assert s.created == 0 and paid(c, s) == (0, 2)
     cfg = LLMCfg(backend="llm", model="gpt-4o-mini", mode="batch", batch_min=25)
-    few, many = _row("s", "teacher", cfg, 2, 10**6, 10**5), _row("s", "teacher", cfg, 30, 10**7, 10**6)
+    few, many = plan_row("s", "teacher", cfg, 2, pt=10**6, ct=10**5), plan_row("s", "teacher", cfg, 30, pt=10**7, ct=10**6)
     assert (few["batch_calls"], many["batch_calls"]) == (0, 30)
     assert few["spend_usd"] == few["cost_usd"] and many["spend_usd"] == many["batch_usd"] < many["cost_usd"]
 
