@@ -313,13 +313,15 @@ def test_plan_prices_from_genai_prices_and_unknown_is_never_zero(release, tmp_pa
     r = kt("plan", "--preset", "paper-dolly", "--set", "data.test=[dolly_test]", env=env, check=True)
     total = r.stdout.strip().splitlines()[-1].split()
     assert total[0] == "total" and float(total[4]) > 100, r.stdout      # gpt-4o / gpt-4o-mini at OpenAI's prices
-    r = kt("plan", "--preset", "paper-dolly", "--set", "data.test=[dolly_test]", "--set", "ka.source=release",
-           "--set", "kc.source=release", env=env, check=True)
-    assert not [l for l in r.stdout.splitlines() if l.split()[0] in ("ka", "kc")]   # no construction calls
+    # the same plan in this process (the command's output format is checked above; a subprocess costs ~8 s)
+    from knowtuning.pipeline import plan, format_plan
+    ovr = ["data.test=[dolly_test]"]
+    out = format_plan(plan(load_config("paper-dolly", overrides=ovr + ["ka.source=release", "kc.source=release"])))
+    assert not [l for l in out.splitlines() if l.split()[0] in ("ka", "kc")]   # no construction calls
     # a remote endpoint nobody has a price for: "unknown" in the plan, and reproduce asks (here: refuses without --yes)
-    remote = ["--set", "judge.base_url=https://vllm.example.org/v1", "--set", "judge.model=llama-70b"]
-    r = kt("plan", "--preset", "paper-dolly", "--set", "data.test=[dolly_test]", *remote, env=env, check=True)
-    assert "unknown" in r.stdout and "+ unknown (llama-70b)" in r.stdout
+    remote = ["judge.base_url=https://vllm.example.org/v1", "judge.model=llama-70b"]
+    out = format_plan(plan(load_config("paper-dolly", overrides=ovr + remote)))
+    assert "unknown" in out and "+ unknown (llama-70b)" in out
 
 def test_an_unknown_price_is_refused_without_yes(tmp_path):
     "Needs no release data: the smoke preset's own test set, a remote judge nobody has a price for."

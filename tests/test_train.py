@@ -203,7 +203,8 @@ def test_step_matched_controls_train_as_long_as_what_they_match(tmp_path):
     from knowtuning.ka import ka_stage
     from knowtuning.kc import kc_stage
     cfg = load_config("smoke", overrides=TINY + ["data.n_train=4", "train.max_steps=-1", "train.epochs=2",
-                                                 "train.batch_size=2", "train.per_device_batch=2", "train.kc_batch_size=4"])
+                                                 "train.batch_size=2", "train.per_device_batch=2", "train.kc_batch_size=4",
+                                                 "train.save_steps=1000"])   # no checkpoints: steps are counted here
     run = Run(cfg, tmp_path)
     ka_stage(cfg, run); kc_stage(cfg, run)
     for system in ("sft", "ka", "sft_ka_steps", "sft_ka_tokens", "knowtuning", "sft_kt_steps"):
