@@ -8,7 +8,7 @@ import csv, io, math
 import numpy as np
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from .runs import read_json, read_jsonl, write_json, write_jsonl, atomic_write, phase, Stage
+from .runs import read_json, read_jsonl, write_json, write_jsonl, atomic_write, phase, Stage, gen_of
 from .metrics import paired_diff
 from .data import dataset_key
 from .llm import ledgers
@@ -210,7 +210,7 @@ def eval_spec(systems) -> Stage:
     "Stage `eval`: predictions scored and probed; fields: `eval.*`, judge, teacher, test sets, the probes' KA/KC rules."
     return Stage(
         "eval",
-        tuple(f"gen_{s}" for s in systems),
+        tuple(gen_of(s) for s in systems),
         ("eval.bertscore_model", "eval.bootstrap", "eval.gamma", "eval.k", "eval.probe", "judge", "teacher",
          "eval.second_judge", "eval.all_pairs", "judge2",
          "data.test", "seed", "ka.alpha", "kc.beta", "kc.revise", "kc.aspects"),
@@ -276,7 +276,7 @@ def evaluate_set(run, source: str, cfg, main: str, *, teacher, judge, verifier, 
     from knowtuning.data import dataset_key
 
     systems, name = list(cfg.systems), dataset_key(source)
-    preds = {s: read_jsonl(run.path(f"gen_{s}") / f"{name}.jsonl") for s in systems}
+    preds = {s: read_jsonl(run.predictions(s, name)) for s in systems}
     empty = {i for i, r in enumerate(preds[systems[0]]) if not r["reference"].strip()}
     has_ref = len(empty) < len(preds[systems[0]])  # a set with references: its questions without one are left out
     if has_ref and empty:

@@ -8,7 +8,7 @@ import hashlib, json, time
 from pathlib import Path
 import torch
 from tqdm.auto import tqdm
-from .runs import read_jsonl, resume_jsonl, write_jsonl, Stage
+from .runs import read_jsonl, resume_jsonl, write_jsonl, Stage, gen_of, train_of
 from .config import BASE
 from .data import encode_prompt, encode_example, question
 
@@ -88,7 +88,7 @@ def api_client(api_cfg, system: str):
     import dataclasses
     from knowtuning.llm import LLMClient
 
-    return LLMClient(dataclasses.replace(api_cfg, model=api_cfg.model.format(system=system)), f"gen_{system}")
+    return LLMClient(dataclasses.replace(api_cfg, model=api_cfg.model.format(system=system)), gen_of(system))
 
 
 def adapter_fingerprint(adapter_dir) -> str:
@@ -147,7 +147,7 @@ GEN_FIELDS = (
 
 def gen_spec(system: str) -> Stage:
     "Stage `gen_<system>`: the system's predictions; `generate.batch_size` and the API's concurrency are not fields."
-    return Stage(f"gen_{system}", () if system == BASE else (f"train_{system}",), GEN_FIELDS)
+    return Stage(gen_of(system), () if system == BASE else (train_of(system),), GEN_FIELDS)
 
 # %% ../nbs/07_generate.ipynb #07-generate-010a
 def append_predictions(path: Path, ds, indices: list[int], texts: list[str]) -> None:
@@ -219,6 +219,6 @@ def generate_stage(cfg, run, system: str) -> Path:
         tok_s = stats["tokens"] / max(stats["seconds"], 1e-9) if stats else None
         speed = {"tokens": stats["tokens"], "tok_s": round(tok_s, 2)} if stats else {}
         merge = {"merged_adapter": client is None and system != BASE and cfg.student.quantize == "none"}
-        run.update_stage(f"gen_{system}", generated=n_new, seconds_generating=seconds, llm=llm, **speed, **merge)
+        run.update_stage(gen_of(system), generated=n_new, seconds_generating=seconds, llm=llm, **speed, **merge)
 
     return run.build(gen_spec(system), cfg, make, [system])

@@ -9,12 +9,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from .data import prompt, question, encode_prompt, encode_response, llama_factory_entry
-from .runs import resume_jsonl, write_json, write_jsonl, Stage
+from .runs import OUTPUTS, resume_jsonl, write_json, write_jsonl, Stage
 
 # %% auto #0
-__all__ = ['SCORE_PACK_TOKENS', 'SCORE_BATCH_TOKENS', 'KA', 'encode', 'ppl_reference', 'pack', 'batch_inputs', 'atom_ppls',
-           'segments', 'batches', 'logps_packed', 'ppl_packed', 'n_keep', 'select_difficult', 'ka_rows', 'write_ka_set',
-           'score_resumable', 'score_atoms', 'atom_rows', 'ka_stats', 'ka_from_set', 'ka_stage', 'ka_calls', 'plot_ka']
+__all__ = ['SCORE_PACK_TOKENS', 'SCORE_BATCH_TOKENS', 'KA', 'encode', 'ppl_reference', 'pack', 'pad_ids', 'batch_inputs',
+           'atom_ppls', 'segments', 'batches', 'row_batches', 'hidden', 'logps_packed', 'ppl_packed', 'n_keep',
+           'select_difficult', 'ka_rows', 'write_ka_set', 'score_resumable', 'score_atoms', 'atom_rows', 'ka_stats',
+           'ka_from_set', 'ka_stage', 'ka_calls', 'plot_ka']
 
 # %% ../nbs/11_ka.ipynb #11-ka-006
 def encode(tok, q: str, atoms: list[str], template: str = "alpaca"):
@@ -63,15 +64,22 @@ def _body(model):
     return getattr(m, m.base_model_prefix), m.lm_head
 
 # %% ../nbs/11_ka.ipynb #11-ka-010a
+def pad_ids(seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+    "Token id lists right-padded to the longest (B x L)."
+    ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s)
+    return ids
+
+
 def batch_inputs(packs: list, pad_id: int, dtype):
     "Right-padded ids and position ids (B x L) and the additive attention mask (B x 1 x L x L) of `pack` outputs."
-    L = max(len(pk[0]) for pk in packs)
-    ids = torch.full((len(packs), L), pad_id, dtype=torch.long)
+    ids = pad_ids([pk[0] for pk in packs], pad_id)
+    L = ids.shape[1]
     pos = torch.zeros((len(packs), L), dtype=torch.long)
     mask = torch.full((len(packs), 1, L, L), torch.finfo(dtype).min, dtype=dtype)
     for r, (i_, p_, allowed, _) in enumerate(packs):
         n = len(i_)
-        ids[r, :n] = torch.tensor(i_)
         pos[r, :n] = torch.tensor(p_)
         mask[r, 0, :n, :n].masked_fill_(allowed, 0.0)
         mask[r, 0, n:, :].fill_(0.0)  # padding rows attend everywhere (their outputs are unused; avoids NaN rows)
@@ -118,30 +126,50 @@ def batches(lengths: list[int], rows: int, tokens: int) -> list[list[int]]:
         cur.append(k)
     return out + ([cur] if cur else [])
 
+# %% ../nbs/11_ka.ipynb #11-ka-010f2
+def row_batches(segs: list, enc: list, *, rows: int, tokens: int) -> list[list[int]]:
+    """`batches` of `segments` rows: rows of one continuation (scored as plain causal sequences) apart from packed rows
+    (scored with the block mask), so that no batch needs a mask only because one of its rows does."""
+    lens = [len(enc[i][0]) + sum(len(enc[i][1][j]) for j in js) for i, js in segs]
+    out = []
+    for one in (True, False):
+        group = [k for k, (_, js) in enumerate(segs) if (len(js) == 1) == one]
+        out += [[group[x] for x in b] for b in batches([lens[k] for k in group], rows, tokens)]
+    return out
+
+
+def hidden(body, packs: list, pad_id: int, *, dtype) -> torch.Tensor:
+    """Last hidden states (B x L x d) of `pack` outputs. A batch whose rows hold one continuation each is a batch of
+    plain causal sequences: no mask is built and the attention kernel skips the masked half (`is_causal`); packed rows
+    get the block mask of `batch_inputs`. Right padding is harmless either way (a causal row never sees its tail)."""
+    dev = next(body.parameters()).device
+    if all(len(pk[3]) == 1 for pk in packs):
+        return body(input_ids=pad_ids([pk[0] for pk in packs], pad_id).to(dev)).last_hidden_state
+    ids, pos, mask = batch_inputs(packs, pad_id, dtype)
+    return body(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev)).last_hidden_state
+
 # %% ../nbs/11_ka.ipynb #11-ka-010g
 @torch.no_grad()
 def logps_packed(model, enc: list, pad_id: int, batch_questions: int = 8, *, progress=None, also: int | None = None,
                  pack_tokens: int = SCORE_PACK_TOKENS, batch_tokens: int = SCORE_BATCH_TOKENS) -> list:
     """For each (prompt ids, [continuation ids]) of `enc`: the log-probabilities of all its continuations' tokens, laid
     end to end (a 1-D CPU tensor), each continuation seeing only the prompt. Packed rows of at most `pack_tokens`
-    continuation tokens (`segments`), batched by `batch_questions` rows and `batch_tokens`. With token id `also`: a
-    (tokens x 2) tensor, column 1 the log-probability of `also` at the same positions (the probe reads EOS there)."""
+    continuation tokens (`segments`), batched by `batch_questions` rows and `batch_tokens` (`row_batches`). With token
+    id `also`: a (tokens x 2) tensor, column 1 the log-probability of `also` at the same positions (the probe reads EOS
+    there). log p = logit - logsumexp(logits): the values of `log_softmax`, without writing its (tokens x vocab)."""
     body, head = _body(model)
-    dev, dtype = model.device, next(model.parameters()).dtype
-    segs = segments(enc, pack_tokens)
-    lens = [len(enc[i][0]) + sum(len(enc[i][1][j]) for j in js) for i, js in segs]
-    got = {}
-    for b in batches(lens, batch_questions, batch_tokens):
+    dtype = next(model.parameters()).dtype
+    segs, got = segments(enc, pack_tokens), {}
+    for b in row_batches(segs, enc, rows=batch_questions, tokens=batch_tokens):
         packs = [pack(enc[segs[k][0]][0], [enc[segs[k][0]][1][j] for j in segs[k][1]]) for k in b]
-        ids, pos, mask = batch_inputs(packs, pad_id, dtype)
-        h = body(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev)).last_hidden_state
+        h = hidden(body, packs, pad_id, dtype=dtype)
         for r, (k, (_, _, _, pred)) in enumerate(zip(b, packs)):
             i, js = segs[k]
-            flat = [x for pr in pred for x in pr]
-            targets = torch.tensor([t for j in js for t in enc[i][1][j]], device=dev)
-            lsm = head(h[r, flat]).float().log_softmax(-1)
-            lp = lsm.gather(-1, targets[:, None])[:, 0]
-            got[i, js[0]] = (lp if also is None else torch.stack([lp, lsm[:, also]], 1)).cpu()
+            logits = head(h[r, [x for pr in pred for x in pr]]).float()
+            lse = logits.logsumexp(-1)
+            targets = torch.tensor([t for j in js for t in enc[i][1][j]], device=h.device)
+            lp = logits.gather(-1, targets[:, None])[:, 0]
+            got[i, js[0]] = (lp - lse if also is None else torch.stack([lp - lse, logits[:, also] - lse], 1)).cpu()
         if progress is not None:
             progress.update(sum(len(segs[k][1]) for k in b))
     starts, empty = {}, torch.zeros(0) if also is None else torch.zeros(0, 2)
@@ -200,7 +228,7 @@ def write_ka_set(out: Path, rows: list[dict], template: str = "alpaca", name: st
     write_json(out / "ka.json", rows)
     write_json(out / "dataset_info.json", {name: llama_factory_entry("ka.json")})
     write_jsonl(
-        out / "ka_trl.jsonl",
+        out / OUTPUTS["ka"]["trl"],
         [{"prompt": prompt(r, template), "completion": r["output"], "kind": r["kind"]} for r in rows],
     )
 
@@ -333,7 +361,7 @@ def ka_stage(cfg, run) -> Path:
         kept = [[a["text"] for a in r["atoms"] if a["kept"]] for r in has]
         rw = teacher.rewrite([r["question"] for r in has], kept, has_names)
         failures += failure_rows("rewrite", has_names, rw, teacher, why="the teacher returned no rewrite")
-        write_jsonl(out / "atoms.jsonl", rows)
+        write_jsonl(out / OUTPUTS["ka"]["atoms"], rows)
         write_jsonl(out / "failures.jsonl", failures)
         write_ka_set(out, ka_rows(ds.records, has, rw, teacher.label), cfg.student.template)
         n_rw = sum(w is not None for w in rw)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, math, random
 from pathlib import Path
 from .data import prompt, question, llama_factory_entry
-from .runs import read_jsonl, write_json, write_jsonl, Stage
+from .runs import OUTPUTS, read_jsonl, write_json, write_jsonl, Stage
 from .config import ASPECTS, KCCfg
 
 # %% auto #0
@@ -120,7 +120,7 @@ def write_kc_set(out: Path, rows: list[dict], template: str = "alpaca", name: st
     )
     write_json(out / "dataset_info.json", {name: llama_factory_entry("kc.json", ranking=True)})
     write_jsonl(
-        out / "kc_trl.jsonl",
+        out / OUTPUTS["kc"]["trl"],
         [
             {
                 "prompt": prompt(r["question"], template),
@@ -175,12 +175,12 @@ def kc_stage(cfg, run) -> Path:
     def make(out):
         if name := set_source(cfg.kc.source, cfg.data.train, "KC"):
             return kc_from_set(cfg, run, out, name)
-        if not (run.path("ka") / "atoms.jsonl").exists():
+        if not (run.output("ka", "atoms")).exists():
             raise YieldError(
                 f"kc.source: ours perturbs the atoms of our KA stage, and ka.source: {cfg.ka.source} has none: "
                 "set kc.source too (e.g. release), or ka.source: ours"
             )
-        arows = read_jsonl(run.path("ka") / "atoms.jsonl")
+        arows = read_jsonl(run.output("ka", "atoms"))
         items, names = kc_items(arows), [r["record"] for r in arows if r["atoms"]]
         teacher = make_teacher(cfg.teacher, "kc", cfg.seed)
         reph = teacher.rephrase([it["answer"] for it in items], [it["atoms"] for it in items], names)

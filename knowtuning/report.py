@@ -624,7 +624,7 @@ def browser_data(run, systems: list[str]) -> dict:
 
     ev, sets = run.path("eval"), {}
     for s in systems:
-        for f in sorted(run.path(f"gen_{s}").glob("*.jsonl")):
+        for f in sorted(run.predictions(s).glob("*.jsonl")):
             for r in read_jsonl(f):
                 q = sets.setdefault(f.stem, {}).setdefault(r["index"], {
                     "index": r["index"], "question": r["question"], "reference": r["reference"],

@@ -12,10 +12,10 @@ from pathlib import Path
 from .config import BASE, Config, LLMCfg, to_yaml, project_root
 
 # %% auto #0
-__all__ = ['LLM_IDENTITY', 'STEPS', 'LOCK_ENV', 'atomic_write', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl',
+__all__ = ['LLM_IDENTITY', 'STEPS', 'LOCK_ENV', 'OUTPUTS', 'atomic_write', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl',
            'resume_jsonl', 'fingerprint', 'file_hash', 'Stage', 'config_value', 'stage_fingerprint', 'Step', 'step_of',
            'command_for', 'runs_root', 'versions', 'processes', 'is_main', 'barrier', 'phase', 'RunLocked',
-           'folder_lock', 'Run', 'YieldError', 'require_yield']
+           'folder_lock', 'Run', 'train_of', 'gen_of', 'YieldError', 'require_yield']
 
 # %% ../nbs/01_runs.ipynb #01-runs-006
 def atomic_write(path, data: str | bytes) -> Path:
@@ -300,11 +300,6 @@ def path(self: Run, stage: str) -> Path:
     return self.dir / stage
 
 @patch
-def adapter(self: Run, system: str) -> Path | None:
-    "The adapter of a trained system (`train_<system>/adapter`); None for the untrained base model (`BASE`)."
-    return None if system == BASE else self.path(f"train_{system}") / "adapter"
-
-@patch
 def done(self: Run, stage: str, fp: str | None = None) -> bool:
     "Is `stage` complete (and, if `fp` is given, built from the same fingerprint)?"
     marker = self.path(stage) / "_done.json"
@@ -314,6 +309,41 @@ def done(self: Run, stage: str, fp: str | None = None) -> bool:
 def fingerprint_of(self: Run, stage: str) -> str | None:
     marker = self.path(stage) / "_done.json"
     return read_json(marker).get("fingerprint") if marker.exists() else None
+
+# %% ../nbs/01_runs.ipynb #01-runs-013a4
+OUTPUTS = {
+    "ka": {"atoms": "atoms.jsonl", "trl": "ka_trl.jsonl"},  # every answer's atoms and perplexities; the SFT rows
+    "kc": {"trl": "kc_trl.jsonl"},  # the preference rows (prompt, chosen, rejected, aspect)
+    "train": {"adapter": "adapter", "stats": "train_stats.json"},  # every train_<system> stage
+}
+
+
+def train_of(system: str) -> str:
+    return f"train_{system}"
+
+
+def gen_of(system: str) -> str:
+    return f"gen_{system}"
+
+
+@patch
+def output(self: Run, stage: str, key: str) -> Path:
+    "The file `key` that `stage` declares in `OUTPUTS` (a `train_<system>` stage: `OUTPUTS['train']`)."
+    kind = "train" if stage.startswith("train_") else stage
+    if key not in OUTPUTS.get(kind, {}):
+        raise KeyError(f"stage {stage!r} declares no output {key!r} (OUTPUTS: {OUTPUTS})")
+    return self.path(stage) / OUTPUTS[kind][key]
+
+@patch
+def adapter(self: Run, system: str) -> Path | None:
+    "The adapter of a trained system (`train_<system>/adapter`); None for the untrained base model (`BASE`)."
+    return None if system == BASE else self.output(train_of(system), "adapter")
+
+@patch
+def predictions(self: Run, system: str, test_set: str | None = None) -> Path:
+    "`system`'s answers to `test_set` (`gen_<system>/<test set>.jsonl`); without a set, the stage's folder."
+    d = self.path(gen_of(system))
+    return d if test_set is None else d / f"{test_set}.jsonl"
 
 # %% ../nbs/01_runs.ipynb #01-runs-013b
 @patch

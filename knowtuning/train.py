@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, os, shlex, shutil, subprocess, sys
 from collections import deque
 from pathlib import Path
-from .runs import Stage, YieldError, processes, is_main
+from .runs import OUTPUTS, Stage, YieldError, processes, is_main, train_of
 from .config import system_of, ConfigError
 
 # %% auto #0
@@ -38,9 +38,9 @@ def train_spec(system: str) -> Stage:
     fields are the common ones and its objective's (an SFT system does not retrain when a DPO key changes, and the
     other way round)."""
     s = system_of(system)
-    needs = [f"train_{d}" for d in ([s.init] if s.init else []) + list(s.match)]
+    needs = [train_of(d) for d in ([s.init] if s.init else []) + list(s.match)]
     needs += [s.data_stage] if s.data_stage else []
-    return Stage(f"train_{system}", tuple(needs), TRAIN_FIELDS["common"] + TRAIN_FIELDS[s.objective])
+    return Stage(train_of(system), tuple(needs), TRAIN_FIELDS["common"] + TRAIN_FIELDS[s.objective])
 
 # %% ../nbs/13_train.ipynb #13-train-028a
 def _rows(cfg, run, system):
@@ -52,9 +52,9 @@ def _rows(cfg, run, system):
         ds = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
         return [{"prompt": prompt(r, cfg.student.template), "completion": r["output"]} for r in ds]
     if data == "ka":
-        return read_jsonl(run.path("ka") / "ka_trl.jsonl")
+        return read_jsonl(run.output("ka", "trl"))
     if data == "kc":
-        rows = read_jsonl(run.path("kc") / "kc_trl.jsonl")
+        rows = read_jsonl(run.output("kc", "trl"))
         if system.drops and any(r["aspect"] == "unknown" for r in rows):
             raise YieldError(
                 f"system {system.name}: the KC set ({cfg.kc.source}) does not label aspects, so no '{system.drops}' "
@@ -81,10 +81,10 @@ def train_stage(cfg, run, system: str) -> Path:
         else:
             train_dpo(cfg, rows, out, init_dir)
         if is_main():  # the other processes wrote no stats
-            st = json.loads((out / "train_stats.json").read_text())
-            run.update_stage(f"train_{system}", examples=len(rows), **st)
+            st = json.loads((out / OUTPUTS["train"]["stats"]).read_text())
+            run.update_stage(train_of(system), examples=len(rows), **st)
 
-    return run.build(spec, cfg, make, [system]) / "adapter"
+    return run.build(spec, cfg, make, [system]) / OUTPUTS["train"]["adapter"]
 
 # %% ../nbs/13_train.ipynb #13-train-028a1
 def _budget(run, system) -> tuple | None:
@@ -94,9 +94,9 @@ def _budget(run, system) -> tuple | None:
     key = "steps" if system.budget == "steps" else "supervised_tokens"
     total = 0
     for m in system.match:
-        st = json.loads((run.path(f"train_{m}") / "train_stats.json").read_text())
+        st = json.loads((run.output(train_of(m), "stats")).read_text())
         if key not in st:
-            raise ValueError(f"{run.path(f'train_{m}')}/train_stats.json has no '{key}' (trained by an older "
+            raise ValueError(f"{run.output(train_of(m), 'stats')} has no '{key}' (trained by an older "
                              f"version): delete that folder so that {m} retrains, then train {system.name}")
         total += st[key]
     return system.budget, total

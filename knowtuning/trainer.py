@@ -16,7 +16,7 @@ with without_bnb():  # on a machine without a GPU: see 02_assets
     import transformers.trainer, peft, trl  # noqa: F401 (imported here, used below)
 from transformers import TrainerCallback
 from .data import encode_example
-from .runs import write_json, processes, is_main
+from .runs import OUTPUTS, write_json, processes, is_main
 
 # %% auto #0
 __all__ = ['PACK_TOKENS', 'lora_config', 'accumulation', 'checkpoint_args', 'trl_config', 'knowtuning_loss', 'pack_groups',
@@ -483,20 +483,20 @@ def _finish(trainer, out: Path, t0: float, title: str, checkpoint: str | None = 
     training had already finished, and, on the main process only, the log and the stats (`supervised_tokens`: the
     answer tokens trained on, `epoch_tokens` per epoch times the epochs run)."""
     if checkpoint is None:
-        trainer.save_model(str(out / "adapter"))
+        trainer.save_model(str(out / OUTPUTS["train"]["adapter"]))
     elif is_main():  # the checkpoint's adapter was written by the same `save_model`; its optimizer state is not needed
-        (out / "adapter").mkdir(parents=True, exist_ok=True)
+        (out / OUTPUTS["train"]["adapter"]).mkdir(parents=True, exist_ok=True)
         for f in Path(checkpoint).iterdir():
             if f.is_file() and not f.name.startswith(_TRAINING_STATE):
-                shutil.copy2(f, out / "adapter" / f.name)
+                shutil.copy2(f, out / OUTPUTS["train"]["adapter"] / f.name)
     if not is_main():
-        return out / "adapter"
+        return out / OUTPUTS["train"]["adapter"]
     a, hist = trainer.args, trainer.state.log_history
     write_json(out / "log_history.json", hist)
     plot_losses(hist, out / "loss.png", title)
     n = a.world_size
     write_json(
-        out / "train_stats.json",
+        out / OUTPUTS["train"]["stats"],
         {
             "seconds": round(time.time() - t0, 2),
             "steps": trainer.state.global_step,
@@ -508,7 +508,7 @@ def _finish(trainer, out: Path, t0: float, title: str, checkpoint: str | None = 
             "effective_batch": a.per_device_train_batch_size * a.gradient_accumulation_steps * n,
         },
     )
-    return out / "adapter"
+    return out / OUTPUTS["train"]["adapter"]
 
 
 # %% ../nbs/13a_trainer.ipynb #13a-trainer-024a2

@@ -141,7 +141,8 @@ def smoke_run(tmp_path_factory):
         p = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              start_new_session=True)
         t0, procs = time.time(), []
-        mid_training = lambda: list(run_dir.glob(".train_*.partial/checkpoints/checkpoint-*"))
+        # a complete checkpoint (its trainer_state.json is written last): the rerun must resume from it on both ranks
+        mid_training = lambda: list(run_dir.glob(".train_*.partial/checkpoints/checkpoint-*/trainer_state.json"))
         while not procs and time.time() - t0 < 600 and p.poll() is None:
             time.sleep(0.2)
             if mid_training():
@@ -153,6 +154,7 @@ def smoke_run(tmp_path_factory):
         if not procs:                   # nothing left behind by a failed start
             signal_all(tree(p.pid), signal.SIGKILL)
             raise AssertionError(f"no training was caught mid-way:\n{p.communicate()[0].decode()[-3000:]}")
+        caught = sorted({f.parent.name for f in mid_training()}, key=lambda n: int(n.split("-")[-1]))
         kernels = [q for q in procs if "ipykernel" in cmdline(q)]
         signal_all([q for q in procs if q not in kernels], signal.SIGKILL)
         signal_all(kernels, signal.SIGCONT)
@@ -162,7 +164,7 @@ def smoke_run(tmp_path_factory):
             time.sleep(1)
         killed = SimpleNamespace(trainers=alive(procs), builds=builds(run_dir),
                                  partial=[p.name for p in run_dir.glob(".train_*.partial")],
-                                 report=(run_dir / "report").exists())
+                                 report=(run_dir / "report").exists(), checkpoint=caught[-1])
         # 2. restart: completes without redoing finished stages
         t0 = time.time()
         r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=1500)

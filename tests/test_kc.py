@@ -1,4 +1,5 @@
 import filecmp, json
+from pathlib import Path
 from collections import Counter
 import pytest
 from knowtuning.config import KCCfg, load_config
@@ -97,6 +98,42 @@ def test_kc_file_loads_in_both_llama_factory_generations(tmp_path):
     old = {**entry, "columns": {k: v for k, v in entry["columns"].items() if k not in ("chosen", "rejected")}}
     with pytest.raises(KeyError):   # the entry this project wrote before: 0.9.x cannot read it
         read_lf09(old, {k: v for k, v in rows[0].items() if k not in ("chosen", "rejected")})
+
+def lf_reader(spec: str, pkg: str, where: Path):
+    """LLaMA-Factory's own dataset reader (`data/parser.py` and `data/aligner.py`) from its wheel on PyPI, imported
+    without the package's `__init__` (which imports its whole training stack); only `extras.misc` is a stub: the
+    model-hub switches, off. The same modules read `dataset_info.json` and the rows when LLaMA-Factory trains."""
+    import importlib, subprocess, sys, types, zipfile
+    subprocess.run([sys.executable, "-m", "pip", "download", spec, "--no-deps", "-q", "-d", str(where)], check=True)
+    zipfile.ZipFile(next(where.glob("*.whl"))).extractall(where)
+    for name in [m for m in sys.modules if m == pkg or m.startswith(pkg + ".")]:
+        del sys.modules[name]
+    for name in (pkg, f"{pkg}.data", f"{pkg}.extras"):
+        sys.modules[name] = types.ModuleType(name)
+        sys.modules[name].__path__ = [str(where / name.replace(".", "/"))]
+    sys.modules[f"{pkg}.extras.misc"] = types.SimpleNamespace(use_modelscope=lambda: False, use_openmind=lambda: False)
+    return importlib.import_module(f"{pkg}.data.parser"), importlib.import_module(f"{pkg}.data.aligner")
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec,pkg", [("llmtuner==0.5.3", "llmtuner"), ("llamafactory==0.9.0", "llamafactory")])
+def test_kc_file_read_by_llama_factory_itself(tmp_path, spec, pkg):
+    "The KC set as LLaMA-Factory 0.5.3 (the release's) and 0.9.0 read it: the prompt, then chosen before rejected."
+    from types import SimpleNamespace
+    from datasets import Dataset
+    run, out = make_run(tmp_path, "lf")
+    parser, aligner = lf_reader(spec, pkg, tmp_path / "lf")
+    args = SimpleNamespace(dataset="knowtuning_kc", dataset_dir=str(out), interleave_probs=None, streaming=True)
+    old = pkg == "llmtuner"  # 0.9 takes the names and folder, and the training arguments (unused when streaming)
+    attr, = parser.get_dataset_list(args) if old else parser.get_dataset_list(["knowtuning_kc"], str(out))
+    rows = Dataset.from_list(json.loads((out / attr.dataset_name).read_text()))
+    got = list(aligner.align_dataset(rows, attr, args, *([] if old else [None])))
+    trl = read_jsonl(out / "kc_trl.jsonl")
+    assert attr.ranking and len(got) == len(trl) > 0
+    for g, t in zip(got, trl):
+        prompt, response = (g["prompt"], g["response"]) if old else (g["_prompt"], g["_response"])
+        assert [m["role"] for m in prompt] == ["user"]
+        assert t["prompt"].endswith(prompt[0]["content"] + "\n\n### Response:\n")
+        assert [m["content"] for m in response] == [t["chosen"], t["rejected"]]
 
 def test_fingerprints_follow_the_declared_fields():
     "Speed and logging keys never rebuild a stage; keys that change its output always do."

@@ -1,7 +1,7 @@
 """End to end on the shared smoke run (tests/conftest.py: LLM roles on loopback, two training processes, killed and
 resumed): nothing finished is redone, the report leads with the probes, nothing lands outside the run folder, a rerun
 does no work. The docs site (slow tier) runs the single-process smoke preset on SmolLM2."""
-import csv, json, os, subprocess, sys, time
+import csv, json, os, re, subprocess, sys, time
 from pathlib import Path
 import pytest
 from conftest import ROOT, BIN, SECRET, kt, builds
@@ -25,6 +25,10 @@ def test_a_killed_run_resumes_without_redoing_finished_stages(smoke_run):
     stages = json.loads((run / "manifest.json").read_text())["stages"]
     for s in ("sft", "ka", "knowtuning", "wo_factuality", "rlaif", "facttune"):        # train and baselines steps
         assert (stages[f"train_{s}"]["processes"], stages[f"train_{s}"]["effective_batch"]) == (2, 2), s
+    # the killed training resumed from the newest complete checkpoint it had, on both ranks (the line is `_resume`'s)
+    text = "".join(nb.read_text() for nb in (run / "notebooks").glob("*.ipynb"))
+    resumed = set(re.findall(r"rank ([01]): resuming from (checkpoint-\d+)", text))
+    assert resumed == {("0", smoke_run.killed.checkpoint), ("1", smoke_run.killed.checkpoint)}, resumed
     print(f"resumed run: {smoke_run.resume_s:.0f} s")
 
 def test_the_console_shows_progress_inside_the_long_steps(smoke_run):
