@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_assets.ipynb #02-assets-003
 from __future__ import annotations
-import importlib.util, os, shutil, tempfile
+import importlib.util, os, shutil, tempfile, functools, sys, time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -120,7 +120,7 @@ def smollm2_gguf() -> Path | None:
 def _gguf_parsed_once():
     """transformers 5.23 reads a GGUF three times (config, tokenizer, weights), and rebuilds gguf's tensor-name map for
     each of its tensors; within the block both are computed once (measured: `knowtuning setup` 49 -> 27 s)."""
-    import functools, gguf
+    import gguf
 
     saved = gguf.GGUFReader, gguf.get_tensor_name_map
     gguf.GGUFReader, gguf.get_tensor_name_map = functools.cache(saved[0]), functools.cache(saved[1])
@@ -259,7 +259,6 @@ OUR_PROGRAMS = ("knowtuning", "ipykernel", "pytest", "nbdev_test", "papermill")
 
 def torch_neighbours(seconds: float = 0.3) -> list[tuple[int, str]]:
     "(pid, command) of other processes of ours with torch loaded that used over a third of a core in `seconds`."
-    import time
 
     skip, pid = {os.getpid()}, os.getppid()
     while pid > 1:  # ancestors wait for us: not neighbours
@@ -295,7 +294,7 @@ def use_cpu_cores() -> int:
     (`LOCAL_WORLD_SIZE`); `OMP_NUM_THREADS`, where the user or the launcher set it (torchrun sets 1), is kept. Warn
     once when a busy torch process of ours shares the cores (not inside a multi-process launch, whose processes share
     them by design). Returns the thread count."""
-    import sys, torch
+    import torch
 
     if os.environ.get("OMP_NUM_THREADS"):
         n = torch.get_num_threads()
@@ -334,7 +333,7 @@ def load_model(scfg, adapter=None, trainable: bool = False):
 @contextmanager
 def without_bnb():
     "Within the block, on a machine without a CUDA GPU, bitsandbytes cannot be imported or found (see above)."
-    import sys, torch
+    import torch
 
     hide = not torch.cuda.is_available() and "bitsandbytes" not in sys.modules
     if hide:

@@ -4,7 +4,8 @@
 
 # %% ../nbs/05_atoms.ipynb #05-atoms-003
 from __future__ import annotations
-import functools, re
+import functools, re, warnings
+from .assets import ensure_wordnet
 
 # %% auto #0
 __all__ = ['NUMBER', 'NAME', 'NOT_NAMES', 'split_atoms', 'n_atoms', 'entities', 'wordnet']
@@ -92,9 +93,7 @@ def wordnet():
     builds on every load for multilingual (OMW) data we never load (a first lookup 5.9 -> 2.6 s, measured
     2026-12-07): only OMW lookups read the map, so synsets and lemmas are nltk's own (METEOR equals nltk's default
     call: tests/test_evaluation.py)."""
-    import warnings
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
-    from knowtuning.assets import ensure_wordnet
 
     class EnglishWordNet(WordNetCorpusReader):
         def map_wn(self, version="wordnet"):

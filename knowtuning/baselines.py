@@ -6,8 +6,12 @@
 from __future__ import annotations
 import dataclasses, itertools
 from pathlib import Path
-from .runs import write_json, write_jsonl, Stage
+from .runs import write_json, write_jsonl, Stage, read_jsonl, require_yield
 from .config import BASELINES
+from math import comb
+from .assets import load_model
+from .data import load_dataset, prompt, question
+from .atoms import split_atoms
 
 # %% auto #0
 __all__ = ['SAMPLES', 'best_worst_pairs', 'pairwise_prefs', 'prefs_spec', 'samples_stage', 'rlaif_prefs', 'facttune_prefs',
@@ -87,8 +91,6 @@ def prefs_spec(kind: str) -> Stage:
 # %% ../nbs/14_baselines.ipynb #14-baselines-008a
 def samples_stage(cfg, run) -> Path:
     "`train.k_samples` sampled answers per training question from the SFT model (release sampling settings)."
-    from knowtuning.assets import load_model
-    from knowtuning.data import load_dataset, prompt, question
     from knowtuning.generate import generate
     import torch
 
@@ -145,7 +147,6 @@ def facttune_prefs(cfg, rows: list[dict], stage: str, out: Path):
 # %% ../nbs/14_baselines.ipynb #14-baselines-008c
 def prefs_stage(cfg, run, kind: str) -> Path:
     "Preference pairs for the `rlaif` or `facttune` baseline in `run` (needs samples_sft)."
-    from knowtuning.runs import read_jsonl, require_yield
 
     spec = prefs_spec(kind)
 
@@ -176,10 +177,7 @@ def prefs_stage(cfg, run, kind: str) -> Path:
 # %% ../nbs/14_baselines.ipynb #14-baselines-008e
 def prefs_calls(cfg, train: list[dict], add) -> None:
     "The baselines' calls: RLAIF's judge on every pair of samples (both orders), FactTune's teacher and verifier."
-    from math import comb
-    from knowtuning.data import question
     from knowtuning.teacher import PROMPTS
-    from knowtuning.atoms import split_atoms
     from knowtuning.judge import JUDGE
     from knowtuning.facts import VERIFY
     from knowtuning.llm import est_tokens, like_answer

@@ -4,9 +4,14 @@
 
 # %% ../nbs/97_bench.ipynb #97-bench-003
 from __future__ import annotations
-import argparse, contextlib, json, random, tempfile, threading, time
+import argparse, contextlib, json, random, tempfile, threading, time, os, platform
 from pathlib import Path
-from .config import load_config, LLMCfg
+from .config import load_config, LLMCfg, KCCfg, GenerateCfg
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from .assets import load_model
+from .data import load_dataset, question, encode_response, prompt, release_dir
+from .atoms import split_atoms
+from .kc import delete_atoms, shuffle_atoms
 
 # %% auto #0
 __all__ = ['VARIANTS', 'LOSS_RTOL', 'BENCHES', 'bench_ppl', 'bench_long', 'bench_generate', 'bench_sft', 'bench_dpo',
@@ -19,15 +24,12 @@ def _timed(f):
     return r, time.perf_counter() - t
 
 def _smol():
-    from knowtuning.assets import load_model
 
     m, t = load_model(load_config("smoke").student)
     return m.eval(), t
 
 def bench_ppl(n_q: int = 8, atoms_per_q: int = 8) -> dict:
     "64 atoms over 8 questions on the embedded SmolLM2: packed vs reference scorer."
-    from knowtuning.data import load_dataset, question
-    from knowtuning.atoms import split_atoms
     from knowtuning.ka import ppl_packed, ppl_reference
 
     model, tok = _smol()
@@ -46,8 +48,6 @@ def bench_ppl(n_q: int = 8, atoms_per_q: int = 8) -> dict:
 def _long_items(tok, n_q: int, tokens: int) -> list[dict]:
     """Probe items with references of at least `tokens` tokens, made here by joining answers of the QA set: the
     reference, its three perturbations (KC's rules, heuristic revisions) and its atoms, as `score_probe` scores them."""
-    from knowtuning.atoms import split_atoms
-    from knowtuning.config import KCCfg
     from knowtuning.probe import probe_pairs, probe_items
     from knowtuning.teacher import HeuristicTeacher
 
@@ -66,7 +66,6 @@ def _long_items(tok, n_q: int, tokens: int) -> list[dict]:
 
 def _score_variants(model, tok, items, pack_tokens, batch_tokens, reference=False):
     "Log-probs of every continuation of `items`: the packed scorer with these budgets, or one forward each."
-    from knowtuning.data import encode_response
     from knowtuning.ka import encode, logps_packed
 
     enc = []
@@ -115,9 +114,7 @@ def bench_generate(n: int = 16, new_tokens: int = 32) -> dict:
     """Greedy generation on the embedded SmolLM2: batched (8) vs one prompt at a time; and the demo's generate step
     as the pipeline runs it (the `tiny` preset's test sets answered in one pass with its `generate` config, tok/s as
     the stage records it), as a share of the batched rate (goal: 80%)."""
-    from knowtuning.data import load_dataset, prompt
     from knowtuning.generate import generate
-    from knowtuning.config import GenerateCfg
 
     model, tok = _smol()
     ps = [prompt(r) for r in (load_dataset("demo_train").records + load_dataset("demo_test").records)[:n]]
@@ -144,7 +141,6 @@ def bench_generate(n: int = 16, new_tokens: int = 32) -> dict:
 
 def _qa(n: int):
     "n question/answer records: the release's dolly_train once fetched (real length spread), else the demo set."
-    from knowtuning.data import load_dataset, release_dir
 
     name = "dolly_train" if release_dir() else "demo_train"
     return name, [r for r in load_dataset(name).records if r["output"].strip()][:n]
@@ -152,8 +148,6 @@ def _qa(n: int):
 # %% ../nbs/97_bench.ipynb #97-bench-004b
 def _train_rows(n: int = 32):
     "A KA-like SFT mix: full answers and single-atom fine-grained answers, shuffled (lengths vary as in a real KA set)."
-    from knowtuning.data import prompt
-    from knowtuning.atoms import split_atoms
 
     name, recs = _qa(n // 2)
     rows = [{"prompt": prompt(r), "completion": r["output"]} for r in recs]
@@ -163,9 +157,6 @@ def _train_rows(n: int = 32):
 
 def _pairs(n: int = 24):
     "KC-like pairs: gold answer preferred over its atoms with some deleted (completeness) or shuffled (logicality)."
-    from knowtuning.data import prompt
-    from knowtuning.atoms import split_atoms
-    from knowtuning.kc import delete_atoms, shuffle_atoms
 
     name, recs = _qa(4 * n)
     rng, out = random.Random(0), []
@@ -272,7 +263,6 @@ def bench_dpo(pairs: int = 24, batch: int = 4) -> dict:
 @contextlib.contextmanager
 def latency_server(delay: float = 0.2):
     "An OpenAI-compatible chat server on loopback that answers every request after `delay` seconds, many at once."
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class H(BaseHTTPRequestHandler):
         def log_message(self, *a):
@@ -379,7 +369,6 @@ def results_lines(res: dict, names: list[str]) -> list[str]:
 
 # %% ../nbs/97_bench.ipynb #97-bench-004h
 def main(argv=None):
-    import platform, os
 
     ap = argparse.ArgumentParser(description="knowtuning benchmarks")
     ap.add_argument("--only", nargs="*", default=list(BENCHES))

@@ -4,10 +4,9 @@
 
 # %% ../nbs/00_config.ipynb #00-config-003
 from __future__ import annotations
-import dataclasses, os, typing, copy
+import dataclasses, os, typing, copy, importlib.util, re, site, sys
 from dataclasses import dataclass, field, is_dataclass, asdict
 from pathlib import Path
-import re
 from typing import Literal
 import yaml
 
@@ -356,7 +355,6 @@ def project_root() -> Path:
     """Where the presets (`configs/`), the demo data (`data/`) and the stage notebooks (`nbs/`) are: the checkout
     (the package's parent folder, for a clone or an editable install), else the copy installed with the package
     (`<prefix>/share/knowtuning`, from a wheel or `pip install .`)."""
-    import importlib.util, site, sys
 
     pkg = Path(importlib.util.find_spec("knowtuning").origin).resolve().parent
     if (pkg.parent / "configs").is_dir() and (pkg.parent / "nbs").is_dir():

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NamedTuple
 from .config import project_root
 from .runs import atomic_write, read_jsonl
+from .assets import home
 
 # %% auto #0
 __all__ = ['TEMPLATES', 'HF_MAPS', 'RELEASE_REPO', 'RELEASE_COMMIT', 'RELEASE_FILES', 'Template', 'template_of', 'question',
@@ -298,7 +299,6 @@ RELEASE_FILES = {
 # %% ../nbs/03_data.ipynb #03-data-019aa
 def release_home() -> Path:
     "Where `fetch_release` installs the release files: `$KNOWTUNING_HOME/release`."
-    from knowtuning.assets import home
 
     return home() / "release"
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/98_docs.ipynb #98-docs-003
 from __future__ import annotations
-import importlib.util, re, shutil, subprocess
+import importlib.util, re, shutil, subprocess, hashlib, os, sys, tempfile, time
 from pathlib import Path
 import nbformat
 from .config import project_root
@@ -139,7 +139,6 @@ def _toctree(pages: list[str], api: bool = True) -> str:
 # %% ../nbs/98_docs.ipynb #98-docs-008b2
 def package_hash() -> str:
     "sha256 of the package's modules: in every executed page, so the cache reruns a page when the code it uses changes."
-    import hashlib
 
     pkg = Path(importlib.util.find_spec("knowtuning").origin).parent
     return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(pkg.glob("*.py")))).hexdigest()[:16]
@@ -172,7 +171,7 @@ def stage_site(src: Path, notebooks: dict[str, Path], execution: str = "", *, ap
 def executed_tutorial(path: Path, cache: Path) -> Path:
     """The tutorial executed with papermill as run `smoke` in `cache/runs` (the run the stage pages then show),
     reused while the tutorial and the package are unchanged; new code gets a fresh run."""
-    import hashlib, time, papermill as pm
+    import papermill as pm
 
     out = cache / f"tutorial-{hashlib.sha256(path.read_bytes() + package_hash().encode()).hexdigest()[:16]}.ipynb"
     if not out.exists():
@@ -194,7 +193,6 @@ def executed_tutorial(path: Path, cache: Path) -> Path:
 def _sphinx(src: Path, html: Path) -> str | None:
     """Run sphinx-build, relaying myst-nb's per-page lines (executing, cached, seconds) and warnings as they come;
     `None` on success, else the build's output."""
-    import sys
 
     cmd = [sys.executable, "-u", "-m", "sphinx", "-b", "html", str(src), str(html)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=html.parent)
@@ -211,7 +209,6 @@ def build_site(out=None, execute: bool = True, cache=None) -> Path:
     the pages show their outputs. The tutorial runs first (`executed_tutorial`: the smoke run every stage page's
     pipeline cells then read), then myst-nb runs every notebook, keeping the results in jupyter-cache in `cache`
     (default `.docs-cache/` of the checkout): a page whose code and package are unchanged is not run again."""
-    import os, tempfile
 
     root = project_root()
     out = Path(out or root / "_docs")

@@ -10,13 +10,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from .runs import read_json, read_jsonl, write_json, write_jsonl, atomic_write, phase, Stage, gen_of
 from .metrics import paired_diff
-from .data import dataset_key
+from .data import dataset_key, question
 from .llm import ledgers
+from .atoms import split_atoms, n_atoms
 
 # %% auto #0
-__all__ = ['summarize_judge', 'identical_share', 'paired_diffs', 'ProbeSummary', 'SetSummary', 'Summary', 'score_system',
-           'judge_against', 'agreement', 'eval_spec', 'judge_set', 'rank_systems', 'reference_facts', 'evaluate_set',
-           'evaluate_stage', 'eval_calls']
+__all__ = ['NAN', 'summarize_judge', 'identical_share', 'paired_diffs', 'StagePair', 'ProbeSummary', 'Facts', 'Scores',
+           'JudgeRates', 'Calls', 'typed', 'SetSummary', 'Summary', 'score_system', 'judge_against', 'agreement',
+           'eval_spec', 'judge_set', 'rank_systems', 'reference_facts', 'evaluate_set', 'evaluate_stage', 'eval_calls']
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-005
 def _csv(rows: list[dict]) -> str:
@@ -59,6 +60,15 @@ def paired_diffs(scores: dict, main: str, n: int = 1000, seed: int = 0) -> dict:
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-006d2
 @dataclass
+class StagePair:
+    "One stage comparison `a − b` of the probes, paired per question: Δ margin per aspect, Δ difficult atoms, Δ stop."
+
+    margin: dict = field(default_factory=dict)  # aspect: paired difference of the per-token margins
+    atoms: list | None = None  # paired difference of the difficult-atom log-perplexities
+    stops: list | None = None  # paired difference of the stop log-probabilities
+
+
+@dataclass
 class ProbeSummary:
     """One test set's probes (`knowtuning.probe.run_probes`). Intervals are [mean, low, high, n]; paired differences
     [mean, low, high, n, MDE, p] (`knowtuning.metrics.paired_diff`); "main" is `Summary.main`."""
@@ -72,7 +82,75 @@ class ProbeSummary:
     atoms_diffs: dict = field(default_factory=dict)  # model: main − model, paired
     stops: dict = field(default_factory=dict)  # model: mean log-probability of stopping after an atom (not the last)
     stops_diffs: dict = field(default_factory=dict)  # model: main − model, paired
-    pairs: dict = field(default_factory=dict)  # "a − b" (stage comparisons): {margin: {aspect: diff}, atoms, stops}
+    pairs: dict = field(default_factory=dict)  # "a − b": StagePair
+
+    def __post_init__(self):  # the stage comparisons typed however this was built (the probes' dicts, a JSON file)
+        self.pairs = {k: v if isinstance(v, StagePair) else typed(StagePair, v, f"probe.pairs.{k}")
+                      for k, v in self.pairs.items()}
+
+# %% ../nbs/16_evaluate.ipynb #16-evaluate-006d3
+NAN = float("nan")
+
+
+@dataclass
+class Facts:
+    """One system's fine-grained facts on one test set: `knowtuning.facts.aggregate_facts` and the verifier's counts. A
+    set without references has only the counts, the facts per answer and the abstentions; the rates stay NaN."""
+
+    facts_per_answer: float = NAN
+    correct_per_answer: float = NAN
+    precision: float = NAN
+    error_rate: float = NAN
+    error_rate_pooled: float = NAN
+    undecidable: float = NAN  # share of all facts
+    factscore: float = NAN
+    f1_k: float = NAN
+    recall_k: float = NAN
+    ref_recall: float = NAN
+    abstained: int = 0  # answers that declined
+    k: int = 0  # F1@K's K
+    verified: int = 0  # facts sent to the verifier
+    verify_failed: int = 0  # of which the verifier gave no usable verdict
+
+
+@dataclass
+class Scores:
+    "One system on one test set: each metric as [mean, low, high] (None without references), answer tokens, facts."
+
+    tokens: list | None = None  # words and punctuation per answer
+    facts: Facts = field(default_factory=Facts)
+    meteor: list | None = None
+    bertscore: list | None = None
+    rougeL: list | None = None
+
+# %% ../nbs/16_evaluate.ipynb #16-evaluate-006d4
+@dataclass
+class JudgeRates:
+    """One aspect of one comparison (`summarize_judge`), % of the pairs: the main system's win / tie / lose; `flip` and
+    `position` (% of the parsed pairs): orders that disagreed, and of them those that followed the position."""
+
+    win: float = NAN
+    tie: float = NAN
+    lose: float = NAN
+    flip: float = NAN
+    position: float = NAN
+    failed: int = 0  # pairs with an unparsed order (counted as ties)
+
+
+@dataclass
+class Calls:
+    "A comparison's judge calls: pairs judged in both orders (x2) and calls that failed."
+
+    judged: int = 0
+    failed: int = 0
+
+
+def typed(kind, d: dict, at: str):
+    "`kind(**d)` for a dataclass `kind`; an unknown key is an error naming `at` and the known keys."
+    known = [f.name for f in fields(kind)]
+    if bad := set(d) - set(known):
+        raise ValueError(f"unknown key(s) {sorted(bad)} in {at} (known: {known})")
+    return kind(**d)
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-006e
 @dataclass
@@ -83,18 +161,31 @@ class SetSummary:
     n: int = 0  # questions evaluated
     has_references: bool = True
     no_reference: int = 0  # questions left out of a set with references because their own reference is empty
-    systems: dict = field(default_factory=dict)  # system: {metric: [mean, low, high], "facts": {...}}
+    systems: dict = field(default_factory=dict)  # system: Scores
     diffs: dict = field(default_factory=dict)  # baseline: {measure: [main - baseline, low, high, n, MDE, p]}
-    judge: dict = field(default_factory=dict)  # baseline: {aspect: {win, tie, lose, flip, position} in %, failed}
+    judge: dict = field(default_factory=dict)  # baseline: {aspect: JudgeRates}
     judge_ci: dict = field(default_factory=dict)  # baseline: {aspect: {win: [rate, low, high], ...}}
-    judge_calls: dict = field(default_factory=dict)  # baseline: {judged, failed}
+    judge_calls: dict = field(default_factory=dict)  # baseline (and "a vs b" with eval.all_pairs): Calls
     judge_lc: dict = field(default_factory=dict)  # baseline: {aspect: {raw, lc: [%, low, high], len_diff}}
-    judge2: dict = field(default_factory=dict)  # baseline: the second judge's rates (eval.second_judge)
+    judge2: dict = field(default_factory=dict)  # baseline: {aspect: JudgeRates} of the second judge (eval.second_judge)
     agreement: dict = field(default_factory=dict)  # baseline: {aspect: {kappa, confusion, n}}
     ranking: dict = field(default_factory=dict)  # aspect: {system: [Bradley-Terry score, low, high]} (all pairs)
     identical: dict = field(default_factory=dict)  # "a = b": share of questions with the same answer
     probe: ProbeSummary | None = None  # the probes, when the set has references
 
+    @classmethod
+    def from_dict(cls, d: dict, at: str) -> "SetSummary":
+        "From a dict as `Summary.save` writes it, every record typed; an unknown key is an error naming where."
+        d = dict(d)
+        rates = lambda j, k: {b: {a: typed(JudgeRates, r, f"{at}.{k}.{b}.{a}") for a, r in v.items()}
+                              for b, v in j.items()}
+        d["systems"] = {s: typed(Scores, {**x, "facts": typed(Facts, x.get("facts", {}), f"{at}.systems.{s}.facts")},
+                                 f"{at}.systems.{s}") for s, x in d.get("systems", {}).items()}
+        d["judge"], d["judge2"] = rates(d.get("judge", {}), "judge"), rates(d.get("judge2", {}), "judge2")
+        d["judge_calls"] = {b: typed(Calls, c, f"{at}.judge_calls.{b}") for b, c in d.get("judge_calls", {}).items()}
+        if d.get("probe") is not None:
+            d["probe"] = typed(ProbeSummary, d["probe"], f"{at}.probe")
+        return typed(cls, d, at)
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-006e2
 @dataclass
@@ -113,21 +204,13 @@ class Summary:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "summary") -> "Summary":
-        "From a dict as written by `save`; an unknown key is an error naming where it is."
-        def check(kind, d, at):
-            bad = set(d) - {f.name for f in fields(kind)}
-            if bad:
-                known = [f.name for f in fields(kind)]
-                raise ValueError(f"{where}: unknown key(s) {sorted(bad)} in {at} (known: {known})")
-            return d
-        d = check(cls, dict(d), "the summary")
-        sets = {}
-        for k, v in d.pop("datasets", {}).items():
-            v = dict(check(SetSummary, v, f"datasets.{k}"))
-            if v.get("probe") is not None:
-                v["probe"] = ProbeSummary(**check(ProbeSummary, v["probe"], f"datasets.{k}.probe"))
-            sets[k] = SetSummary(**v)
-        return cls(**d, datasets=sets)
+        "From a dict as written by `save`; an unknown key is an error naming the file and where it is."
+        try:
+            d = dict(d)
+            sets = {k: SetSummary.from_dict(v, f"datasets.{k}") for k, v in d.pop("datasets", {}).items()}
+            return typed(cls, {**d, "datasets": sets}, "the summary")
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
     @classmethod
     def load(cls, path) -> "Summary":
@@ -161,10 +244,10 @@ def score_system(preds: list[dict], ref_facts, teacher, verifier, *, cfg, label:
     rows = [{"index": r["index"], **{c: round(m[c][i], 6) for c in m}, **{c: fs[i][c] for c in cols},
              "fact_verdicts": [[f, word[x] if has_ref else "unverified"] for f, x in zip(facts[i], v[i])]}
             for i, r in enumerate(preds)]  # fact_verdicts: eval/answers.jsonl (the answer browser), not the CSV
-    summary = {c: bootstrap_ci(m[c], cfg.eval.bootstrap, cfg.seed) for c in m}
-    summary["facts"] = aggregate_facts(fs) if has_ref else {
+    agg = aggregate_facts(fs) if has_ref else {
         "facts_per_answer": sum(len(f) for f in facts) / max(len(facts), 1), "abstained": sum(abst)}
-    summary["facts"].update(k=k, verified=sum(map(len, facts)) if has_ref else 0, verify_failed=_failed(verifier, n0))
+    agg.update(k=k, verified=sum(map(len, facts)) if has_ref else 0, verify_failed=_failed(verifier, n0))
+    summary = Scores(**{c: list(bootstrap_ci(m[c], cfg.eval.bootstrap, cfg.seed)) for c in m}, facts=Facts(**agg))
     scores = {**m, **{c: [r[c] for r in fs] for c in ("precision", "f1_k", "ref_recall")}} if has_ref else {}
     return rows, scores, summary
 
@@ -217,6 +300,10 @@ def eval_spec(systems) -> Stage:
     )
 
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-007ba
+def _rates(js: dict) -> dict:
+    return {a: JudgeRates(**r) for a, r in js["rates"].items()}
+
+
 def judge_set(ds: SetSummary, name: str, preds: dict, main: str, *, judge, cfg, judge2=None) -> list[dict]:
     """`main` against every other system on one test set: rates, CIs and call counts go into `ds`; the verdict rows.
     With `judge2`, the same pairs judged again: its rates, and the agreement (`agreement`) of the two judges."""
@@ -225,11 +312,11 @@ def judge_set(ds: SetSummary, name: str, preds: dict, main: str, *, judge, cfg, 
         vs, js = judge_against(preds[main], preds[b], judge, cfg, label=f"{name}: {main} vs {b}")
         if judge2 is not None:
             vs2, js2 = judge_against(preds[main], preds[b], judge2, cfg, label=f"{name}: {main} vs {b} (judge 2)")
-            ds.judge2[b], ds.agreement[b] = js2["rates"], agreement(vs, vs2)
+            ds.judge2[b], ds.agreement[b] = _rates(js2), agreement(vs, vs2)
         keys = [{"dataset": name, "system": main, "baseline": b, "index": x["index"]} for x in preds[main]]
         rows += [{**k, **v} for k, v in zip(keys, vs)]
-        ds.judge[b], ds.judge_ci[b] = js["rates"], js["ci"]
-        ds.judge_calls[b] = {"judged": js["judged"], "failed": js["failed"]}
+        ds.judge[b], ds.judge_ci[b] = _rates(js), js["ci"]
+        ds.judge_calls[b] = Calls(js["judged"], js["failed"])
         ds.judge_lc[b] = js["lc"]
     if cfg.eval.all_pairs:
         rows += rank_systems(ds, name, preds, main, judge=judge, cfg=cfg, main_rows=rows)
@@ -249,7 +336,7 @@ def rank_systems(ds: SetSummary, name: str, preds: dict, main: str, *, judge, cf
             vs, js = judge_against(preds[a], preds[b], judge, cfg, label=f"{name}: {a} vs {b}")
             rows += [{"dataset": name, "system": a, "baseline": b, "index": x["index"], **v}
                      for x, v in zip(preds[a], vs)]
-            ds.judge_calls[f"{a} vs {b}"] = {"judged": js["judged"], "failed": js["failed"]}
+            ds.judge_calls[f"{a} vs {b}"] = Calls(js["judged"], js["failed"])
     score = {"win": 1.0, "tie": 0.5, "lose": 0.0}
     n = len(preds[main])
     for asp in JUDGE_ASPECTS:
@@ -273,8 +360,6 @@ def evaluate_set(run, source: str, cfg, main: str, *, teacher, judge, verifier, 
                  ) -> tuple[SetSummary, list, list, list]:
     """(summary, per-example rows, verdict rows, the references' facts or None) of one test set: metrics and facts per
     system, paired diffs, judge."""
-    from knowtuning.data import dataset_key
-
     systems, name = list(cfg.systems), dataset_key(source)
     preds = {s: read_jsonl(run.predictions(s, name)) for s in systems}
     empty = {i for i, r in enumerate(preds[systems[0]]) if not r["reference"].strip()}
@@ -354,9 +439,7 @@ def evaluate_stage(cfg, run, main: str | None = None) -> Path:
 # %% ../nbs/16_evaluate.ipynb #16-evaluate-007bd
 def eval_calls(cfg, recs: list[dict], add) -> None:
     "Evaluation's calls on one test set `recs`, per role (see above)."
-    from knowtuning.data import question
     from knowtuning.teacher import PROMPTS
-    from knowtuning.atoms import split_atoms, n_atoms
     from knowtuning.judge import JUDGE
     from knowtuning.facts import VERIFY, ABSTAIN
     from knowtuning.llm import est_tokens, like_answer

@@ -4,13 +4,14 @@
 
 # %% ../nbs/07_generate.ipynb #07-generate-003
 from __future__ import annotations
-import hashlib, json, time
+import hashlib, json, time, dataclasses
 from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from .runs import read_jsonl, resume_jsonl, write_jsonl, Stage, gen_of, train_of
-from .config import BASE
-from .data import encode_prompt, encode_example, question
+from .config import BASE, test_size
+from .data import encode_prompt, encode_example, question, load_dataset, prompt, dataset_key
+from .assets import load_model
 
 # %% auto #0
 __all__ = ['GEN_FIELDS', 'gen_kwargs', 'left_pad', 'prompt_ids', 'generate', 'api_client', 'adapter_fingerprint', 'generate_api',
@@ -85,7 +86,6 @@ def generate(model, tok, prompts: list[str], g, *, batch_size: int | None = None
 # %% ../nbs/07_generate.ipynb #07-generate-008
 def api_client(api_cfg, system: str):
     "The LLM client for `system` on an OpenAI-compatible server (`api_cfg.model` may hold `{system}`)."
-    import dataclasses
     from knowtuning.llm import LLMClient
 
     return LLMClient(dataclasses.replace(api_cfg, model=api_cfg.model.format(system=system)), gen_of(system))
@@ -167,7 +167,6 @@ def system_generator(cfg, run, system: str):
     """(`answer(prompts, references, on_batch)`, API client or None): `system` answering locally or through
     `generate.api` (the references only set where llmtuner 0.5.3 would cut a long prompt: `generate.cutoff`).
     Locally the LoRA adapter is merged into the weights first (`merged`)."""
-    from knowtuning.assets import load_model
 
     adapter = run.adapter(system)
     if cfg.generate.backend == "api":
@@ -189,8 +188,6 @@ def system_generator(cfg, run, system: str):
 # %% ../nbs/07_generate.ipynb #07-generate-010a3
 def generate_stage(cfg, run, system: str) -> Path:
     "Predictions of `system` on every test set of `cfg`, all sets' questions batched together."
-    from knowtuning.data import load_dataset, prompt, dataset_key
-    from knowtuning.config import test_size
     from knowtuning.llm import ledgers
 
     def make(out):

@@ -8,8 +8,11 @@ import json, math, time
 from pathlib import Path
 import torch
 from tqdm.auto import tqdm
-from .data import prompt, question, encode_prompt, encode_response, llama_factory_entry
-from .runs import OUTPUTS, resume_jsonl, write_json, write_jsonl, Stage
+from .data import prompt, question, encode_prompt, encode_response, llama_factory_entry, load_dataset
+from .data import set_origin, set_source
+from .runs import OUTPUTS, resume_jsonl, write_json, write_jsonl, Stage, require_yield
+from .assets import load_model
+from .atoms import split_atoms, n_atoms
 
 # %% auto #0
 __all__ = ['SCORE_PACK_TOKENS', 'SCORE_BATCH_TOKENS', 'KA', 'encode', 'ppl_reference', 'pack', 'pad_ids', 'batch_inputs',
@@ -278,7 +281,6 @@ KA = Stage(
 # %% ../nbs/11_ka.ipynb #11-ka-019b
 def score_atoms(cfg, questions, atom_lists, path: Path) -> tuple[list, float]:
     "Perplexities of the atoms under the student's base model (resumable in `path`) and the seconds it took."
-    from knowtuning.assets import load_model
 
     model, tok = load_model(cfg.student)
     model.eval()
@@ -319,7 +321,6 @@ def ka_stats(rows, n_records: int, n_rewritten: int, n_failures: int, *, alpha, 
 def ka_from_set(cfg, run, out: Path, name: str) -> None:
     """The KA stage from an existing KA set `name` (`ka.source`): its records in our layout, no teacher call. A record
     equal to one of `data.train` counts as original, any other as rewritten."""
-    from knowtuning.data import load_dataset, set_origin
 
     ds = load_dataset(name, lenient=cfg.data.lenient)
     train = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
@@ -339,10 +340,8 @@ def ka_from_set(cfg, run, out: Path, name: str) -> None:
 # %% ../nbs/11_ka.ipynb #11-ka-019f
 def ka_stage(cfg, run) -> Path:
     "Build the KA set for `cfg` in `run` (a `knowtuning.runs.Run`); returns the stage folder."
-    from knowtuning.data import load_dataset, set_source
     from knowtuning.teacher import HeuristicTeacher, failure_rows, make_teacher
     from knowtuning.llm import ledgers
-    from knowtuning.runs import require_yield
 
     def make(out):
         if name := set_source(cfg.ka.source, cfg.data.train, "KA"):
@@ -381,7 +380,6 @@ def ka_stage(cfg, run) -> Path:
 def ka_calls(cfg, train: list[dict], add) -> None:
     "The teacher's calls of KA built here (`ka.source: ours`): a decomposition per answer, a rewrite of its hard atoms."
     from knowtuning.teacher import PROMPTS
-    from knowtuning.atoms import split_atoms, n_atoms
     from knowtuning.llm import est_tokens
 
     if cfg.ka.source != "ours" or cfg.teacher.backend != "llm":  # an existing set (the release's) costs nothing

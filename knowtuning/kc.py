@@ -6,9 +6,12 @@
 from __future__ import annotations
 import json, math, random
 from pathlib import Path
-from .data import prompt, question, llama_factory_entry
-from .runs import OUTPUTS, read_jsonl, write_json, write_jsonl, Stage
+from .data import prompt, question, llama_factory_entry, load_preferences, set_origin, set_source
+from .data import load_dataset, dataset_path
+from .runs import OUTPUTS, read_jsonl, write_json, write_jsonl, Stage, require_yield, YieldError
 from .config import ASPECTS, KCCfg
+from statistics import mean
+from .atoms import split_atoms, n_atoms
 
 # %% auto #0
 __all__ = ['KC', 'share_of', 'delete_atoms', 'revise_atoms', 'truncate_atoms', 'shuffle_atoms', 'rejected_answer', 'build_pairs',
@@ -153,7 +156,6 @@ def kc_items(atom_rows: list[dict]) -> list[dict]:
 # %% ../nbs/12_kc.ipynb #12-kc-013a2
 def kc_from_set(cfg, run, out: Path, name: str) -> None:
     "The KC stage from an existing KC set `name` (`kc.source`): its pairs in our layout, aspect `unknown`, no teacher."
-    from knowtuning.data import load_preferences, set_origin
 
     pairs = load_preferences(name)
     rows = [dict(index=i, question=question(p), aspect="unknown", chosen=p["chosen"], rejected=p["rejected"])
@@ -169,8 +171,6 @@ def kc_stage(cfg, run) -> Path:
     "Build the KC preference set for `cfg` in `run` from the KA stage's atoms (`ka/atoms.jsonl`)."
     from knowtuning.teacher import failure_rows, make_teacher
     from knowtuning.llm import ledgers
-    from knowtuning.runs import require_yield, YieldError
-    from knowtuning.data import set_source
 
     def make(out):
         if name := set_source(cfg.kc.source, cfg.data.train, "KC"):
@@ -206,7 +206,6 @@ def kc_stage(cfg, run) -> Path:
 # %% ../nbs/12_kc.ipynb #12-kc-013d
 def _recover_aspect(chosen: str, rejected: str) -> str:
     "The aspect a pair perturbs, recovered from its texts: deletion, shuffle, or otherwise a revision."
-    from knowtuning.atoms import split_atoms
 
     c, r = ([a["text"] for a in split_atoms(x)] for x in (chosen, rejected))
     if sorted(r) == sorted(c):
@@ -216,8 +215,6 @@ def _recover_aspect(chosen: str, rejected: str) -> str:
 
 def set_profile(recs: list[dict], train_questions: set | None = None) -> dict:
     "The measures `compare_sets` shows for one KA set (alpaca records) or KC set (`load_preferences` rows)."
-    from statistics import mean
-    from knowtuning.atoms import split_atoms
 
     kc = "chosen" in (recs[0] if recs else {})
     qs, answers = [question(r) for r in recs], [r["chosen"] if kc else r["output"] for r in recs]
@@ -238,7 +235,6 @@ def set_profile(recs: list[dict], train_questions: set | None = None) -> dict:
 # %% ../nbs/12_kc.ipynb #12-kc-013e
 def compare_sets(a: str, b: str, train: str | None = None) -> list[tuple]:
     "(measure, value in set `a`, value in set `b`) for two KA sets or two KC sets, by name or path."
-    from knowtuning.data import load_dataset, load_preferences, dataset_path
 
     def load(name):
         recs = json.loads(dataset_path(name).read_text())
@@ -265,7 +261,6 @@ def format_comparison(rows, a: str, b: str) -> str:
 def kc_calls(cfg, train: list[dict], add) -> None:
     "The teacher's calls of KC built here (`kc.source: ours`): a rephrase per answer, a revision of its atoms."
     from knowtuning.teacher import PROMPTS
-    from knowtuning.atoms import n_atoms
     from knowtuning.llm import est_tokens
 
     if cfg.kc.source != "ours" or cfg.teacher.backend != "llm":

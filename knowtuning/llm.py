@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx, openai
 from tqdm.auto import tqdm
 from .config import LLMCfg
-from .assets import home
+from .assets import home, resolve_model
 from .runs import atomic_write, phase, read_json, read_jsonl, write_json
 
 # %% auto #0
@@ -818,7 +818,6 @@ def _wait_healthy(proc, port: int, log: Path, timeout: float) -> None:
 @contextmanager
 def serve_local(model: str = "smollm2", port: int | None = None, log=None, timeout: float = 180, *, extra=()):
     "Run `transformers serve MODEL` on 127.0.0.1; yields a `LocalServer`."
-    from knowtuning.assets import resolve_model
 
     mdir = resolve_model(model)
     port = port or free_port()

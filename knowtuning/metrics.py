@@ -6,6 +6,8 @@
 from __future__ import annotations
 import math, re
 import numpy as np
+from .atoms import wordnet
+from .assets import minilm_dir
 
 # %% auto #0
 __all__ = ['Z_MDE', 'ALPHA', 'tokenize', 'meteor', 'rouge_l', 'bertscore', 'bootstrap_ci', 'all_metrics', 'paired_bootstrap',
@@ -20,7 +22,6 @@ def tokenize(s: str) -> list[str]:
 
 def meteor(predictions: list[str], references: list[str]) -> list[float]:
     from nltk.translate.meteor_score import meteor_score
-    from knowtuning.atoms import wordnet
 
     wn = wordnet()
     return [float(meteor_score([tokenize(r)], tokenize(p), wordnet=wn)) for p, r in zip(predictions, references)]
@@ -37,7 +38,6 @@ def bertscore(predictions, references, model: str = "minilm", batch_size: int = 
     """BERTScore F1 (not rescaled). An empty prediction or reference scores 0: no token of one matches the other
     (bert_score itself fails on empty strings with transformers 5)."""
     import bert_score
-    from knowtuning.assets import minilm_dir
 
     mt, nl = (str(minilm_dir()), 6) if model == "minilm" else (model, None)
     kw = {"num_layers": nl} if nl else {"lang": "en"}

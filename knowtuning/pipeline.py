@@ -4,11 +4,14 @@
 
 # %% ../nbs/18_pipeline.ipynb #18-pipeline-003
 from __future__ import annotations
-import contextlib, os, re, sys, threading, time
+import contextlib, os, re, sys, threading, time, shutil
 from fastcore.basics import patch
 from pathlib import Path
 from .config import BASELINES, load_config, project_root, test_size, training_order
-from .runs import STEPS, Run, runs_root
+from .runs import STEPS, Run, runs_root, fingerprint, file_hash, read_json
+from .data import dataset_path, load_dataset
+from .kc import kc_calls
+from .baselines import prefs_calls
 
 # %% auto #0
 __all__ = ['TEXT_BARS', 'steps', 'StepError', 'stage_notebook', 'ProgressRelay', 'run_step', 'run_signature', 'reproduce', 'plan',
@@ -115,7 +118,6 @@ class ProgressRelay:
 
     def _show(self, line: str, force: bool = False) -> None:
         if self.tty:
-            import shutil
 
             text = f"\r{self.prefix}[{_hms(time.time() - self.t0)}] {line}"
             self.out.write(text[: shutil.get_terminal_size().columns - 1] + "\x1b[K")
@@ -202,10 +204,7 @@ def run_signature(run: Run, todo: list) -> str:
     """Everything a finished run's steps depend on: the resolved config, the package's code and the step notebooks,
     every stage's fingerprint, and the size and time of the data files the config names. When a rerun finds the
     signature its last complete pass recorded, no step can have anything to do, and none starts a kernel."""
-    from knowtuning.config import load_config
-    from knowtuning.data import dataset_path
     from knowtuning.docs import package_hash
-    from knowtuning.runs import fingerprint, file_hash, read_json
 
     cfg = load_config(None, run.dir / "config.yaml")
     data = {}
@@ -264,11 +263,8 @@ def reproduce(
 def plan(cfg) -> list[dict]:
     """Estimated LLM calls, tokens and cost per stage and role for `cfg`; [] when every role is offline. Each stage
     counts its own calls beside its code (`ka_calls`, `kc_calls`, `prefs_calls`, `eval_calls`); this adds them up."""
-    from knowtuning.data import load_dataset
     from knowtuning.llm import plan_adder
     from knowtuning.ka import ka_calls
-    from knowtuning.kc import kc_calls
-    from knowtuning.baselines import prefs_calls
     from knowtuning.evaluate import eval_calls
 
     train = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train).records

@@ -13,6 +13,7 @@ from .data import prompt, encode_prompt, encode_response
 from .ka import encode, logps_packed, atom_ppls, select_difficult
 from .kc import build_pairs
 from .metrics import bootstrap_ci, paired_diff, wilson
+from .assets import load_model
 
 # %% auto #0
 __all__ = ['probe_pairs', 'answer_logp_reference', 'stop_points', 'score_probe', 'probe_items', 'kc_measures', 'difficult_logppl',
@@ -188,7 +189,6 @@ def probe_scores(cfg, data: dict, adapters: dict) -> dict:
     first (its atom perplexities choose the difficult atoms). {set: {model: {kc: `kc_measures` rows, atoms:
     `difficult_logppl`, stops: `stop_logp`, seconds, tokens}}}, each model loaded once (`seconds` and `tokens`:
     the scoring's time and the prompt and continuation tokens it scored)."""
-    from knowtuning.assets import load_model
 
     out, base_ppls = {name: {} for name in data}, {}
     for m, adapter in adapters.items():

@@ -4,14 +4,14 @@
 
 # %% ../nbs/17_report.ipynb #17-report-003
 from __future__ import annotations
-import math
+import math, csv, html, io, json
 from pathlib import Path
 from .runs import read_jsonl, atomic_write, Stage
 from .metrics import Z_MDE, holm, n_needed, significant
 from .config import BASE
 from .judge import JUDGE_ASPECTS
 from dataclasses import asdict
-from .evaluate import Summary, ProbeSummary
+from .evaluate import Summary, ProbeSummary, JudgeRates
 
 # %% auto #0
 __all__ = ['PROXY_NOTE', 'PROBE_NOTE', 'STAGE_NOTES', 'FACT_COLUMNS', 'ANSWERS_CSS', 'ANSWERS_JS', 'ANSWERS_HTML', 'REPORT',
@@ -35,7 +35,6 @@ def to_markdown(header: list[str], rows: list[list], caption: str) -> str:
 
 
 def to_csv(header, rows) -> str:
-    import csv, io
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -88,11 +87,11 @@ def _np(v) -> str:
     p = f" p={v[5]:.3g}" if len(v) > 5 and v[5] is not None and not math.isnan(v[5]) else ""
     return n + p + (" *" if significant(v) else "")
 
-def _wtl(asp: dict, ci: dict | None) -> str:
+def _wtl(r: JudgeRates, ci: dict | None) -> str:
     if ci is None:
-        return f"{asp['win']:.1f} / {asp['tie']:.1f} / {asp['lose']:.1f}"
+        return f"{r.win:.1f} / {r.tie:.1f} / {r.lose:.1f}"
     iv = {k: f" [{ci[k][1]:.0f}, {ci[k][2]:.0f}]" for k in ("win", "lose")}
-    return f"{asp['win']:.1f}{iv['win']} / {asp['tie']:.1f} / {asp['lose']:.1f}{iv['lose']}"
+    return f"{r.win:.1f}{iv['win']} / {r.tie:.1f} / {r.lose:.1f}{iv['lose']}"
 
 
 PROXY_NOTE = (
@@ -193,8 +192,8 @@ def stages_table(summary: Summary, ctx: str):
         p = x.probe or ProbeSummary()
         aspects = list(p.aspects)
         for label, v in p.pairs.items():
-            margins = [_diff(v["margin"].get(a)) for a in aspects]
-            rows.append([d, label, STAGE_NOTES.get(label, ""), *margins, _diff(v.get("stops")), _ratio(v.get("atoms"))])
+            margins = [_diff(v.margin.get(a)) for a in aspects]
+            rows.append([d, label, STAGE_NOTES.get(label, ""), *margins, _diff(v.stops), _ratio(v.atoms)])
     aspects = list(dict.fromkeys(a for x in summary.datasets.values() for a in (x.probe or ProbeSummary()).aspects))
     cap = ("What each stage adds, from the probes: Δ per-token margin per aspect, Δ stop log-probability after an "
            "atom, and the ratio of difficult-atom perplexities, for a − b, paired per question, 95% interval "
@@ -213,7 +212,7 @@ def sample_sizes(summary: Summary, effect: float) -> list[list]:
         p = x.probe or ProbeSummary()
         comps = {f"{main} − {b}": {a: v[b]["margin"] for a, v in p.diffs.items() if b in v}
                  for b in {b for v in p.diffs.values() for b in v}}
-        comps |= {label: v["margin"] for label, v in p.pairs.items()}
+        comps |= {label: v.margin for label, v in p.pairs.items()}
         for label, per in sorted(comps.items()):
             for a, v in per.items():
                 if len(v) > 4 and v[3] >= 2 and not math.isnan(v[4]):
@@ -224,11 +223,11 @@ def sample_sizes(summary: Summary, effect: float) -> list[list]:
 # %% ../nbs/17_report.ipynb #17-report-009a
 def metrics_table(cfg, summary: Summary, ctx: str):
     rows = [
-        [d, x.n, s, _fmt_ci(v["meteor"]), _fmt_ci(v["bertscore"]), _fmt_ci(v["rougeL"]), _fmt_ci(v.get("tokens")),
-         v.get("facts", {}).get("facts_per_answer", math.nan)]
+        [d, x.n, s, _fmt_ci(v.meteor), _fmt_ci(v.bertscore), _fmt_ci(v.rougeL), _fmt_ci(v.tokens),
+         v.facts.facts_per_answer]
         for d, x in summary.datasets.items()
         for s, v in x.systems.items()
-        if "meteor" in v
+        if v.meteor
     ]
     bs = (
         "BERTScore (MiniLM, not rescaled)"
@@ -262,14 +261,12 @@ def judge_table(summary: Summary, ctx: str, proxy: bool):
     rows = []
     for d, x in summary.datasets.items():
         for b, asp in x.judge.items():
-            ci = x.judge_ci.get(b, {})
-            calls = x.judge_calls.get(b, {})
+            ci, calls = x.judge_ci.get(b, {}), x.judge_calls.get(b)
             rows.append(
                 [d, x.n, f"{summary.main} vs {b}"]
                 + [_wtl(asp[a], ci.get(a)) for a in JUDGE_ASPECTS]
-                + [" / ".join(f"{asp[a].get('flip', math.nan):.0f} ({asp[a].get('position', math.nan):.0f})"
-                              for a in JUDGE_ASPECTS)]
-                + [f"{calls.get('judged', '?')} / {calls.get('failed', '?')}"]
+                + [" / ".join(f"{asp[a].flip:.0f} ({asp[a].position:.0f})" for a in JUDGE_ASPECTS)]
+                + [f"{calls.judged} / {calls.failed}" if calls else "? / ?"]
             )
     cap = (
         f"Pairwise judge ({summary.judge}), win / tie / lose (%, ± half 95% CI), judged in both orders; "
@@ -307,8 +304,8 @@ def agreement_table(summary: Summary, ctx: str):
     for d, x in summary.datasets.items():
         for b, ag in x.agreement.items():
             for a, v in ag.items():
-                w1, w2 = x.judge.get(b, {}).get(a, {}), x.judge2.get(b, {}).get(a, {})
-                wtl = lambda w: " / ".join(f"{w.get(k, math.nan):.0f}" for k in ("win", "tie", "lose"))
+                w1, w2 = x.judge.get(b, {}).get(a, JudgeRates()), x.judge2.get(b, {}).get(a, JudgeRates())
+                wtl = lambda w: f"{w.win:.0f} / {w.tie:.0f} / {w.lose:.0f}"
                 rows.append([d, v["n"], f"{summary.main} vs {b}", a, round(v["kappa"], 3),
                              " / ".join(" ".join(map(str, r)) for r in v["confusion"]), wtl(w1), wtl(w2)])
     cap = ("Agreement of the two judges on the same pairs (eval.second_judge): Cohen's kappa (1 = always alike, 0 = "
@@ -325,7 +322,7 @@ def ranking_table(summary: Summary, ctx: str):
     for d, x in summary.datasets.items():
         if not x.ranking:
             continue
-        order = sorted(x.ranking.get("overall", {}), key=lambda s: -x.ranking["overall"][s][0])
+        order = sorted(x.ranking["overall"], key=lambda s: -x.ranking["overall"][s][0])
         for s in order:
             bt = lambda v: f"{v[0]:+.2f} [{v[1]:+.2f}, {v[2]:+.2f}]"
             rows.append([d, x.n, s] + [bt(x.ranking[a][s]) if s in x.ranking.get(a,
@@ -345,11 +342,10 @@ FACT_COLUMNS = {  # summary key: column
 }
 
 def facts_table(summary: Summary, ctx: str):
-    nan = float("nan")
     rows = [
         [d, x.n, s]
-        + [v["facts"].get(k, nan) for k in FACT_COLUMNS]
-        + [v["facts"].get("k", "?"), f"{v['facts'].get('verified', '?')} / {v['facts'].get('verify_failed', '?')}"]
+        + [getattr(v.facts, k) for k in FACT_COLUMNS]
+        + [v.facts.k, f"{v.facts.verified} / {v.facts.verify_failed}"]
         for d, x in summary.datasets.items()
         for s, v in x.systems.items()
     ]
@@ -369,10 +365,10 @@ def facts_table(summary: Summary, ctx: str):
 def ablation_table(cfg, summary: Summary, ctx: str):
     abl = [s for s in cfg.systems if s.startswith("wo_")]
     rows = [
-        [d, s, v["meteor"][0], v["bertscore"][0], v["facts"].get("error_rate", float("nan"))]
+        [d, s, v.meteor[0], v.bertscore[0], v.facts.error_rate]
         for d, x in summary.datasets.items()
         for s in [summary.main] + abl
-        if (v := x.systems.get(s)) and "meteor" in v
+        if (v := x.systems.get(s)) and v.meteor
     ]
     return ["dataset", "system", "METEOR", "BERTScore", "factual error rate"], rows, f"Ablation. {ctx}"
 
@@ -422,8 +418,8 @@ def probe_notes(summary: Summary) -> list[str]:
                          + (" *" if significant(p.atoms_diffs[BASE]) else ""))
         out.append(f"**Probes ({d}, {p.questions} questions):** {main} prefers the reference over its perturbation: "
                    + "; ".join(parts) + " (* paired test p < 0.05).")
-        stages = [f"{label} {_diff(v['margin']['completeness'])}" for label, v in p.pairs.items()
-                  if "completeness" in v["margin"]]
+        stages = [f"{label} {_diff(v.margin['completeness'])}" for label, v in p.pairs.items()
+                  if "completeness" in v.margin]
         if stages:
             out.append(f"**Completeness margin, stage by stage ({d}; a − b, 95% interval, MDE):** " + "; ".join(stages)
                        + ". Step-matched controls (`sft_ka_steps`, `sft_kt_steps`) separate what a stage teaches from "
@@ -542,10 +538,10 @@ def plot_judge(summary: Summary, path: Path):
         for b, asp in x.judge.items():
             for a in ("completeness", "factuality", "logicality"):
                 labels.append(f"vs {b}: {a}")
-                W.append(asp[a]["win"])
-                T.append(asp[a]["tie"])
-                L.append(asp[a]["lose"])
-                F.append(asp[a].get("flip", 0.0))
+                W.append(asp[a].win)
+                T.append(asp[a].tie)
+                L.append(asp[a].lose)
+                F.append(asp[a].flip)
         y = list(range(len(labels)))[::-1]
         ax.barh(y, W, color="#55a868", label="win")
         ax.barh(y, T, left=W, color="#cccccc", label="tie")
@@ -573,11 +569,11 @@ def plot_metrics(summary: Summary, path: Path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    ds = [(n, x) for n, x in summary.datasets.items() if any("meteor" in v for v in x.systems.values())]
+    ds = [(n, x) for n, x in summary.datasets.items() if any(v.meteor for v in x.systems.values())]
     width = 0.8 / max(1, len(ds[0][1].systems) if ds else 1)
     for j, (n, x) in enumerate(ds):
         for k, (s, v) in enumerate(x.systems.items()):
-            m, lo, hi = v["meteor"]
+            m, lo, hi = v.meteor
             ax.bar(j + k * width, m, width, yerr=[[m - lo], [hi - m]], label=s if j == 0 else None, color=f"C{k}")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ds))], [n for n, _ in ds])
     ax.set(ylabel="METEOR", title="METEOR with 95% CI")
@@ -620,7 +616,6 @@ def plot_probe(summary: Summary, path: Path):
 def browser_data(run, systems: list[str]) -> dict:
     """{sets: {name: [question record]}, systems, pairs}: what `answers.html` shows, from the run's `gen_<system>`
     stages and `eval/` (answers.jsonl, verdicts.jsonl, probe.csv; each optional)."""
-    import csv
 
     ev, sets = run.path("eval"), {}
     for s in systems:
@@ -752,7 +747,6 @@ judge: verdict of the first system of the pair; ⇄ the two orders disagreed; �
 
 def answers_html(data: dict, run_name: str) -> str:
     "The self-contained answer browser: `data` (`browser_data`) embedded as JSON, rendered by the page's script."
-    import json, html
 
     blob = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")  # no "</script>" inside the data
     return ANSWERS_HTML.format(run=html.escape(run_name), css=ANSWERS_CSS, data=blob, js=ANSWERS_JS)
@@ -793,9 +787,9 @@ def combine_tables(named_summaries: list[tuple[str, Summary]]) -> dict:
     cols = [(run, d, x) for run, s in named_summaries for d, x in s.datasets.items()]
     systems = list(dict.fromkeys(sy for _, _, x in cols for sy in x.systems))
     measures = {
-        "meteor": lambda v: v["meteor"][0] if "meteor" in v else float("nan"),
-        "bertscore": lambda v: v["bertscore"][0] if "bertscore" in v else float("nan"),
-        "error_rate": lambda v: v.get("facts", {}).get("error_rate", float("nan")),
+        "meteor": lambda v: v.meteor[0] if v.meteor else float("nan"),
+        "bertscore": lambda v: v.bertscore[0] if v.bertscore else float("nan"),
+        "error_rate": lambda v: v.facts.error_rate,
     }
     header = ["system"] + [f"{run}: {d}" for run, d, _ in cols]
     runs = ", ".join(

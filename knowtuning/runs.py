@@ -4,12 +4,13 @@
 
 # %% ../nbs/01_runs.ipynb #01-runs-003
 from __future__ import annotations
-import contextlib, hashlib, json, os, platform, shutil, subprocess, tempfile, time
+import contextlib, fcntl, hashlib, json, os, platform, shutil, socket, subprocess, sys, tempfile, time, uuid
 from contextlib import contextmanager
 from fastcore.basics import patch
 from dataclasses import dataclass
 from pathlib import Path
 from .config import BASE, Config, LLMCfg, to_yaml, project_root
+import importlib.metadata as md
 
 # %% auto #0
 __all__ = ['LLM_IDENTITY', 'STEPS', 'LOCK_ENV', 'OUTPUTS', 'atomic_write', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl',
@@ -166,7 +167,6 @@ def _git_commit() -> str | None:
         return None
 
 def versions() -> dict:
-    import importlib.metadata as md
 
     out = {"python": platform.python_version()}
     for p in ("knowtuning", "torch", "transformers", "trl", "peft", "datasets", "openai", "bitsandbytes"):
@@ -198,7 +198,6 @@ def barrier() -> None:
 def phase(msg: str) -> None:
     """Say which part of a step is running. A pipeline step's console shows it as its progress line (parts without
     a progress bar: facts, judging, metrics, the report); in a notebook it is one line of stderr."""
-    import sys
 
     print(f"[phase] {msg}", file=sys.stderr, flush=True)
 
@@ -226,7 +225,6 @@ def _holder(info: dict) -> str:
 def folder_lock(folder, log=print):
     """Hold the one-writer lock of a run folder; re-entrant within one job (same `LOCK_ENV` token). Raises
     `RunLocked` naming the holder when another process holds it."""
-    import fcntl, socket, sys, uuid
 
     path = Path(folder) / ".lock"
     token = os.environ.get(LOCK_ENV)

@@ -4,11 +4,12 @@
 
 # %% ../nbs/13_train.ipynb #13-train-003
 from __future__ import annotations
-import json, os, shlex, shutil, subprocess, sys
+import json, os, shlex, shutil, subprocess, sys, ctypes, signal
 from collections import deque
 from pathlib import Path
-from .runs import OUTPUTS, Stage, YieldError, processes, is_main, train_of
+from .runs import OUTPUTS, Stage, YieldError, processes, is_main, train_of, read_jsonl
 from .config import system_of, ConfigError
+from .data import load_dataset, prompt
 
 # %% auto #0
 __all__ = ['TRAIN_FIELDS', 'check_launch', 'train_spec', 'train_stage', 'launch_command', 'train_systems']
@@ -44,8 +45,6 @@ def train_spec(system: str) -> Stage:
 
 # %% ../nbs/13_train.ipynb #13-train-028a
 def _rows(cfg, run, system):
-    from knowtuning.data import load_dataset, prompt
-    from knowtuning.runs import read_jsonl
 
     data = system.data
     if data == "train":
@@ -114,7 +113,6 @@ def launch_command(cfg, run, systems) -> list[str]:
 def _die_with_parent():
     "Linux: the launcher gets SIGTERM when the kernel that started it dies, so a killed run leaves no trainers behind."
     if sys.platform.startswith("linux"):
-        import ctypes, signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 

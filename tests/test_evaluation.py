@@ -106,7 +106,7 @@ def test_one_empty_reference_drops_its_question_not_the_set(tmp_path):
     ds, rows, verdicts, refs_out = evaluate_set(run, str(tmp_path / "mine.jsonl"), cfg, "knowtuning", teacher=HeuristicTeacher(),
                                                 judge=ProxyJudge(), verifier=None)
     assert ds.has_references and (ds.n, ds.no_reference) == (2, 1)
-    assert "meteor" in ds.systems["sft"] and ds.diffs["sft"]["meteor"][3] == 2       # diffs over the 2 kept questions
+    assert ds.systems["sft"].meteor and ds.diffs["sft"]["meteor"][3] == 2       # diffs over the 2 kept questions
     assert {r["index"] for r in rows} == {0, 2} and len(verdicts) == 2 and refs_out is not None
 
 # -- judge results a reviewer cannot wave away: loopback judges built to move each measure in a known way ----------------

@@ -3,6 +3,7 @@ few steps on a handful of references prefers them to their perturbations more of
 their difficult atoms less perplexing; a loopback verifier's "undecidable" and a declining answer reach the facts
 table; a judge that always prefers position A has a flip rate of 1 and no wins."""
 import json, math
+from dataclasses import asdict
 import torch
 from fakeserver import FakeServer
 from knowtuning.assets import load_model
@@ -97,9 +98,10 @@ def test_undecidable_and_abstention_reach_the_facts_table(tmp_path):
     assert [r["abstained"] for r in rows] == [False, True]
     assert rows[0]["undecidable"] == rows[0]["facts"] == 2 and rows[0]["unsupported"] == 0
     assert math.isnan(rows[0]["error_rate"]) and math.isnan(rows[1]["precision"]) and rows[1]["f1_k"] == 0.0
-    f = summ["facts"]
-    assert f["abstained"] == 1 and f["undecidable"] == 1.0 and math.isnan(f["error_rate"])
-    h, table, cap = facts_table(Summary.from_dict({"verifier": "llm:v", "datasets": {"t": {"n": 2, "systems": {"kt": summ}}}}), "ctx")
+    f = summ.facts
+    assert f.abstained == 1 and f.undecidable == 1.0 and math.isnan(f.error_rate)
+    summary = Summary.from_dict({"verifier": "llm:v", "datasets": {"t": {"n": 2, "systems": {"kt": asdict(summ)}}}})
+    h, table, cap = facts_table(summary, "ctx")
     row = dict(zip(h, table[0]))
     assert row["undecidable facts"] == 1.0 and row["abstained"] == 1 and row["K"] == 2
     assert "never counted as an error" in cap
@@ -116,7 +118,7 @@ def test_a_judge_that_always_prefers_position_a_flips_every_pair(tmp_path):
         vs, js = judge_against(main, base, judge, cfg, label="t")
     for a in JUDGE_ASPECTS:
         assert js["rates"][a]["win"] == 0.0 and js["rates"][a]["lose"] == 0.0 and js["rates"][a]["flip"] == 100.0
-    ds = {"n": 5, "judge": {"base": js["rates"]}, "judge_ci": {"base": js["ci"]}, "judge_calls": {"base": js}}
+    ds = {"n": 5, "judge": {"base": js["rates"]}, "judge_ci": {"base": js["ci"]}, "judge_calls": {"base": {"judged": js["judged"], "failed": js["failed"]}}}
     h, rows, cap = judge_table(Summary.from_dict({"judge": "llm:biased", "datasets": {"t": ds}}), "ctx", False)
     assert js["rates"]["completeness"]["position"] == 100.0                # every flip a pure position flip
     assert dict(zip(h, rows[0]))["flips (position)"] == "100 (100) / 100 (100) / 100 (100) / 100 (100)"
