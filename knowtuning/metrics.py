@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_metrics.ipynb #08-metrics-003
 from __future__ import annotations
-import math, re
+import functools, math, re
 import numpy as np
 from .atoms import wordnet
 from .assets import minilm_dir
@@ -129,10 +129,16 @@ def sign_flip_p(d, b: int = 20000, seed: int = 0, exact_up_to: int = 14) -> floa
         return 1.0
     obs, tol = abs(d.sum()), 1e-9 * np.abs(d).sum()
     if len(d) <= exact_up_to:
-        signs = 1 - 2 * ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1)
-        return float(np.mean(np.abs(signs @ d) >= obs - tol))
-    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(b, len(d)))
-    return float((np.sum(np.abs(signs @ d) >= obs - tol) + 1) / (b + 1))
+        return float(np.mean(np.abs(_signs(len(d)) @ d) >= obs - tol))
+    return float((np.sum(np.abs(_signs(len(d), b, seed) @ d) >= obs - tol) + 1) / (b + 1))
+
+
+@functools.lru_cache(maxsize=4)
+def _signs(n: int, b: int = 0, seed: int = 0) -> np.ndarray:
+    "Sign patterns of `sign_flip_p`: all 2^n (b = 0), else b drawn with `seed`; the same for every d of length n."
+    if b == 0:
+        return 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
+    return np.random.default_rng(seed).choice([-1.0, 1.0], size=(b, n))
 
 
 def paired_p(a, b) -> float:
