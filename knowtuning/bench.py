@@ -24,7 +24,6 @@ def _timed(f):
     return r, time.perf_counter() - t
 
 def _smol():
-
     m, t = load_model(load_config("smoke").student)
     return m.eval(), t
 
@@ -369,7 +368,6 @@ def results_lines(res: dict, names: list[str]) -> list[str]:
 
 # %% ../nbs/97_bench.ipynb #97-bench-004h
 def main(argv=None):
-
     ap = argparse.ArgumentParser(description="knowtuning benchmarks")
     ap.add_argument("--only", nargs="*", default=list(BENCHES))
     ap.add_argument("--out", default=".bench", help="results folder (default: ./.bench)")

@@ -175,7 +175,7 @@ def kc_stage(cfg, run) -> Path:
     def make(out):
         if name := set_source(cfg.kc.source, cfg.data.train, "KC"):
             return kc_from_set(cfg, run, out, name)
-        if not (run.output("ka", "atoms")).exists():
+        if not run.output("ka", "atoms").exists():
             raise YieldError(
                 f"kc.source: ours perturbs the atoms of our KA stage, and ka.source: {cfg.ka.source} has none: "
                 "set kc.source too (e.g. release), or ka.source: ours"

@@ -35,7 +35,6 @@ def to_markdown(header: list[str], rows: list[list], caption: str) -> str:
 
 
 def to_csv(header, rows) -> str:
-
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)

@@ -167,7 +167,6 @@ def _git_commit() -> str | None:
         return None
 
 def versions() -> dict:
-
     out = {"python": platform.python_version()}
     for p in ("knowtuning", "torch", "transformers", "trl", "peft", "datasets", "openai", "bitsandbytes"):
         try:

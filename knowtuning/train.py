@@ -45,7 +45,6 @@ def train_spec(system: str) -> Stage:
 
 # %% ../nbs/13_train.ipynb #13-train-028a
 def _rows(cfg, run, system):
-
     data = system.data
     if data == "train":
         ds = load_dataset(cfg.data.train, lenient=cfg.data.lenient, n=cfg.data.n_train)
