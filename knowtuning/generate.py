@@ -51,32 +51,36 @@ def prompt_ids(tok, prompts: list[str], template: str = "alpaca", references=Non
 # %% ../nbs/07_generate.ipynb #07-generate-005a
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], g, *, batch_size: int | None = None, on_batch=None, progress: bool = True,
-             template: str = "alpaca", references: list[str] | None = None, stats: dict | None = None) -> list[str]:
+             template: str = "alpaca", references: list[str] | None = None, stats: dict | None = None,
+             skip=frozenset(), seed: int | None = None) -> list[str]:
     """Completions for `prompts` (in input order), encoded by the template's encoder (cut with their `references` to
     `g.cutoff` as llmtuner 0.5.3 does, when set), batched by length (at most `batch_size` prompts and, when
-    `g.batch_tokens` is set, that many prompt + new tokens per batch), left-padded; `stats` gets tokens and seconds."""
+    `g.batch_tokens` is set, that many prompt + new tokens per batch), left-padded; `stats` gets tokens and seconds.
+    Resuming: indices in `skip` are answered; a batch of only those is not run, `on_batch` gets only new answers.
+    Sampling with `seed`: each batch draws from its own seed (from `seed` and its first prompt), so a resumed run,
+    which batches all prompts as an uninterrupted one does, samples the same answers."""
     bs = batch_size or g.batch_size
     enc_all = prompt_ids(tok, prompts, template, references, cutoff=g.cutoff)
     order = sorted(range(len(prompts)), key=lambda i: -len(enc_all[i]))
     out, kw, ntok, t0 = [None] * len(prompts), gen_kwargs(g, tok), 0, time.time()
-    bar = tqdm(total=len(prompts), desc="generate", unit="ans", disable=not progress)
+    bar = tqdm(total=len(prompts) - len(skip), desc="generate", unit="ans", disable=not progress)
     b = 0
     while b < len(order):  # longest prompts first: a batch of at most `bs` rows and `g.batch_tokens` tokens
         room = g.batch_tokens // (len(enc_all[order[b]]) + g.max_new_tokens) if g.batch_tokens else bs
         idx = order[b : b + max(1, min(bs, room))]
         b += len(idx)
-        enc = {k: v.to(model.device) for k, v in left_pad([enc_all[i] for i in idx], tok.pad_token_id).items()}
-        seqs = model.generate(**enc, **kw)[:, enc["input_ids"].shape[1] :]
-        texts = []
-        for i, s in zip(idx, seqs):
-            s = s[s != tok.pad_token_id] if tok.pad_token_id is not None else s
-            ntok += len(s)
-            out[i] = tok.decode(s, skip_special_tokens=True).strip()
-            texts.append(out[i])
-        if on_batch:
-            on_batch(idx, texts)
-        bar.update(len(idx))
-        bar.set_postfix(tok_s=f"{ntok / max(time.time() - t0, 1e-9):.1f}")
+        if new := [i for i in idx if i not in skip]:
+            if g.do_sample and seed is not None:
+                torch.manual_seed(seed * 1_000_003 + idx[0])
+            enc = {k: v.to(model.device) for k, v in left_pad([enc_all[i] for i in idx], tok.pad_token_id).items()}
+            for i, s in zip(idx, model.generate(**enc, **kw)[:, enc["input_ids"].shape[1] :]):
+                s = s[s != tok.pad_token_id] if tok.pad_token_id is not None else s
+                ntok += len(s)
+                out[i] = tok.decode(s, skip_special_tokens=True).strip()
+            if on_batch:
+                on_batch(new, [out[i] for i in new])
+            bar.update(len(new))
+            bar.set_postfix(tok_s=f"{ntok / max(time.time() - t0, 1e-9):.1f}")
     bar.close()
     if stats is not None:
         stats["tokens"] = stats.get("tokens", 0) + ntok
@@ -172,16 +176,17 @@ def system_generator(cfg, run, system: str):
     if cfg.generate.backend == "api":
         client, salt = api_client(cfg.generate.api, system), adapter_fingerprint(adapter)
 
-        def answer(prompts, references, on_batch, stats=None):
-            on_batch(list(range(len(prompts))), generate_api(client, system, prompts, cfg.generate, salt=salt))
+        def answer(prompts, references, on_batch, stats=None, skip=frozenset()):
+            keep = [j for j in range(len(prompts)) if j not in skip]
+            on_batch(keep, generate_api(client, system, [prompts[j] for j in keep], cfg.generate, salt=salt))
 
         return answer, client
     model, tok = load_model(cfg.student, adapter=adapter)
     model = merged(model, cfg.student.quantize != "none").eval()
 
-    def answer(prompts, references, on_batch, stats=None):
-        t = cfg.student.template
-        generate(model, tok, prompts, cfg.generate, on_batch=on_batch, template=t, references=references, stats=stats)
+    def answer(prompts, references, on_batch, stats=None, skip=frozenset()):
+        generate(model, tok, prompts, cfg.generate, on_batch=on_batch, template=cfg.student.template,
+                 references=references, stats=stats, skip=skip, seed=cfg.seed)
 
     return answer, None
 
@@ -194,12 +199,12 @@ def generate_stage(cfg, run, system: str) -> Path:
         torch.manual_seed(cfg.seed)  # before the adapter is loaded, as generation's sampling depends on it
         answer, client = system_generator(cfg, run, system)
         t0, stats, sets = time.time(), {}, []
-        for name in cfg.data.test:  # every set's unanswered questions, answered together: fuller batches
+        for name in cfg.data.test:  # every set's questions in one pass (fuller batches); the answered are skipped
             ds = load_dataset(name, lenient=cfg.data.lenient, n=test_size(cfg.data, name))
             path = out / f"{dataset_key(name)}.partial.jsonl"  # a user's /abs/path.json stays inside the run
-            done = {r["index"] for r in resume_jsonl(path)}
-            sets.append((ds, path, [i for i in range(len(ds)) if i not in done]))
-        todo = [(k, i) for k, (_, _, left) in enumerate(sets) for i in left]
+            sets.append((ds, path, {r["index"] for r in resume_jsonl(path)}))
+        todo = [(k, i) for k, (ds, _, _) in enumerate(sets) for i in range(len(ds))]
+        skip = {j for j, (k, i) in enumerate(todo) if i in sets[k][2]}  # batched as before the kill: same samples
 
         def save(idx, texts):
             for j, text in zip(idx, texts):
@@ -207,10 +212,10 @@ def generate_stage(cfg, run, system: str) -> Path:
                 append_predictions(sets[k][1], sets[k][0], [i], [text])
 
         recs = [sets[k][0][i] for k, i in todo]
-        answer([prompt(r, cfg.student.template) for r in recs], [r["output"] for r in recs], save, stats)
+        answer([prompt(r, cfg.student.template) for r in recs], [r["output"] for r in recs], save, stats, skip)
         for name, (_, path, _) in zip(cfg.data.test, sets):
             finish_predictions(path, out / f"{dataset_key(name)}.jsonl")
-        n_new = len(todo)
+        n_new = len(todo) - len(skip)
         seconds = round(time.time() - t0, 2)
         llm = ledgers(generator=client) if client else None
         tok_s = stats["tokens"] / max(stats["seconds"], 1e-9) if stats else None
