@@ -34,18 +34,25 @@ def rouge_l(predictions, references) -> list[float]:
     return [sc.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
 
 
-def bertscore(predictions, references, model: str = "minilm", batch_size: int = 32) -> list[float]:
-    """BERTScore F1 (not rescaled). An empty prediction or reference scores 0: no token of one matches the other
-    (bert_score itself fails on empty strings with transformers 5)."""
+@functools.lru_cache(maxsize=2)
+def _bert_scorer(model: str):
+    """One BERTScore model per process: evaluation scores every system of every test set with it (loading it per
+    call cost about 2.5 s each, on 2 CPU cores). `bert_score.BERTScorer` is the library's own holder of the model;
+    its scores equal `bert_score.score` (tests/test_evaluation.py)."""
     import bert_score
 
     mt, nl = (str(minilm_dir()), 6) if model == "minilm" else (model, None)
-    kw = {"num_layers": nl} if nl else {"lang": "en"}
+    return bert_score.BERTScorer(model_type=mt, **({"num_layers": nl} if nl else {"lang": "en"}))
+
+
+def bertscore(predictions, references, model: str = "minilm", batch_size: int = 32) -> list[float]:
+    """BERTScore F1 (not rescaled). An empty prediction or reference scores 0: no token of one matches the other
+    (bert_score itself fails on empty strings with transformers 5)."""
     pairs = [(i, p, r) for i, (p, r) in enumerate(zip(predictions, references)) if p.strip() and r.strip()]
     out = [0.0] * len(predictions)
     if pairs:
         idx, ps, rs = zip(*pairs)
-        _, _, f = bert_score.score(list(ps), list(rs), model_type=mt, batch_size=batch_size, verbose=False, **kw)
+        _, _, f = _bert_scorer(model).score(list(ps), list(rs), batch_size=batch_size)
         for i, x in zip(idx, f.tolist()):
             out[i] = x
     return out

@@ -24,6 +24,8 @@ def test_metrics_equal_direct_library_calls():
     from knowtuning.assets import minilm_dir
     _, _, f = bert_score.score(P, R, model_type=str(minilm_dir()), num_layers=6)
     assert bertscore(P, R) == pytest.approx(f.tolist(), abs=1e-6)
+    # the model is loaded once per process and reused: a second call scores as a fresh one does
+    assert bertscore(P[::-1], R[::-1]) == pytest.approx(f.tolist()[::-1], abs=1e-6)
 
 def test_judge_self_ties_and_position_bias_cancels(release):
     from knowtuning.data import load_dataset, question

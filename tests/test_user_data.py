@@ -36,6 +36,8 @@ def test_user_test_sets_by_absolute_path(tmp_path):
         assert [r["prediction"] for r in preds["base"]] != [r["prediction"] for r in preds["sft"]], k
         sc = summary["datasets"][k]["systems"]
         assert sc["base"]["meteor"] != sc["sft"]["meteor"], k
+        probe = summary["datasets"][k]["probe"]                  # the probes scored this set's own references
+        assert probe and probe["questions"] == 2, (k, probe)
     # the two test sets got their own predictions
     assert read_jsonl(run.path("gen_sft") / f"{keys[0]}.jsonl") != read_jsonl(run.path("gen_sft") / f"{keys[1]}.jsonl")
     # nothing was written outside the run folder (the user's folder is untouched)
