@@ -33,7 +33,7 @@ def rouge_l(predictions, references) -> list[float]:
     sc = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return [sc.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
 
-
+# %% ../nbs/08_metrics.ipynb #08-metrics-005b
 @functools.lru_cache(maxsize=2)
 def _bert_scorer(model: str):
     """One BERTScore model per process: evaluation scores every system of every test set with it (loading it per

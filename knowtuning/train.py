@@ -72,7 +72,7 @@ def train_stage(cfg, run, system: str) -> Path:
 
         rows = _rows(cfg, run, sys_)
         if not rows:
-            raise YieldError(f"train_{system}: no training rows in {sys_.data_stage or cfg.data.train}")
+            raise YieldError(f"{spec.name}: no training rows in {sys_.data_stage or cfg.data.train}")
         init_dir = run.adapter(sys_.init) if sys_.init else None
         if sys_.objective == "sft":
             train_sft(cfg, rows, out, init_dir, budget=_budget(run, sys_))
