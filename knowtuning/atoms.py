@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_atoms.ipynb #05-atoms-003
 from __future__ import annotations
-import functools, re, warnings
+import builtins, functools, re, warnings
 from .assets import ensure_wordnet
 
 # %% auto #0
@@ -92,12 +92,19 @@ def wordnet():
     """nltk's WordNet reader over our materialized WordNet 3.0, less the map to other WordNet versions that nltk 3.10
     builds on every load for multilingual (OMW) data we never load (a first lookup 5.9 -> 2.6 s, measured
     2026-12-07): only OMW lookups read the map, so synsets and lemmas are nltk's own (METEOR equals nltk's default
-    call: tests/test_evaluation.py)."""
+    call, the lemma index equals nltk's: tests/test_evaluation.py). The four part-of-speech index files, read once
+    line by line at load, come through a plain file instead of nltk's seekable stream (its `readline` was 3 of the
+    load's 5.4 s); every other file, which nltk seeks into, keeps nltk's reader."""
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
     class EnglishWordNet(WordNetCorpusReader):
         def map_wn(self, version="wordnet"):
             return None
+
+        def open(self, fileid):
+            if fileid in {f"index.{s}" for s in self._FILEMAP.values()}:
+                return builtins.open(self.abspath(fileid), encoding=self.encoding(fileid))
+            return super().open(fileid)
 
     with warnings.catch_warnings():  # "multilingual functions are not available": none is used
         warnings.simplefilter("ignore")

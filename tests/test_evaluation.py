@@ -17,6 +17,9 @@ def test_metrics_equal_direct_library_calls():
     assert round(meteor(P[:1], R[:1])[0], 4) == 0.6944
     from nltk.translate.meteor_score import meteor_score   # nltk's own WordNet reader (ours skips its OMW map)
     assert meteor(P, R) == [meteor_score([tokenize(r)], tokenize(p)) for p, r in zip(P, R)]
+    from nltk.corpus import wordnet as nltk_wordnet                       # our reader reads the index files itself:
+    from knowtuning.atoms import wordnet                                  # the same lemma index as nltk's reader
+    assert wordnet()._lemma_pos_offset_map == nltk_wordnet._lemma_pos_offset_map
     from rouge_score import rouge_scorer
     sc = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     assert rouge_l(P, R) == [sc.score(r, p)["rougeL"].fmeasure for p, r in zip(P, R)]
