@@ -415,8 +415,11 @@ def probe_notes(summary: Summary) -> list[str]:
         if main in at and BASE in at:
             parts.append(f"difficult-atom perplexity {math.exp(at[main][0]):.2f} vs base {math.exp(at[BASE][0]):.2f}"
                          + (" *" if significant(p.atoms_diffs[BASE]) else ""))
+        # the legend only beside a star: printed alone after the last number, it read as that number's star
+        starred = any("*" in x for x in parts)
+        legend = "* paired test p < 0.05" if starred else "no difference from base has a paired test p < 0.05"
         out.append(f"**Probes ({d}, {p.questions} questions):** {main} prefers the reference over its perturbation: "
-                   + "; ".join(parts) + " (* paired test p < 0.05).")
+                   + "; ".join(parts) + f" ({legend}).")
         stages = [f"{label} {_diff(v.margin['completeness'])}" for label, v in p.pairs.items()
                   if "completeness" in v.margin]
         if stages:
