@@ -38,3 +38,9 @@ def test_wheel_in_a_fresh_venv_from_an_empty_directory(tmp_path):
     run([knowtuning, "reproduce", "--preset", "smoke", "--set", "systems=[sft]"], cwd=empty, env=env, timeout=1500)
     assert (empty / "runs" / "smoke" / "report" / "report.md").exists()                 # runs land in ./runs
     assert not (venv / "share" / "knowtuning" / "runs").exists()                         # never inside the environment
+
+
+def test_papermill_imports_without_building_the_iri_grammar():
+    "tools/install.sh removes rfc3987-syntax: jsonschema built its parser in every process that imports papermill."
+    r = run([BIN / "python", "-c", "import sys, papermill, jsonschema; print('rfc3987_syntax' in sys.modules)"])
+    assert r.stdout.strip() == "False", "rfc3987-syntax is installed again (tools/install.sh removes it)"
