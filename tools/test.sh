@@ -7,11 +7,11 @@ export PATH="$PWD/$VENV/bin:$PATH" TOKENIZERS_PARALLELISM=false
 # Two workers (nbdev_test's; two pytest processes), one thread each: two torch processes with a thread per core each
 # on the same cores slow each other about 10x.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# Two pytest processes of about equal length (measured 2026-12-07 18:10: 8:15 and 9:44 before test_browser.py moved
-# over): the tests that read the shared smoke run (tests/conftest.py, built once per pytest process), plus three long
-# files, beside all the others
+# Two pytest processes of about equal length: the tests that read the shared smoke run (tests/conftest.py, built once
+# per pytest process), plus four other files, beside all the others (measured in a clean clone 2026-12-08 00:47:
+# 8:32 and 7:56, before test_kc.py, about 25 s, moved over)
 SHARED_RUN=(tests/test_pipeline.py tests/test_llm_path.py tests/test_multiprocess.py tests/test_probe.py
-            tests/test_user_data.py tests/test_browser.py)
+            tests/test_user_data.py tests/test_browser.py tests/test_kc.py)
 flags=""; marks=(-m "not slow")
 if [ "${KNOWTUNING_SLOW:-0}" = 1 ]; then flags="--flags slow"; marks=(); fi
 status=0
